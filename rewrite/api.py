@@ -1,0 +1,157 @@
+"""The Python API: :func:`inspect`, :func:`convert`, :func:`verify`, :func:`export`. Thin layers over the engine."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import io as mio
+from .errors import NoSitesError, OptionError, OutputPathError
+from .graph.fx import FxGraph
+from .graph.onnx_graph import OnnxGraph
+from .passes import PassManager, get_pass
+from .recognize import Recognition, recognize
+from .verify import VerifyReport, verify as _verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InspectReport:
+    """What ``softswap inspect`` prints: sites, heads, unmatched softmax nodes with reasons."""
+
+    source: str
+    kind: str
+    recognition: Recognition
+    node_count: int
+
+    @property
+    def attention_sites(self) -> list[Any]:
+        return self.recognition.attention_sites
+
+    @property
+    def heads(self) -> list[Any]:
+        return self.recognition.heads
+
+    @property
+    def unmatched(self) -> list[Any]:
+        return self.recognition.unmatched
+
+    def to_dict(self) -> dict[str, Any]:
+        rec = self.recognition
+        return {"model": self.source, "graph": self.kind, "nodes": self.node_count,
+                "softmax_nodes": rec.softmax_count,
+                "attention_sites": [s.summary() for s in rec.attention_sites],
+                "heads": [h.summary() for h in rec.heads],
+                "unmatched": [{"softmax": name, **reason.summary()} for name, reason in rec.unmatched],
+                "unknown_ops": rec.unknown_ops}
+
+
+def graph_view(model: mio.LoadedModel) -> tuple[Any, list[Any]]:
+    """A :class:`GraphView` of ``model`` and its graph output values."""
+    if model.kind == "fx":
+        g = FxGraph(model.ep.module())
+        out_node = next(n for n in g.graph.nodes if n.op == "output")
+        import torch
+        outputs = [v for v in torch.utils._pytree.tree_leaves(out_node.args[0])]
+        return g, outputs
+    g = OnnxGraph(model.onnx)
+    return g, list(model.onnx.graph.outputs)
+
+
+def inspect(model: Any, example_inputs: Any = None) -> InspectReport:
+    """Recognize attention sites, classifier heads and unmatched softmax nodes (with reasons) in ``model``."""
+    loaded = mio.load_model(model, example_inputs)
+    g, outputs = graph_view(loaded)
+    rec = recognize(g, outputs)
+    return InspectReport(source=loaded.source, kind=loaded.kind, recognition=rec,
+                         node_count=sum(1 for _ in g.nodes()))
+
+
+@dataclass
+class ConvertResult:
+    model: mio.LoadedModel
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _build_passes(attention: str | None, passes: Sequence[str] | None, options: Mapping[str, Any] | None,
+                  layers: Any, keep_softmax: Any) -> list[Any]:
+    names = list(passes or [])
+    if attention:
+        names.append(attention if attention.startswith("attention.") else f"attention.{attention}")
+    if not names:
+        raise OptionError("nothing to do: give --attention VARIANT or --passes NAME[,NAME]")
+    built = []
+    for name in names:
+        kwargs: dict[str, Any] = {}
+        if name.startswith("attention."):
+            kwargs = {"options": dict(options or {}), "layers": layers, "keep_softmax": keep_softmax}
+        elif options:
+            kwargs = {"options": dict(options)}
+        built.append(get_pass(name, **kwargs))
+    return built
+
+
+def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention: str | None = None,
+            passes: Sequence[str] | None = None, options: Mapping[str, Any] | None = None, layers: Any = None,
+            keep_softmax: Any = None, example_inputs: Any = None, verify: bool = True,
+            report_path: str | os.PathLike[str] | None = None, dump_dir: str | None = None
+            ) -> tuple[mio.LoadedModel, dict[str, Any]]:
+    """Rewrite ``model`` with the given passes; optionally write it to ``out`` (``.onnx`` or ``.pt2``).
+
+    Returns (rewritten model, report). The report has the per-site rows of every pass and, with ``verify``, the
+    model-level fidelity against the original. Raises :class:`NoSitesError` (and writes nothing) when no site was
+    replaced.
+    """
+    out_path = mio.check_output_path(out) if out is not None else None
+    if report_path is not None:
+        mio.check_output_path(report_path, (".json",))
+    loaded = mio.load_model(model, example_inputs)
+    if out_path is not None and out_path.exists() and str(out_path.resolve()) == str(Path(loaded.source).resolve()):
+        raise OutputPathError(f"{out_path}: output would overwrite the input model")
+    if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
+        raise OutputPathError(f"{out_path}: an ONNX model can only be written as .onnx")
+    manager = PassManager(_build_passes(attention, passes, options, layers, keep_softmax), dump_dir)
+    rewritten, records = manager.run(loaded)
+    report: dict[str, Any] = {"model": loaded.source, "graph": loaded.kind,
+                              "passes": [{"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3),
+                                          **r.report} for r in records]}
+    if not any(r.modified for r in records):
+        reasons = [f"{s['name']}: {s['reason']}" for r in records for s in r.report.get("sites", [])]
+        why = "; ".join(reasons) if reasons else "the model has no attention site"
+        raise NoSitesError(f"{loaded.source}: nothing was rewritten ({why}); no output written")
+    if verify:
+        vr = _verify(loaded, rewritten)
+        report["fidelity"] = vr.to_dict()
+    if out_path is not None:
+        export(rewritten, out_path)
+        report["output"] = str(out_path)
+    if report_path is not None:
+        tmp = Path(str(report_path) + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, report_path)
+    return rewritten, report
+
+
+def export(model: mio.LoadedModel, out: str | os.PathLike[str]) -> Path:
+    """Write ``model`` as ``.onnx`` (FX programs are exported with the torch dynamo exporter) or ``.pt2``."""
+    path = mio.check_output_path(out)
+    if path.suffix == ".pt2":
+        if model.kind != "fx":
+            raise OutputPathError(f"{path}: an ONNX model can only be written as .onnx")
+        return mio.save_pt2(model.ep, path)
+    onnx_model = model.onnx if model.kind == "onnx" else mio.fx_to_onnx(model)
+    return mio.save_onnx(onnx_model, path)
+
+
+def verify(original: Any, rewritten: Any, inputs: Mapping[str, Any] | None = None, seed: int = 0) -> VerifyReport:
+    """Compare two models (any kinds) on the same named inputs."""
+    a = mio.load_model(original)
+    b = mio.load_model(rewritten)
+    if inputs is None and not a.example_inputs and b.example_inputs:
+        from .verify import default_inputs
+        inputs = default_inputs(b, seed)
+    return _verify(a, b, inputs, seed)

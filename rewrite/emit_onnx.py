@@ -1,0 +1,160 @@
+"""ONNX emitter: export a site's :class:`~rewrite.binding.SiteModule` with the torch ONNX exporter and splice the
+resulting graph into the model in place of the site.
+
+The replacement is plain standard ops (no custom domain), so the result runs in onnxruntime without softswap.
+Exports are cached per (module, input signature, opset): a 12-layer model costs one export, not twelve; the site's
+own parameter values are written into its copy of the initializers.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Sequence
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from .errors import UnsupportedModelError
+from .graph.onnx_graph import OnnxGraph
+from .sites import AttentionSite
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64, "bool": torch.bool, "int64": torch.int64, "int32": torch.int32}
+_SIZES = (3, 5, 7, 11, 13, 17, 19, 23)
+
+
+def _ident(name: str) -> str:
+    return re.sub(r"\W", "_", name) or "d"
+
+
+def site_signature(g: OnnxGraph, site: AttentionSite) -> tuple[list[torch.Tensor], list[dict[int, Any]], tuple]:
+    """Example tensors, dynamic axes and a hashable signature for the site's inputs (q, k, v, mask terms)."""
+    values = [site.q, site.k, site.v, *[t.value for t in site.mask_terms]]
+    symbols: dict[str, int] = {}
+    dims: dict[str, Any] = {}
+    tensors: list[torch.Tensor] = []
+    dynamic: list[dict[int, Any]] = []
+    signature = []
+    for value in values:
+        shape, dtype = g.shape(value), g.dtype(value)
+        if shape is None or dtype not in _TORCH_DTYPES or any(d is None for d in shape):
+            raise UnsupportedModelError(f"site {site.name}: input {g.value_name(value)!r} has no usable static type "
+                                        f"(shape {shape}, dtype {dtype})")
+        concrete, axes = [], {}
+        for axis, d in enumerate(shape):
+            if isinstance(d, int):
+                concrete.append(d)
+            else:
+                if d not in symbols:
+                    symbols[d] = _SIZES[len(symbols) % len(_SIZES)] + 8 * (len(symbols) // len(_SIZES))
+                    dims[d] = torch.export.Dim(_ident(f"d_{d}"), min=1)
+                concrete.append(symbols[d])
+                axes[axis] = dims[d]
+        torch_dtype = _TORCH_DTYPES[dtype]
+        tensor = torch.zeros(concrete, dtype=torch_dtype) if torch_dtype == torch.bool else \
+            torch.randn(concrete).to(torch_dtype)
+        if torch_dtype == torch.bool:
+            tensor = torch.ones(concrete, dtype=torch.bool)
+        tensors.append(tensor)
+        dynamic.append(axes)
+        signature.append((tuple(shape), dtype))
+    return tensors, dynamic, tuple(signature)
+
+
+class OnnxSiteExporter:
+    """Exports site modules to ONNX sub-graphs, with a cache keyed by structure (not by parameter values)."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self._cache: dict[Any, onnx.ModelProto] = {}
+
+    def export(self, module: torch.nn.Module, key: Any, tensors: list[torch.Tensor],
+               dynamic: list[dict[int, Any]], site_name: str) -> ir.Model:
+        proto = self._cache.get(key)
+        if proto is None:
+            names = ["q", "k", "v"] + [f"mask{i}" for i in range(len(tensors) - 3)]
+            dyn = tuple(d or None for d in dynamic[:3])
+            if len(dynamic) > 3:
+                dyn = dyn + (tuple(d or None for d in dynamic[3:]),)
+            try:
+                program = torch.onnx.export(module, tuple(tensors), dynamo=True, opset_version=self.opset,
+                                            dynamic_shapes=dyn if any(d for d in dynamic) else None, input_names=names,
+                                            output_names=["out"], optimize=True, verbose=False)
+            except Exception as exc:
+                raise UnsupportedModelError(f"site {site_name}: exporting the replacement to ONNX failed: {exc}") from exc
+            proto = ir.to_proto(program.model)
+            self._cache[key] = proto
+        model = ir.from_proto(proto)
+        state = {f"params.{k}": v for k, v in module.state_dict().items() if k.startswith("params.")}
+        for name, value in model.graph.initializers.items():
+            if name in state:
+                value.const_value = ir.tensor(state[name].detach().cpu().numpy())
+        return model
+
+
+def _unique(graph: ir.Graph, taken: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def splice(model: ir.Model, g: OnnxGraph, site: AttentionSite, sub: ir.Model) -> None:
+    """Move ``sub``'s nodes into ``model`` before the site's output node and reroute the site's output."""
+    graph = model.graph
+    anchor = site.output.producer()
+    inputs = [site.q, site.k, site.v, *[t.value for t in site.mask_terms]]
+    taken = {v.name for n in graph for v in n.outputs if v.name} | set(graph.initializers)
+    prefix = f"softswap/{site.name}/"
+    sub_graph = sub.graph
+    for sub_in, main_in in zip(list(sub_graph.inputs), inputs):
+        sub_in.replace_all_uses_with(main_in)
+    for name in list(sub_graph.initializers):
+        value = sub_graph.initializers.pop(name)
+        value.name = _unique(graph, taken, prefix + name)
+        graph.register_initializer(value)
+    new_out = sub_graph.outputs[0]
+    nodes = list(sub_graph)
+    for node in nodes:
+        sub_graph.remove(node)
+        node.name = prefix + (node.name or node.op_type)
+        node.metadata_props["rw.rule"] = f"attention:{site.name}"
+        for out in node.outputs:
+            if out.name:
+                out.name = _unique(graph, taken, prefix + out.name)
+    graph.insert_before(anchor, nodes)
+    for domain, version in sub.opset_imports.items():
+        if domain not in model.opset_imports:
+            model.opset_imports[domain] = version
+    for fid, fn in sub.functions.items():
+        model.functions.setdefault(fid, fn)
+    old = site.output
+    new_out.type, new_out.shape = old.type, old.shape
+    is_output = any(o is old for o in graph.outputs)
+    old.replace_all_uses_with(new_out, replace_graph_outputs=True)
+    if is_output:
+        old_name = old.name
+        old.name = _unique(graph, taken, old_name + "_replaced")
+        new_out.name = old_name
+
+
+def finish(model: ir.Model) -> None:
+    """Drop the nodes the splices left dead and restore topological order."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+
+
+def upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
+    """Convert ``model`` to ``opset`` with the ONNX version converter (names are kept)."""
+    from onnx import version_converter
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), opset)
+    except Exception as exc:
+        raise UnsupportedModelError(f"cannot convert the model from opset {model.opset_imports.get('')} to "
+                                    f"{opset} for the replacement ops: {exc}") from exc
+    return ir.from_proto(proto)

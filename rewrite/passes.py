@@ -1,0 +1,124 @@
+"""Pass infrastructure: :class:`Pass`, :class:`PassResult`, :class:`PassManager` and the name registry.
+
+Passes register by name (``register_pass``); the catalogue package ``passes`` registers its passes when
+imported, which :func:`discover` does lazily, so ``rewrite`` never imports ``passes`` statically (DESIGN.md).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import OptionError
+from .io import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (possibly new) model, whether it changed, and its report (JSON-able)."""
+
+    model: LoadedModel
+    modified: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """A named graph transformation with options and pre/post-conditions.
+
+    Subclasses set ``name``, ``description``, ``options`` (name → (default, help)), and implement :meth:`run`.
+    ``requires``/``ensures`` name the conditions (``"graph:fx"``, ``"graph:onnx"``, ``"sites:attention"``) a pass
+    needs and establishes; the manager checks ``requires`` before running.
+    """
+
+    name: str = ""
+    description: str = ""
+    options: Mapping[str, tuple[Any, str]] = {}
+    requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ()
+
+    def run(self, model: LoadedModel) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, model: LoadedModel) -> PassResult:
+        return self.run(model)
+
+
+_REGISTRY: dict[str, tuple[Callable[..., Pass], str, Mapping[str, tuple[Any, str]]]] = {}
+_DISCOVERED = False
+
+
+def register_pass(name: str, factory: Callable[..., Pass], description: str,
+                  options: Mapping[str, tuple[Any, str]] | None = None) -> None:
+    """Register a pass factory under ``name`` (later registrations replace earlier ones)."""
+    _REGISTRY[name] = (factory, description, dict(options or {}))
+
+
+def discover() -> None:
+    """Import the ``passes`` catalogue once so its passes register themselves."""
+    global _DISCOVERED
+    if not _DISCOVERED:
+        importlib.import_module("passes")
+        _DISCOVERED = True
+
+
+def list_passes() -> dict[str, dict[str, Any]]:
+    """Every registered pass: description and options (default, help)."""
+    discover()
+    return {name: {"description": desc, "options": {k: {"default": d, "help": h} for k, (d, h) in opts.items()}}
+            for name, (_, desc, opts) in sorted(_REGISTRY.items())}
+
+
+def get_pass(name: str, **kwargs: Any) -> Pass:
+    """Instantiate the pass registered as ``name``; :class:`OptionError` names an unknown pass."""
+    discover()
+    if name not in _REGISTRY:
+        raise OptionError(f"unknown pass {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name][0](**kwargs)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    report: dict[str, Any]
+
+
+class PassManager:
+    """Runs passes in order with timing; optionally dumps the graph after each pass into ``dump_dir``."""
+
+    def __init__(self, passes: list[Pass], dump_dir: str | Path | None = None) -> None:
+        self.passes = passes
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+
+    def run(self, model: LoadedModel) -> tuple[LoadedModel, list[PassRecord]]:
+        records = []
+        for index, p in enumerate(self.passes):
+            for cond in p.requires:
+                if cond.startswith("graph:") and cond.split(":", 1)[1] != model.kind:
+                    raise OptionError(f"pass {p.name!r} requires a {cond.split(':', 1)[1]} graph, got {model.kind}")
+            start = time.perf_counter()
+            result = p.run(model)
+            seconds = time.perf_counter() - start
+            log.info("pass %s: modified=%s in %.2fs", p.name, result.modified, seconds)
+            records.append(PassRecord(p.name, result.modified, seconds, result.report))
+            model = result.model
+            if self.dump_dir is not None:
+                self._dump(model, index, p.name)
+        return model, records
+
+    def _dump(self, model: LoadedModel, index: int, name: str) -> None:
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        target = self.dump_dir / f"{index:02d}-{name}.txt"
+        if model.kind == "fx":
+            target.write_text(str(model.ep.graph))
+        else:
+            import onnx_ir as ir
+            target.write_text(str(model.onnx))
+        (self.dump_dir / f"{index:02d}-{name}.json").write_text(json.dumps({"pass": name}, indent=1))

@@ -1,0 +1,121 @@
+"""Run two models on the same inputs and report per-output fidelity (max abs / rel error, cosine, top-1).
+
+FX programs run in torch eager (``ep.module()``), ONNX graphs in onnxruntime with graph optimizations off. Inputs
+are matched by name, so a model folder can be compared with its rewritten ``.onnx``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from .errors import VerificationError
+from .io import LoadedModel, synth_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputFidelity:
+    """Fidelity of one output. ``rel_error`` = ‖b − a‖ / ‖a‖; ``top1`` = argmax agreement over the last axis."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    rel_error: float
+    cosine: float
+    top1: float | None
+
+
+@dataclass
+class VerifyReport:
+    outputs: list[OutputFidelity] = field(default_factory=list)
+    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=1.0)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": [asdict(o) for o in self.outputs], "inputs": {k: list(v) for k, v in self.inputs.items()},
+                "min_cosine": self.min_cosine, "max_abs": self.max_abs}
+
+
+def default_inputs(model: LoadedModel, seed: int = 0) -> dict[str, np.ndarray]:
+    """The model's own example inputs, or synthetic ones from an ONNX graph's input types."""
+    if model.example_inputs:
+        return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                for k, v in model.example_inputs.items()}
+    if model.kind == "onnx":
+        return synth_inputs(model, seed=seed)
+    raise VerificationError(f"{model.source}: no example inputs; pass inputs explicitly")
+
+
+def run(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on named ``inputs``, keyed by output name."""
+    missing = [n for n in model.input_names if n not in inputs]
+    if missing:
+        raise VerificationError(f"{model.source}: inputs {missing} not provided (have {sorted(inputs)})")
+    if model.kind == "fx":
+        module = model.ep.module()
+        leaves = [torch.from_numpy(np.array(inputs[n])) for n in model.input_names]
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, model.ep.call_spec.in_spec)
+        with torch.no_grad():
+            out = module(*args, **kwargs)
+        flat = [t for t in torch.utils._pytree.tree_leaves(out)]
+        return {name: t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+                for name, t in zip(model.output_names, flat)}
+    from .io import ort_session
+    try:
+        session = ort_session(model.onnx)
+    except Exception as exc:
+        raise VerificationError(f"{model.source}: onnxruntime cannot load the model: {exc}") from exc
+    names = [o.name for o in session.get_outputs()]
+    feeds = {i.name: np.asarray(inputs[i.name]) for i in session.get_inputs()}
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> list[OutputFidelity]:
+    """Per-output fidelity; outputs are matched by name, else by position."""
+    pairs = []
+    if set(reference) == set(candidate):
+        pairs = [(n, reference[n], candidate[n]) for n in reference]
+    else:
+        if len(reference) != len(candidate):
+            raise VerificationError(f"output mismatch: {list(reference)} vs {list(candidate)}")
+        pairs = [(n, reference[n], c) for n, c in zip(reference, candidate.values())]
+    out = []
+    for name, a, b in pairs:
+        a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a64.shape != b64.shape:
+            raise VerificationError(f"output {name!r}: shape {a64.shape} vs {b64.shape}")
+        diff = np.abs(a64 - b64)
+        denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+        cos = float((a64.ravel() @ b64.ravel()) / denom) if denom > 0 else float(diff.max(initial=0) == 0)
+        norm_a = np.linalg.norm(a64)
+        top1 = None
+        if a64.ndim >= 1 and a64.shape[-1] >= 2:
+            top1 = float(np.mean(np.argmax(a64, -1) == np.argmax(b64, -1)))
+        out.append(OutputFidelity(name=name, shape=tuple(a64.shape), max_abs=float(diff.max(initial=0)),
+                                  max_rel=float((diff / (np.abs(a64) + 1e-6)).max(initial=0)),
+                                  rel_error=float(np.linalg.norm(a64 - b64) / norm_a) if norm_a > 0 else float(np.linalg.norm(b64)),
+                                  cosine=cos, top1=top1))
+    return out
+
+
+def verify(original: LoadedModel, rewritten: LoadedModel, inputs: Mapping[str, np.ndarray] | None = None,
+           seed: int = 0) -> VerifyReport:
+    """Run both models on the same inputs (the original's examples by default) and compare outputs."""
+    feeds = dict(inputs) if inputs is not None else default_inputs(original, seed)
+    ref = run(original, feeds)
+    cand = run(rewritten, feeds)
+    return VerifyReport(outputs=compare(ref, cand), inputs={k: tuple(np.shape(v)) for k, v in feeds.items()})
