@@ -69,7 +69,7 @@ class OnnxSiteExporter:
 
     def __init__(self, opset: int) -> None:
         self.opset = opset
-        self._cache: dict[Any, onnx.ModelProto] = {}
+        self._cache: dict[Any, bytes] = {}
 
     def export(self, module: torch.nn.Module, key: Any, tensors: list[torch.Tensor],
                dynamic: list[dict[int, Any]], site_name: str) -> ir.Model:
@@ -85,9 +85,9 @@ class OnnxSiteExporter:
                                             output_names=["out"], optimize=True, verbose=False)
             except Exception as exc:
                 raise UnsupportedModelError(f"site {site_name}: exporting the replacement to ONNX failed: {exc}") from exc
-            proto = ir.to_proto(program.model)
+            proto = ir.to_proto(program.model).SerializeToString()
             self._cache[key] = proto
-        model = ir.from_proto(proto)
+        model = ir.from_proto(onnx.ModelProto.FromString(proto))
         state = {f"params.{k}": v for k, v in module.state_dict().items() if k.startswith("params.")}
         for name, value in model.graph.initializers.items():
             if name in state:

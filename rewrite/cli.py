@@ -1,0 +1,217 @@
+"""The ``softswap`` command: one subcommand per arrow of the data flow (DESIGN.md).
+
+Errors softswap raises on purpose (:class:`~rewrite.errors.SoftswapError`) print one line naming the culprit and
+exit with status 2; nothing is written in that case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import OptionError, SoftswapError
+
+log = logging.getLogger("softswap")
+console = Console(highlight=False)
+
+
+def _parse_options(items: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise OptionError(f"--option {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _site_table(sites: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("site", "spelling", "heads", "kv", "head_dim", "scale", "causal", "mask", "layout"):
+        table.add_column(col)
+    for s in sites:
+        table.add_row(s["name"], s["spelling"], str(s["heads"]), str(s["kv_heads"]), str(s["head_dim"]),
+                      f"{s['scale']:.6g}", str(s["causal"]), s["mask"], s["layout"])
+    return table
+
+
+def print_inspect(report: dict[str, Any], explain: bool) -> None:
+    console.print(f"[bold]{report['model']}[/bold] ({report['graph']} graph, {report['nodes']} nodes, "
+                  f"{report['softmax_nodes']} softmax)")
+    if report["attention_sites"]:
+        console.print(_site_table(report["attention_sites"], f"{len(report['attention_sites'])} attention sites"))
+    else:
+        console.print("no attention found in this model")
+    for h in report["heads"]:
+        console.print(f"classifier head {h['name']}: {h['node']} {h['in_features']} → {h['num_classes']} "
+                      f"classes ({h['activation']}) → output {h['output']}")
+    if report["unmatched"]:
+        console.print(f"{len(report['unmatched'])} softmax node(s) not absorbed by a site"
+                      + ("" if explain else " (--explain shows why)"))
+        if explain:
+            for u in report["unmatched"]:
+                console.print(f"  {u['softmax']}: at {u['node']} ({u['op']}) expected {u['expected']}; "
+                              f"found {u['found']}")
+    if report["unknown_ops"]:
+        console.print("custom ops (not understood, left alone): " +
+                      ", ".join(f"{k}×{v}" for k, v in report["unknown_ops"].items()))
+
+
+def print_convert(report: dict[str, Any]) -> None:
+    for p in report["passes"]:
+        table = Table(title=f"{p['name']}: {p.get('replaced', 0)} of {p.get('found', 0)} sites replaced "
+                            f"({p['seconds']:.1f}s)")
+        for col in ("site", "mask", "status", "site cosine", "site rel.err", "reason"):
+            table.add_column(col)
+        for s in p.get("sites", []):
+            fid = s.get("fidelity") or {}
+            table.add_row(s["name"], s["mask"], s["status"],
+                          f"{fid['cosine']:.6f}" if fid else "-", f"{fid['rel_error']:.2e}" if fid else "-",
+                          s.get("reason", ""))
+        console.print(table)
+    if "fidelity" in report:
+        print_verify(report["fidelity"], "model fidelity (original vs rewritten)")
+    if "output" in report:
+        console.print(f"wrote {report['output']}")
+
+
+def print_verify(data: dict[str, Any], title: str = "verify") -> None:
+    table = Table(title=title)
+    for col in ("output", "shape", "max abs", "max rel", "rel.err", "cosine", "top-1"):
+        table.add_column(col)
+    for o in data["outputs"]:
+        table.add_row(o["name"], str(tuple(o["shape"])), f"{o['max_abs']:.3e}", f"{o['max_rel']:.3e}",
+                      f"{o['rel_error']:.3e}", f"{o['cosine']:.6f}",
+                      "-" if o["top1"] is None else f"{o['top1']:.3f}")
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .api import inspect
+    report = inspect(args.model).to_dict()
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        print_inspect(report, args.explain)
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from .passes import list_passes
+    passes = list_passes()
+    if args.json:
+        print(json.dumps(passes, indent=1, default=str))
+        return 0
+    table = Table(title="registered passes")
+    table.add_column("pass")
+    table.add_column("description")
+    table.add_column("options (default)")
+    for name, info in passes.items():
+        table.add_row(name, info["description"],
+                      ", ".join(f"{k}={v['default']}" for k, v in info["options"].items()))
+    console.print(table)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .api import convert
+    passes = [p for p in (args.passes or "").split(",") if p]
+    _, report = convert(args.model, args.output, attention=args.attention, passes=passes,
+                        options=_parse_options(args.option), layers=args.layers, keep_softmax=args.keep_softmax,
+                        verify=not args.no_verify, report_path=args.report, dump_dir=args.dump_ir)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        print_convert(report)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .api import verify
+    data = verify(args.original, args.rewritten).to_dict()
+    if args.json:
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        print_verify(data)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softswap", description="Find the softmax in a model and rewrite it.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list attention sites, classifier heads and unmatched softmax nodes")
+    p.add_argument("model", help=".onnx, .pt2 or a Hugging Face model folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--explain", action="store_true", help="say why each unmatched softmax does not qualify")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("passes", help="list registered passes and their options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("convert", help="rewrite a model and write it (.onnx or .pt2)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="output path (.onnx or .pt2)")
+    p.add_argument("--attention", help="attention variant (reference, linear, mala, sigmoid, softplus, soft)")
+    p.add_argument("--passes", help="comma-separated pass names (see `softswap passes`)")
+    p.add_argument("--layers", help="only these attention sites (indices, ranges, or attnN names)")
+    p.add_argument("--keep-softmax", help="keep these attention sites as softmax")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="variant option (repeatable)")
+    p.add_argument("--report", help="write the report as JSON here")
+    p.add_argument("--dump-ir", help="dump the graph after each pass into this folder")
+    p.add_argument("--no-verify", action="store_true", help="skip the fidelity check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="compare two models on the same inputs (any graph kinds)")
+    p.add_argument("original")
+    p.add_argument("rewritten")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="inspect, rewrite and verify the bundled real MiniLM")
+    p.add_argument("--out", default=None, help="folder for the demo's files (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+
+    _add_target_commands(sub)
+    return parser
+
+
+def _add_target_commands(sub: Any) -> None:
+    """``compile``, ``run`` and ``bench`` live in :mod:`targets`; registered here when it provides them."""
+    try:
+        from targets import cli as target_cli  # the lowering package; optional at import time
+    except ImportError:
+        return
+    target_cli.add_commands(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except SoftswapError as exc:
+        print(f"softswap: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
