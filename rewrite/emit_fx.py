@@ -60,9 +60,27 @@ def splice(gm: fx.GraphModule, sites: Sequence[tuple[AttentionSite, torch.nn.Mod
             new = graph.call_module(name, args=inputs)
         new.meta["rw.rule"] = f"attention:{site.name}"
         anchor.replace_all_uses_with(new)
+    _drop_orphan_assertions(graph)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+
+
+_ASSERTIONS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _drop_orphan_assertions(graph: fx.Graph) -> None:
+    """Erase metadata assertions on values that nothing but assertions uses any more (they pin dead nodes)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.target in _ASSERTIONS and node.args and isinstance(node.args[0], fx.Node):
+                subject = node.args[0]
+                if all(u.target in _ASSERTIONS for u in subject.users):
+                    for u in list(subject.users):
+                        graph.erase_node(u)
+                    changed = True
 
 
 def reexport(loaded: LoadedModel, gm: fx.GraphModule) -> Any:

@@ -115,6 +115,9 @@ def _trace_layout(g: GraphView, value: Any, roles: list[str], what: str, anchor:
             roles = roles[:axis] + ["SEL"] + roles[axis:]
             value = canon.inputs[0]
             continue
+        if kind == "slice":
+            value = canon.inputs[0]
+            continue
         if kind == "expand":
             saw_expand = True
             value = canon.inputs[0]
@@ -131,12 +134,20 @@ def _trace_layout(g: GraphView, value: Any, roles: list[str], what: str, anchor:
             continue
         if kind == "reshape":
             out_shape, in_shape = g.shape(value), g.shape(canon.inputs[0])
-            if out_shape is None or in_shape is None or len(in_shape) < 2:
+            src = g.canon(g.producer(canon.inputs[0]))
+            if src is not None and src.kind == "expand" and len(roles) >= 3:  # GQA repeat_kv: (B,Hkv,n,T,D)->(B,H,T,D)
+                roles = roles[:-3] + [roles[-3], "X_rep"] + roles[-2:]
+                value = canon.inputs[0]
+                continue
+            if out_shape is None or in_shape is None or len(in_shape) < 2 or len(out_shape) < 2:
                 break
-            if out_shape[-1] == in_shape[-1] and (len(out_shape) < 2 or out_shape[-2] == in_shape[-2]):
+            if out_shape[-1] is not None and out_shape[-1] == in_shape[-1] and out_shape[-2] is not None \
+                    and out_shape[-2] == in_shape[-2]:
                 roles = [f"X{i}" for i in range(len(in_shape) - 2)] + roles[-2:]
                 value = canon.inputs[0]
                 continue
+            if not (isinstance(out_shape[-1], int) and isinstance(in_shape[-1], int)) or out_shape[-1] == in_shape[-1]:
+                break  # unknown or symbolic dims: cannot prove a head split; check the canonical layout here
             # a head split: (.., E) -> (.., H, F)
             if roles[-1] != "F" or not roles[-2].startswith("X"):
                 raise _fail(g, anchor, f"{what}: heads and features in the last two axes of the head split at "
@@ -145,7 +156,9 @@ def _trace_layout(g: GraphView, value: Any, roles: list[str], what: str, anchor:
             if not left or left[-1] != "T":
                 raise _fail(g, anchor, f"{what}: token axis just left of the heads at {g.node_name(node)}",
                             f"axis roles {roles} after the permutations")
-            if isinstance(in_shape[-1], int) and isinstance(out_shape[-1], int) and out_shape[-1]:
+            if isinstance(out_shape[-2], int):
+                trace.heads = out_shape[-2]
+            elif isinstance(in_shape[-1], int) and isinstance(out_shape[-1], int) and out_shape[-1]:
                 trace.heads = in_shape[-1] // out_shape[-1]
             trace.source = value
             return trace
@@ -201,6 +214,64 @@ def _data_sources(g: GraphView, value: Any) -> tuple[list[Any], bool]:
     return inputs, causal
 
 
+def _uniform_source(g: GraphView, value: Any) -> Any | None:
+    """The small constant ``value`` broadcasts from (through expand/reshape/cast/identity), or None."""
+    for _ in range(8):
+        arr = g.const_array(value, 1 << 16)
+        if arr is not None:
+            return arr
+        canon = g.canon(g.producer(value))
+        if canon is None or canon.kind not in ("expand", "reshape", "cast", "identity", "unsqueeze"):
+            return None
+        value = canon.inputs[0]
+    return None
+
+
+def _always_true(g: GraphView, value: Any) -> bool:
+    """A boolean mask that is True everywhere: a constant of Trues, or ``arange(...) >= 0`` (HF ViT's mask)."""
+    arr = _uniform_source(g, value)
+    if arr is not None:
+        return bool(arr.size) and bool(arr.astype(bool).all())
+    for _ in range(8):
+        canon = g.canon(g.producer(value))
+        if canon is None:
+            return False
+        if canon.kind in ("expand", "reshape", "cast", "identity", "unsqueeze"):
+            value = canon.inputs[0]
+            continue
+        if canon.kind == "compare" and canon.attrs["op"] in ("ge", "gt"):
+            a, b = canon.inputs[:2]
+            for _ in range(8):  # arange through unsqueeze / expand / "+ 0"
+                ca = g.canon(g.producer(a))
+                if ca is not None and (ca.kind in ("unsqueeze", "expand", "reshape", "identity", "cast")
+                                       or (ca.kind == "add" and g.scalar(ca.inputs[1]) == 0)):
+                    a = ca.inputs[0]
+                    continue
+                break
+            ca = g.canon(g.producer(a))
+            bound = g.scalar(b)
+            if ca is not None and ca.kind == "arange" and bound is not None and \
+                    (bound < 0 or (bound == 0 and canon.attrs["op"] == "ge")):
+                return True
+        return False
+    return False
+
+
+def _no_op_term(g: GraphView, term: MaskTerm) -> bool:
+    """A mask term that masks nothing (all-true keep mask, all-zero additive mask) and can be dropped."""
+    if term.mode == "keep":
+        return _always_true(g, term.value)
+    if term.mode == "add":
+        arr = _uniform_source(g, term.value)
+        if arr is not None:
+            return bool((arr == 0).all())
+        canon = g.canon(g.producer(term.value))
+        if canon is not None and canon.kind == "where":
+            cond, a, b = canon.inputs[:3]
+            return g.scalar(a) == 0 and _always_true(g, cond)
+    return False
+
+
 def _triangular(arr: Any, mode: str) -> bool:
     import numpy as np
     a = np.asarray(arr)
@@ -227,6 +298,7 @@ def classify_mask(g: GraphView, terms: list[MaskTerm], causal_flag: bool, token_
         sources, causal_ops = _data_sources(g, term.value)
         if sources:
             for src in sources:
+                boolean |= g.dtype(src) == "bool"
                 shape = g.shape(src)
                 if shape is not None and (len(shape) == 2 or (len(shape) >= 3 and shape[-2] == 1)):
                     padding = True
@@ -396,6 +468,23 @@ def _upstream(g: GraphView, softmax: Any, covered: list[Any]) -> tuple[Any, floa
     raise _fail(g, softmax, "a Q·Kᵀ matmul within a few ops of the softmax", "a longer chain")
 
 
+def _probe_heads(g: GraphView, value: Any) -> int | None:
+    """Heads of a projection, found by walking back (first operand) through elementwise ops such as RoPE to the
+    head-splitting reshape; used only to count heads, never to validate a layout."""
+    for _ in range(16):
+        node = g.producer(value)
+        canon = g.canon(node)
+        if canon is None or not canon.inputs or canon.inputs[0] is None:
+            return None
+        if canon.kind == "reshape":
+            out_shape, in_shape = g.shape(value), g.shape(canon.inputs[0])
+            if out_shape and in_shape and len(out_shape) == 4 and isinstance(out_shape[-2], int) \
+                    and out_shape[-1] != in_shape[-1]:
+                return out_shape[-2]
+        value = canon.inputs[0]
+    return None
+
+
 def _strip_scale(g: GraphView, value: Any) -> tuple[Any, float]:
     factor = 1.0
     for _ in range(8):
@@ -432,17 +521,19 @@ def _explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
     q_shape, v_shape = g.shape(q) or (), g.shape(v) or ()
     head_dim = q_shape[-1] if q_shape and isinstance(q_shape[-1], int) else None
     if r == 4:
-        heads = q_shape[1] if isinstance(q_shape[1], int) else tq.heads
+        heads = next((d for d in (q_shape[1] if len(q_shape) == 4 else None, shape[1], tq.heads,
+                                  _probe_heads(g, q)) if isinstance(d, int)), None)
         layout = "BHSD"
     else:
-        heads = tq.heads
+        heads = tq.heads or _probe_heads(g, q)
         layout = "(BH)SD"
     kv_heads = tk.kv_heads or tv.kv_heads or heads
     if any(math.isnan(s) or s <= 0 for s in (scale,)):
         raise _fail(g, qk, "a positive scale", f"{scale}")
+    terms = [t for t in terms if not _no_op_term(g, t)]
     mask = classify_mask(g, terms, False)
-    causal = mask == "causal"
-    if causal:  # the terms are exactly the causal pattern: the flag says it all
+    causal = mask in ("causal", "causal+padding")
+    if mask == "causal":  # the terms are exactly the causal pattern: the flag says it all
         terms = []
     return AttentionSite(
         name=f"attn{index}", spelling=f"explicit-{g.kind}", q=q, k=kt, v=v, output=g.outputs(pv)[0], scale=scale,
@@ -472,8 +563,19 @@ def _sdpa_site(g: GraphView, node: Any, index: int) -> AttentionSite:
     terms = []
     if mask is not None:
         terms.append(MaskTerm(mask, "keep" if g.dtype(mask) == "bool" else "add"))
+    terms = [t for t in terms if not _no_op_term(g, t)]
+    kind = classify_mask(g, terms, canon.attrs["causal"])
+    if kind == "causal":
+        terms = []
+    tk = None
+    try:
+        tk = _trace_layout(g, k, ["X0", "X1", "T", "F"], "K", node)
+    except NoMatch:
+        pass
     heads = q_shape[1] if isinstance(q_shape[1], int) else None
     kv_heads = k_shape[1] if k_shape and isinstance(k_shape[1], int) else heads
+    if tk is not None and tk.kv_heads:
+        kv_heads = tk.kv_heads
     output = g.outputs(node)[0]
     if canon.attrs.get("returns_tuple"):
         getters = [u for u in g.users(output) if g.canon(u) is not None and g.canon(u).kind == "identity"]
@@ -482,7 +584,7 @@ def _sdpa_site(g: GraphView, node: Any, index: int) -> AttentionSite:
         output = getters[0]
     return AttentionSite(
         name=f"attn{index}", spelling=f"sdpa-{g.kind}", q=q, k=k, v=v, output=output, scale=float(scale),
-        causal=canon.attrs["causal"], mask=classify_mask(g, terms, canon.attrs["causal"]), heads=heads,
+        causal=canon.attrs["causal"] or kind in ("causal", "causal+padding"), mask=kind, heads=heads,
         kv_heads=kv_heads, head_dim=head_dim, layout="BHSD", mask_terms=terms, gqa_in_call=canon.attrs["gqa"],
         dtype=g.dtype(q), anchor=node, nodes=[g.node_name(node)])
 
@@ -580,7 +682,10 @@ def find_heads(g: GraphView, outputs: list[Any]) -> tuple[list[ClassifierHead], 
                     value = inner
                     continue
             dims = _linear_weight(g, node)
-            if dims is not None and isinstance(dims[1], int) and dims[1] >= 2:
+            out_shape = g.shape(g.outputs(node)[0])
+            final_shape = g.shape(out)
+            if dims is not None and isinstance(dims[1], int) and dims[1] >= 2 and out_shape is not None \
+                    and len(out_shape) == 2 and final_shape is not None and len(final_shape) == 2:
                 heads.append(ClassifierHead(name=f"head{len(heads)}", node=g.node_name(node), in_features=dims[0],
                                             num_classes=dims[1], activation=activation, output=g.value_name(out)))
                 if act_node is not None:

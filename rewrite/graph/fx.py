@@ -105,6 +105,10 @@ _TABLE: dict[Any, Callable[[fx.Node], Canon | None]] = {
     aten.sub.Tensor: _binary("sub"),
     aten.rsub.Scalar: lambda n: Canon("rsub", (n.args[0], n.args[1]), {}),
     aten.where.self: lambda n: Canon("where", tuple(n.args[:3]), {}),
+    aten.where.ScalarOther: lambda n: Canon("where", tuple(n.args[:3]), {}),
+    aten.where.ScalarSelf: lambda n: Canon("where", tuple(n.args[:3]), {}),
+    aten.where.Scalar: lambda n: Canon("where", tuple(n.args[:3]), {}),
+    aten.slice.Tensor: _unary("slice"),
     aten.masked_fill.Scalar: lambda n: Canon("masked_fill", tuple(n.args[:3]), {}),
     aten.masked_fill.Tensor: lambda n: Canon("masked_fill", tuple(n.args[:3]), {}),
     aten.masked_fill_.Scalar: lambda n: Canon("masked_fill", tuple(n.args[:3]), {}),
@@ -169,12 +173,17 @@ class FxGraph:
         self.graph = gm.graph
         self._canon: dict[fx.Node, Canon | None] = {}
         self._output_values: set[fx.Node] = set()
-        for node in self.graph.nodes:
+        self._live: set[fx.Node] = set()
+        for node in reversed(self.graph.nodes):  # liveness: what reaches an output
             if node.op == "output":
+                self._live.add(node)
                 for v in torch.utils._pytree.tree_leaves(node.args[0]):
                     if isinstance(v, fx.Node):
                         self._output_values.add(v)
-            elif node.op == "call_function":
+            if node in self._live:
+                self._live.update(node.all_input_nodes)
+        for node in self.graph.nodes:
+            if node.op == "call_function":
                 fn = _TABLE.get(node.target)
                 try:
                     self._canon[node] = fn(node) if fn is not None else None
@@ -220,7 +229,8 @@ class FxGraph:
         return list(node.all_input_nodes)
 
     def users(self, value: fx.Node) -> list[fx.Node]:
-        return [u for u in value.users if u.op != "output"]
+        """Users that contribute to a graph output (assertions and dead code are not users)."""
+        return [u for u in value.users if u.op != "output" and u in self._live]
 
     def is_graph_output(self, value: Any) -> bool:
         return value in self._output_values
@@ -264,6 +274,8 @@ class FxGraph:
         if t in (aten.scalar_tensor.default, aten.full.default) and (t is aten.scalar_tensor.default or
                                                                      list(value.args[0]) in ([], [1])):
             return float(value.args[0] if t is aten.scalar_tensor.default else value.args[1])
+        if t in (aten.zeros.default, aten.ones.default) and list(value.args[0]) in ([], [1]):
+            return 0.0 if t is aten.zeros.default else 1.0
         canon = self.canon(value)
         if canon is None:
             return None

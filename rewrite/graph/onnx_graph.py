@@ -127,6 +127,79 @@ _TABLE: dict[tuple[str, str], Callable[[ir.Node, "OnnxGraph"], Canon | None]] = 
 }
 
 
+def _infer_transpose(g: "OnnxGraph", node: ir.Node) -> tuple | None:
+    in_shape = g.shape(node.inputs[0])
+    canon = g.canon(node)
+    if in_shape is None or canon is None or len(canon.attrs["perm"]) != len(in_shape):
+        return None
+    return tuple(in_shape[p] for p in canon.attrs["perm"])
+
+
+def _infer_gather(g: "OnnxGraph", node: ir.Node) -> tuple | None:
+    in_shape = g.shape(node.inputs[0])
+    idx = g.const_array(node.inputs[1], 1)
+    if in_shape is None or idx is None or idx.ndim != 0:
+        return None
+    axis = normalize_axis(int(_attr(node, "axis", 0)), len(in_shape))
+    return in_shape[:axis] + in_shape[axis + 1:]
+
+
+def _axes(g: "OnnxGraph", node: ir.Node) -> list[int] | None:
+    axes = _attr(node, "axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = g.const_array(node.inputs[1], 16)
+        axes = None if arr is None else [int(a) for a in np.atleast_1d(arr)]
+    return None if axes is None else list(axes)
+
+
+def _infer_squeeze(g: "OnnxGraph", node: ir.Node) -> tuple | None:
+    in_shape = g.shape(node.inputs[0])
+    axes = _axes(g, node)
+    if in_shape is None or axes is None:
+        return None
+    drop = {normalize_axis(a, len(in_shape)) for a in axes}
+    return tuple(d for i, d in enumerate(in_shape) if i not in drop)
+
+
+def _infer_unsqueeze(g: "OnnxGraph", node: ir.Node) -> tuple | None:
+    in_shape = g.shape(node.inputs[0])
+    axes = _axes(g, node)
+    if in_shape is None or axes is None:
+        return None
+    out: list = list(in_shape)
+    for a in sorted(normalize_axis(a, len(in_shape) + len(axes)) for a in axes):
+        out.insert(a, 1)
+    return tuple(out)
+
+
+def _infer_elementwise(g: "OnnxGraph", node: ir.Node) -> tuple | None:
+    shapes = [g.shape(v) for v in node.inputs if v is not None]
+    if not shapes or any(s is None for s in shapes):
+        return None
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        dims = [s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0]
+        known = [d for d in dims if d != 1]
+        out.append(known[0] if known and all(d == known[0] for d in known) else (1 if not known else None))
+    return tuple(out)
+
+
+_SHAPE_RULES = {"Transpose": _infer_transpose, "Gather": _infer_gather, "Squeeze": _infer_squeeze,
+                "Unsqueeze": _infer_unsqueeze, "Add": _infer_elementwise, "Mul": _infer_elementwise,
+                "Div": _infer_elementwise, "Sub": _infer_elementwise, "Cast": lambda g, n: g.shape(n.inputs[0]),
+                "Identity": lambda g, n: g.shape(n.inputs[0])}
+
+
+def _sym_name(dim: Any) -> str | None:
+    """A symbolic dim's name; None for unnamed dims and the ``unk__N`` placeholders of ONNX shape inference."""
+    name = getattr(dim, "value", dim)
+    if name is None:
+        return None
+    text = str(name)
+    return None if text in ("", "None") or text.startswith("unk__") else text
+
+
 class OnnxGraph:
     """:class:`GraphView` over the main graph of an ``onnx_ir.Model`` (functions are not searched)."""
 
@@ -138,6 +211,10 @@ class OnnxGraph:
         self.opsets = dict(model.opset_imports)
         self._outputs = {id(v) for v in self.graph.outputs}
         self._inputs = {id(v) for v in self.graph.inputs}
+        self._live: set[int] = set()
+        for node in reversed(list(self.graph)):  # liveness: nodes whose outputs reach a graph output
+            if any(id(o) in self._outputs or any(id(u.node) in self._live for u in o.uses()) for o in node.outputs):
+                self._live.add(id(node))
         self._canon: dict[int, Canon | None] = {}
         self._scalar_cache: dict[int, float | None] = {}
         self._shape_cache: dict[int, Any] = {}
@@ -173,9 +250,11 @@ class OnnxGraph:
         return [v for v in node.inputs if v is not None]
 
     def users(self, value: ir.Value) -> list[ir.Node]:
+        """Users that contribute to a graph output (dead code is not a user)."""
         seen: dict[int, ir.Node] = {}
         for use in value.uses():
-            seen.setdefault(id(use.node), use.node)
+            if id(use.node) in self._live:
+                seen.setdefault(id(use.node), use.node)
         return list(seen.values())
 
     def is_graph_output(self, value: Any) -> bool:
@@ -227,7 +306,7 @@ class OnnxGraph:
         arr = self.const_array(value, 1)
         if arr is not None:
             return float(arr.reshape(-1)[0]) if arr.size == 1 else None
-        vec = self._shape_vector(value, depth)
+        vec = self._shape_vector(value, depth, symbolic=True)
         if vec is not None and len(vec) == 1 and isinstance(vec[0], (int, float)):
             return float(vec[0])
         node = self.producer(value)
@@ -270,7 +349,7 @@ class OnnxGraph:
             start = int(_attr(node, "start", 0))
             end = _attr(node, "end", None)
             dims = list(shape)[start:(None if end is None else int(end))]
-            if any(d is None for d in dims) or (not symbolic and not all(isinstance(d, int) for d in dims)):
+            if any(d is None for d in dims):
                 return None
             return dims
         if node.op_type in ("Gather", "Slice"):
@@ -280,10 +359,10 @@ class OnnxGraph:
             if node.op_type == "Gather":
                 idx = self.const_array(node.inputs[1], 64)
                 return None if idx is None else [base[int(i)] for i in np.atleast_1d(idx)]
-            starts, ends = (self.const_array(node.inputs[i], 8) for i in (1, 2))
-            if starts is None or ends is None:
+            starts, ends = (self._shape_vector(node.inputs[i], depth + 1, False) for i in (1, 2))
+            if not starts or not ends or not isinstance(starts[0], int) or not isinstance(ends[0], int):
                 return None
-            return base[int(starts[0]):int(min(ends[0], len(base)))]
+            return base[starts[0]:min(ends[0], len(base))]
         if node.op_type == "Concat":
             out: list[Any] = []
             for part in node.inputs:
@@ -292,15 +371,27 @@ class OnnxGraph:
                     return None
                 out.extend(vec)
             return out
-        if node.op_type in ("Cast", "Squeeze", "Unsqueeze", "Identity"):
+        if node.op_type in ("Cast", "Squeeze", "Unsqueeze", "Identity", "Reshape"):
             return self._shape_vector(node.inputs[0], depth + 1, symbolic)
-        if node.op_type == "Mul" and symbolic:
-            a = self._shape_vector(node.inputs[0], depth + 1, True)
-            b = self._shape_vector(node.inputs[1], depth + 1, True)
+        if node.op_type in ("Add", "Sub", "Mod"):
+            a = self._shape_vector(node.inputs[0], depth + 1, False)
+            b = self._shape_vector(node.inputs[1], depth + 1, False)
+            if a and b and len(b) == 1 and all(isinstance(x, int) for x in a + b):
+                op = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y,
+                      "Mod": lambda x, y: x % y if y else None}[node.op_type]
+                out = [op(x, b[0]) for x in a]
+                return None if None in out else out
+            return None
+        if node.op_type in ("Mul", "Div"):
+            a = self._shape_vector(node.inputs[0], depth + 1, symbolic)
+            b = self._shape_vector(node.inputs[1], depth + 1, symbolic)
             if a is not None and b is not None and len(a) == len(b) == 1:
                 if isinstance(a[0], int) and isinstance(b[0], int):
+                    if node.op_type == "Div":
+                        return [a[0] // b[0]] if b[0] else None
                     return [a[0] * b[0]]
-                return [f"{a[0]}*{b[0]}"]
+                if symbolic:
+                    return [f"{a[0]}{'*' if node.op_type == 'Mul' else '/'}{b[0]}"]
         return None
 
     def _reshape_shape(self, node: ir.Node) -> tuple[Dim, ...] | None:
@@ -314,10 +405,13 @@ class OnnxGraph:
             if d == 0 and in_shape is not None and i < len(in_shape) and not int(_attr(node, "allowzero", 0)):
                 d = in_shape[i]
             dims.append(None if d == -1 else d)
-        if dims.count(None) == 1 and in_shape is not None and all(isinstance(d, int) for d in in_shape) \
-                and all(isinstance(d, int) for d in dims if d is not None):
-            known = int(np.prod([d for d in dims if d is not None]))
-            dims[dims.index(None)] = int(np.prod(in_shape)) // known if known else None
+        if dims.count(None) == 1 and in_shape is not None and None not in in_shape:
+            in_syms = sorted(str(d) for d in in_shape if not isinstance(d, int))
+            out_syms = sorted(str(d) for d in dims if d is not None and not isinstance(d, int))
+            if in_syms == out_syms:  # the symbolic dims cancel: -1 is a ratio of static sizes
+                known = int(np.prod([d for d in dims if isinstance(d, int)]))
+                total = int(np.prod([d for d in in_shape if isinstance(d, int)]))
+                dims[dims.index(None)] = total // known if known and total % known == 0 else None
         return tuple(dims)
 
     def shape(self, value: Any) -> tuple[Dim, ...] | None:
@@ -328,8 +422,7 @@ class OnnxGraph:
             return cached
         dims = None
         if value.shape is not None:
-            dims = tuple(d if isinstance(d, int) else (str(d) if d is not None and str(d.value if hasattr(d, "value") else d)
-                         not in ("", "None") else None) for d in value.shape)
+            dims = tuple(d if isinstance(d, int) else _sym_name(d) for d in value.shape)
         if dims is None or any(d is None for d in dims):
             node = self.producer(value)
             if node is not None and node.op_type == "Reshape":
@@ -337,12 +430,11 @@ class OnnxGraph:
                 inferred = self._reshape_shape(node)
                 if inferred is not None and (dims is None or len(inferred) == len(dims)):
                     dims = tuple(a if a is not None else b for a, b in zip(inferred, dims or inferred))
-            elif node is not None and node.op_type == "Transpose":
+            elif node is not None and node.op_type in _SHAPE_RULES and value is node.outputs[0]:
                 self._shape_cache[id(value)] = dims
-                in_shape = self.shape(node.inputs[0])
-                canon = self.canon(node)
-                if in_shape is not None and canon is not None and len(canon.attrs["perm"]) == len(in_shape):
-                    dims = tuple(in_shape[p] for p in canon.attrs["perm"])
+                inferred = _SHAPE_RULES[node.op_type](self, node)
+                if inferred is not None and (dims is None or len(inferred) == len(dims)):
+                    dims = tuple(a if a is not None else b for a, b in zip(inferred, dims or inferred))
         self._shape_cache[id(value)] = dims
         return dims
 

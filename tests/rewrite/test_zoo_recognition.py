@@ -1,0 +1,71 @@
+"""Recognition over the zoo: every real architecture in FX and ONNX (dynamo and legacy exporters) yields exactly
+the expected attention sites (scale to 1e-6, causal flag, mask kind, heads, kv heads, head dim); negative twins
+yield no site and the stated reason; `attention.reference` leaves outputs unchanged (1e-5)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import rewrite
+import zoo
+from rewrite.io import from_exported_program, load_onnx
+
+REASON_WORDS = {  # twin defect -> words the reason must contain
+    "k_not_transposed": "transpose of the last two axes",
+    "softmax_axis": "softmax over the last axis",
+    "probs_escape": "used only by the P·V matmul",
+    "scale_not_scalar": "scalar scale",
+    "no_pv_matmul": "feeding a matmul with V",
+}
+
+
+def _load(name: str, exporter: str, zoo_fx, zoo_onnx):
+    zm = zoo.get(name)
+    if exporter == "fx":
+        module, args, _ = zm.build()
+        ep = zoo_fx(name)
+        b = zm.built()
+        names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        return from_exported_program(ep, source=name, example_inputs=dict(zip(names, args)))
+    return load_onnx(zoo_onnx(name, exporter))
+
+
+def _sorted(sites):
+    return sorted(sites, key=lambda s: (s.mask, s.heads or 0))
+
+
+@pytest.mark.parametrize("name,exporter", zoo.params(exporters=True))
+def test_sites_match_expectation(name, exporter, zoo_fx, zoo_onnx):
+    zm = zoo.get(name)
+    report = rewrite.inspect(_load(name, exporter, zoo_fx, zoo_onnx))
+    found = report.attention_sites
+    if zm.negative:
+        assert not found, f"negative twin matched: {[s.summary() for s in found]}"
+        reasons = " | ".join(str(r) for _, r in report.unmatched)
+        assert REASON_WORDS[zm.expected_reason] in reasons, reasons
+        return
+    assert len(found) == len(zm.expected), [s.summary() for s in found]
+    for got, want in zip(found, zm.expected):
+        assert got.scale == pytest.approx(want.scale, rel=1e-6)
+        assert got.causal == want.causal, got.summary()
+        assert got.mask == want.mask, got.summary()
+        assert got.heads == want.heads and got.kv_heads == want.kv_heads and got.head_dim == want.head_dim, \
+            got.summary()
+    assert not [u for u in report.unmatched], report.to_dict()["unmatched"]
+    assert len(report.heads) == zm.classifier_heads, report.to_dict()["heads"]
+
+
+@pytest.mark.parametrize("name,exporter", [p for p in zoo.params(exporters=True)
+                                           if not zoo.get(p.values[0]).negative and zoo.get(p.values[0]).expected])
+def test_reference_rewrite_keeps_outputs(name, exporter, zoo_fx, zoo_onnx):
+    loaded = _load(name, exporter, zoo_fx, zoo_onnx)
+    new, report = rewrite.convert(loaded, attention="reference")
+    passes = report["passes"][0]
+    assert passes["replaced"] == len(zoo.get(name).expected)
+    assert report["fidelity"]["max_abs"] < 1e-5, report["fidelity"]
+    for site in passes["sites"]:
+        assert site["fidelity"]["rel_error"] < 1e-5
+    # the rewritten graph no longer contains the original softmax chain
+    again = rewrite.inspect(new)
+    assert len(again.attention_sites) == len(zoo.get(name).expected)
