@@ -65,8 +65,9 @@ def graph_view(model: mio.LoadedModel) -> tuple[Any, list[Any]]:
 def inspect(model: Any, example_inputs: Any = None) -> InspectReport:
     """Recognize attention sites, classifier heads and unmatched softmax nodes (with reasons) in ``model``."""
     loaded = mio.load_model(model, example_inputs)
-    g, outputs = graph_view(loaded)
-    rec = recognize(g, outputs)
+    with mio.paused_gc():
+        g, outputs = graph_view(loaded)
+        rec = recognize(g, outputs)
     return InspectReport(source=loaded.source, kind=loaded.kind, recognition=rec,
                          node_count=sum(1 for _ in g.nodes()))
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import emit_fx, emit_onnx
-from .binding import SiteModule, SiteSpec, needed_mask_kinds
+from .binding import SiteModule, SiteSpec, needed_mask_kinds, supports
 from .capture import capture_fx, capture_onnx
 from .errors import OptionError
 from .graph.fx import FxGraph
@@ -102,7 +102,7 @@ class AttentionRewritePass(Pass):
             elif site.layout == "BSE":
                 decisions.append(SiteDecision(site, False, f"fused op {site.spelling} with packed projections is "
                                                             "reported but not rewritten yet"))
-            elif not needed_mask_kinds(site.mask) <= set(self.variant.mask_kinds):
+            elif not supports(self.variant.mask_kinds, site.mask):
                 decisions.append(SiteDecision(site, False, f"mask kind {site.mask!r} needs "
                                                            f"{sorted(needed_mask_kinds(site.mask))}; variant "
                                                            f"{self.variant.name!r} supports {sorted(self.variant.mask_kinds)}"))
@@ -191,16 +191,20 @@ class AttentionRewritePass(Pass):
         chosen = [d.site for d in decisions if d.replace]
         modules = {s.name: self._module(s, g, options) for s in chosen}
         fid: dict[str, dict[str, float]] = {}
-        if chosen and self.measure:
+        captured: dict[str, list[torch.Tensor]] = {}
+        if chosen:
             feeds = model.extra.get("feeds") or synth_inputs(LoadedModel(kind="onnx", source=model.source, onnx=onnx_model))
-            fid = self._fidelity(modules, capture_onnx(onnx_model, chosen, feeds))
+            captured = capture_onnx(onnx_model, chosen, feeds)
+            if self.measure:
+                fid = self._fidelity(modules, captured)
         report = {"pass": self.name, "sites": self._site_report(decisions, fid, options),
                   "replaced": len(chosen), "found": len(decisions)}
         if not chosen:
             return PassResult(model, False, report)
         exporter = emit_onnx.OnnxSiteExporter(opset)
         for site in chosen:
-            tensors, dynamic, signature = emit_onnx.site_signature(g, site)
+            site_inputs = captured[site.name][:-1] if site.name in captured else None
+            tensors, dynamic, signature = emit_onnx.site_signature(g, site, site_inputs)
             module = modules[site.name]
             key = (self.variant.name, tuple(sorted((k, repr(v)) for k, v in options.items())), module.spec,
                    signature, tuple((k, tuple(p.shape)) for k, p in module.params.items()))

@@ -47,7 +47,15 @@ def needed_mask_kinds(mask: str) -> set[str]:
     """The variant mask kinds (spec/attention.md §0) a site's mask kind needs."""
     return {"none": set(), "causal": {"causal"}, "key_padding": {"key_padding"},
             "causal+padding": {"causal", "key_padding"}, "additive": {"arbitrary"},
-            "boolean": {"arbitrary"}}[mask]
+            "boolean": {"boolean"}}[mask]
+
+
+def supports(variant_kinds: set[str] | frozenset[str], mask: str) -> bool:
+    """Whether a variant declaring ``variant_kinds`` can take a site whose mask kind is ``mask``."""
+    kinds = set(variant_kinds)
+    if "arbitrary" in kinds:
+        kinds.add("boolean")
+    return needed_mask_kinds(mask) <= kinds
 
 
 def combine_mask_terms(modes: tuple[str, ...], values: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor | None:
@@ -102,7 +110,8 @@ class SiteModule(nn.Module):
                 mask = mask.unsqueeze(0)
             mask = mask.expand(q.shape[0], mask.shape[1], mask.shape[2], k.shape[2])
         supported = self.variant.mask_kinds
-        if "arbitrary" in supported and mask is not None:
+        takes_mask = "arbitrary" in supported or ("boolean" in supported and spec.mask == "boolean")
+        if takes_mask and mask is not None:
             kwargs["attn_mask"] = mask
             kwargs["causal"] = spec.causal
         else:

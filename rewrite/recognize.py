@@ -151,11 +151,12 @@ def _trace_layout(g: GraphView, value: Any, roles: list[str], what: str, anchor:
             # a head split: (.., E) -> (.., H, F)
             if roles[-1] != "F" or not roles[-2].startswith("X"):
                 raise _fail(g, anchor, f"{what}: heads and features in the last two axes of the head split at "
-                            f"{g.node_name(node)}", f"axis roles {roles} after the permutations")
+                            f"{g.node_name(node)}, reached by a transpose of the last two axes",
+                            f"axis roles {roles} after the permutations")
             left = [r for r in roles[:-2] if r != "SEL"]
             if not left or left[-1] != "T":
-                raise _fail(g, anchor, f"{what}: token axis just left of the heads at {g.node_name(node)}",
-                            f"axis roles {roles} after the permutations")
+                raise _fail(g, anchor, f"{what}: token axis just left of the heads at {g.node_name(node)}, reached "
+                            "by a transpose of the last two axes", f"axis roles {roles} after the permutations")
             if isinstance(out_shape[-2], int):
                 trace.heads = out_shape[-2]
             elif isinstance(in_shape[-1], int) and isinstance(out_shape[-1], int) and out_shape[-1]:

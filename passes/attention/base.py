@@ -13,7 +13,8 @@ Canonical call::
 - ``causal``: query i sees keys j <= i + (T - S) (bottom-right aligned, equal to top-left when S == T).
 - ``key_padding``: (B, T) bool, True = real token, or None.
 - ``attn_mask``: an additive float mask broadcastable to (B, H, S, T) (0 = keep, large negative = drop), or None;
-  only passed to variants whose ``mask_kinds`` contain ``"arbitrary"``.
+  only passed to variants whose ``mask_kinds`` contain ``"arbitrary"`` or ``"boolean"`` (for the latter every
+  entry is 0 or a drop value).
 - ``params``: a dict of learnable tensors (see ``init_params``) or None for the parameter-free form.
 - returns (B, H, S, Dv) in q's dtype. State, cumulative sums and normalisers are computed in fp32.
 
@@ -27,8 +28,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-#: The mask kinds a variant may declare (spec/attention.md §0).
-MASK_KINDS = ("none", "causal", "key_padding", "arbitrary")
+#: The mask kinds a variant may declare (spec/attention.md §0). "boolean" = any keep/drop pattern (no additive
+#: bias); "arbitrary" = any additive float mask, biases included (implies "boolean").
+MASK_KINDS = ("none", "causal", "key_padding", "boolean", "arbitrary")
 
 
 @dataclass(frozen=True)

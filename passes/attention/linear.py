@@ -1,0 +1,125 @@
+"""Linear attention with the elu+1 feature map (spec/attention.md §2), optional Hedgehog/Taylor maps (§7) and the
+sliding-window hybrid (§8).
+
+y_i = φ(q_i)ᵀ Σ_j M_ij φ(k_j) v_jᵀ / (φ(q_i)·Σ_j M_ij φ(k_j) + ε), ε = 1e-6 outside the dot product. No 1/√d
+pre-scaling unless ``scale_qk`` (then q and k are each multiplied by √scale before φ). Key padding zeroes φ(k_j)
+(numerator and denominator). An ``attn_mask`` (arbitrary) uses the exact O(N²) general-mask fallback; only its keep
+part is used (an additive bias such as ALiBi is not expressible in linear attention).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from . import hybrid
+from .base import AttentionVariant, VariantOption
+from .featuremaps import apply_feature_map, init_feature_params
+from .linear_core import causal_apply, noncausal_apply, reverse_apply
+from .masks import check_mask, compute_dtype, keep_mask
+
+#: "boolean": arbitrary keep/drop masks (exact O(N²) fallback); additive biases are not expressible here.
+MASK_KINDS = frozenset({"none", "causal", "key_padding", "boolean"})
+
+OPTIONS = (
+    VariantOption("eps", 1e-6, float, "denominator guard added outside φ(q)·z"),
+    VariantOption("feature_map", "elu", str, "elu (elu+1), hedgehog (learnable, LoLCATs softmax_dim) or taylor2"),
+    VariantOption("feature_dim", 0, int, "Hedgehog projection width F' (0 = head_dim); φ has 2F' features"),
+    VariantOption("scale_qk", False, bool, "multiply q and k by √scale before φ (off in the official code)"),
+    VariantOption("chunk_size", 64, int, "chunk length C of the causal chunked form"),
+    VariantOption("causal_form", "auto", str, "auto (chunked in eager, prefix when traced), chunked, prefix, loop"),
+    VariantOption("window", 0, int, "sliding softmax window width w (0 = off; spec §8 hybrid)"),
+)
+
+
+def feature_maps(q, k, *, scale, params, feature_map, feature_dim, scale_qk):
+    """(φ(q), φ(k)) in the compute dtype, after the optional √scale pre-scaling."""
+    cd = compute_dtype(q)
+    qc, kc = q.to(cd), k.to(cd)
+    if scale_qk:
+        r = math.sqrt(scale)
+        qc, kc = qc * r, kc * r
+    return apply_feature_map(qc, kc, feature_map=feature_map, params=params, scale=scale, feature_dim=feature_dim)
+
+
+def _ones_col(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_padding: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    eps: float = 1e-6,
+    feature_map: str = "elu",
+    feature_dim: int = 0,
+    scale_qk: bool = False,
+    chunk_size: int = 64,
+    causal_form: str = "auto",
+    window: int = 0,
+) -> torch.Tensor:
+    """Linear attention, (B,H,S,Dv) in q's dtype; states and normalisers in fp32 (fp64 for fp64 inputs)."""
+    cd = compute_dtype(q)
+    s_len, t_len = q.shape[-2], k.shape[-2]
+    fq, fk = feature_maps(q, k, scale=scale, params=params, feature_map=feature_map, feature_dim=feature_dim,
+                          scale_qk=scale_qk)
+    vc = v.to(cd)
+    if attn_mask is not None:
+        if window:
+            raise ValueError("linear attention: window hybrid does not support an arbitrary attn_mask")
+        keep = keep_mask(s_len, t_len, causal=causal, key_padding=key_padding, attn_mask=attn_mask, device=q.device)
+        a = (fq @ fk.transpose(-1, -2)) * keep.to(cd)
+        return ((a @ vc) / (a.sum(-1, keepdim=True) + eps)).to(q.dtype)
+    if key_padding is not None:
+        fk = fk * key_padding.to(cd)[:, None, :, None]
+    v1 = _ones_col(vc)
+    w = hybrid.effective_window(window, s_len, t_len)
+    if causal:
+        r = causal_apply(fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form)
+    elif w:
+        r = causal_apply(fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form) + reverse_apply(
+            fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form)
+    else:
+        r = noncausal_apply(fq, fk, v1)
+    num, den = r[..., :-1], r[..., -1:]
+    out = num / (den + eps)
+    if w:
+        wn, wd = hybrid.window_softmax_terms(q.to(cd), k.to(cd), vc, scale=scale, window=w, causal=causal,
+                                             key_padding=key_padding)
+        gamma = hybrid.window_gamma(params, q.shape[1], cd, q.device)
+        out = hybrid.mix(wn, wd, num, den, out, gamma)
+    return out.to(q.dtype)
+
+
+def init_params(heads: int, head_dim: int, options: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Hedgehog maps (``fmap_q``, ``fmap_k``: (H, D, F'), identity-like) and the window gate (``window_gate``: (H,),
+    −2.197) as enabled by the options; empty for the plain elu form."""
+    out = init_feature_params(heads, head_dim, options.get("feature_map", "elu"), options.get("feature_dim", 0))
+    if options.get("window", 0):
+        out.update(hybrid.init_window_params(heads))
+    return out
+
+
+def _fn(q, k, v, *, scale, causal=False, key_padding=None, attn_mask=None, params=None, **options):
+    check_mask("linear", MASK_KINDS, causal=causal, key_padding=key_padding, attn_mask=attn_mask)
+    return linear_attention(q, k, v, scale=scale, causal=causal, key_padding=key_padding, attn_mask=attn_mask,
+                            params=params, **options)
+
+
+LINEAR = AttentionVariant(
+    name="linear",
+    fn=_fn,
+    mask_kinds=MASK_KINDS,
+    options=OPTIONS,
+    init_params=init_params,
+    description="linear attention, φ = elu+1 (Katharopoulos et al.); O(N) for none/causal/key_padding, "
+    "arbitrary masks via the exact O(N²) fallback",
+    extra={"arbitrary_cost": "O(N^2) fallback", "learnable": ("fmap_q", "fmap_k", "window_gate")},
+)

@@ -1,0 +1,150 @@
+"""The linear-attention core shared by ``linear``, ``mala`` and the hybrid window (spec/attention.md §2, §3, §8).
+
+``apply(fq, fk, v)`` computes out_i = fq_iᵀ Σ_{j visible from i} fk_j v_jᵀ for fq (B,H,S,F), fk (B,H,T,F),
+v (B,H,T,E) → (B,H,S,E). Callers fold denominators in by appending a ones column to v and key padding in by zeroing
+rows of fk. Everything here runs in the caller's dtype (callers pass fp32 or fp64).
+
+Causal visibility: key j is visible from query i iff j <= i + (T - S) - shift. ``shift`` > 0 excludes the last
+``shift`` keys of the causal prefix (used by the sliding-window hybrid).
+
+Causal forms (``auto``, the default, is ``chunked`` in eager and ``prefix`` under tracing: torch.export cannot
+prove the chunk reshape's divisibility guards once S and T are unified to one symbol, see the variant tests):
+- ``chunked``: parallel chunk form, chunk C: intra-chunk tril(φQ φKᵀ)V plus φQ times the exclusive
+  cumulative sum of per-chunk states. Memory O(N·C + N/C·F·E); no loops, traceable with dynamic lengths.
+- ``prefix``: cumulative sum of φ(k_j) v_jᵀ; materialises an N×F×E tensor (tests/small N only).
+- ``loop``: Python loop over chunks with a running F×E state (recurrent form, O(N) memory); eager only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CAUSAL_FORMS = ("auto", "chunked", "prefix", "loop")
+
+
+def noncausal_apply(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out_i = fq_iᵀ (Σ_j fk_j v_jᵀ). fq (B,H,S,F), fk (B,H,T,F), v (B,H,T,E) → (B,H,S,E)."""
+    return fq @ (fk.transpose(-1, -2) @ v)
+
+
+def _prefix_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    states = torch.cumsum(fk.unsqueeze(-1) * v.unsqueeze(-2), dim=-3)  # (B,H,N,F,E)
+    return (fq.unsqueeze(-2) @ states).squeeze(-2)
+
+
+def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    b, h, n, f = fq.shape
+    e = v.shape[-1]
+    # Under tracing one extra zero chunk keeps the chunk count >= 2, so no op specialises on a size-1 chunk axis
+    # (torch.export would otherwise pin the length to the example when the example fits in one chunk).
+    nc = (n + chunk - 1) // chunk + (0 if isinstance(n, int) else 1)
+    # pad each tensor from its own (possibly distinct symbolic) length so every padded length is literally nc·C
+    fq, fk, v = (F.pad(x, (0, 0, 0, nc * chunk - x.shape[-2])) for x in (fq, fk, v))
+    fq = fq.reshape(b, h, nc, chunk, f)
+    fk = fk.reshape(b, h, nc, chunk, f)
+    v = v.reshape(b, h, nc, chunk, e)
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
+    scores = (fq @ fk.transpose(-1, -2)) * tril.to(fq.dtype)
+    intra = scores @ v
+    states = fk.transpose(-1, -2) @ v  # (B,H,nc,F,E)
+    # exclusive prefix over chunks without cancellation: shift the inclusive cumsum by one chunk
+    excl = torch.cumsum(F.pad(states, (0, 0, 0, 0, 1, 0)), dim=2)[:, :, :nc]
+    inter = fq @ excl
+    out = (intra + inter).reshape(b, h, nc * chunk, e)
+    return out[:, :, :n]
+
+
+def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    n = fq.shape[-2]
+    state = fq.new_zeros(fq.shape[0], fq.shape[1], fq.shape[-1], v.shape[-1])
+    outs = []
+    for start in range(0, n, chunk):
+        qc, kc, vc = fq[:, :, start:start + chunk], fk[:, :, start:start + chunk], v[:, :, start:start + chunk]
+        c = qc.shape[-2]
+        tril = torch.ones(c, c, dtype=qc.dtype, device=qc.device).tril()
+        outs.append(qc @ state + ((qc @ kc.transpose(-1, -2)) * tril) @ vc)
+        state = state + kc.transpose(-1, -2) @ vc
+    return torch.cat(outs, dim=-2)
+
+
+def _causal_equal(fq, fk, v, *, chunk: int, form: str) -> torch.Tensor:
+    if form == "auto":
+        form = "chunked" if isinstance(fq.shape[-2], int) else "prefix"
+    if form == "chunked":
+        return _chunked_equal(fq, fk, v, chunk)
+    if form == "prefix":
+        return _prefix_equal(fq, fk, v)
+    if form == "loop":
+        return _loop_equal(fq, fk, v, chunk)
+    raise ValueError(f"unknown causal form {form!r}; known: {CAUSAL_FORMS}")
+
+
+def _apply_offset(fq, fk, v, a, b, rq, rk, *, chunk: int, form: str) -> torch.Tensor:
+    """out_i = fq_iᵀ Σ_{j + a <= i + b} fk_j v_jᵀ for non-negative pads a (keys) and b (queries).
+
+    Queries and keys are placed on a common axis (query i at i + b, key j at j + a) by zero padding on the left,
+    right-padded by rq / rk to a common length, and the equal-length causal form is applied (zero key rows
+    contribute nothing).
+    """
+    s_len = fq.shape[-2]
+    fq_p = F.pad(fq, (0, 0, b, rq))
+    fk_p = F.pad(fk, (0, 0, a, rk))
+    v_p = F.pad(v, (0, 0, a, rk))
+    out = _causal_equal(fq_p, fk_p, v_p, chunk=chunk, form=form)
+    return out[:, :, b:b + s_len]
+
+
+def _concrete(*xs) -> bool:
+    return all(isinstance(x, int) for x in xs)
+
+
+def causal_apply(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    shift: int = 0,
+    chunk: int = 64,
+    form: str = "auto",
+) -> torch.Tensor:
+    """out_i = fq_iᵀ Σ_{j <= i + (T-S) - shift} fk_j v_jᵀ (bottom-right aligned causal prefix).
+
+    Eager (concrete lengths): works on max(S, T) + shift rows. Under tracing (symbolic S, T, which torch.export
+    keeps distinct even for self-attention) queries go to T + i and keys to S + shift + j on an S + T + shift axis:
+    linear size expressions, hence no shape guards, at about twice the eager cost.
+    """
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    s_len, t_len = fq.shape[-2], fk.shape[-2]
+    if _concrete(s_len, t_len):
+        if s_len == t_len and shift == 0:
+            return _causal_equal(fq, fk, v, chunk=chunk, form=form)
+        a, b = max(0, s_len - t_len + shift), max(0, t_len - s_len - shift)
+        length = max(s_len + b, t_len + a)
+        return _apply_offset(fq, fk, v, a, b, length - s_len - b, length - t_len - a, chunk=chunk, form=form)
+    return _apply_offset(fq, fk, v, s_len + shift, t_len, shift, 0, chunk=chunk, form=form)
+
+
+def reverse_apply(
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    shift: int = 0,
+    chunk: int = 64,
+    form: str = "auto",
+) -> torch.Tensor:
+    """Suffix counterpart: out_i = fq_iᵀ Σ_{j >= i + (T-S) + shift} fk_j v_jᵀ.
+
+    On the flipped sequences (i' = S-1-i, j' = T-1-j) the condition is j' <= i' - shift, independent of T - S.
+    """
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    s_len, t_len = fq.shape[-2], fk.shape[-2]
+    if _concrete(s_len, t_len):
+        length = max(s_len, t_len + shift)
+        rq, rk = length - s_len, length - t_len - shift
+    else:
+        rq, rk = t_len + shift, s_len
+    out = _apply_offset(fq.flip(-2), fk.flip(-2), v.flip(-2), shift, 0, rq, rk, chunk=chunk, form=form)
+    return out.flip(-2)
