@@ -50,10 +50,15 @@ class VerifyReport:
                 "min_cosine": self.min_cosine, "max_abs": self.max_abs}
 
 
+def _to_numpy(t: torch.Tensor) -> Any:
+    """numpy for every dtype numpy has; bfloat16 tensors stay torch tensors (FX runs take them as they are)."""
+    return t if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
+
+
 def default_inputs(model: LoadedModel, seed: int = 0) -> dict[str, np.ndarray]:
     """The model's own example inputs, or synthetic ones from an ONNX graph's input types."""
     if model.example_inputs:
-        return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        return {k: (_to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v))
                 for k, v in model.example_inputs.items()}
     if model.kind == "onnx":
         return synth_inputs(model, seed=seed)
@@ -67,7 +72,8 @@ def run(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.nd
         raise VerificationError(f"{model.source}: inputs {missing} not provided (have {sorted(inputs)})")
     if model.kind == "fx":
         module = model.ep.module()
-        leaves = [torch.from_numpy(np.array(inputs[n])) for n in model.input_names]
+        leaves = [inputs[n] if isinstance(inputs[n], torch.Tensor) else torch.from_numpy(np.array(inputs[n]))
+                  for n in model.input_names]
         args, kwargs = torch.utils._pytree.tree_unflatten(leaves, model.ep.call_spec.in_spec)
         with torch.no_grad():
             out = module(*args, **kwargs)
@@ -80,7 +86,8 @@ def run(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.nd
     except Exception as exc:
         raise VerificationError(f"{model.source}: onnxruntime cannot load the model: {exc}") from exc
     names = [o.name for o in session.get_outputs()]
-    feeds = {i.name: np.asarray(inputs[i.name]) for i in session.get_inputs()}
+    feeds = {i.name: (inputs[i.name].float().numpy() if isinstance(inputs[i.name], torch.Tensor)
+                      else np.asarray(inputs[i.name])) for i in session.get_inputs()}
     return dict(zip(names, session.run(None, feeds)))
 
 
@@ -118,4 +125,4 @@ def verify(original: LoadedModel, rewritten: LoadedModel, inputs: Mapping[str, n
     feeds = dict(inputs) if inputs is not None else default_inputs(original, seed)
     ref = run(original, feeds)
     cand = run(rewritten, feeds)
-    return VerifyReport(outputs=compare(ref, cand), inputs={k: tuple(np.shape(v)) for k, v in feeds.items()})
+    return VerifyReport(outputs=compare(ref, cand), inputs={k: tuple(v.shape) for k, v in feeds.items()})
