@@ -126,6 +126,7 @@ def splice(model: ir.Model, g: OnnxGraph, site: AttentionSite, sub: ir.Model) ->
         value.name = _unique(graph, taken, prefix + name)
         graph.register_initializer(value)
     new_out = sub_graph.outputs[0]
+    sub_graph.outputs.clear()
     nodes = list(sub_graph)
     for node in nodes:
         sub_graph.remove(node)

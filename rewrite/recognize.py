@@ -609,11 +609,31 @@ def _fused_site(g: GraphView, node: Any, index: int) -> AttentionSite:
     kv_heads = attrs.get("kv_num_heads") or heads
     q_shape = g.shape(canon.inputs[0])
     causal = bool(attrs.get("unidirectional", 0) or attrs.get("is_causal", 0))
+    if canon.kind == "onnx_attention":
+        if attrs.get("softcap", 0.0):
+            raise _fail(g, node, "softcap = 0 (plain softmax)", f"softcap = {attrs['softcap']}")
+        if any(g.users(o) or g.is_graph_output(o) for o in g.outputs(node)[1:]):
+            raise _fail(g, node, "only the attention output used", "present key/value or QK outputs are used")
+        if len(canon.inputs) > 4 and any(v is not None for v in canon.inputs[4:6]):
+            raise _fail(g, node, "no past key/value (KV cache)", "past_key/past_value inputs")
     if canon.kind == "onnx_attention" and q_shape is not None and len(q_shape) == 4:
         heads, head_dim = q_shape[1], q_shape[-1]
         kshape = g.shape(canon.inputs[1])
         kv_heads = kshape[1] if kshape else heads
-        layout = "BHSD"
+        mask_value = canon.inputs[3] if len(canon.inputs) > 3 else None
+        terms = [] if mask_value is None else [MaskTerm(mask_value, "keep" if g.dtype(mask_value) == "bool" else "add")]
+        terms = [t for t in terms if not _no_op_term(g, t)]
+        kind = classify_mask(g, terms, causal)
+        if kind == "causal":
+            terms = []
+        scale = attrs.get("scale") or (head_dim ** -0.5 if isinstance(head_dim, int) else None)
+        if scale is None:
+            raise _fail(g, node, "a static head dim (for the default scale)", f"shape {q_shape}")
+        return AttentionSite(name=f"attn{index}", spelling="onnx_attention", q=canon.inputs[0], k=canon.inputs[1],
+                             v=canon.inputs[2], output=g.outputs(node)[0], scale=float(scale),
+                             causal=causal or kind in ("causal", "causal+padding"), mask=kind, heads=heads,
+                             kv_heads=kv_heads, head_dim=head_dim, layout="BHSD", mask_terms=terms, anchor=node,
+                             nodes=[g.node_name(node)], dtype=g.dtype(canon.inputs[0]))
     else:
         hidden = q_shape[-1] if q_shape else None
         if canon.kind == "ort_attention":
