@@ -187,17 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the demo's files (default: a temporary folder)")
     p.set_defaults(func=cmd_demo)
 
-    _add_target_commands(sub)
+    _add_plugin_commands(sub)
     return parser
 
 
-def _add_target_commands(sub: Any) -> None:
-    """``compile``, ``run`` and ``bench`` live in :mod:`targets`; registered here when it provides them."""
-    try:
-        from targets import cli as target_cli  # the lowering package; optional at import time
-    except ImportError:
-        return
-    target_cli.add_commands(sub)
+#: Modules that contribute subcommands through ``add_commands(subparsers)`` (discovered, not imported statically:
+#: ``rewrite`` depends on neither the catalogue nor the lowering).
+PLUGIN_COMMANDS = ("passes.transfer.cli", "targets.cli")
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    import importlib
+    for name in PLUGIN_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that plugin is not installed
+            raise
+        add = getattr(module, "add_commands", None)
+        if add is not None:
+            add(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
