@@ -17,6 +17,7 @@ import torch
 
 from .errors import UnsupportedModelError
 from .graph.onnx_graph import OnnxGraph
+from .io import quiet_stdout
 from .sites import AttentionSite
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ class OnnxSiteExporter:
             if len(dynamic) > 3:
                 dyn = dyn + (tuple(d or None for d in dynamic[3:]),)
             try:
-                program = torch.onnx.export(module, tuple(tensors), dynamo=True, opset_version=self.opset,
+                with quiet_stdout():
+                    program = torch.onnx.export(module, tuple(tensors), dynamo=True, opset_version=self.opset,
                                             dynamic_shapes=dyn if any(d for d in dynamic) else None, input_names=names,
                                             output_names=["out"], optimize=True, verbose=False)
             except Exception as exc:

@@ -63,6 +63,17 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
 
 
 @contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Send what exporters print to stdout (progress banners) to the debug log instead."""
+    import io as _io
+    buffer = _io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+    if buffer.getvalue():
+        log.debug("%s", buffer.getvalue().rstrip())
+
+
+@contextlib.contextmanager
 def paused_gc() -> Iterator[None]:
     """Pause Python's cyclic garbage collector: building a 100k-node IR allocates millions of objects and the
     collector's repeated full scans make that superlinear (measured: 9.2 s → 4.9 s for 100k nodes)."""
@@ -263,7 +274,8 @@ def save_pt2(ep: Any, out: str | os.PathLike[str]) -> Path:
 def fx_to_onnx(loaded: LoadedModel, opset: int = 18) -> ir.Model:
     """Export an FX-kind model to ONNX with the torch dynamo exporter (names kept)."""
     try:
-        prog = torch.onnx.export(loaded.ep, (), dynamo=True, opset_version=opset,
+        with quiet_stdout():
+            prog = torch.onnx.export(loaded.ep, (), dynamo=True, opset_version=opset,
                                  input_names=loaded.input_names, output_names=loaded.output_names,
                                  verbose=False)
     except Exception as exc:
