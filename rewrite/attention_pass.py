@@ -6,11 +6,9 @@ in by the registration), so ``rewrite`` never imports ``passes``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from . import emit_fx, emit_onnx

@@ -6,7 +6,6 @@ imported, which :func:`discover` does lazily, so ``rewrite`` never imports ``pas
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -119,6 +118,4 @@ class PassManager:
         if model.kind == "fx":
             target.write_text(str(model.ep.graph))
         else:
-            import onnx_ir as ir
             target.write_text(str(model.onnx))
-        (self.dump_dir / f"{index:02d}-{name}.json").write_text(json.dumps({"pass": name}, indent=1))

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .graph.base import GraphView, normalize_axis, walk_ancestors
+from .graph.base import GraphView, walk_ancestors
 from .sites import AttentionSite, ClassifierHead, MaskTerm, NoMatch, Reason
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,6 @@ def _is_scalar_scale(g: GraphView, canon: Any) -> tuple[Any, float] | None:
         if sa is not None:
             return b, sa
     return None
-
-
-def _is_nonscalar_const(g: GraphView, value: Any) -> bool:
-    if not g.is_constant(value) or isinstance(value, (int, float)):
-        return False
-    shape = g.shape(value)
-    return shape is not None and math.prod(d if isinstance(d, int) else 2 for d in shape) > 1
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-import onnx_ir as ir
 import torch
 
 from .errors import VerificationError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
