@@ -74,6 +74,15 @@ def test_reference_rewrite_keeps_outputs(name, exporter, zoo_fx, zoo_onnx):
     if other is not None and exporter not in zoo.get(name).static:
         feeds = {n: a.numpy() for n, a in zip(loaded.input_names, other)}
         assert rewrite.verify(loaded, new, inputs=feeds).max_abs < 1e-5
+    if new.kind == "onnx":  # a valid model, same output names, topologically sorted
+        import onnx
+        import onnx_ir as ir
+        onnx.checker.check_model(ir.to_proto(new.onnx))
+        assert [o.name for o in new.onnx.graph.outputs] == [o.name for o in loaded.onnx.graph.outputs]
+        seen = {v.name for v in new.onnx.graph.inputs} | set(new.onnx.graph.initializers)
+        for node in new.onnx.graph:
+            assert all(i is None or i.name in seen or i.const_value is not None or i.name == "" for i in node.inputs)
+            seen.update(o.name for o in node.outputs)
     if new.kind == "onnx":  # replacement nodes carry their provenance; the old chain is gone
         tagged = [n for n in new.onnx.graph if "rw.rule" in n.metadata_props]
         assert tagged
