@@ -1,0 +1,117 @@
+"""Compile a model to a loadable library plus a metadata sidecar, atomically.
+
+``compile_model(model, target, out_path)`` writes ``out_path`` (a ``.so`` for ``tvm.runtime.load_module``) and
+``out_path + ".json"`` (input names / shapes / dtypes, output names, target, tool versions).  Both are written to
+temporary files in the destination directory and renamed into place only after everything succeeded, so an error
+never leaves a half-written artefact.  CUDA artefacts carry the CUDA C source of the device kernels (TVM JIT-compiles
+it at load time, spec pitfall 14); they build here without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+from . import _env  # noqa: F401
+from .errors import CompileError, TargetError
+from .importer import Imported, import_model
+from .table import get_target, is_cuda
+
+log = logging.getLogger(__name__)
+
+META_SUFFIX = ".json"
+FORMAT_VERSION = 1
+
+
+def metadata_path(lib_path: str | os.PathLike) -> str:
+    """Path of the metadata sidecar of a library."""
+    return os.fspath(lib_path) + META_SUFFIX
+
+
+def build(imported: Imported, target):
+    """Compile an :class:`Imported` module for a target (name, dict or Target); returns the VM executable."""
+    from .pipeline import compile_relax
+
+    tgt = get_target(target)
+    try:
+        return compile_relax(imported.mod, tgt)
+    except TargetError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CompileError(f"TVM compilation failed: {type(exc).__name__}: {str(exc)[:500]}",
+                           culprit=str(target)) from exc
+
+
+def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | None = None,
+                  example_inputs: tuple | None = None) -> dict:
+    """Import, compile and export ``model`` for ``target`` to ``out_path``; returns the metadata dict.
+
+    model: .onnx path, onnx.ModelProto, torch.export.ExportedProgram, or nn.Module with ``example_inputs``.
+    target: a name of ``targets.table`` (``avx2``, ``avx512``, ``cuda-sm80``, ...), a dict or a tvm Target.
+    shapes: {input name: dims} fixing symbolic ONNX input dims.
+    Raises a subclass of :class:`targets.errors.TargetError`; on error nothing is left at ``out_path``.
+    """
+    import tvm
+
+    out_path = os.fspath(out_path)
+    tgt = get_target(target)
+    out_dir = os.path.dirname(os.path.abspath(out_path)) or "."
+    if not os.path.isdir(out_dir):
+        raise CompileError(f"output directory does not exist: {out_dir}", culprit=out_path)
+    t0 = time.perf_counter()
+    imported = import_model(model, shapes=shapes, example_inputs=example_inputs)
+    t1 = time.perf_counter()
+    ex = build(imported, tgt)
+    t2 = time.perf_counter()
+    meta = {
+        "format": FORMAT_VERSION,
+        "target_name": target if isinstance(target, str) else None,
+        "target": str(tgt),
+        "device": "cuda" if is_cuda(tgt) else "cpu",
+        "source": imported.source,
+        "inputs": imported.inputs,
+        "outputs": imported.outputs,
+        "tvm_version": tvm.__version__,
+        "import_s": round(t1 - t0, 3),
+        "compile_s": round(t2 - t1, 3),
+    }
+    tmp_lib = tmp_meta = None
+    try:
+        fd, tmp_lib = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=out_dir)
+        os.close(fd)
+        ex.export_library(tmp_lib)
+        fd, tmp_meta = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(tmp_lib, out_path)
+        tmp_lib = None
+        os.replace(tmp_meta, metadata_path(out_path))
+        tmp_meta = None
+    except Exception as exc:  # noqa: BLE001
+        raise CompileError(f"export failed: {type(exc).__name__}: {exc}", culprit=out_path) from exc
+    finally:
+        for p in (tmp_lib, tmp_meta):
+            if p and os.path.exists(p):
+                os.unlink(p)
+    log.info("compiled %s for %s -> %s (%.2fs import, %.2fs compile)", imported.source, tgt, out_path,
+             t1 - t0, t2 - t1)
+    return meta
+
+
+def load_metadata(lib_path: str | os.PathLike) -> dict:
+    """Read the sidecar of a library; raises ArtifactError when missing or malformed."""
+    from .errors import ArtifactError
+
+    p = metadata_path(lib_path)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read artefact metadata: {exc}", culprit=p) from exc
+    for key in ("inputs", "outputs", "target"):
+        if key not in meta:
+            raise ArtifactError(f"metadata lacks {key!r}", culprit=p)
+    return meta

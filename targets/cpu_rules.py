@@ -1,0 +1,275 @@
+"""The project's dlight CPU schedule rules: matmul / batch-matmul, guarded reduction, injective, fallback.
+
+Stock dlight has no CPU matmul rule (spec pitfall 7) and its ``cpu.Reduction`` is O(N^2) on single rows
+(pitfall 5); ``cpu.GEMV`` hangs compilation (pitfall 6) and is never used here.  Rules, tried in order by
+:func:`cpu_rules`:
+
+1. :class:`MatmulRule` - one multiply-accumulate reduction block ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
+   (prologue/epilogue elementwise blocks fused): register tile ``MI x NJ`` (MI=4, NJ = 2 vectors), accumulators in
+   ``local``, reduction loop outside the tile, vectorized column tile, unrolled row tile, epilogue per tile;
+   parallel over batch x row tiles x column tiles, or, for K >= ``PACK_MIN_K``, over batch x column panels with B
+   packed into a contiguous (K x NJ) panel per task that all row tiles reuse.
+2. :class:`GuardedReduction` - ``dl.cpu.Reduction`` only where the fused leading spatial extent is > 1.
+3. :class:`InjectiveRule` - elementwise / broadcast / transpose: all loops fused, split by the vector width and a
+   parallel chunk.
+4. :class:`FallbackRule` - anything else: the outermost spatial loop of every block is parallelized and the innermost
+   spatial loop vectorized when it is a spatial loop of constant extent.
+
+Functions below ``SMALL_WORK`` iterations are left serial (documented size threshold: parallel launch costs ~5 us).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import _env  # noqa: F401
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+log = logging.getLogger(__name__)
+
+#: Loop nests with fewer iterations than this are not parallelized (launch overhead dominates).
+SMALL_WORK = 4096
+#: Reduction length from which B is packed into contiguous (K x NJ) panels (measured on the Intel AVX-512 host,
+#: 1 thread: 1024x256x1024 105 -> 126 GFLOP/s packed; K=64 (q @ k^T) 86 -> 71 GFLOP/s, so not packed).
+PACK_MIN_K = 128
+#: ... and only while A (per batch) fits in L2, because panel-major order re-reads A once per column panel
+#: (attention P @ V at N=4096, 64 MiB of P per head: 565 ms unpacked vs 857 ms packed).
+PACK_MAX_A_BYTES = 1 << 20
+
+
+def vector_lanes(target: Target, bits: int = 32) -> int:
+    """Lanes of ``bits``-wide elements per vector register of a CPU target (16 fp32 on AVX-512, 8 on AVX2)."""
+    from .softmax_kernels import vector_bits_of
+
+    return max(vector_bits_of(target) // bits, 2)
+
+
+def _const(x) -> int | None:
+    return int(x) if isinstance(x, (int, tirx.IntImm)) else None
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    return _const(sch.get(loop).extent)
+
+
+def _largest_divisor(n: int, candidates) -> int:
+    for c in candidates:
+        if c <= n and n % c == 0:
+            return c
+    return 1
+
+
+class MatmulRule(CPUScheduleRule):
+    """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc with static shapes."""
+
+    def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if infos is None:
+            return None
+        reds = [b for b in infos if not b.is_injective()]
+        if len(reds) != 1:
+            return None
+        rb = reds[0]
+        dk = rb.dom_kind()
+        nspatial = len(dk) - len(dk.lstrip("S"))
+        if nspatial < 2 or set(dk[nspatial:]) != {"R"}:
+            return None
+        block = sch.get(rb.block_rv)
+        if len(block.reads) < 2:
+            return None
+        # blocks after the reduction must be injective (epilogue)
+        idx = infos.index(rb)
+        if any(not b.is_injective() for b in infos[idx + 1 :]) or idx != 0:
+            return None
+        loops = sch.get_loops(rb.block_rv)
+        if len(loops) != len(dk):
+            return None
+        exts = [_extent(sch, lp) for lp in loops]
+        if any(e is None for e in exts):
+            return None
+        lanes = vector_lanes(target)
+        sp, rd = loops[:nspatial], loops[nspatial:]
+        ni, nj = exts[nspatial - 2], exts[nspatial - 1]
+        nj_tile = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
+        ni_tile = _largest_divisor(ni, (4, 3, 2))
+        if nj_tile < 4:
+            return None
+        b_read = _column_operand(sch.get(rb.block_rv), nspatial)
+        i_o, i_i = sch.split(sp[-2], factors=[None, ni_tile])
+        j_o, j_i = sch.split(sp[-1], factors=[None, nj_tile])
+        k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
+        batch = list(sp[:-2])
+        nk = 1
+        for e in exts[nspatial:]:
+            nk *= e
+        # packing reorders loops so A is re-read once per column panel: only when A (per batch) stays cached
+        pack = b_read is not None and ni > ni_tile and nk >= PACK_MIN_K and ni * nk * 4 <= PACK_MAX_A_BYTES
+        if pack:
+            # column panels outermost: one packed (K x NJ) panel of B per parallel task, reused by all row tiles
+            sch.reorder(*batch, j_o, i_o, k, i_i, j_i)
+            outer = sch.fuse(*batch, j_o)
+            tile = i_o
+        else:
+            sch.reorder(*batch, i_o, j_o, k, i_i, j_i)
+            outer = sch.fuse(*batch, i_o, j_o)
+            tile = outer
+        acc = sch.cache_write(rb.block_rv, 0, "local")
+        sch.reverse_compute_at(acc, tile, preserve_unit_loops=True)
+        for epi in infos[idx + 1 :]:
+            try:
+                sch.reverse_compute_inline(epi.block_rv)
+            except Exception:  # noqa: BLE001 - keep the epilogue as a separate per-tile block
+                sch.reverse_compute_at(epi.block_rv, tile, preserve_unit_loops=True)
+        if pack:
+            try:
+                panel = sch.cache_read(rb.block_rv, b_read, "global")
+                sch.compute_at(panel, outer, preserve_unit_loops=True)
+                pl = sch.get_loops(panel)
+                pe = _extent(sch, pl[-1])
+                if pe is not None and pe >= 4:
+                    sch.vectorize(pl[-1])
+            except Exception as exc:  # noqa: BLE001 - packing is an optimization only
+                log.debug("B panel packing skipped: %s", exc)
+        total = 1
+        for e in exts:
+            total *= e
+        if total >= SMALL_WORK:
+            sch.parallel(outer)
+        sch.unroll(i_i)
+        sch.vectorize(j_i)
+        init = sch.decompose_reduction(rb.block_rv, k)
+        iloops = sch.get_loops(init)
+        sch.vectorize(iloops[-1])
+        for blk in [acc] + [e.block_rv for e in infos[idx + 1 :] if _alive(sch, e.block_rv)]:
+            bl = sch.get_loops(blk)
+            if len(bl) > 1:
+                inner = bl[-1]
+                e = _extent(sch, inner)
+                if e is not None and e > 1:
+                    sch.vectorize(inner)
+        return sch
+
+
+def _column_operand(block, nspatial: int) -> int | None:
+    """Index of the read indexed by the column axis j and the reduction axis k only (the B of A @ B)."""
+    ivars = [iv.var for iv in block.iter_vars]
+    j_var, k_var, i_var = ivars[nspatial - 1], ivars[nspatial], ivars[nspatial - 2]
+    for idx, region in enumerate(block.reads):
+        mins = [r.min for r in region.region]
+        names = " ".join(str(m) for m in mins)
+        has = lambda v: any(isinstance(m, tirx.Var) and m.same_as(v) for m in mins)  # noqa: E731
+        if has(j_var) and has(k_var) and not has(i_var) and str(i_var.name) not in names:
+            return idx
+    return None
+
+
+def _alive(sch, block_rv) -> bool:
+    try:
+        sch.get(block_rv)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class GuardedReduction(dl.cpu.Reduction):
+    """``dl.cpu.Reduction`` restricted to functions whose fused leading spatial extent is > 1 (pitfall 5)."""
+
+    def apply(self, func, target: Target, tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        # The leading extent is read off the reduction blocks: normalize_prim_func drops unit loops of injective
+        # blocks, so a (1, N) softmax shows its N as the "leading" axis of the exp/normalize blocks.
+        reds = [bi for bi in infos if not bi.is_injective()]
+        if not reds:
+            return None
+        for bi in reds:
+            dk = bi.dom_kind()
+            n = len(dk) - len(dk.lstrip("S"))
+            if n == 0:
+                return None
+            ext = 1
+            for d in bi.dom()[:n]:
+                c = _const(d)
+                ext *= 2 if c is None else c  # symbolic leading extent: assume > 1
+            if ext <= 1:
+                return None
+        return super().apply(func, target, tunable)
+
+
+class InjectiveRule(CPUScheduleRule):
+    """All blocks spatial: inline producers, fuse the output loops, vectorize the inner split, parallel the outer."""
+
+    def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or any(not b.is_injective() for b in infos):
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if infos is None:
+            return None
+        lanes = vector_lanes(target)
+        for bi in infos:
+            loops = sch.get_loops(bi.block_rv)
+            if not loops:
+                continue
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            ext = _extent(sch, fused)
+            if ext is not None and ext < SMALL_WORK:
+                if ext >= lanes and ext % lanes == 0:
+                    _, v = sch.split(fused, factors=[None, lanes])
+                    sch.vectorize(v)
+                continue
+            o, i = sch.split(fused, factors=[None, lanes])
+            sch.vectorize(i)
+            sch.parallel(o)
+        return sch
+
+
+class FallbackRule(CPUScheduleRule):
+    """Parallelize the outermost spatial loop and vectorize the innermost spatial loop of each block."""
+
+    def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        lanes = vector_lanes(target)
+        for bi in infos:
+            loops = sch.get_loops(bi.block_rv)
+            dk = bi.dom_kind()
+            if not loops or len(loops) != len(dk):
+                continue
+            if dk[0] == "S":
+                e0 = _extent(sch, loops[0])
+                if e0 is None or e0 > 1:
+                    sch.parallel(loops[0])
+            if len(loops) > 1 and dk[-1] == "S":
+                e = _extent(sch, loops[-1])
+                if e is not None and e >= lanes and e % lanes == 0:
+                    _, v = sch.split(loops[-1], factors=[None, lanes])
+                    sch.vectorize(v)
+        return sch
+
+
+def cpu_rules() -> list:
+    """The ordered rule list of the CPU pipeline (never contains ``dl.cpu.GEMV``)."""
+    return [MatmulRule(), GuardedReduction(), InjectiveRule(), FallbackRule()]

@@ -1,0 +1,41 @@
+"""Typed errors of the lowering package.  Every error names its culprit (a target, a node, a file, an input)."""
+
+from __future__ import annotations
+
+from rewrite.errors import SoftswapError
+
+
+class TargetError(SoftswapError):
+    """Base class of every error raised by ``targets``.  ``culprit`` names what caused it (may be None)."""
+
+    def __init__(self, message: str, culprit: str | None = None):
+        super().__init__(message if culprit is None else f"{message} [culprit: {culprit}]")
+        self.culprit = culprit
+
+
+class UnknownTargetError(TargetError):
+    """A target name that is not in the table (``targets.table.TARGETS``)."""
+
+
+class ModelLoadError(TargetError):
+    """The model file or object could not be read (missing file, bad protobuf, unknown object type)."""
+
+
+class UnsupportedOpError(TargetError):
+    """A node the frontends cannot lower (e.g. ONNX TopK with dynamic k, ``linalg.inv``); culprit = node name."""
+
+
+class ImportFailedError(TargetError):
+    """A TVM frontend failed on the (normalized) graph."""
+
+
+class CompileError(TargetError):
+    """TVM compilation or export failed."""
+
+
+class ArtifactError(TargetError):
+    """A compiled artefact or its metadata sidecar is missing or inconsistent."""
+
+
+class InputError(TargetError):
+    """Runner inputs do not match the artefact's metadata (name, shape or dtype); culprit = input name."""

@@ -1,0 +1,191 @@
+"""Import a model into a TVM Relax IRModule, normalizing first what the frontends get wrong.
+
+Accepted models: a path to an ``.onnx`` file, an ``onnx.ModelProto``, a ``torch.export.ExportedProgram``, or a
+``torch.nn.Module`` together with example inputs.  :func:`import_model` returns an :class:`Imported` record with the
+module and the input / output names, shapes and dtypes (the artefact metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from . import _env  # noqa: F401
+import onnx
+
+from .errors import ImportFailedError, ModelLoadError, UnsupportedOpError
+from .onnx_normalize import normalize_onnx
+
+log = logging.getLogger(__name__)
+
+#: ATen ops known to fail in TVM's torch frontend (spec lowering.md §2); SOFT must use Newton-Schulz instead.
+UNSUPPORTED_ATEN = frozenset({"linalg_inv", "linalg_inv_ex", "linalg_pinv", "linalg_solve", "linalg_solve_ex",
+                              "linalg_lu_factor_ex", "_linalg_check_errors"})
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+                11: "float64", 16: "bfloat16"}
+
+
+@dataclasses.dataclass
+class Imported:
+    """A Relax module plus its I/O signature.  Shapes use ints for static dims and strings for symbolic ones."""
+
+    mod: Any
+    inputs: list[dict]
+    outputs: list[dict]
+    source: str
+
+
+def _onnx_io(vis, shapes: dict | None) -> list[dict]:
+    out = []
+    for vi in vis:
+        tt = vi.type.tensor_type
+        dims: list = []
+        for d in tt.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?"))
+        if shapes and vi.name in shapes:
+            dims = [int(x) for x in shapes[vi.name]]
+        out.append({"name": vi.name, "shape": dims, "dtype": _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))})
+    return out
+
+
+def load_onnx(model) -> onnx.ModelProto:
+    """Load a ModelProto from a path (external data resolved next to it) or return the proto itself."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"no such model file: {path}", culprit=path)
+    try:
+        return onnx.load(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot parse ONNX model: {exc}", culprit=path) from exc
+
+
+def _check_supported(model: onnx.ModelProto) -> None:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    convert_map = onnx_frontend._get_convert_map()  # noqa: SLF001 - the frontend's own op table
+    for node in model.graph.node:
+        if node.op_type not in convert_map:
+            raise UnsupportedOpError(f"ONNX op {node.domain or 'ai.onnx'}::{node.op_type} has no TVM converter",
+                                     culprit=node.name or node.output[0])
+
+
+def import_onnx(model, shapes: dict | None = None) -> Imported:
+    """ONNX path or ModelProto -> :class:`Imported` (attention expanded, dropout removed; see onnx_normalize).
+
+    ``shapes`` ({input name: [dims]}) fixes symbolic input dims; otherwise they stay symbolic where TVM allows.
+    """
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = normalize_onnx(load_onnx(model))
+    _check_supported(proto)
+    init_names = {i.name for i in proto.graph.initializer}
+    graph_inputs = [vi for vi in proto.graph.input if vi.name not in init_names]
+    if shapes:
+        unknown = set(shapes) - {vi.name for vi in graph_inputs}
+        if unknown:
+            raise ModelLoadError(f"shapes given for unknown inputs {sorted(unknown)}", culprit=sorted(unknown)[0])
+    inputs = _onnx_io(graph_inputs, shapes)
+    outputs = _onnx_io(proto.graph.output, None)
+    try:
+        mod = from_onnx(proto, shape_dict=dict(shapes) if shapes else None, keep_params_in_input=False)
+    except Exception as exc:  # noqa: BLE001 - frontend errors are wrapped, never leaked raw
+        raise ImportFailedError(f"TVM ONNX frontend failed: {type(exc).__name__}: {str(exc)[:500]}",
+                                culprit=_culprit_onnx(proto, exc)) from exc
+    # output shapes may be unknown in the proto: take them from the Relax signature
+    _fill_output_shapes(mod, outputs)
+    return Imported(mod, inputs, outputs, "onnx")
+
+
+def _culprit_onnx(proto: onnx.ModelProto, exc: Exception) -> str:
+    """Name of the first node whose op type the frontend error mentions (else the graph name)."""
+    msg = str(exc)
+    for node in proto.graph.node:
+        if node.op_type in msg:
+            return node.name or node.output[0]
+    return proto.graph.name or "onnx graph"
+
+
+def _fill_output_shapes(mod, outputs: list[dict]) -> None:
+    from tvm import relax
+
+    ret = getattr(mod["main"], "ret_ty", None)
+    tuple_ty = getattr(relax, "TupleType", None)
+    tys = list(ret.fields) if tuple_ty is not None and isinstance(ret, tuple_ty) else [ret]
+    if len(tys) != len(outputs):
+        return
+    for o, ty in zip(outputs, tys):
+        if isinstance(ty, relax.TensorType) and ty.shape is not None:
+            try:
+                o["shape"] = [int(d) for d in ty.shape.values]
+            except (TypeError, AttributeError):
+                pass
+            o["dtype"] = str(ty.dtype)
+
+
+def import_exported_program(ep, output_names: list[str] | None = None) -> Imported:
+    """torch.export ExportedProgram -> :class:`Imported` (SDPA normalized; see torch_normalize)."""
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from .torch_normalize import normalize_exported_program
+
+    ep = normalize_exported_program(ep)
+    for node in ep.graph.nodes:  # ops the torch frontend cannot lower (spec §2): fail early, naming the node
+        op = getattr(node.target, "__name__", "").split(".")[0] if node.op == "call_function" else ""
+        if op in UNSUPPORTED_ATEN:
+            raise UnsupportedOpError(f"ATen op {op} is not supported by TVM's torch frontend", culprit=node.name)
+    user = list(ep.graph_signature.user_inputs)
+    inputs = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta["val"]
+            inputs.append({"name": node.name, "shape": [int(d) if str(d).isdigit() else str(d) for d in val.shape],
+                           "dtype": str(val.dtype).replace("torch.", "")})
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in out_node.args[0]]
+    outputs = []
+    for i, v in enumerate(vals):
+        name = output_names[i] if output_names and i < len(output_names) else f"output_{i}"
+        outputs.append({"name": name, "shape": [int(d) for d in v.shape] if v is not None else [],
+                        "dtype": str(v.dtype).replace("torch.", "") if v is not None else "float32"})
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=False)
+    except Exception as exc:  # noqa: BLE001
+        culprit = _first_unsupported_fx(ep, exc)
+        raise ImportFailedError(f"TVM torch frontend failed: {type(exc).__name__}: {str(exc)[:500]}",
+                                culprit=culprit) from exc
+    return Imported(mod, inputs, outputs, "torch")
+
+
+def _first_unsupported_fx(ep, exc) -> str:
+    """Name of the first FX node whose ATen op the frontend error mentions (else "exported program")."""
+    msg = str(exc)
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if op and op in msg:
+            return node.name
+    return "exported program"
+
+
+def import_model(model, shapes: dict | None = None, example_inputs: tuple | None = None) -> Imported:
+    """Dispatch on the model kind: .onnx path / ModelProto / ExportedProgram / nn.Module (+ example_inputs)."""
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        return import_onnx(model, shapes)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(model, torch.export.ExportedProgram):
+        return import_exported_program(model)
+    if torch is not None and isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise ModelLoadError("an nn.Module needs example_inputs", culprit=type(model).__name__)
+        return import_exported_program(torch.export.export(model.eval(), tuple(example_inputs)))
+    raise ModelLoadError(f"unsupported model object of type {type(model).__name__}", culprit=type(model).__name__)

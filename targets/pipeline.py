@@ -1,0 +1,182 @@
+"""Relax compilation pipelines: the project's CPU pipeline (spec §1.4) and the CUDA pipeline.
+
+CPU, in order (inside ``with target:``, dlight needs ``Target.current()``):
+
+1. :func:`RouteSoftmax` - last-axis float32 ``R.nn.softmax`` with a static shape becomes ``reshape -> call_tir(hand
+   kernel of targets.softmax_kernels) -> reshape``;
+2. ``FastMathTransform`` for the rest (softmax -> fast_softmax, exp -> fast_exp: no libm ``expf`` calls);
+3. ``cpu_generic`` library dispatch + legalize (LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR);
+4. ``ApplyDefaultSchedule`` with :func:`targets.cpu_rules.cpu_rules` (never ``dl.cpu.GEMV``);
+5. dataflow lowering + ``cpu_generic.finalize_passes``.
+
+CUDA: TVM's own GPU pipeline (``relax.get_default_pipeline``) with dlight GPU rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from . import _env  # noqa: F401
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cg
+from tvm.s_tir import dlight as dl
+
+from .cpu_rules import cpu_rules
+from .softmax_kernels import choose_kernel, make_softmax_kernel, mcpu_of, rows_cols, vector_bits_of
+
+log = logging.getLogger(__name__)
+
+
+def num_threads() -> int:
+    """Threads of the TVM pool (``TVM_NUM_THREADS``)."""
+    try:
+        return int(os.environ.get("TVM_NUM_THREADS", "1"))
+    except ValueError:
+        return 1
+
+
+def _static_shape(sinfo) -> list[int] | None:
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return None
+    try:
+        dims = [int(d) for d in sinfo.shape.values]
+    except (TypeError, AttributeError):
+        return None
+    return dims
+
+
+@relax.expr_functor.mutator
+class _SoftmaxRouter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.bits = vector_bits_of(target)
+        self.mcpu = mcpu_of(target)
+        self.threads = num_threads()
+        self.kernels: dict = {}
+        self.routed = 0
+
+    def visit_call_(self, call):  # noqa: D401
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.softmax":
+            return call
+        sinfo = call.args[0].ty
+        shape = _static_shape(sinfo)
+        if shape is None or sinfo.dtype != "float32" or not shape:
+            return call
+        axis = int(call.attrs.axis)
+        if axis not in (-1, len(shape) - 1):
+            return call
+        rows, cols = rows_cols(shape)
+        if rows * cols == 0:
+            return call
+        choice = choose_kernel(rows, cols, self.bits, self.threads, self.mcpu)
+        key = (rows, cols, choice)
+        if key not in self.kernels:
+            name = f"softmax_{choice.algo}_{choice.layout}_{rows}x{cols}"
+            f = make_softmax_kernel(rows, cols, choice).with_attr("global_symbol", name)
+            self.kernels[key] = self.builder_.add_func(f, name)
+        x2 = self.builder_.emit(relax.op.reshape(call.args[0], (rows, cols)))
+        y2 = self.builder_.emit(
+            relax.call_tir(self.kernels[key], [x2], relax.TensorType((rows, cols), "float32"))
+        )
+        self.routed += 1
+        return relax.op.reshape(y2, shape)
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+
+def RouteSoftmax(target: tvm.target.Target):  # noqa: N802 - pass constructor naming, like TVM's
+    """Module pass replacing static last-axis fp32 softmax by the hand kernels (see module docstring)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="RouteSoftmax")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        router = _SoftmaxRouter(mod, target)
+        out = router.run()
+        log.info("routed %d softmax call(s) to hand kernels", router.routed)
+        return out
+
+    return _pass
+
+
+def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True) -> tvm.transform.Pass:
+    """The project's CPU Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SoftswapCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            passes = []
+            if route_softmax:
+                passes.append(RouteSoftmax(target))
+            passes.append(relax.transform.FastMathTransform())
+            passes += cg.library_dispatch_passes(target) + cg.legalize_passes(target)
+            passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
+            passes += [
+                relax.transform.RewriteDataflowReshape(),
+                relax.transform.ToNonDataflow(),
+                relax.transform.RemovePurityChecking(),
+                relax.transform.CallTIRRewrite(),
+            ]
+            passes += cg.finalize_passes(target)
+            mod = tvm.transform.Sequential(passes)(mod)
+        return mod
+
+    return _pipeline
+
+
+def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CUDA pipeline (legalize, fuse, dlight GPU Matmul/GEMV/Reduction/GeneralReduction/Fallback, lower)."""
+    return relax.get_default_pipeline(target)
+
+
+def pipeline_for(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The pipeline matching a target's kind."""
+    if str(target.kind.name) == "cuda":
+        return gpu_pipeline(target)
+    return cpu_pipeline(target)
+
+
+def compile_relax(mod: tvm.IRModule, target: tvm.target.Target):
+    """``tvm.compile`` a Relax module with :func:`pipeline_for`; returns the VM executable."""
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+
+
+def scheduled_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Run the CPU pipeline up to scheduling (steps 1-4) and return the module, for inspection and tests."""
+    with target:
+        passes = [RouteSoftmax(target), relax.transform.FastMathTransform()]
+        passes += cg.library_dispatch_passes(target) + cg.legalize_passes(target)
+        passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def loop_report(mod: tvm.IRModule) -> dict[str, dict]:
+    """Per PrimFunc: ``{"parallel": bool, "vectorized": bool, "work": iterations of the largest loop nest}``."""
+    from tvm import tirx
+
+    report = {}
+    for gv, f in mod.functions_items():
+        if not isinstance(f, tirx.PrimFunc):
+            continue
+        info = {"parallel": False, "vectorized": False, "work": 1}
+
+        text = f.script()
+        info["parallel"] = "T.parallel(" in text
+        info["vectorized"] = "T.vectorized(" in text
+        import re
+
+        total = 0
+        for dims in re.findall(r"T\.Buffer\(\((.*?)\), \"", text):
+            n = 1
+            for d in re.findall(r"(?<![\w.])(\d+)(?![\w.])", dims.replace("T.int64", "")):
+                n *= int(d)
+            total = max(total, n)
+        info["work"] = total
+        report[gv.name_hint] = info
+    return report

@@ -1,0 +1,84 @@
+"""Run a compiled artefact: ``Runner(path).run({name: ndarray}) -> {output name: ndarray}``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from . import _env  # noqa: F401
+from .artifact import load_metadata
+from .errors import ArtifactError, InputError
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    """Loads ``path`` (a library written by :func:`targets.compile_model`) and its metadata sidecar.
+
+    ``run`` checks input names, dtypes and static dims against the metadata (symbolic dims accept any size) and
+    returns numpy arrays keyed by output name.  CUDA artefacts need a GPU machine (device 0).
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str | None = None):
+        import tvm
+        from tvm import relax
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ArtifactError(f"no such artefact: {self.path}", culprit=self.path)
+        self.meta = load_metadata(self.path)
+        kind = device or self.meta.get("device", "cpu")
+        try:
+            lib = tvm.runtime.load_module(self.path)
+            self.dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+            self.vm = relax.VirtualMachine(lib, self.dev)
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"cannot load artefact: {type(exc).__name__}: {exc}", culprit=self.path) from exc
+        self.input_names = [i["name"] for i in self.meta["inputs"]]
+        self.output_names = [o["name"] for o in self.meta["outputs"]]
+
+    def _check(self, inputs: dict) -> list:
+        import tvm
+
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise InputError(f"missing input {missing[0]!r}; expected {self.input_names}", culprit=missing[0])
+        extra = sorted(set(inputs) - set(self.input_names))
+        if extra:
+            raise InputError(f"unknown input {extra[0]!r}; expected {self.input_names}", culprit=extra[0])
+        args = []
+        for spec in self.meta["inputs"]:
+            name = spec["name"]
+            arr = np.asarray(inputs[name])
+            if str(arr.dtype) != spec["dtype"]:
+                raise InputError(f"input {name!r} has dtype {arr.dtype}, expected {spec['dtype']}", culprit=name)
+            shape = spec["shape"]
+            ok = len(shape) == arr.ndim and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
+            if not ok:
+                raise InputError(f"input {name!r} has shape {list(arr.shape)}, expected {shape}", culprit=name)
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev))
+        return args
+
+    def run(self, inputs: dict) -> dict:
+        """Run once; ``inputs`` maps every input name to a numpy array of the recorded dtype and shape."""
+        out = self.vm["main"](*self._check(inputs))
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        if len(outs) != len(self.output_names):
+            log.warning("artefact returned %d outputs, metadata lists %d", len(outs), len(self.output_names))
+        names = self.output_names + [f"output_{i}" for i in range(len(self.output_names), len(outs))]
+        return {n: o.numpy() for n, o in zip(names, outs)}
+
+    def prepare(self, inputs: dict):
+        """Convert inputs once (for benchmarking); returns a zero-argument callable running the model."""
+        args = self._check(inputs)
+        f = self.vm["main"]
+
+        def call():
+            r = f(*args)
+            if self.dev.device_type != 1:
+                self.dev.sync()
+            return r
+
+        return call

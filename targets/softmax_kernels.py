@@ -1,0 +1,519 @@
+"""Hand-written TIR softmax kernels for CPU targets (last axis, float32).
+
+Two algorithms, both free of libm ``expf`` calls (a polynomial exp is inlined):
+
+* **three-pass** ("3p-store", ORT's structure): max pass; ``y = exp(x - max)`` stored and summed; scale pass in
+  place.  Traffic 3 reads + 2 writes per element; best while a row stays in cache between passes.
+* **two-pass** (Dukhan & Ablavatski 2020, XNNPACK ``f32-raddextexp`` + ``f32-vscaleextexp``): ``exp(x)`` is held as
+  a pair ``(mantissa p, exponent n)`` so no max pass is needed.  Pass 1 accumulates the extended-range sum, pass 2
+  recomputes ``(p, n)`` and writes ``p / v* * 2^(n - e*)``.  Traffic 2 reads + 1 write; best when rows leave the
+  cache between passes (rows larger than the last-level cache, or pass-split layouts).
+
+Layouts:
+
+* **fused**: every row is processed start to end by one parallel task (rows are split over tasks).
+* **split**: each row is cut into ``chunks`` equal chunks; each pass is one parallel sweep over (row, chunk) pairs,
+  partial results go through a small global scratch buffer.  Used for few, long rows so all threads work.
+
+Numerics: inputs are clamped to ``[-CLAMP, CLAMP]`` (two-pass) or ``x >= -FLT_MAX`` and ``x - max >= -1e3``
+(three-pass) so that masked logits (``-inf``, ``finfo.min``) never produce NaN; a fully masked row gives the
+uniform distribution.  Two-pass outputs whose true value is below ~2^-126 come out as values <= 2^-125 (not 0).
+
+The entry points are :func:`make_softmax_kernel` (an explicit choice) and :func:`choose_kernel` (the rule table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+from . import _env  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
+import tvm
+from tvm.script import tirx as T
+
+log = logging.getLogger(__name__)
+
+# --- constants (float32, XNNPACK's f32 p5 exp) -------------------------------------------------------------------
+_LOG2E = float.fromhex("0x1.715476p+0")
+_MINUS_LN2_HI = -float.fromhex("0x1.62E43p-1")
+_MINUS_LN2_LO = float.fromhex("0x1.05C61p-29")  # XNNPACK's vminus_ln2_lo (positive)
+_C1 = float.fromhex("0x1.FFFFF6p-1")
+_C2 = float.fromhex("0x1.FFFDC6p-2")
+_C3 = float.fromhex("0x1.555A80p-3")
+_C4 = float.fromhex("0x1.573A1Ap-5")
+_C5 = float.fromhex("0x1.0F9F9Cp-7")
+_MAGIC = float.fromhex("0x1.8000FEp23")  # ulp 1, low 9 mantissa bits == 127
+#: Two-pass input clamp: |x| above this breaks the Cody-Waite range reduction (spec pitfall 16).
+CLAMP = 1.0e5
+_NEG_BIG = -3.0e38  # finite "-inf" for accumulator initialisation
+_F32 = "float32"
+
+# Cache sizes (bytes) used by the rule table; conservative defaults for the spec's Zen 4 (1 MiB L2, 32 MiB L3).
+_L2_BYTES = 1 << 20
+_L3_BYTES = 32 << 20
+
+
+def _f(v: float):
+    return T.float32(v)
+
+
+def _ext(x):
+    """Extended-range exp: return TIR expressions ``(p, n)`` with ``exp(x) = p * 2^n``, ``p`` in ~[0.71, 1.42]."""
+    n = T.nearbyint(x * _f(_LOG2E))
+    t = T.fma(n, _f(_MINUS_LN2_LO), T.fma(n, _f(_MINUS_LN2_HI), x))
+    p = T.fma(t, _f(_C5), _f(_C4))
+    p = T.fma(p, t, _f(_C3))
+    p = T.fma(p, t, _f(_C2))
+    p = T.fma(p, t, _f(_C1))
+    p = T.fma(p, t, _f(1.0))
+    return p, n
+
+
+def _pow2_nonpos(d):
+    """``2^d`` for integer-valued float ``d <= 0``; exactly 0 for ``d <= -127`` (magic-bias trick)."""
+    b = T.reinterpret("int32", T.max(d, _f(-127.0)) + _f(_MAGIC))
+    return T.reinterpret(_F32, T.shift_left(b, T.int32(23)))
+
+
+def _scalef16(x, d):
+    """``x * 2^floor(d)`` on explicit <16 x float> vectors with AVX-512 ``vscalefps`` (exact; 0 for d = -inf)."""
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.scalef.ps.512", x, d, x, T.int16(-1),
+                                   T.int32(4))
+
+
+def _b16(v: float):
+    return T.Broadcast(_f(v), 16)
+
+
+def _ext16(x):
+    """:func:`_ext` on an explicit <16 x float> vector."""
+    n = T.nearbyint(x * _b16(_LOG2E))
+    t = T.fma(n, _b16(_MINUS_LN2_LO), T.fma(n, _b16(_MINUS_LN2_HI), x))
+    p = T.fma(t, _b16(_C5), _b16(_C4))
+    p = T.fma(p, t, _b16(_C3))
+    p = T.fma(p, t, _b16(_C2))
+    p = T.fma(p, t, _b16(_C1))
+    p = T.fma(p, t, _b16(1.0))
+    return p, n
+
+
+def _pow2_int(d):
+    """``2^d`` for integer-valued float ``d``, clamped to [-126, 127] (always a normal float)."""
+    i = T.Cast("int32", T.min(T.max(d, _f(-126.0)), _f(127.0)))
+    return T.reinterpret(_F32, T.shift_left(i + T.int32(127), T.int32(23)))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """A softmax kernel configuration.
+
+    algo: ``"two_pass"`` or ``"three_pass"``; layout: ``"fused"`` or ``"split"``; vector_lanes: fp32 lanes per
+    vector (8 = AVX2, 16 = AVX-512); unroll: independent vector accumulators; chunks: chunks per row (split only);
+    tasks: parallel tasks of the fused layout; scalef: use AVX-512 ``vscalefps`` for ``x * 2^d`` (two-pass).
+    """
+
+    algo: str
+    layout: str
+    vector_lanes: int
+    unroll: int
+    chunks: int = 1
+    tasks: int = 64
+    scalef: bool = False  # AVX-512 only: powers of two with vscalefps (two-pass), needs vector_lanes == 16
+
+
+def _pick_unroll(length: int, lanes: int, unroll: int) -> int:
+    while unroll > 1 and length < 2 * unroll * lanes:
+        unroll //= 2
+    return unroll
+
+
+def _pick_chunks(n: int, lanes: int, want: int) -> int:
+    for c in (want, 32, 16, 8, 4, 2):
+        if c <= want and n % c == 0 and n // c >= 4 * lanes:
+            return c
+    return 1
+
+
+def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: str = "znver4") -> KernelChoice:
+    """Pick a softmax kernel for a (rows, cols) fp32 problem (the rule table).
+
+    Rules, from measurements (spec/lowering.md §4.3-4.5 on Zen 4; ``tools/bench/lowering.py`` on the Intel
+    AVX-512 development host, 2 cores):
+
+    ===================  =====================================================  ======================================
+    ISA                  shape                                                  kernel
+    ===================  =====================================================  ======================================
+    AVX2                 rows >= 2*threads or row <= 256K floats                three-pass, fused, V=8 U=4
+    AVX2                 few rows and row > 256K floats                         three-pass, split, 8-32 chunks
+    AVX-512              row <= 256K floats (1 MiB, cache resident)             three-pass, fused, V=16 U=4
+    AVX-512              row > 256K floats, rows < 2*threads                    two-pass (vscalefps), split, 8-32 ch.
+    AVX-512              row > 256K floats, many rows                           two-pass (vscalefps), fused
+    ===================  =====================================================  ======================================
+
+    Reasoning: three-pass moves 3R+2W per element but evaluates exp once; two-pass moves 2R+1W but evaluates exp
+    twice plus ~8 vector ops per element in pass 1, so it only pays off when rows leave the cache between passes.
+    Measured: Zen 4, 16M row 2T: two-pass 5.99 ms vs three-pass 8.56 ms (spec §4.4).  Intel AVX-512 host, 1T:
+    16M row two-pass 28.5 ms vs three-pass 30.7 ms vs ORT 31.4 ms; 4096x4096 (16 KiB rows, cached) three-pass
+    21.0 ms vs two-pass 22.8 ms; without ``vscalefps`` two-pass lost on Intel (34.6 vs 33.8 ms).  AVX2: two-pass is
+    compute bound everywhere (spec §4.5).  ``mcpu`` is accepted for per-CPU rules; none differ at present.
+    """
+    lanes = 16 if vector_bits >= 512 else 8
+    big_row = cols * 4 > _L2_BYTES
+    few_rows = rows < max(threads, 1) * 2
+    two_pass_wins = lanes == 16 and big_row
+    if not two_pass_wins:
+        if few_rows and big_row:
+            chunks = _pick_chunks(cols, lanes, 32 if cols >= (1 << 22) else 8)
+            if chunks > 1:
+                return KernelChoice("three_pass", "split", lanes, 4, chunks)
+        return KernelChoice("three_pass", "fused", lanes, _pick_unroll(cols, lanes, 4), 1, min(rows, 64))
+    chunks = _pick_chunks(cols, lanes, 32 if cols >= (1 << 22) else 8)
+    if few_rows and chunks > 1:
+        return KernelChoice("two_pass", "split", lanes, 4, chunks, scalef=True)
+    return KernelChoice("two_pass", "fused", lanes, 4, 1, min(rows, 64), scalef=True)
+
+
+def mcpu_of(target) -> str:
+    """The ``mcpu`` of an llvm target ("" when unset)."""
+    return str(target.attrs["mcpu"]) if "mcpu" in target.attrs else ""
+
+
+# --- macros shared by the kernels -------------------------------------------------------------------------------
+
+
+def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc:
+    V, U = ch.vector_lanes, _pick_unroll(cols // ch.chunks, ch.vector_lanes, ch.unroll)
+    C = ch.chunks
+    L = cols // C  # elements per chunk
+    NB = L // (U * V)  # full unrolled blocks
+    NV = (L - NB * U * V) // V  # remaining full vectors
+    NS = L - NB * U * V - NV * V  # scalar tail
+    lo, hi = _f(-CLAMP), _f(CLAMP)
+
+    def clamp(x):
+        return T.min(T.max(x, lo), hi)
+
+    SCALEF = ch.scalef and V == 16
+
+    @T.macro
+    def acc_add(accv, acce, u, l, x):
+        pn = T.meta_var(_ext(clamp(x)))
+        m = T.meta_var(T.max(acce[u, l], pn[1]))
+        accv[u, l] = accv[u, l] * _pow2_nonpos(acce[u, l] - m) + pn[0] * _pow2_nonpos(pn[1] - m)
+        acce[u, l] = m
+
+    @T.macro
+    def acc_add16(accv, acce, u, Xf, row, base):
+        pn = T.meta_var(_ext16(T.min(T.max(Xf[row, T.ramp(base, 1, 16)], _b16(-CLAMP)), _b16(CLAMP))))
+        m = T.meta_var(T.max(acce[u, T.ramp(0, 1, 16)], pn[1]))
+        accv[u, T.ramp(0, 1, 16)] = _scalef16(accv[u, T.ramp(0, 1, 16)], acce[u, T.ramp(0, 1, 16)] - m) + \
+            _scalef16(pn[0], pn[1] - m)
+        acce[u, T.ramp(0, 1, 16)] = m
+
+    @T.macro
+    def ext_halve(accv, acce, h):
+        for l in T.vectorized(h):
+            mh = T.meta_var(T.max(acce[0, l], acce[0, l + h]))
+            accv[0, l] = accv[0, l] * _pow2_nonpos(acce[0, l] - mh) + accv[0, l + h] * _pow2_nonpos(acce[0, l + h] - mh)
+            acce[0, l] = mh
+
+    @T.macro
+    def extsum(Xf, accv, acce, sv, se, row, start):
+        for u in T.unroll(U):
+            for l in T.vectorized(V):
+                accv[u, l] = _f(0.0)
+                acce[u, l] = _f(_NEG_BIG)
+        for i in range(NB):
+            for u in T.unroll(U):
+                if SCALEF:
+                    acc_add16(accv, acce, u, Xf, row, start + (i * U + u) * V)
+                else:
+                    for l in T.vectorized(V):
+                        acc_add(accv, acce, u, l, Xf[row, start + (i * U + u) * V + l])
+        for i in range(NV):
+            for l in T.vectorized(V):
+                acc_add(accv, acce, 0, l, Xf[row, start + NB * U * V + i * V + l])
+        for j in T.unroll(NS):
+            acc_add(accv, acce, 0, j, Xf[row, start + NB * U * V + NV * V + j])
+        # combine the U accumulators into row 0 (vectorized), then the V lanes (scalar)
+        for u in range(1, U):
+            for l in T.vectorized(V):
+                mm = T.meta_var(T.max(acce[0, l], acce[u, l]))
+                accv[0, l] = accv[0, l] * _pow2_nonpos(acce[0, l] - mm) + accv[u, l] * _pow2_nonpos(acce[u, l] - mm)
+                acce[0, l] = mm
+        # lane tree: halve the live lanes each step (vector shuffles instead of a serial chain)
+        ext_halve(accv, acce, V // 2)
+        ext_halve(accv, acce, V // 4)
+        ext_halve(accv, acce, V // 8)
+        if V == 16:
+            ext_halve(accv, acce, 1)
+        se[0] = acce[0, 0]
+        sv[0] = accv[0, 0]
+
+    @T.macro
+    def extscale(Xf, Yf, row, start, inv, e):
+        for i in range(L // V):
+            if SCALEF:
+                pv = T.meta_var(_ext16(T.min(T.max(Xf[row, T.ramp(start + i * V, 1, 16)], _b16(-CLAMP)),
+                                             _b16(CLAMP))))
+                Yf[row, T.ramp(start + i * V, 1, 16)] = _scalef16(pv[0] * T.Broadcast(inv, 16),
+                                                                   pv[1] - T.Broadcast(e, 16))
+            else:
+                for l in T.vectorized(V):
+                    pn = T.meta_var(_ext(clamp(Xf[row, start + i * V + l])))
+                    Yf[row, start + i * V + l] = pn[0] * inv * _pow2_int(pn[1] - e)
+        for j in range(L - (L // V) * V):
+            pn2 = T.meta_var(_ext(clamp(Xf[row, start + (L // V) * V + j])))
+            Yf[row, start + (L // V) * V + j] = pn2[0] * inv * _pow2_int(pn2[1] - e)
+
+    if ch.layout == "fused":
+        P = max(1, min(ch.tasks, rows))
+        RPT = (rows + P - 1) // P
+
+        @T.prim_func(s_tir=True)
+        def kernel(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+            with T.sblock("root"):
+                for task in T.parallel(P):
+                    accv = T.alloc_buffer((U, V), _F32, scope="local")
+                    acce = T.alloc_buffer((U, V), _F32, scope="local")
+                    sv = T.alloc_buffer((1,), _F32, scope="local")
+                    se = T.alloc_buffer((1,), _F32, scope="local")
+                    for rr in range(RPT):
+                        if task * RPT + rr < rows:
+                            extsum(X, accv, acce, sv, se, task * RPT + rr, 0)
+                            extscale(X, Y, task * RPT + rr, 0, _f(1.0) / sv[0], se[0])
+
+        return kernel
+
+    W = rows * C
+
+    @T.prim_func(s_tir=True)
+    def kernel_split(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            PV = T.alloc_buffer((W,), _F32)
+            PE = T.alloc_buffer((W,), _F32)
+            for w in T.parallel(W):
+                accv = T.alloc_buffer((U, V), _F32, scope="local")
+                acce = T.alloc_buffer((U, V), _F32, scope="local")
+                sv = T.alloc_buffer((1,), _F32, scope="local")
+                se = T.alloc_buffer((1,), _F32, scope="local")
+                extsum(X, accv, acce, sv, se, w // C, (w % C) * L)
+                PV[w] = sv[0]
+                PE[w] = se[0]
+            for w in T.parallel(W):
+                tv = T.alloc_buffer((1,), _F32, scope="local")
+                te = T.alloc_buffer((1,), _F32, scope="local")
+                te[0] = PE[(w // C) * C]
+                for c in range(1, C):
+                    te[0] = T.max(te[0], PE[(w // C) * C + c])
+                tv[0] = _f(0.0)
+                for c in range(C):
+                    tv[0] = tv[0] + PV[(w // C) * C + c] * _pow2_nonpos(PE[(w // C) * C + c] - te[0])
+                extscale(X, Y, w // C, (w % C) * L, _f(1.0) / tv[0], te[0])
+
+    return kernel_split
+
+
+def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc:
+    V, U = ch.vector_lanes, _pick_unroll(cols // ch.chunks, ch.vector_lanes, ch.unroll)
+    C = ch.chunks
+    L = cols // C
+    NB = L // (U * V)
+    NV = (L - NB * U * V) // V
+    NS = L - NB * U * V - NV * V
+    LV = L // V
+    LS = L - LV * V
+    floor = _f(_NEG_BIG)
+
+    def expneg(z):
+        """exp(z) for z <= 0, magic-bias rounding (XNNPACK rr2-p5): z is clamped at -87 so 2^n stays normal
+        (masked logits come out ~1e-38 relative to the row maximum's 1, never NaN)."""
+        zc = T.max(z, _f(-87.0))
+        vn = T.fma(zc, _f(_LOG2E), _f(_MAGIC))
+        sc = T.reinterpret(_F32, T.shift_left(T.reinterpret("int32", vn), T.int32(23)))
+        n = vn - _f(_MAGIC)
+        t = T.fma(n, _f(_MINUS_LN2_LO), T.fma(n, _f(_MINUS_LN2_HI), zc))
+        p = T.fma(t, _f(_C5), _f(_C4))
+        p = T.fma(p, t, _f(_C3))
+        p = T.fma(p, t, _f(_C2))
+        p = T.fma(p, t, _f(_C1))
+        return T.fma(p, t, _f(1.0)) * sc
+
+    @T.macro
+    def max_halve(acc, h):
+        for l in T.vectorized(h):
+            acc[0, l] = T.max(acc[0, l], acc[0, l + h])
+
+    @T.macro
+    def sum_halve(acc, h):
+        for l in T.vectorized(h):
+            acc[0, l] = acc[0, l] + acc[0, l + h]
+
+    @T.macro
+    def rowmax(Xf, accm, sm, row, start):
+        for u in T.unroll(U):
+            for l in T.vectorized(V):
+                accm[u, l] = floor
+        for i in range(NB):
+            for u in T.unroll(U):
+                for l in T.vectorized(V):
+                    accm[u, l] = T.max(accm[u, l], Xf[row, start + (i * U + u) * V + l])
+        for i in range(NV):
+            for l in T.vectorized(V):
+                accm[0, l] = T.max(accm[0, l], Xf[row, start + NB * U * V + i * V + l])
+        for j in T.unroll(NS):
+            accm[0, j] = T.max(accm[0, j], Xf[row, start + NB * U * V + NV * V + j])
+        for u in range(1, U):
+            for l in T.vectorized(V):
+                accm[0, l] = T.max(accm[0, l], accm[u, l])
+        max_halve(accm, V // 2)
+        max_halve(accm, V // 4)
+        max_halve(accm, V // 8)
+        if V == 16:
+            max_halve(accm, 1)
+        sm[0] = accm[0, 0]
+
+    @T.macro
+    def expstore(Xf, Yf, accm, ss, row, start, mx):
+        # accm is reused as the sum accumulator; the stored value is re-read (pitfall 10)
+        for u in T.unroll(U):
+            for l in T.vectorized(V):
+                accm[u, l] = _f(0.0)
+        for i in range(NB):
+            for u in T.unroll(U):
+                for l in T.vectorized(V):
+                    Yf[row, start + (i * U + u) * V + l] = expneg(
+                        Xf[row, start + (i * U + u) * V + l] - mx
+                    )
+                    accm[u, l] = accm[u, l] + Yf[row, start + (i * U + u) * V + l]
+        for i in range(NV):
+            for l in T.vectorized(V):
+                Yf[row, start + NB * U * V + i * V + l] = expneg(
+                    Xf[row, start + NB * U * V + i * V + l] - mx
+                )
+                accm[0, l] = accm[0, l] + Yf[row, start + NB * U * V + i * V + l]
+        for j in T.unroll(NS):
+            Yf[row, start + NB * U * V + NV * V + j] = expneg(
+                Xf[row, start + NB * U * V + NV * V + j] - mx
+            )
+            accm[0, j] = accm[0, j] + Yf[row, start + NB * U * V + NV * V + j]
+        for u in range(1, U):
+            for l in T.vectorized(V):
+                accm[0, l] = accm[0, l] + accm[u, l]
+        sum_halve(accm, V // 2)
+        sum_halve(accm, V // 4)
+        sum_halve(accm, V // 8)
+        if V == 16:
+            sum_halve(accm, 1)
+        ss[0] = accm[0, 0]
+
+    @T.macro
+    def scale(Yf, row, start, inv):
+        for i in range(LV):
+            for l in T.vectorized(V):
+                Yf[row, start + i * V + l] = Yf[row, start + i * V + l] * inv
+        for j in range(LS):
+            Yf[row, start + LV * V + j] = Yf[row, start + LV * V + j] * inv
+
+    if ch.layout == "fused":
+        P = max(1, min(ch.tasks, rows))
+        RPT = (rows + P - 1) // P
+
+        @T.prim_func(s_tir=True)
+        def kernel(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+            with T.sblock("root"):
+                for task in T.parallel(P):
+                    accm = T.alloc_buffer((U, V), _F32, scope="local")
+                    sm = T.alloc_buffer((1,), _F32, scope="local")
+                    ss = T.alloc_buffer((1,), _F32, scope="local")
+                    for rr in range(RPT):
+                        if task * RPT + rr < rows:
+                            rowmax(X, accm, sm, task * RPT + rr, 0)
+                            expstore(X, Y, accm, ss, task * RPT + rr, 0, sm[0])
+                            scale(Y, task * RPT + rr, 0, _f(1.0) / ss[0])
+
+        return kernel
+
+    W = rows * C
+
+    @T.prim_func(s_tir=True)
+    def kernel_split(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            PM = T.alloc_buffer((W,), _F32)
+            PS = T.alloc_buffer((W,), _F32)
+            for w in T.parallel(W):
+                accm = T.alloc_buffer((U, V), _F32, scope="local")
+                sm = T.alloc_buffer((1,), _F32, scope="local")
+                rowmax(X, accm, sm, w // C, (w % C) * L)
+                PM[w] = sm[0]
+            for w in T.parallel(W):
+                accm2 = T.alloc_buffer((U, V), _F32, scope="local")
+                tm = T.alloc_buffer((1,), _F32, scope="local")
+                ss = T.alloc_buffer((1,), _F32, scope="local")
+                tm[0] = PM[(w // C) * C]
+                for c in range(1, C):
+                    tm[0] = T.max(tm[0], PM[(w // C) * C + c])
+                expstore(X, Y, accm2, ss, w // C, (w % C) * L, tm[0])
+                PS[w] = ss[0]
+            for w in T.parallel(W):
+                ts = T.alloc_buffer((1,), _F32, scope="local")
+                ts[0] = _f(0.0)
+                for c in range(C):
+                    ts[0] = ts[0] + PS[(w // C) * C + c]
+                scale(Y, w // C, (w % C) * L, _f(1.0) / ts[0])
+
+    return kernel_split
+
+
+def make_softmax_kernel(rows: int, cols: int, choice: KernelChoice) -> tvm.tirx.PrimFunc:
+    """Build a destination-passing PrimFunc ``f(X: (rows, cols) f32, Y: (rows, cols) f32)`` computing the softmax of
+    every row of X into Y.  The function is already scheduled (``tirx.is_scheduled``) and opaque to fusion.
+
+    Raises ValueError for a split layout whose chunk count does not divide ``cols``.
+    """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"softmax kernel needs a non-empty (rows, cols), got ({rows}, {cols})")
+    if choice.layout == "split" and cols % choice.chunks:
+        raise ValueError(f"chunks={choice.chunks} does not divide cols={cols}")
+    if choice.algo == "two_pass":
+        f = _build_two_pass(rows, cols, choice)
+    elif choice.algo == "three_pass":
+        f = _build_three_pass(rows, cols, choice)
+    else:
+        raise ValueError(f"unknown softmax algorithm {choice.algo!r}")
+    log.debug("softmax kernel (%d, %d) %s", rows, cols, choice)
+    return f
+
+
+def build_kernel_library(rows: int, cols: int, choice: KernelChoice, target, name: str = "softmax"):
+    """Compile one kernel alone into a runtime module with a single function ``name`` (destination passing)."""
+    f = make_softmax_kernel(rows, cols, choice).with_attr("global_symbol", name)
+    return tvm.compile(tvm.IRModule({name: f}), target=target)
+
+
+def vector_bits_of(target) -> int:
+    """fp32 vector width (bits) to use for a CPU target: 512 when the target has AVX-512F, else 256."""
+    keys = set()
+    mcpu = str(target.attrs.get("mcpu", "")) if "mcpu" in target.attrs else ""
+    mattr = [str(a) for a in target.attrs.get("mattr", [])] if "mattr" in target.attrs else []
+    keys.update(mattr)
+    if "+avx512f" in keys:
+        return 512
+    if "-avx512f" in keys:
+        return 256
+    avx512_cpus = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake", "tigerlake",
+                   "rocketlake", "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5",
+                   "x86-64-v4", "alderlake-avx512", "diamondrapids", "knl", "knm")
+    return 512 if any(mcpu.startswith(c) for c in avx512_cpus) else 256
+
+
+def rows_cols(shape) -> tuple[int, int]:
+    """Flatten a static shape to (rows, last-axis length)."""
+    cols = int(shape[-1])
+    rows = int(math.prod(int(s) for s in shape[:-1])) if len(shape) > 1 else 1
+    return rows, cols

@@ -1,0 +1,84 @@
+"""Normalize a torch.export program before TVM's torch frontend (spec rewriting.md §3 trap 6).
+
+TVM's SDPA converter ignores ``scale`` and ``enable_gqa``, accepts float masks only and asserts ``dropout_p == 0``.
+:func:`normalize_exported_program` replaces every ``aten.scaled_dot_product_attention`` call by explicit math
+(scale folded into q, GQA heads repeated with ``repeat_interleave``, bool masks -> additive float masks with
+``finfo.min`` at disallowed positions, ``is_causal`` as an upper-left causal mask, dropout dropped) and removes
+``aten.dropout`` nodes, then re-exports the module with static example inputs taken from the program's input
+metadata.  The input program is not modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SDPA = {torch.ops.aten.scaled_dot_product_attention.default}
+_DROPOUT = {torch.ops.aten.dropout.default}
+
+
+def sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Reference SDPA as explicit matmul / softmax / matmul (inference: dropout ignored).
+
+    Shapes: query (..., Hq, S, E), key (..., Hk, L, E), value (..., Hk, L, Ev); returns (..., Hq, S, Ev).
+    """
+    s = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    if query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = torch.matmul(query * s, key.transpose(-2, -1))
+    neg = torch.finfo(scores.dtype).min
+    if is_causal:
+        n, m = scores.shape[-2], scores.shape[-1]
+        allowed = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, neg)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, neg)
+        else:
+            scores = scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
+def _example_inputs(ep: torch.export.ExportedProgram) -> tuple:
+    user = set(ep.graph_signature.user_inputs)
+    args = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            shape = [int(d) for d in val.shape]  # symbolic dims are specialized to their hint
+            if val.dtype.is_floating_point:
+                args.append(torch.randn(shape, dtype=val.dtype))
+            elif val.dtype == torch.bool:
+                args.append(torch.ones(shape, dtype=torch.bool))
+            else:
+                args.append(torch.zeros(shape, dtype=val.dtype))
+    return tuple(args)
+
+
+def normalize_exported_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Return an ExportedProgram without SDPA / dropout nodes (see module docstring); unchanged if none."""
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    if not targets & (_SDPA | _DROPOUT):
+        return ep
+    gm = ep.module()
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _SDPA:
+            node.target = sdpa_math
+            count += 1
+        elif node.target in _DROPOUT:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            count += 1
+    gm.graph.lint()
+    gm.recompile()
+    log.info("torch normalize: %d SDPA/dropout node(s) rewritten", count)
+    return torch.export.export(gm, _example_inputs(ep))

@@ -1,0 +1,93 @@
+"""Two-pass and three-pass softmax kernels vs a float64 reference, on extreme rows."""
+
+import numpy as np
+import pytest
+import tvm
+
+from targets.softmax_kernels import KernelChoice, build_kernel_library, choose_kernel
+from targets.table import get_target
+
+
+def _ref(x):
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _extreme_rows(rows, cols, rng):
+    x = (rng.standard_normal((rows, cols)) * 5).astype(np.float32)
+    x[0, :] = -1e4
+    x[0, 1] = 1e4                     # one huge entry -> one-hot
+    x[1, :] = 3.0                     # all equal -> 1/N
+    x[2, ::2] = 1e4
+    x[2, 1::2] = -1e4                 # +-1e4
+    x[3, :5] = [80.0, 85.0, 88.0, -88.0, 0.0]
+    x[4, ::3] = -np.inf               # masked logits
+    x[5, :] = np.float32(np.finfo(np.float32).min)  # fully masked row -> uniform
+    return x
+
+
+def _run(lib, x):
+    y = tvm.runtime.tensor(np.zeros_like(x))
+    lib["softmax"](tvm.runtime.tensor(x), y)
+    return y.numpy()
+
+
+CASES = [("two_pass", "fused", 1), ("two_pass", "split", 4), ("three_pass", "fused", 1), ("three_pass", "split", 4)]
+
+
+@pytest.mark.parametrize("target", ["avx2", "avx512"])
+@pytest.mark.parametrize("algo,layout,chunks", CASES)
+@pytest.mark.parametrize("cols", [1000, 256])
+def test_extremes(target, algo, layout, chunks, cols, rng):
+    tgt = get_target(target)
+    lanes = 8 if target == "avx2" else 16
+    rows = 7
+    lib = build_kernel_library(rows, cols, KernelChoice(algo, layout, lanes, 4, chunks, scalef=lanes == 16), tgt)
+    x = _extreme_rows(rows, cols, rng)
+    y = _run(lib, x)
+    r = _ref(x)
+    r[5] = 1.0 / cols
+    assert np.isfinite(y).all()
+    big = r >= 1e-37
+    rel = np.abs(y - r)[big] / r[big]
+    tol = 1e-6 if algo == "two_pass" else 5e-6  # three-pass: rounding of x - max (spec §5)
+    assert rel.max() <= tol, rel.max()
+    assert np.abs(y - r)[~big].max(initial=0) <= 1e-37
+    assert np.abs(y - r).max() <= 2e-7
+    np.testing.assert_allclose(y.astype(np.float64).sum(-1), 1.0, atol=1e-5)
+    assert np.argmax(y[0]) == 1 and y[0, 1] == pytest.approx(1.0)
+    np.testing.assert_allclose(y[1], 1.0 / cols, rtol=1e-6)
+    assert y[4, ::3].max() <= 1e-30
+
+
+def test_long_row_accuracy(rng):
+    cols = 1 << 20
+    lib = build_kernel_library(1, cols, KernelChoice("two_pass", "split", 16, 4, 8, scalef=True),
+                               get_target("avx512"))
+    x = (rng.standard_normal((1, cols)) * 4).astype(np.float32)
+    y = _run(lib, x)
+    assert np.abs(y - _ref(x)).max() <= 1e-6
+
+
+def test_no_expf_in_kernels():
+    for target, lanes in (("avx2", 8), ("avx512", 16)):
+        for algo in ("two_pass", "three_pass"):
+            lib = build_kernel_library(16, 512, KernelChoice(algo, "fused", lanes, 4, scalef=lanes == 16),
+                                       get_target(target))
+            asm = lib.mod.inspect_source("asm")
+            assert "expf" not in asm
+            assert ("%zmm" in asm) == (lanes == 16)
+
+
+def test_rule_table():
+    assert choose_kernel(8 * 128, 128, 512, 2).algo == "three_pass"
+    assert choose_kernel(16384, 1024, 512, 2).algo == "three_pass"
+    big = choose_kernel(1, 1 << 24, 512, 2, "znver4")
+    assert (big.algo, big.layout) == ("two_pass", "split") and big.chunks >= 8
+    assert choose_kernel(64, 1 << 20, 512, 2, "znver4") == KernelChoice("two_pass", "fused", 16, 4, 1, 64, True)
+    intel = choose_kernel(1, 1 << 24, 512, 2, "skylake-avx512")
+    assert (intel.algo, intel.layout, intel.scalef) == ("two_pass", "split", True)
+    assert choose_kernel(2, 1 << 24, 256, 2) == KernelChoice("three_pass", "split", 8, 4, 32)
+    assert choose_kernel(1, 1 << 24, 256, 2).algo == "three_pass"
+    assert choose_kernel(4096, 4096, 256, 2).vector_lanes == 8

@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Lowering benchmarks (issue 5): softmax kernels, attention blocks, a BERT-like encoder.
+
+(a) softmax micro-benchmark, last axis fp32: (8,128,128), (1,16,1024,1024), (4096,4096), one 16M-element row;
+    1 and 2 threads; TVM two-pass / three-pass / rule-table choice vs onnxruntime vs torch (``_softmax.out`` into a
+    preallocated tensor); GB/s counts 2*N*4 bytes (one read + one write), compared with the measured copy bandwidth
+    (numpy copy, 1 thread; TVM parallel copy kernel, 2 threads).
+(b) attention block B=1, H=8, d=64, N in {256, 1024, 4096}: softmax attention in torch SDPA / onnxruntime / TVM,
+    linear attention (elu+1) in onnxruntime / TVM avx2 / TVM avx512.
+(c) BERT-like encoder (batch 8, N=128): TVM avx512 (untuned) vs onnxruntime.
+
+Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/lowering.py [--quick] [--only softmax,attention,bert]``.
+Prints tables, writes ``tools/bench/results/lowering.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+import targets  # noqa: E402,F401
+import tvm  # noqa: E402
+from targets.bench import ort_session, set_tvm_threads, time_callable, tvm_callable  # noqa: E402
+from targets.softmax_kernels import (KernelChoice, build_kernel_library, choose_kernel, mcpu_of,  # noqa: E402
+                                     vector_bits_of)
+from targets.table import get_target  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowering.json")
+
+
+def _copy_bandwidth(threads: int) -> float:
+    """GB/s of application bytes (read + write) for a 256 MiB copy: numpy at 1 thread, a TVM kernel otherwise."""
+    n = 64 << 20
+    a = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    b = np.empty_like(a)
+    if threads == 1:
+        t = time_callable(lambda: np.copyto(b, a), runs=7, warmup=2)["p50"]
+        return 2 * n * 4 / (t * 1e-3) / 1e9
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def copy(X: T.Buffer((n,), "float32"), Y: T.Buffer((n,), "float32")):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "copy"})
+        for i in T.parallel(n // 4096):
+            for j in range(256):
+                for l in T.vectorized(16):
+                    Y[i * 4096 + j * 16 + l] = X[i * 4096 + j * 16 + l]
+
+    lib = tvm.compile(tvm.IRModule({"copy": copy}), target=get_target("host"))
+    x, y = tvm.runtime.tensor(a), tvm.runtime.tensor(b)
+    set_tvm_threads(threads)
+    t = time_callable(lambda: lib["copy"](x, y), runs=7, warmup=2)["p50"]
+    return 2 * n * 4 / (t * 1e-3) / 1e9
+
+
+def _softmax_onnx(shape) -> onnx.ModelProto:
+    g = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "sm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def bench_softmax(quick: bool, target_name: str) -> list[dict]:
+    shapes = [(8, 128, 128), (1, 16, 1024, 1024), (4096, 4096), (1, 1 << 24)]
+    if quick:
+        shapes = [(8, 128, 128), (1, 1 << 20)]
+    tgt = get_target(target_name)
+    bits = vector_bits_of(tgt)
+    lanes = bits // 32
+    rows_out = []
+    copy_bw = {t: _copy_bandwidth(t) for t in (1, 2)}
+    print(f"\n(a) softmax, target {target_name} ({bits}-bit); copy bandwidth 1T {copy_bw[1]:.1f} GB/s, "
+          f"2T {copy_bw[2]:.1f} GB/s (GB/s below = 2*N*4 bytes / time)")
+    print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'%copy':>6} {'vs ORT':>7}")
+    runs = 5 if quick else 15
+    for shape in shapes:
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        x = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * 4
+        nbytes = 2 * rows * cols * 4
+        big = cols * 4 > (1 << 20)
+        chunks = 8 if rows < 4 else 1
+        layout = "split" if chunks > 1 else "fused"
+        libs = {
+            "two-pass": build_kernel_library(rows, cols, KernelChoice("two_pass", layout, lanes, 4, chunks,
+                                                                          scalef=lanes == 16), tgt),
+            "3-pass": build_kernel_library(rows, cols, KernelChoice("three_pass", layout, lanes, 4, chunks), tgt),
+        }
+        for threads in (1, 2):
+            auto = choose_kernel(rows, cols, bits, threads, mcpu_of(tgt))
+            xt, yt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.empty_like(x))
+            set_tvm_threads(threads)
+            res = {}
+            for name, lib in libs.items():
+                res[name] = time_callable(lambda lib=lib: lib["softmax"](xt, yt), runs, 3)["p50"]
+            sess = ort_session(_softmax_onnx((rows, cols)), threads)
+            res["ORT"] = time_callable(lambda: sess.run(None, {"x": x}), runs, 3)["p50"]
+            torch.set_num_threads(threads)
+            tx, ty = torch.from_numpy(x), torch.empty(rows, cols)
+            res["torch"] = time_callable(lambda: torch.ops.aten._softmax.out(tx, -1, False, out=ty), runs, 3)["p50"]
+            res["auto"] = res["two-pass" if auto.algo == "two_pass" else "3-pass"]
+            for name, ms in res.items():
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                row = {"shape": list(shape), "threads": threads, "impl": name, "ms": ms, "gbs": gbs,
+                       "pct_copy": 100 * gbs / copy_bw[threads], "speedup_vs_ort": res["ORT"] / ms,
+                       "auto_choice": f"{auto.algo}/{auto.layout}" if name == "auto" else None,
+                       "out_of_cache": big}
+                rows_out.append(row)
+                print(f"{str(shape):>20} {threads:>2} {name:>10} {ms:9.3f} {gbs:6.1f} {row['pct_copy']:6.0f} "
+                      f"{row['speedup_vs_ort']:7.2f}")
+    set_tvm_threads(2)
+    return rows_out + [{"copy_bandwidth_gbs": copy_bw}]
+
+
+class _SoftmaxAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5), -1) @ v
+
+
+class _LinearAttention(torch.nn.Module):
+    """Katharopoulos et al. linear attention, phi = elu + 1, with normalizer (non-causal)."""
+
+    def forward(self, q, k, v):
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = k.transpose(-1, -2) @ v                                     # (B, H, d, d)
+        z = 1.0 / (q @ k.sum(-2, keepdim=True).transpose(-1, -2) + 1e-6)  # (B, H, N, 1)
+        return (q @ kv) * z
+
+
+def _onnx_of(module, args, names) -> onnx.ModelProto:
+    return torch.onnx.export(module.eval(), args, dynamo=True, input_names=names, verbose=False).model_proto
+
+
+def bench_attention(quick: bool) -> list[dict]:
+    ns = [256] if quick else [256, 1024, 4096]
+    out = []
+    print("\n(b) attention B=1 H=8 d=64, ms (p50)")
+    print(f"{'kind':>8} {'N':>5} {'T':>2} {'impl':>14} {'ms':>9}")
+    for n in ns:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 8, n, 64, generator=g) for _ in range(3))
+        feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
+        runs = 3 if n >= 4096 else (5 if quick else 10)
+        sm_onnx = _onnx_of(_SoftmaxAttention(), (q, k, v), ["q", "k", "v"])
+        lin_onnx = _onnx_of(_LinearAttention(), (q, k, v), ["q", "k", "v"])
+        tvm_sm = tvm_callable(sm_onnx, "avx512", feeds)
+        tvm_lin = {t: tvm_callable(lin_onnx, t, feeds) for t in ("avx2", "avx512")}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            set_tvm_threads(threads)
+            res = []
+            with torch.inference_mode():
+                res.append(("softmax", "torch SDPA",
+                            time_callable(lambda: F.scaled_dot_product_attention(q, k, v), runs, 2)["p50"]))
+            s1 = ort_session(sm_onnx, threads)
+            res.append(("softmax", "ORT", time_callable(lambda: s1.run(None, feeds), runs, 2)["p50"]))
+            res.append(("softmax", "TVM avx512", time_callable(tvm_sm, runs, 2)["p50"]))
+            s2 = ort_session(lin_onnx, threads)
+            res.append(("linear", "ORT", time_callable(lambda: s2.run(None, feeds), runs, 2)["p50"]))
+            for t, fn in tvm_lin.items():
+                res.append(("linear", f"TVM {t}", time_callable(fn, runs, 2)["p50"]))
+            for kind, impl, ms in res:
+                out.append({"kind": kind, "N": n, "threads": threads, "impl": impl, "ms": ms})
+                print(f"{kind:>8} {n:>5} {threads:>2} {impl:>14} {ms:9.3f}")
+    set_tvm_threads(2)
+    return out
+
+
+class _BertLayer(torch.nn.Module):
+    def __init__(self, d=256, h=4, ff=1024):
+        super().__init__()
+        self.h = h
+        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.f1, self.f2 = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = self.ln1(x + self.o(a))
+        return self.ln2(x + self.f2(F.gelu(self.f1(x))))
+
+
+def bench_bert(quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_BertLayer() for _ in range(2 if quick else 4)]).eval()
+    x = torch.randn(8, 128, 256)
+    proto = _onnx_of(model, (x,), ["x"])
+    feeds = {"x": x.numpy()}
+    out = []
+    print("\n(c) BERT-like encoder (d=256, 4 heads, ff 1024), batch 8, N=128, ms (p50)")
+    t0 = time.perf_counter()
+    fns = {t: tvm_callable(proto, t, feeds) for t in ("avx2", "avx512")}
+    print(f"   TVM compile (2 targets): {time.perf_counter() - t0:.1f} s")
+    for threads in (1, 2):
+        set_tvm_threads(threads)
+        s = ort_session(proto, threads)
+        ort_ms = time_callable(lambda: s.run(None, feeds), 10, 3)["p50"]
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            torch_ms = time_callable(lambda: model(x), 10, 3)["p50"]
+        rows = [("ORT", ort_ms), ("torch", torch_ms)] + [(f"TVM {t}", time_callable(f, 10, 3)["p50"])
+                                                         for t, f in fns.items()]
+        for impl, ms in rows:
+            out.append({"threads": threads, "impl": impl, "ms": ms, "vs_ort": ms / ort_ms})
+            print(f"   {threads}T {impl:>12} {ms:9.3f} ms  ({ms / ort_ms:.2f}x ORT time)")
+    set_tvm_threads(2)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--only", default="softmax,attention,bert", help="comma list of sections")
+    ap.add_argument("--target", default="avx512", help="target of the softmax kernels")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    sections = set(args.only.split(","))
+    result = {"machine": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+              "tvm_threads": os.environ["TVM_NUM_THREADS"], "quick": args.quick}
+    if "softmax" in sections:
+        result["softmax"] = bench_softmax(args.quick, args.target)
+    if "attention" in sections:
+        result["attention"] = bench_attention(args.quick)
+    if "bert" in sections:
+        result["bert"] = bench_bert(args.quick)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(tmp, args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
