@@ -117,7 +117,10 @@ class AttentionRewritePass(Pass):
         return options
 
     def _module(self, site: AttentionSite, g: Any, options: Mapping[str, Any]) -> SiteModule:
-        spec = SiteSpec.from_site(site, g.dtype(site.output))
+        q_shape, k_shape = g.shape(site.q), g.shape(site.k)
+        k_axis = -1 if site.k_transposed else -2
+        same = bool(q_shape and k_shape and q_shape[-2] is not None and q_shape[-2] == k_shape[k_axis])
+        spec = SiteSpec.from_site(site, g.dtype(site.output), same_length=same)
         params = self.site_params.get(site.name)
         if params is None and self.variant.init_params is not None and site.heads and site.head_dim:
             params = self.variant.init_params(site.heads, site.head_dim, options)

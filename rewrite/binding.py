@@ -34,13 +34,15 @@ class SiteSpec:
     term_modes: tuple[str, ...] = ()
     gqa: bool = False
     out_dtype: str | None = None
+    same_length: bool = False
 
     @classmethod
-    def from_site(cls, site: AttentionSite, out_dtype: str | None) -> "SiteSpec":
+    def from_site(cls, site: AttentionSite, out_dtype: str | None, same_length: bool = False) -> "SiteSpec":
+        """``same_length``: the graph proves queries and keys have one length (self-attention without cache)."""
         return cls(scale=site.scale, causal=site.causal, mask=site.mask, layout=site.layout, heads=site.heads,
                    k_transposed=site.k_transposed, term_modes=tuple(t.mode for t in site.mask_terms),
                    gqa=site.kv_heads is not None and site.heads is not None and site.kv_heads != site.heads,
-                   out_dtype=out_dtype)
+                   out_dtype=out_dtype, same_length=same_length)
 
 
 def needed_mask_kinds(mask: str) -> set[str]:
@@ -90,6 +92,8 @@ class SiteModule(nn.Module):
         spec = self.spec
         if spec.k_transposed:
             k = k.transpose(-2, -1)
+        if spec.same_length:  # tell the tracer S == T, so variants take their self-attention forms
+            torch._check(k.shape[-2] == q.shape[-2])
         three_d = q.dim() == 3
         if three_d:
             heads = spec.heads or 1

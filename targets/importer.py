@@ -74,6 +74,28 @@ def _check_supported(model: onnx.ModelProto) -> None:
                                      culprit=node.name or node.output[0])
 
 
+def specialize_onnx(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """Fix the named inputs' dims and fold what became constant (shape arithmetic, casts of constants).
+
+    TVM's ONNX frontend fails on much of the shape arithmetic exporters emit for dynamic dims (``Shape`` feeding
+    ``Pad``/``Reshape``/``Range``, float64 scalars from ``Shape``); with static inputs onnxscript's optimizer folds
+    all of it to constants first. Names of inputs and outputs are kept.
+    """
+    import onnx_ir as ir
+    import onnxscript
+
+    model = ir.from_proto(proto)
+    for value in model.graph.inputs:
+        if value.name in shapes:
+            value.shape = ir.Shape([int(d) for d in shapes[value.name]])
+    try:
+        onnxscript.optimizer.optimize(model, num_iterations=2)
+    except Exception as exc:  # noqa: BLE001 - folding is an optimisation; import the unfolded graph then
+        log.warning("constant folding for fixed shapes failed (%s); importing unfolded", exc)
+        return proto
+    return ir.to_proto(model)
+
+
 def import_onnx(model, shapes: dict | None = None) -> Imported:
     """ONNX path or ModelProto -> :class:`Imported` (attention expanded, dropout removed; see onnx_normalize).
 
@@ -82,6 +104,8 @@ def import_onnx(model, shapes: dict | None = None) -> Imported:
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = normalize_onnx(load_onnx(model))
+    if shapes:
+        proto = specialize_onnx(proto, shapes)
     _check_supported(proto)
     init_names = {i.name for i in proto.graph.initializer}
     graph_inputs = [vi for vi in proto.graph.input if vi.name not in init_names]

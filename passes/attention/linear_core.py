@@ -94,6 +94,12 @@ def _apply_offset(fq, fk, v, a, b, rq, rk, *, chunk: int, form: str) -> torch.Te
     return out[:, :, b:b + s_len]
 
 
+def _same_length(a, b) -> bool:
+    """True when two (possibly symbolic) lengths are provably equal without adding a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return bool(statically_known_true(a == b))
+
+
 def _concrete(*xs) -> bool:
     return all(isinstance(x, int) for x in xs)
 
@@ -116,6 +122,9 @@ def causal_apply(
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
     s_len, t_len = fq.shape[-2], fk.shape[-2]
+    if shift == 0 and not _concrete(s_len, t_len) and _same_length(s_len, t_len):
+        # self-attention under tracing: one symbolic length, no offset axis (and no Pad with a computed size)
+        return _causal_equal(fq, fk, v, chunk=chunk, form=form)
     if _concrete(s_len, t_len):
         if s_len == t_len and shift == 0:
             return _causal_equal(fq, fk, v, chunk=chunk, form=form)
