@@ -61,6 +61,17 @@ def _parse_selection(spec: Any, n_sites: int, what: str) -> set[int]:
     return out
 
 
+def _param_digest(module: torch.nn.Module) -> str:
+    """A digest of the module's parameter values: the ONNX exporter folds parameters into constants, so two sites
+    share an exported sub-graph only when their parameters are equal, not merely of equal shape."""
+    import hashlib
+    h = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class SiteDecision:
     site: AttentionSite
@@ -208,7 +219,7 @@ class AttentionRewritePass(Pass):
             tensors, dynamic, signature = emit_onnx.site_signature(g, site, site_inputs)
             module = modules[site.name]
             key = (self.variant.name, tuple(sorted((k, repr(v)) for k, v in options.items())), module.spec,
-                   signature, tuple((k, tuple(p.shape)) for k, p in module.params.items()))
+                   signature, _param_digest(module))
             sub = exporter.export(module, key, tensors, dynamic, site.name)
             emit_onnx.splice(onnx_model, g, site, sub)
         emit_onnx.finish(onnx_model)

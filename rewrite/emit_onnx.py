@@ -2,8 +2,8 @@
 resulting graph into the model in place of the site.
 
 The replacement is plain standard ops (no custom domain), so the result runs in onnxruntime without softswap.
-Exports are cached per (module, input signature, opset): a 12-layer model costs one export, not twelve; the site's
-own parameter values are written into its copy of the initializers.
+Exports are cached per (variant, options, site spec, input signature, parameter values): a 12-layer model with
+untrained (equal) parameters costs one export, not twelve; fitted per-site parameters get one export each.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def site_signature(g: OnnxGraph, site: AttentionSite, captured: Sequence[torch.T
 
 
 class OnnxSiteExporter:
-    """Exports site modules to ONNX sub-graphs, with a cache keyed by structure (not by parameter values)."""
+    """Exports site modules to ONNX sub-graphs, cached by ``key`` (the caller includes the parameter values: the
+    exporter may fold parameters into constants, so only equal parameters may share a sub-graph)."""
 
     def __init__(self, opset: int) -> None:
         self.opset = opset
@@ -97,12 +98,7 @@ class OnnxSiteExporter:
                 raise UnsupportedModelError(f"site {site_name}: exporting the replacement to ONNX failed: {exc}") from exc
             proto = ir.to_proto(program.model).SerializeToString()
             self._cache[key] = proto
-        model = ir.from_proto(onnx.ModelProto.FromString(proto))
-        state = {f"params.{k}": v for k, v in module.state_dict().items() if k.startswith("params.")}
-        for name, value in model.graph.initializers.items():
-            if name in state:
-                value.const_value = ir.tensor(state[name].detach().cpu().numpy())
-        return model
+        return ir.from_proto(onnx.ModelProto.FromString(proto))
 
 
 def _unique(graph: ir.Graph, taken: set[str], base: str) -> str:

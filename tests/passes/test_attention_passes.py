@@ -112,3 +112,24 @@ def test_half_precision_models(dtype, variant):
         out = half_model.ep.module()(x.to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() <= 2e-2 * max(1.0, float(ref.abs().max()))
+
+
+def test_per_site_parameters_reach_both_graph_kinds(tmp_path):
+    """Different fitted parameters per site land in the FX program and in the ONNX graph alike."""
+    from rewrite.attention_pass import AttentionRewritePass
+    from rewrite.io import export_module, fx_to_onnx, LoadedModel
+
+    x = torch.randn(2, 16, 32)
+    fx = export_module(TwoBlocks().eval(), (x,))
+    variant = VARIANTS["sigmoid"]
+    params = {f"attn{i}": {"bias": torch.full((4,), -1.0 - i), "log_temp": torch.full((4,), 0.3 * i)}
+              for i in range(2)}
+    fx_new = AttentionRewritePass(variant, params=params).run(fx).model
+    ox = LoadedModel(kind="onnx", source="two", onnx=fx_to_onnx(fx), input_names=["x"], output_names=["out"],
+                     extra={"feeds": {"x": x.numpy()}})
+    onnx_new = AttentionRewritePass(variant, params=params).run(ox).model
+    plain = AttentionRewritePass(variant).run(ox).model
+    feeds = {"x": x.numpy()}
+    a, b, c = (list(run(m, feeds).values())[0] for m in (fx_new, onnx_new, plain))
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+    assert np.abs(a - c).max() > 1e-3  # the parameters matter

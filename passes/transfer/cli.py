@@ -1,0 +1,127 @@
+"""The ``softswap transfer`` subcommand. ``rewrite/cli.py`` registers it by calling :func:`add_commands`.
+
+    softswap transfer ORIGINAL -o OUT --attention VARIANT [--hybrid-window 64] [--data FILE|stdlib]
+        [--steps N | --minutes M] [--seed S] [--layers ..] [--keep-softmax ..] [--option k=v ...]
+        [--checkpoint FILE] [--report r.json] [--tokenizer DIR] [--batch-size B] [--max-samples N] [--lr LR] [--no-progress]
+
+Prints a before/after fidelity table (rich). Softswap errors (:class:`rewrite.errors.SoftswapError`, e.g. a bad
+data file or option) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from rewrite.errors import OptionError, SoftswapError
+
+log = logging.getLogger(__name__)
+
+
+def parse_options(items: Sequence[str] | None) -> dict[str, str]:
+    """``["k=v", ...]`` → ``{"k": "v"}``; :class:`OptionError` naming a malformed item."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise OptionError(f"--option {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Per-site and model-level before/after fidelity tables."""
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(highlight=False)
+    table = Table(title=f"transfer {report['variant']} ({report['graph']}): site fidelity on held-out data "
+                        f"({report['data']['source']})")
+    for col in ("site", "steps", "params", "cosine before", "cosine after", "rel.err before", "rel.err after", "s"):
+        table.add_column(col)
+    for name, row in report["sites"].items():
+        b, a = row["before"], row["after"]
+        table.add_row(name, str(row["steps"]), str(row["n_params"]), f"{b['cosine']:.5f}", f"{a['cosine']:.5f}",
+                      f"{b['rel_error']:.3e}", f"{a['rel_error']:.3e}", f"{row['seconds']:.1f}")
+    console.print(table)
+    for name, reason in report.get("skipped", {}).items():
+        console.print(f"{name}: kept ({reason})")
+    mf = report.get("model_fidelity")
+    if mf:
+        t2 = Table(title="model fidelity vs original (held-out batches)")
+        for col in ("output", "cosine before", "cosine after", "rel.err before", "rel.err after"):
+            t2.add_column(col)
+        for out_name, after in mf["after"]["outputs"].items():
+            before = mf["before"]["outputs"].get(out_name, {})
+            t2.add_row(out_name, f"{before.get('cosine', float('nan')):.5f}", f"{after['cosine']:.5f}",
+                       f"{before.get('rel_error', float('nan')):.3e}", f"{after['rel_error']:.3e}")
+        console.print(t2)
+    if "output" in report:
+        console.print(f"wrote {report['output']} ({report['seconds']:.1f}s)")
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """Run :func:`passes.transfer.transfer` from parsed arguments; returns the exit status."""
+    from .transfer import transfer
+    if args.steps is not None and args.minutes is not None:
+        raise OptionError("give --steps or --minutes, not both")
+    _, report = transfer(args.model, args.output, attention=args.attention, options=parse_options(args.option),
+                         hybrid_window=args.hybrid_window, data=args.data, steps=args.steps, minutes=args.minutes,
+                         seed=args.seed, layers=args.layers, keep_softmax=args.keep_softmax,
+                         checkpoint=args.checkpoint, progress=not args.no_progress, batch_size=args.batch_size,
+                         max_samples=args.max_samples, lr=args.lr, report_path=args.report,
+                         tokenizer=args.tokenizer)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        print_report(report)
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``transfer`` to an ``argparse`` subparsers object (``parser.add_subparsers()``)."""
+    p = subparsers.add_parser("transfer", help="rewrite attention and fit the replacement to the original "
+                                               "(layer-wise attention transfer)")
+    p.add_argument("model", help="original model: .onnx, .pt2 or a Hugging Face model folder")
+    p.add_argument("-o", "--output", required=True, help="output path (.onnx or .pt2)")
+    p.add_argument("--attention", required=True, help="variant: linear, mala, sigmoid, softplus, ...")
+    p.add_argument("--hybrid-window", type=int, default=0, metavar="W",
+                   help="sliding softmax window of W tokens (linear, mala); 0 = off")
+    p.add_argument("--data", default=None, help=".npz (arrays by input name), a text file (one sample per line, "
+                                                "tokenized with the model's tokenizer) or 'stdlib'; default "
+                                                "synthetic inputs")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per site (default 300)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for fitting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", help="only these attention sites (indices, ranges, attnN)")
+    p.add_argument("--keep-softmax", help="keep these attention sites as softmax")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="variant option (repeatable)")
+    p.add_argument("--checkpoint", help="checkpoint file (torch.save); resumed when it exists")
+    p.add_argument("--report", help="write the report as JSON here")
+    p.add_argument("--tokenizer", help="tokenizer folder for text --data (default: the model folder's tokenizer)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-samples", type=int, default=512, help="cap on text lines read")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_transfer)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry (``python -m passes.transfer.cli transfer ...``), same behaviour as ``softswap transfer``."""
+    parser = argparse.ArgumentParser(prog="softswap")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SoftswapError as exc:
+        print(f"softswap: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

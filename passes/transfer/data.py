@@ -1,0 +1,240 @@
+"""Calibration data for attention transfer: named input batches for a loaded model, split into train / held-out.
+
+Sources (:func:`load_calibration`):
+
+- ``None``: synthetic inputs from the model's input spec (``HFModel.make_inputs`` for Hugging Face folders,
+  :func:`rewrite.io.synth_inputs` for ONNX graphs, seeded noise shaped like the example inputs otherwise);
+- a ``.npz`` file: arrays keyed by the model's input names, batch on axis 0;
+- a text file (any other suffix): one sample per line, tokenized with the model folder's tokenizer
+  (``transformers.AutoTokenizer`` from ``HFModel.tokenizer_path``, local files only) or ``tokenizer=``;
+- the string ``"stdlib"``: the offline docstring corpus of :mod:`passes.transfer.corpus`;
+- a list of strings (tokenized like a text file), a list of input dicts (used as batches), or a
+  :class:`Calibration` (returned unchanged).
+
+Every batch is a ``dict[str, np.ndarray]`` keyed by the model's input names, with the dtypes the model expects.
+The split is deterministic: the last ``held_out`` fraction of the samples (in the given order) is held out.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from rewrite.errors import SoftswapError
+from rewrite.io import LoadedModel, synth_inputs
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+class CalibrationDataError(SoftswapError):
+    """Calibration data could not be read or does not fit the model (names the file and what is wrong)."""
+
+
+@dataclass
+class Calibration:
+    """Train and held-out batches of named model inputs (numpy), plus where they came from."""
+
+    train: list[Batch]
+    held_out: list[Batch]
+    source: str
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary: source, batch counts and sample counts."""
+        return {"source": self.source, "train_batches": len(self.train), "held_out_batches": len(self.held_out),
+                **self.samples}
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _expected_dtypes(loaded: LoadedModel) -> dict[str, np.dtype]:
+    """The numpy dtype of each model input (ONNX: declared type; FX: example input dtype)."""
+    out: dict[str, np.dtype] = {}
+    if loaded.kind == "onnx":
+        from rewrite.io import _NP
+        for value in loaded.onnx.graph.inputs:
+            if not value.is_initializer() and value.dtype in _NP:
+                out[value.name] = np.dtype(_NP[value.dtype])
+    else:
+        for name, ex in (loaded.example_inputs or {}).items():
+            if isinstance(ex, torch.Tensor):
+                out[name] = np.dtype(str(ex.dtype).replace("torch.", "")) if ex.dtype != torch.bfloat16 else np.dtype("float32")
+            else:
+                out[name] = np.asarray(ex).dtype
+    return out
+
+
+def conform(batch: Mapping[str, Any], loaded: LoadedModel, source: str) -> Batch:
+    """Keep the model's inputs from ``batch`` (cast to the expected dtypes); error naming ``source`` if one lacks."""
+    names = list(loaded.input_names)
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise CalibrationDataError(f"{source}: calibration data lacks model input(s) {missing} "
+                                   f"(has {sorted(batch)})")
+    dtypes = _expected_dtypes(loaded)
+    out: Batch = {}
+    for n in names:
+        value = batch[n]
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if n in dtypes and arr.dtype != dtypes[n]:
+            arr = arr.astype(dtypes[n])
+        out[n] = np.ascontiguousarray(arr)
+    return out
+
+
+def _split_batches(batches: list[Batch], held_out: float) -> tuple[list[Batch], list[Batch]]:
+    if len(batches) < 2:
+        raise CalibrationDataError("calibration data must give at least 2 batches (train and held-out); "
+                                   f"got {len(batches)}: lower batch_size or give more samples")
+    n_held = min(len(batches) - 1, max(1, int(round(held_out * len(batches)))))
+    return batches[:-n_held], batches[-n_held:]
+
+
+def _rows(arrays: Mapping[str, np.ndarray], start: int, stop: int) -> Batch:
+    return {k: v[start:stop] for k, v in arrays.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _from_npz(path: Path, loaded: LoadedModel, batch_size: int, held_out: float) -> Calibration:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError ...
+        raise CalibrationDataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    arrays = conform(arrays, loaded, str(path))
+    sizes = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise CalibrationDataError(f"{path}: arrays must share a non-empty batch axis 0; got {sizes}")
+    n = next(iter(sizes.values()))
+    batches = [_rows(arrays, i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    train, held = _split_batches(batches, held_out)
+    return Calibration(train, held, str(path), {"samples": n})
+
+
+def _tokenizer_for(loaded: LoadedModel, tokenizer: Any, source: str) -> Any:
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    path = tokenizer
+    if path is None:
+        hf = loaded.extra.get("hf")
+        path = getattr(hf, "tokenizer_path", None)
+    if path is None:
+        raise CalibrationDataError(f"{source}: text calibration data needs a tokenizer, and {loaded.source} has "
+                                   "none (use a Hugging Face model folder, pass tokenizer=, or give a .npz file)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise CalibrationDataError(f"{path}: cannot load a tokenizer ({exc})") from None
+
+
+def tokenize_lines(lines: Sequence[str], loaded: LoadedModel, *, tokenizer: Any = None, batch_size: int = 16,
+                   max_length: int = 128, source: str = "<lines>", sort_by_length: bool = True) -> list[Batch]:
+    """Tokenize ``lines`` into padded batches of model inputs.
+
+    With ``sort_by_length`` the lines are ordered by token count first (stable, so deterministic), which keeps
+    padding small; each batch is padded to its longest line and truncated at ``max_length`` tokens.
+    """
+    tok = _tokenizer_for(loaded, tokenizer, source)
+    lines = [s for s in (l.strip() for l in lines) if s]
+    if not lines:
+        raise CalibrationDataError(f"{source}: no non-empty lines")
+    if sort_by_length:
+        lengths = [len(ids) for ids in tok(lines, truncation=True, max_length=max_length)["input_ids"]]
+        lines = [lines[i] for i in sorted(range(len(lines)), key=lambda i: (lengths[i], i))]
+    batches = []
+    for i in range(0, len(lines), batch_size):
+        enc = tok(lines[i:i + batch_size], padding="longest", truncation=True, max_length=max_length,
+                  return_tensors="np")
+        batches.append(conform(dict(enc), loaded, source))
+    return batches
+
+
+def _from_lines(lines: Sequence[str], loaded: LoadedModel, source: str, *, tokenizer: Any, batch_size: int,
+                max_length: int, max_samples: int | None, held_out: float) -> Calibration:
+    lines = [s for s in (l.strip() for l in lines) if s]
+    if max_samples:
+        lines = lines[:max_samples]
+    if len(lines) < 2:
+        raise CalibrationDataError(f"{source}: need at least 2 non-empty lines, found {len(lines)}")
+    n_held = min(len(lines) - 1, max(1, int(round(held_out * len(lines)))))
+    train_lines, held_lines = lines[:-n_held], lines[-n_held:]
+    train = tokenize_lines(train_lines, loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                           source=source)
+    held = tokenize_lines(held_lines, loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                          source=source)
+    return Calibration(train, held, source, {"train_samples": len(train_lines), "held_out_samples": len(held_lines)})
+
+
+def synthetic_batches(loaded: LoadedModel, n_batches: int, batch_size: int, seq: int | None, seed: int) -> list[Batch]:
+    """``n_batches`` synthetic input batches from the model's input spec (seeded; batch ``i`` uses ``seed + i``)."""
+    hf = loaded.extra.get("hf")
+    out = []
+    for i in range(n_batches):
+        if hf is not None and hasattr(hf, "make_inputs"):
+            batch = hf.make_inputs(batch_size, seq, seed=seed + 1 + i)
+        elif loaded.kind == "onnx":
+            batch = synth_inputs(loaded, batch=batch_size, seq=seq or 16, seed=seed + 1 + i)
+        else:
+            gen = torch.Generator().manual_seed(seed + 1 + i)
+            batch = {}
+            for name, ex in (loaded.example_inputs or {}).items():
+                if isinstance(ex, torch.Tensor) and ex.is_floating_point():
+                    batch[name] = torch.randn(ex.shape, generator=gen, dtype=ex.dtype)
+                else:
+                    batch[name] = ex  # integer / bool inputs are reused as given
+        out.append(conform(batch, loaded, "<synthetic>"))
+    return out
+
+
+def load_calibration(loaded: LoadedModel, data: Any = None, *, batch_size: int = 16, max_length: int = 128,
+                     max_samples: int | None = 512, held_out: float = 0.2, seq: int | None = None,
+                     n_batches: int = 10, tokenizer: Any = None, seed: int = 0) -> Calibration:
+    """Calibration batches for ``loaded`` from ``data`` (see the module docstring for the accepted sources).
+
+    ``batch_size``: samples per batch; ``max_length``: token truncation for text; ``max_samples``: cap on text
+    lines; ``held_out``: fraction held out (at least one batch); ``seq``/``n_batches``: synthetic input shape and
+    count. Raises :class:`CalibrationDataError` naming the file when the data cannot be read or lacks an input.
+    """
+    if isinstance(data, Calibration):
+        return data
+    if data is None:
+        batches = synthetic_batches(loaded, n_batches, batch_size, seq, seed)
+        train, held = _split_batches(batches, held_out)
+        return Calibration(train, held, "synthetic", {"samples": n_batches * batch_size})
+    if isinstance(data, str) and data == "stdlib":
+        from .corpus import stdlib_corpus
+        corpus = stdlib_corpus()
+        return _from_lines(list(corpus.calibration), loaded, f"stdlib docstrings ({corpus.source})",
+                           tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                           max_samples=max_samples, held_out=held_out)
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise CalibrationDataError(f"{path}: calibration data file not found")
+        if path.suffix == ".npz":
+            return _from_npz(path, loaded, batch_size, held_out)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CalibrationDataError(f"{path}: cannot read as UTF-8 text lines ({exc})") from None
+        if "\x00" in text:
+            raise CalibrationDataError(f"{path}: binary file; expected a .npz file or UTF-8 text lines")
+        return _from_lines(text.splitlines(), loaded, str(path), tokenizer=tokenizer, batch_size=batch_size,
+                           max_length=max_length, max_samples=max_samples, held_out=held_out)
+    if isinstance(data, Sequence) and data and all(isinstance(s, str) for s in data):
+        return _from_lines(list(data), loaded, "<lines>", tokenizer=tokenizer, batch_size=batch_size,
+                           max_length=max_length, max_samples=max_samples, held_out=held_out)
+    if isinstance(data, Sequence) and data and all(isinstance(b, Mapping) for b in data):
+        batches = [conform(b, loaded, "<batches>") for b in data]
+        train, held = _split_batches(batches, held_out)
+        return Calibration(train, held, "<batches>", {"batches": len(batches)})
+    raise CalibrationDataError(f"calibration data of type {type(data).__name__} not understood: give a .npz file, "
+                               "a text file, 'stdlib', a list of strings or a list of input dicts")

@@ -1,0 +1,408 @@
+"""Layer-wise attention transfer for FX programs and ONNX graphs (spec/attention.md §7 stage 1, §8 hybrid).
+
+Flow of :func:`transfer`:
+
+1. load the model (:func:`rewrite.io.load_model`), recognize its attention sites and choose the ones the
+   ``attention.<variant>`` pass would replace (``layers`` / ``keep_softmax`` / mask support);
+2. read calibration data (:mod:`.data`) and split it into train and held-out batches;
+3. for each group of sites, capture (q, k, v, mask values, softmax output) on every batch — FX by running the
+   program (:func:`rewrite.capture.capture_fx`), ONNX in onnxruntime (:func:`rewrite.capture.capture_onnx`);
+4. fit each site's :class:`rewrite.binding.SiteModule` parameters independently (:mod:`.fit`), checkpointing
+   per-site params, step counters and optimizer state to ``checkpoint`` (``torch.save``) so a run can resume;
+5. write the fitted params into the graph with ``AttentionRewritePass(params=...)`` and report site fidelity on
+   held-out batches before / after fitting, and model fidelity (:func:`rewrite.verify.verify` on the held-out
+   batches) for the untrained swap and the fitted model.
+
+Memory is bounded by ``sites_per_capture`` (the captures of at most that many sites are alive at once).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from rewrite import io as mio
+from rewrite.attention_pass import AttentionRewritePass
+from rewrite.binding import SiteModule, SiteSpec
+from rewrite.capture import capture_fx, capture_onnx
+from rewrite.errors import NoSitesError, OptionError, SoftswapError
+from rewrite.recognize import recognize
+from rewrite.verify import verify as _verify
+
+from .data import Batch, Calibration, load_calibration
+from .fit import FitConfig, Sample, SiteState, evaluate, fit_site
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "softswap-transfer/1"
+#: Steps per site when neither ``steps`` nor ``minutes`` is given.
+DEFAULT_STEPS = 300
+#: Variants whose transfer default is the learnable Hedgehog feature map.
+HEDGEHOG_DEFAULT = ("linear", "mala")
+
+
+class TransferError(SoftswapError):
+    """Attention transfer cannot proceed (names the checkpoint, site or variant at fault)."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+def transfer_options(variant: Any, options: Mapping[str, Any] | None, hybrid_window: int) -> dict[str, Any]:
+    """The variant options used for transfer: ``options`` overlaid on the transfer defaults
+    (``feature_map="hedgehog"`` for linear/MALA; ``window=hybrid_window`` when > 0)."""
+    opts: dict[str, Any] = {}
+    names = {o.name for o in variant.options}
+    if variant.name in HEDGEHOG_DEFAULT and "feature_map" in names:
+        opts["feature_map"] = "hedgehog"
+    if hybrid_window:
+        if "window" not in names:
+            raise OptionError(f"--hybrid-window: variant {variant.name!r} has no sliding-window hybrid "
+                              "(only linear and mala do)")
+        if hybrid_window < 0:
+            raise OptionError(f"--hybrid-window must be >= 0, got {hybrid_window}")
+        opts["window"] = int(hybrid_window)
+    opts.update(dict(options or {}))
+    return opts
+
+
+def _graph(loaded: mio.LoadedModel) -> tuple[Any, Any, Any]:
+    """(graph view, runnable: fx.GraphModule or onnx_ir.Model, model) as the rewrite pass will see them."""
+    if loaded.kind == "fx":
+        from rewrite.graph.fx import FxGraph
+        gm = loaded.ep.module()
+        return FxGraph(gm), gm, gm
+    from rewrite import emit_onnx
+    from rewrite.graph.onnx_graph import OnnxGraph
+    model = loaded.onnx.clone()
+    if model.opset_imports.get("", 17) < 18:
+        model = emit_onnx.upgrade_opset(model, 18)
+    return OnnxGraph(model), model, model
+
+
+def _capture(loaded: mio.LoadedModel, runnable: Any, sites: Sequence[Any], batch: Batch
+             ) -> dict[str, list[torch.Tensor]]:
+    if loaded.kind == "fx":
+        leaves = [torch.from_numpy(np.array(batch[n])) for n in loaded.input_names]
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, loaded.ep.call_spec.in_spec)
+        return capture_fx(runnable, sites, args, kwargs)
+    return capture_onnx(runnable, sites, batch)
+
+
+def _model_fidelity(original: mio.LoadedModel, rewritten: mio.LoadedModel, batches: Sequence[Batch]
+                    ) -> dict[str, Any]:
+    """Per-output cosine / relative error averaged over ``batches`` (each compared with rewrite.verify)."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for batch in batches:
+        for o in _verify(original, rewritten, batch).outputs:
+            d = per.setdefault(o.name, {"cosine": [], "rel_error": []})
+            d["cosine"].append(o.cosine)
+            d["rel_error"].append(o.rel_error)
+    outputs = {n: {k: float(np.mean(v)) for k, v in d.items()} for n, d in per.items()}
+    return {"outputs": outputs, "min_cosine": min((o["cosine"] for o in outputs.values()), default=1.0),
+            "batches": len(batches)}
+
+
+def _rewrite(loaded: mio.LoadedModel, variant: Any, options: Mapping[str, Any], layers: Any, keep_softmax: Any,
+             params: Mapping[str, Mapping[str, torch.Tensor]] | None) -> tuple[mio.LoadedModel, dict[str, Any]]:
+    """One attention pass writing every site's fitted params (FX parameters or ONNX initializers)."""
+    result = AttentionRewritePass(variant, options=options, layers=layers, keep_softmax=keep_softmax,
+                                  measure=False, params=params).run(loaded)
+    if not result.modified:
+        reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in result.report.get("sites", []))
+        raise NoSitesError(f"{loaded.source}: nothing was rewritten ({reasons or 'no attention site'})")
+    return result.model, result.report
+
+
+def rewrite_with_params(model: Any, params: Mapping[str, Mapping[str, torch.Tensor]], *, attention: str = "linear",
+                        options: Mapping[str, Any] | None = None, hybrid_window: int = 0, layers: Any = None,
+                        keep_softmax: Any = None) -> mio.LoadedModel:
+    """Rewrite ``model`` (FX or ONNX) with ``attention`` and write fitted per-site ``params`` into the graph.
+
+    ``options`` / ``hybrid_window`` are completed exactly as :func:`transfer` does (:func:`transfer_options`), so
+    params fitted on one conversion of a model (e.g. FX) can be written into another (e.g. its ONNX export).
+    """
+    from passes.attention import get_variant
+    try:
+        variant = get_variant(attention)
+    except KeyError as exc:
+        raise OptionError(str(exc.args[0])) from None
+    opts = transfer_options(variant, options, hybrid_window)
+    return _rewrite(mio.load_model(model), variant, opts, layers, keep_softmax, params)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+class _Checkpoint:
+    """Per-site states in one ``torch.save`` file, written atomically (tmp + rename)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, meta: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.meta = meta
+        self.sites: dict[str, SiteState] = {}
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise TransferError(f"{self.path}: cannot read the transfer checkpoint ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+            raise TransferError(f"{self.path}: not a softswap transfer checkpoint")
+        for key in ("variant", "options", "seed"):
+            if data["meta"].get(key) != self.meta.get(key):
+                raise TransferError(f"{self.path}: checkpoint was made with {key}={data['meta'].get(key)!r}, "
+                                    f"this run has {key}={self.meta.get(key)!r}; use another --checkpoint")
+        self.sites = {k: SiteState.from_dict(v) for k, v in data["sites"].items()}
+        log.info("resuming from %s: %s", self.path, {k: s.step for k, s in self.sites.items()})
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"format": CHECKPOINT_FORMAT, "meta": self.meta,
+                    "sites": {k: s.to_dict() for k, s in self.sites.items()}}, tmp)
+        os.replace(tmp, self.path)
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), disable=not enabled,
+                    transient=False)
+
+
+def _canonical_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in options.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+def fit_params(model: Any, *, attention: str = "linear", options: Mapping[str, Any] | None = None,
+               hybrid_window: int = 0, data: Any = None, steps: int | None = None, minutes: float | None = None,
+               seed: int = 0, layers: Any = None, keep_softmax: Any = None,
+               checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, example_inputs: Any = None,
+               batch_size: int = 16, max_samples: int | None = 512, max_length: int = 128, lr: float = 1e-2,
+               scalar_lr: float = 1e-1, sites_per_capture: int | None = None, tokenizer: Any = None,
+               threads: int | None = 1
+               ) -> tuple[mio.LoadedModel, Calibration, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Steps 1–4 of :func:`transfer` without writing the graph: (loaded model, calibration, fitted per-site params,
+    report). Arguments as for :func:`transfer`. ``report["sites"]`` holds the per-site before/after fidelity.
+
+    ``threads``: torch intra-op threads while capturing and fitting (restored afterwards; None = leave as is).
+    The per-site tensors are small, so one thread is usually fastest, especially on a shared machine.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _fit_params(model, attention=attention, options=options, hybrid_window=hybrid_window, data=data,
+                           steps=steps, minutes=minutes, seed=seed, layers=layers, keep_softmax=keep_softmax,
+                           checkpoint=checkpoint, progress=progress, example_inputs=example_inputs,
+                           batch_size=batch_size, max_samples=max_samples, max_length=max_length, lr=lr,
+                           scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None, hybrid_window: int, data: Any,
+                steps: int | None, minutes: float | None, seed: int, layers: Any, keep_softmax: Any,
+                checkpoint: str | os.PathLike[str] | None, progress: bool, example_inputs: Any, batch_size: int,
+                max_samples: int | None, max_length: int, lr: float, scalar_lr: float,
+                sites_per_capture: int | None, tokenizer: Any
+                ) -> tuple[mio.LoadedModel, Calibration, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    from passes.attention import get_variant
+
+    t0 = time.time()
+    if steps is not None and steps < 0:
+        raise OptionError(f"--steps must be >= 0, got {steps}")
+    if minutes is not None and minutes <= 0:
+        raise OptionError(f"--minutes must be > 0, got {minutes}")
+    try:
+        variant = get_variant(attention)
+    except KeyError as exc:
+        raise OptionError(str(exc.args[0])) from None
+    opts = transfer_options(variant, options, hybrid_window)
+    rewrite_pass = AttentionRewritePass(variant, options=opts, layers=layers, keep_softmax=keep_softmax,
+                                        measure=False)
+    loaded = mio.load_model(model, example_inputs)
+    g, runnable, _ = _graph(loaded)
+    sites = recognize(g).attention_sites
+    decisions = rewrite_pass.decide(sites)
+    chosen = [d.site for d in decisions if d.replace]
+    if not chosen:
+        reasons = "; ".join(f"{d.site.name}: {d.reason}" for d in decisions)
+        raise NoSitesError(f"{loaded.source}: nothing to transfer ({reasons or 'no attention site'})")
+    resolved = rewrite_pass._options_for(loaded)  # fills n_ref etc. exactly as the pass will
+    calib = load_calibration(loaded, data, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
+                             tokenizer=tokenizer, seed=seed)
+    if steps is None and minutes is None:
+        steps = DEFAULT_STEPS
+    config = FitConfig(lr=lr, scalar_lr=scalar_lr)
+    ckpt = _Checkpoint(checkpoint, {"variant": variant.name, "options": _canonical_options(resolved), "seed": seed})
+    torch.manual_seed(seed)
+
+    site_rows: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, dict[str, torch.Tensor]] = {}
+    deadline_all = t0 + 60.0 * minutes if minutes is not None else None
+    group = sites_per_capture or len(chosen)
+    index_of = {s.name: i for i, s in enumerate(sites)}
+    with _progress(progress) as bar:
+        for start in range(0, len(chosen), group):
+            part = chosen[start:start + group]
+            train: dict[str, list[Sample]] = {s.name: [] for s in part}
+            held: dict[str, list[Sample]] = {s.name: [] for s in part}
+            for batch in calib.train:
+                for name, tensors in _capture(loaded, runnable, part, batch).items():
+                    train[name].append(tensors)
+            for batch in calib.held_out:
+                for name, tensors in _capture(loaded, runnable, part, batch).items():
+                    held[name].append(tensors)
+            for pos, site in enumerate(part):
+                remaining = len(chosen) - (start + pos)
+                init = None
+                if variant.init_params is not None and site.heads and site.head_dim:
+                    init = variant.init_params(site.heads, site.head_dim, resolved)
+                init = init or {}
+                state = ckpt.sites.get(site.name) or SiteState(params={k: v.clone() for k, v in init.items()})
+                spec = SiteSpec.from_site(site, g.dtype(site.output))
+                module = SiteModule(variant, spec, resolved, init)
+                before = evaluate(module, held[site.name])
+                for k, v in state.params.items():
+                    module.params[k].data.copy_(v)
+                deadline = None
+                if deadline_all is not None:
+                    deadline = time.time() + max(0.0, deadline_all - time.time()) / remaining
+                task = bar.add_task(site.name, total=steps if steps is not None else None, completed=state.step,
+                                    loss="-")
+
+                def on_step(step: int, loss: float, _task: Any = task) -> None:
+                    bar.update(_task, completed=step, loss=f"{loss:.4g}")
+
+                def on_save(st: SiteState, _name: str = site.name) -> None:
+                    ckpt.sites[_name] = st
+                    ckpt.save()
+
+                state = fit_site(module, train[site.name], state, total_steps=steps, deadline=deadline, seed=seed,
+                                 site_index=index_of[site.name], config=config, on_step=on_step, on_save=on_save)
+                ckpt.sites[site.name] = state
+                ckpt.save()
+                after = evaluate(module, held[site.name])
+                fitted[site.name] = {k: v.detach().clone() for k, v in state.params.items()}
+                site_rows[site.name] = {"before": before, "after": after, "steps": state.step,
+                                        "seconds": round(state.seconds, 3), "params": sorted(state.params),
+                                        "n_params": int(sum(v.numel() for v in state.params.values())),
+                                        "losses": state.losses[-20:]}
+                if not state.params:
+                    site_rows[site.name]["note"] = "variant has no learnable parameters with these options"
+                log.info("%s: site cosine %.4f -> %.4f (%d steps)", site.name, before["cosine"], after["cosine"],
+                         state.step)
+            del train, held
+    report: dict[str, Any] = {
+        "model": loaded.source, "graph": loaded.kind, "variant": variant.name,
+        "options": _canonical_options(resolved), "seed": seed, "steps": steps, "minutes": minutes,
+        "data": calib.describe(), "sites": site_rows,
+        "skipped": {d.site.name: d.reason for d in decisions if not d.replace},
+        "fit_seconds": round(time.time() - t0, 2), "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    return loaded, calib, fitted, report
+
+
+def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention: str = "linear",
+             options: Mapping[str, Any] | None = None, hybrid_window: int = 0, data: Any = None,
+             steps: int | None = None, minutes: float | None = None, seed: int = 0, layers: Any = None,
+             keep_softmax: Any = None, checkpoint: str | os.PathLike[str] | None = None, progress: bool = True,
+             example_inputs: Any = None, batch_size: int = 16, max_samples: int | None = 512,
+             max_length: int = 128, lr: float = 1e-2, scalar_lr: float = 1e-1,
+             sites_per_capture: int | None = None, measure_model: bool = True, tokenizer: Any = None,
+             report_path: str | os.PathLike[str] | None = None, threads: int | None = 1) -> tuple[mio.LoadedModel, dict[str, Any]]:
+    """Replace softmax attention with ``attention`` and fit the replacement's parameters per site.
+
+    Args:
+        model: anything :func:`rewrite.io.load_model` accepts (path, HF folder, nn.Module + ``example_inputs``,
+            ExportedProgram, ONNX model, LoadedModel).
+        out: write the fitted model here (``.onnx`` or ``.pt2``) when given.
+        attention: variant name (``linear``, ``mala``, ``sigmoid``, ``softplus``, ...).
+        options: variant options; the transfer defaults are ``feature_map="hedgehog"`` (linear, MALA).
+        hybrid_window: > 0 sets the sliding softmax window ``window`` (spec §8; linear and MALA).
+        data: calibration data (see :func:`passes.transfer.data.load_calibration`); None = synthetic.
+        steps: optimizer steps per site (total, counting steps already in the checkpoint).
+        minutes: wall-clock budget for capture + fitting (split evenly over the sites still to fit). With neither
+            ``steps`` nor ``minutes``, ``DEFAULT_STEPS`` steps per site.
+        seed: seeds torch and the per-site batch order; equal seeds give identical params.
+        layers / keep_softmax: site selection, as for ``softswap convert``.
+        checkpoint: ``torch.save`` file with per-site params, step counters and optimizer state; an existing
+            file is resumed (it must have the same variant, options and seed).
+        progress: show a rich progress bar.
+        batch_size, max_samples, max_length, tokenizer: calibration data shaping (text / synthetic).
+        lr, scalar_lr: Adam learning rates for matrices and per-head scalars.
+        sites_per_capture: capture at most this many sites per pass over the data (bounds memory); None = all.
+        threads: torch threads while capturing and fitting (default 1; None = unchanged).
+        measure_model: compute model-level fidelity (one more rewrite + runs on the held-out batches).
+        report_path: also write the report as JSON here.
+
+    Returns:
+        (fitted LoadedModel, report). ``report["sites"][name]`` has ``before`` (untrained swap) / ``after`` site
+        fidelity on the held-out batches (cosine, rel_error, max_abs, mse), ``steps``, ``seconds``;
+        ``report["model_fidelity"]`` has ``before`` / ``after`` model fidelity (per output, averaged over the
+        held-out batches).
+
+    Raises:
+        OptionError (bad variant / option / selection), CalibrationDataError (bad data file), TransferError
+        (bad checkpoint), NoSitesError (nothing to replace), ModelLoadError, OutputPathError.
+    """
+    t0 = time.time()
+    out_path = mio.check_output_path(out) if out is not None else None
+    if report_path is not None:
+        mio.check_output_path(report_path, (".json",))
+    loaded, calib, fitted, report = fit_params(
+        model, attention=attention, options=options, hybrid_window=hybrid_window, data=data, steps=steps,
+        minutes=minutes, seed=seed, layers=layers, keep_softmax=keep_softmax, checkpoint=checkpoint,
+        progress=progress, example_inputs=example_inputs, batch_size=batch_size, max_samples=max_samples,
+        max_length=max_length, lr=lr, scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer,
+        threads=threads)
+    if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
+        from rewrite.errors import OutputPathError
+        raise OutputPathError(f"{out_path}: an ONNX model can only be written as .onnx")
+    from passes.attention import get_variant
+    variant = get_variant(attention)
+    opts = transfer_options(variant, options, hybrid_window)
+    new_model, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, fitted)
+    if measure_model:
+        untrained, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, None)
+        report["model_fidelity"] = {"before": _model_fidelity(loaded, untrained, calib.held_out),
+                                    "after": _model_fidelity(loaded, new_model, calib.held_out)}
+    if out_path is not None:
+        from rewrite.api import export
+        export(new_model, out_path)
+        report["output"] = str(out_path)
+    report["seconds"] = round(time.time() - t0, 2)
+    if report_path is not None:
+        import json
+        path = Path(report_path)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, path)
+    new_model.extra["transfer"] = {"params": fitted, "options": dict(opts), "variant": variant.name}
+    return new_model, report
+
+
+def site_params(report_or_model: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """The fitted per-site params of a model returned by :func:`transfer` (for ``AttentionRewritePass(params=)``)."""
+    extra = getattr(report_or_model, "extra", {}) or {}
+    if "transfer" not in extra:
+        raise TransferError("this model was not produced by passes.transfer.transfer")
+    return extra["transfer"]["params"]
+
+
+def load_checkpoint_params(path: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-site params stored in a transfer checkpoint (e.g. to rewrite another conversion of the same model)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TransferError(f"{path}: cannot read the transfer checkpoint ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise TransferError(f"{path}: not a softswap transfer checkpoint")
+    return {k: dict(v["params"]) for k, v in data["sites"].items()}
