@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="inspect, rewrite and verify the bundled real MiniLM")
     p.add_argument("--out", default=None, help="folder for the demo's files (default: a temporary folder)")
+    p.add_argument("--steps", type=int, default=200, help="transfer steps per attention site (default 200)")
     p.set_defaults(func=cmd_demo)
 
     _add_plugin_commands(sub)

@@ -2,7 +2,8 @@
 
 Inspects the model in both graph kinds (FX from ``torch.export``, ONNX from the torch dynamo exporter), rewrites
 every attention site with ``attention.reference`` (which must leave outputs unchanged), verifies, and prints a
-summary. Later issues extend it with linear-cost variants and transfer.
+summary; then converts it to linear attention with learned Hedgehog feature maps (a linear-cost variant), runs a
+short attention transfer on the offline standard-library corpus, and prints fidelity before and after.
 """
 from __future__ import annotations
 
@@ -45,5 +46,20 @@ def run_demo(args: argparse.Namespace) -> int:
     console.rule("cross-kind verify: model folder vs rewritten ONNX")
     from .cli import print_verify
     print_verify(api.verify(folder, out_dir / "minilm_reference.onnx").to_dict())
+    _transfer_step(folder, out_dir, getattr(args, "steps", 200))
     console.print(f"demo finished in {time.perf_counter() - start:.1f}s; files in {out_dir}")
     return 0
+
+
+def _transfer_step(folder: Path, out_dir: Path, steps: int) -> None:
+    """Linear attention (Hedgehog maps) on MiniLM with a short layer-wise transfer: fidelity before / after."""
+    import importlib
+    transfer = importlib.import_module("passes.transfer")  # the catalogue, discovered like every pass
+    printer = importlib.import_module("passes.transfer.cli")
+    console.rule(f"transfer: softmax → linear attention (Hedgehog maps), {steps} steps per site")
+    out = out_dir / "minilm_linear.onnx"
+    started = time.perf_counter()
+    _, report = transfer.transfer(folder, out, attention="linear", data="stdlib", steps=steps, seed=0,
+                                  max_samples=384, progress=False)
+    printer.print_report(report)
+    console.print(f"transfer took {time.perf_counter() - started:.1f}s; wrote {out}")
