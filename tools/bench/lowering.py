@@ -8,6 +8,7 @@
 (b) attention block B=1, H=8, d=64, N in {256, 1024, 4096}: softmax attention in torch SDPA / onnxruntime / TVM,
     linear attention (elu+1) in onnxruntime / TVM avx2 / TVM avx512.
 (c) BERT-like encoder (batch 8, N=128): TVM avx512 (untuned) vs onnxruntime.
+(d) the real MiniLM, original and linear-attention rewrite, batch 8, N in {128, 512}: torch, onnxruntime, TVM avx512.
 
 Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/lowering.py [--quick] [--only softmax,attention,bert]``.
 Prints tables, writes ``tools/bench/results/lowering.json``.
@@ -220,10 +221,54 @@ def bench_bert(quick: bool) -> list[dict]:
     return out
 
 
+def bench_minilm(quick: bool) -> list[dict]:
+    """(d) The real all-MiniLM-L6-v2, original and rewritten (linear attention), batch 8, N in {128, 512}:
+    torch (eager HF module / rewritten FX program), onnxruntime and TVM avx512 (untuned), 2 threads."""
+    import tempfile
+
+    import rewrite
+    from rewrite.hf import minilm_path
+    from rewrite.io import load_model
+    from targets import Runner, compile_model
+
+    loaded = load_model(minilm_path())
+    hf = loaded.extra["hf"]
+    out: list[dict] = []
+    print("\n(d) real MiniLM (6 layers, 12 heads), batch 8, ms (p50), 2 threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        original = os.path.join(tmp, "minilm.onnx")
+        rewrite.export(loaded, original)
+        linear_model, _ = rewrite.convert(loaded, os.path.join(tmp, "minilm_linear.onnx"), attention="linear",
+                                          verify=False)
+        models = {"softmax": (original, hf.module), "linear": (os.path.join(tmp, "minilm_linear.onnx"),
+                                                                linear_model.ep.module())}
+        set_tvm_threads(2)
+        torch.set_num_threads(2)
+        for n in ((128,) if quick else (128, 512)):
+            inputs = hf.make_inputs(8, n)
+            feeds = {k: v.numpy() for k, v in inputs.items()}
+            for label, (path, module) in models.items():
+                sess = ort_session(path, 2)
+                ort_ms = time_callable(lambda: sess.run(None, feeds), 5, 2)["p50"]
+                with torch.inference_mode():
+                    torch_ms = time_callable(lambda: module(**inputs), 5, 2)["p50"]
+                lib = os.path.join(tmp, f"{label}_{n}.so")
+                t0 = time.perf_counter()
+                compile_model(path, "avx512", lib, shapes={k: list(v.shape) for k, v in feeds.items()})
+                compile_s = time.perf_counter() - t0
+                runner = Runner(lib)
+                tvm_ms = time_callable(lambda: runner.run(feeds), 5, 2)["p50"]
+                for impl, ms in (("torch", torch_ms), ("ORT", ort_ms), ("TVM avx512", tvm_ms)):
+                    out.append({"model": label, "N": n, "impl": impl, "ms": ms, "vs_ort": ms / ort_ms,
+                                "compile_s": compile_s if impl.startswith("TVM") else None})
+                    print(f"   {label:>7} N={n:4d} {impl:>11} {ms:9.2f} ms  ({ms / ort_ms:.2f}x ORT time)")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--only", default="softmax,attention,bert", help="comma list of sections")
+    ap.add_argument("--only", default="softmax,attention,bert,minilm", help="comma list of sections")
     ap.add_argument("--target", default="avx512", help="target of the softmax kernels")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
@@ -236,6 +281,8 @@ def main(argv=None) -> int:
         result["attention"] = bench_attention(args.quick)
     if "bert" in sections:
         result["bert"] = bench_bert(args.quick)
+    if "minilm" in sections:
+        result["minilm"] = bench_minilm(args.quick)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
