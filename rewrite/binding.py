@@ -15,10 +15,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .recognize import NEG_FILL
 from .sites import AttentionSite
 
-#: Additive masks at or below this value (after summing terms) mark a key as dropped when deriving key padding.
-PADDING_THRESHOLD = -1.0
+#: Additive masks at or below this value (after summing terms) mark a key as dropped when deriving key padding;
+#: the recognizer uses the same threshold for fill values.
+PADDING_THRESHOLD = NEG_FILL
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 _PASS_THROUGH = ("cast", "identity")
 _FUSED = ("sdpa", "mha_native", "ort_attention", "ort_mha", "onnx_attention")
-_NEG_FILL = -1e3  # a fill value at or below this masks a score out
+#: A mask value at or below this masks a score out (fills, additive masks, key-padding derivation).
+NEG_FILL = -1e3
+_NEG_FILL = NEG_FILL
 
 
 @dataclass
