@@ -167,21 +167,29 @@ class AttentionRewritePass(Pass):
             out[name] = fidelity(tensors[-1], candidate)
         return out
 
+    def _plan(self, g: Any, model: LoadedModel) -> tuple[list[SiteDecision], dict[str, Any], list[AttentionSite],
+                                                        dict[str, SiteModule]]:
+        """Recognize, decide per site, and build the chosen sites' modules (both graph kinds)."""
+        decisions = self.decide(recognize(g).attention_sites)
+        options = self._options_for(model)
+        chosen = [d.site for d in decisions if d.replace]
+        return decisions, options, chosen, {s.name: self._module(s, g, options) for s in chosen}
+
+    def _report(self, decisions: list[SiteDecision], fid: Mapping[str, dict[str, float]],
+                options: Mapping[str, Any], replaced: int) -> dict[str, Any]:
+        return {"pass": self.name, "sites": self._site_report(decisions, fid, options), "replaced": replaced,
+                "found": len(decisions)}
+
     def _run_fx(self, model: LoadedModel) -> PassResult:
         from .emit_fx import _example_call
         gm = model.ep.module()
         g = FxGraph(gm)
-        rec = recognize(g)
-        decisions = self.decide(rec.attention_sites)
-        options = self._options_for(model)
-        chosen = [d.site for d in decisions if d.replace]
-        modules = {s.name: self._module(s, g, options) for s in chosen}
+        decisions, options, chosen, modules = self._plan(g, model)
         fid: dict[str, dict[str, float]] = {}
         if chosen and self.measure and (model.example_inputs or getattr(model.ep, "example_inputs", None)):
             args, kwargs = _example_call(model)
             fid = self._fidelity(modules, capture_fx(gm, chosen, args, kwargs))
-        report = {"pass": self.name, "sites": self._site_report(decisions, fid, options),
-                  "replaced": len(chosen), "found": len(decisions)}
+        report = self._report(decisions, fid, options, len(chosen))
         if not chosen:
             return PassResult(model, False, report)
         emit_fx.splice(gm, [(s, modules[s.name]) for s in chosen])
@@ -197,11 +205,7 @@ class AttentionRewritePass(Pass):
             onnx_model = emit_onnx.upgrade_opset(onnx_model, 18)
             opset = 18
         g = OnnxGraph(onnx_model)
-        rec = recognize(g)
-        decisions = self.decide(rec.attention_sites)
-        options = self._options_for(model)
-        chosen = [d.site for d in decisions if d.replace]
-        modules = {s.name: self._module(s, g, options) for s in chosen}
+        decisions, options, chosen, modules = self._plan(g, model)
         fid: dict[str, dict[str, float]] = {}
         captured: dict[str, list[torch.Tensor]] = {}
         if chosen:
@@ -209,8 +213,7 @@ class AttentionRewritePass(Pass):
             captured = capture_onnx(onnx_model, chosen, feeds)
             if self.measure:
                 fid = self._fidelity(modules, captured)
-        report = {"pass": self.name, "sites": self._site_report(decisions, fid, options),
-                  "replaced": len(chosen), "found": len(decisions)}
+        report = self._report(decisions, fid, options, len(chosen))
         if not chosen:
             return PassResult(model, False, report)
         exporter = emit_onnx.OnnxSiteExporter(opset)

@@ -21,10 +21,11 @@ log = logging.getLogger("softswap")
 console = Console(highlight=False)
 
 
-def _parse_options(items: Sequence[str] | None) -> dict[str, str]:
+def parse_options(items: Sequence[str] | None) -> dict[str, str]:
+    """``--option key=value`` items as a dict; :class:`OptionError` names a malformed item."""
     out: dict[str, str] = {}
     for item in items or []:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise OptionError(f"--option {item!r}: expected key=value")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
@@ -124,7 +125,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .api import convert
     passes = [p for p in (args.passes or "").split(",") if p]
     _, report = convert(args.model, args.output, attention=args.attention, passes=passes,
-                        options=_parse_options(args.option), layers=args.layers, keep_softmax=args.keep_softmax,
+                        options=parse_options(args.option), layers=args.layers, keep_softmax=args.keep_softmax,
                         verify=not args.no_verify, report_path=args.report, dump_dir=args.dump_ir)
     if args.json:
         print(json.dumps(report, indent=1, default=str))

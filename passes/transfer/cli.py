@@ -15,20 +15,10 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from rewrite.errors import OptionError, SoftswapError
+from rewrite.cli import parse_options
+from rewrite.errors import OptionError
 
 log = logging.getLogger(__name__)
-
-
-def parse_options(items: Sequence[str] | None) -> dict[str, str]:
-    """``["k=v", ...]`` → ``{"k": "v"}``; :class:`OptionError` naming a malformed item."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise OptionError(f"--option {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -109,18 +99,9 @@ def add_commands(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m passes.transfer.cli transfer ...``), same behaviour as ``softswap transfer``."""
-    parser = argparse.ArgumentParser(prog="softswap")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except SoftswapError as exc:
-        print(f"softswap: error: {exc}", file=sys.stderr)
-        return 2
+    """Standalone entry (``python -m passes.transfer.cli transfer ...``): the ``softswap`` command itself."""
+    from rewrite.cli import main as softswap_main
+    return softswap_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
