@@ -31,13 +31,16 @@ def metadata_path(lib_path: str | os.PathLike) -> str:
     return os.fspath(lib_path) + META_SUFFIX
 
 
-def build(imported: Imported, target):
-    """Compile an :class:`Imported` module for a target (name, dict or Target); returns the VM executable."""
+def build(imported: Imported, target, tuning_dir: str | None = None):
+    """Compile an :class:`Imported` module for a target (name, dict or Target); returns the VM executable.
+
+    ``tuning_dir``: a MetaSchedule database written by :func:`targets.tuning.tune` (CPU targets).
+    """
     from .pipeline import compile_relax
 
     tgt = get_target(target)
     try:
-        return compile_relax(imported.mod, tgt)
+        return compile_relax(imported.mod, tgt, tuning_dir)
     except TargetError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -46,12 +49,15 @@ def build(imported: Imported, target):
 
 
 def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | None = None,
-                  example_inputs: tuple | None = None) -> dict:
+                  example_inputs: tuple | None = None, tune_trials: int = 0,
+                  tuning_dir: str | os.PathLike | None = None) -> dict:
     """Import, compile and export ``model`` for ``target`` to ``out_path``; returns the metadata dict.
 
     model: .onnx path, onnx.ModelProto, torch.export.ExportedProgram, or nn.Module with ``example_inputs``.
     target: a name of ``targets.table`` (``avx2``, ``avx512``, ``cuda-sm80``, ...), a dict or a tvm Target.
     shapes: {input name: dims} fixing symbolic ONNX input dims.
+    tune_trials: MetaSchedule trials for the matmul tasks (0 = untuned); the database lives in ``tuning_dir``
+    (default ``~/.cache/softswap/tuning``) and is reused across runs (:mod:`targets.tuning`).
     Raises a subclass of :class:`targets.errors.TargetError`; on error nothing is left at ``out_path``.
     """
     import tvm
@@ -63,8 +69,12 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
         raise CompileError(f"output directory does not exist: {out_dir}", culprit=out_path)
     t0 = time.perf_counter()
     imported = import_model(model, shapes=shapes, example_inputs=example_inputs)
+    tuning = None
+    if tune_trials:
+        from .tuning import default_tuning_dir, tune
+        tuning = tune(imported.mod, tgt, tuning_dir or default_tuning_dir(), tune_trials)
     t1 = time.perf_counter()
-    ex = build(imported, tgt)
+    ex = build(imported, tgt, tuning["work_dir"] if tuning else None)
     t2 = time.perf_counter()
     meta = {
         "format": FORMAT_VERSION,
@@ -76,6 +86,7 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
         "outputs": imported.outputs,
         "tvm_version": tvm.__version__,
         "import_s": round(t1 - t0, 3),
+        "tuning": tuning,
         "compile_s": round(t2 - t1, 3),
     }
     tmp_lib = tmp_meta = None

@@ -46,8 +46,9 @@ def _model_for_lowering(path: str) -> Any:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from . import compile_model
-    meta = compile_model(_model_for_lowering(args.model), args.target, args.output, shapes=_parse_shapes(args.shape))
-    print(json.dumps({k: meta[k] for k in ("target", "device", "inputs", "outputs", "import_s", "compile_s")},
+    meta = compile_model(_model_for_lowering(args.model), args.target, args.output, shapes=_parse_shapes(args.shape),
+                         tune_trials=args.tune, tuning_dir=args.tuning_dir)
+    print(json.dumps({k: meta[k] for k in ("target", "device", "inputs", "outputs", "import_s", "compile_s", "tuning")},
                      indent=1))
     print(f"wrote {args.output} (+ metadata {args.output}.json)")
     return 0
@@ -110,6 +111,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--target", required=True, help="avx2, avx512, avx512-amd, avx512-intel, cuda-sm80, cuda-sm90, host")
     p.add_argument("-o", "--output", required=True, help="library path (.so)")
     p.add_argument("--shape", action="append", metavar="NAME=D0,D1", help="fix a symbolic input shape")
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="MetaSchedule trials for the matmul tasks (CPU; database cached and reused)")
+    p.add_argument("--tuning-dir", default=None, help="tuning database folder (default ~/.cache/softswap/tuning)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a compiled library on inputs from an .npz")

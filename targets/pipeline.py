@@ -105,8 +105,13 @@ def RouteSoftmax(target: tvm.target.Target):  # noqa: N802 - pass constructor na
     return _pass
 
 
-def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True) -> tvm.transform.Pass:
-    """The project's CPU Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``."""
+def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
+                 tuning_dir: str | None = None) -> tvm.transform.Pass:
+    """The project's CPU Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
+
+    ``tuning_dir``: a MetaSchedule database (see :mod:`targets.tuning`); its best schedules are applied before the
+    default rules, which then only schedule what the database does not cover.
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="SoftswapCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -116,6 +121,8 @@ def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True) -> tvm.t
                 passes.append(RouteSoftmax(target))
             passes.append(relax.transform.FastMathTransform())
             passes += cg.library_dispatch_passes(target) + cg.legalize_passes(target)
+            if tuning_dir:
+                passes.append(relax.transform.MetaScheduleApplyDatabase(tuning_dir))
             passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
             passes += [
                 relax.transform.RewriteDataflowReshape(),
@@ -135,16 +142,16 @@ def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return relax.get_default_pipeline(target)
 
 
-def pipeline_for(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The pipeline matching a target's kind."""
+def pipeline_for(target: tvm.target.Target, tuning_dir: str | None = None) -> tvm.transform.Pass:
+    """The pipeline matching a target's kind (``tuning_dir`` applies to CPU targets)."""
     if str(target.kind.name) == "cuda":
         return gpu_pipeline(target)
-    return cpu_pipeline(target)
+    return cpu_pipeline(target, tuning_dir=tuning_dir)
 
 
-def compile_relax(mod: tvm.IRModule, target: tvm.target.Target):
+def compile_relax(mod: tvm.IRModule, target: tvm.target.Target, tuning_dir: str | None = None):
     """``tvm.compile`` a Relax module with :func:`pipeline_for`; returns the VM executable."""
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target))
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline_for(target, tuning_dir))
 
 
 def scheduled_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

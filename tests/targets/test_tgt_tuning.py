@@ -1,0 +1,32 @@
+"""MetaSchedule tuning (slow): a tuned build matches onnxruntime, and the on-disk database is reused."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tgt_models import ort_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_tuned_build_matches_and_database_is_reused(tmp_path, rng):
+    from targets import Runner, compile_model
+
+    n = 128
+    w = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "mm.onnx"
+    onnx.save(model, path)
+    db = tmp_path / "db"
+    meta = compile_model(str(path), "avx2", tmp_path / "a.so", tune_trials=4, tuning_dir=db)
+    assert meta["tuning"]["reused"] is False and (db / "database_tuning_record.json").exists()
+    x = rng.standard_normal((n, n)).astype(np.float32)
+    got = Runner(tmp_path / "a.so").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    again = compile_model(str(path), "avx2", tmp_path / "b.so", tune_trials=4, tuning_dir=db)
+    assert again["tuning"]["reused"] is True
