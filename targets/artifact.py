@@ -71,7 +71,8 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
     imported = import_model(model, shapes=shapes, example_inputs=example_inputs)
     tuning = None
     if tune_trials:
-        from .tuning import default_tuning_dir, tune
+        from .tuning import default_tuning_dir, tune, tuning_target
+        tgt = tuning_target(tgt)  # the database is keyed by the target the records were tuned for
         tuning = tune(imported.mod, tgt, tuning_dir or default_tuning_dir(), tune_trials)
     t1 = time.perf_counter()
     ex = build(imported, tgt, tuning["work_dir"] if tuning else None)

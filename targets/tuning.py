@@ -31,8 +31,8 @@ def default_tuning_dir() -> str:
     return os.environ.get("SOFTSWAP_TUNING_DIR", str(Path.home() / ".cache" / "softswap" / "tuning"))
 
 
-def _tuning_target(target: tvm.target.Target) -> tvm.target.Target:
-    """MetaSchedule needs ``num-cores`` on CPU targets."""
+def tuning_target(target: tvm.target.Target) -> tvm.target.Target:
+    """``target`` with ``num-cores`` (MetaSchedule needs it on CPU targets; idempotent)."""
     config = {k: v for k, v in target.export().items() if k in ("kind", "mcpu", "mattr", "keys")}
     config["num-cores"] = max(1, int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)))
     return tvm.target.Target(config)
@@ -46,7 +46,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
         raise CompileError("tuning is implemented for CPU targets only", culprit=str(target))
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    tgt = _tuning_target(target)
+    tgt = tuning_target(target)
     with tgt:
         fused = relax.get_pipeline("zero")(mod)
     from tvm_ffi import structural_hash
