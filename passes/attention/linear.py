@@ -17,7 +17,7 @@ from . import hybrid
 from .base import AttentionVariant, VariantOption
 from .featuremaps import apply_feature_map, init_feature_params
 from .linear_core import causal_apply, noncausal_apply, reverse_apply
-from .masks import check_mask, compute_dtype, keep_mask
+from .masks import compute_dtype, keep_mask, mask_checked
 
 #: "boolean": arbitrary keep/drop masks (exact O(N²) fallback); additive biases are not expressible here.
 MASK_KINDS = frozenset({"none", "causal", "key_padding", "boolean"})
@@ -107,15 +107,9 @@ def init_params(heads: int, head_dim: int, options: Mapping[str, Any]) -> dict[s
     return out
 
 
-def _fn(q, k, v, *, scale, causal=False, key_padding=None, attn_mask=None, params=None, **options):
-    check_mask("linear", MASK_KINDS, causal=causal, key_padding=key_padding, attn_mask=attn_mask)
-    return linear_attention(q, k, v, scale=scale, causal=causal, key_padding=key_padding, attn_mask=attn_mask,
-                            params=params, **options)
-
-
 LINEAR = AttentionVariant(
     name="linear",
-    fn=_fn,
+    fn=mask_checked("linear", MASK_KINDS, linear_attention),
     mask_kinds=MASK_KINDS,
     options=OPTIONS,
     init_params=init_params,

@@ -8,7 +8,7 @@ Conventions: a *keep* mask is a bool tensor broadcastable to (B, H, S, T), True 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -102,3 +102,20 @@ def check_mask(
         raise ValueError(
             f"attention variant {name!r} does not support mask kind(s) {bad}; supported: {sorted(kinds)}"
         )
+
+
+def mask_checked(name: str, mask_kinds: Iterable[str], fn: "Callable[..., torch.Tensor]") -> "Callable[..., torch.Tensor]":
+    """``fn`` behind the canonical call, refusing (``ValueError`` with a reason) the mask kinds it does not support.
+
+    Every variant's ``AttentionVariant.fn`` is built with this, so the check is written once.
+    """
+    kinds = frozenset(mask_kinds)
+
+    def call(q, k, v, *, scale, causal=False, key_padding=None, attn_mask=None, params=None, **options):
+        check_mask(name, kinds, causal=causal, key_padding=key_padding, attn_mask=attn_mask)
+        return fn(q, k, v, scale=scale, causal=causal, key_padding=key_padding, attn_mask=attn_mask, params=params,
+                  **options)
+
+    call.__name__ = call.__qualname__ = f"{name}_checked"
+    call.__doc__ = fn.__doc__
+    return call

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .base import AttentionVariant
-from .masks import check_mask, compute_dtype, keep_mask, split_attn_mask
+from .masks import compute_dtype, keep_mask, mask_checked, split_attn_mask
 
 MASK_KINDS = frozenset({"none", "causal", "key_padding", "arbitrary"})
 
@@ -60,16 +60,9 @@ def reference_attention(
     return (w @ v.to(cd)).to(q.dtype)
 
 
-def _fn(q, k, v, *, scale, causal=False, key_padding=None, attn_mask=None, params=None, **options):
-    check_mask("reference", MASK_KINDS, causal=causal, key_padding=key_padding, attn_mask=attn_mask)
-    return reference_attention(
-        q, k, v, scale=scale, causal=causal, key_padding=key_padding, attn_mask=attn_mask, params=params, **options
-    )
-
-
 REFERENCE = AttentionVariant(
     name="reference",
-    fn=_fn,
+    fn=mask_checked("reference", MASK_KINDS, reference_attention),
     mask_kinds=MASK_KINDS,
     options=(),
     init_params=lambda heads, head_dim, options: {},

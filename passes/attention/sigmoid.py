@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from .base import AttentionVariant, VariantOption
-from .masks import check_mask, compute_dtype, keep_mask, split_attn_mask, visible_counts
+from .masks import compute_dtype, keep_mask, mask_checked, split_attn_mask, visible_counts
 
 MASK_KINDS = frozenset({"none", "causal", "key_padding", "arbitrary"})
 LENGTH_NORMS = ("none", "n", "sqrt_n")
@@ -84,15 +84,9 @@ def init_params(heads: int, head_dim: int, options: Mapping[str, Any]) -> dict[s
     }
 
 
-def _fn(q, k, v, *, scale, causal=False, key_padding=None, attn_mask=None, params=None, **options):
-    check_mask("sigmoid", MASK_KINDS, causal=causal, key_padding=key_padding, attn_mask=attn_mask)
-    return sigmoid_attention(q, k, v, scale=scale, causal=causal, key_padding=key_padding, attn_mask=attn_mask,
-                             params=params, **options)
-
-
 SIGMOID = AttentionVariant(
     name="sigmoid",
-    fn=_fn,
+    fn=mask_checked("sigmoid", MASK_KINDS, sigmoid_attention),
     mask_kinds=MASK_KINDS,
     options=OPTIONS,
     init_params=init_params,

@@ -13,12 +13,11 @@ torch.linalg.inv/pinv (not exportable).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
 
 import torch
 
 from .base import AttentionVariant, VariantOption
-from .masks import check_mask, compute_dtype
+from .masks import check_mask, compute_dtype, mask_checked
 
 MASK_KINDS = frozenset({"none"})
 
@@ -109,14 +108,9 @@ def soft_attention(
     return y.to(q.dtype)
 
 
-def _fn(q, k, v, *, scale, causal=False, key_padding=None, attn_mask=None, params=None, **options):
-    return soft_attention(q, k, v, scale=scale, causal=causal, key_padding=key_padding, attn_mask=attn_mask,
-                          params=params, **options)
-
-
 SOFT = AttentionVariant(
     name="soft",
-    fn=_fn,
+    fn=mask_checked("soft", MASK_KINDS, soft_attention),
     mask_kinds=MASK_KINDS,
     options=OPTIONS,
     init_params=lambda heads, head_dim, options: {},

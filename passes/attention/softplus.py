@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import AttentionVariant, VariantOption
-from .masks import check_mask, compute_dtype, keep_mask, visible_counts
+from .masks import compute_dtype, keep_mask, mask_checked, visible_counts
 
 #: "boolean": arbitrary keep/drop masks (exact O(N²) fallback); additive biases are not expressible here.
 MASK_KINDS = frozenset({"none", "causal", "key_padding", "boolean"})
@@ -100,15 +100,9 @@ def init_params(heads: int, head_dim: int, options: Mapping[str, Any]) -> dict[s
     return {"log_temp": torch.zeros(heads, dtype=torch.float32)}
 
 
-def _fn(q, k, v, *, scale, causal=False, key_padding=None, attn_mask=None, params=None, **options):
-    check_mask("softplus", MASK_KINDS, causal=causal, key_padding=key_padding, attn_mask=attn_mask)
-    return softplus_attention(q, k, v, scale=scale, causal=causal, key_padding=key_padding, attn_mask=attn_mask,
-                              params=params, **options)
-
-
 SOFTPLUS = AttentionVariant(
     name="softplus",
-    fn=_fn,
+    fn=mask_checked("softplus", MASK_KINDS, softplus_attention),
     mask_kinds=MASK_KINDS,
     options=OPTIONS,
     init_params=init_params,
