@@ -104,6 +104,30 @@ def _pow2_int(d):
     return T.reinterpret(_F32, T.shift_left(i + T.int32(127), T.int32(23)))
 
 
+def _add(a, b):
+    return a + b
+
+
+def _tree(values: list, op):
+    """Combine equal-typed TIR expressions pairwise (a balanced tree, not a serial chain)."""
+    while len(values) > 1:
+        values = [op(values[i], values[i + 1]) if i + 1 < len(values) else values[i]
+                  for i in range(0, len(values), 2)]
+    return values[0]
+
+
+def _hreduce(vec, lanes: int, op):
+    """Horizontal reduction of a ``lanes``-wide vector expression by halving shuffles (``vextractf128`` /
+    ``vshufpd`` / ``vmovshdup`` after LLVM), ending in a scalar.  LLVM merges the repeated sub-expressions."""
+    while lanes > 1:
+        half = lanes // 2
+        lo = T.Shuffle([vec], [T.int32(i) for i in range(half)]) if half > 1 else T.Shuffle([vec], [T.int32(0)])
+        hi = T.Shuffle([vec], [T.int32(i) for i in range(half, lanes)]) if half > 1 else \
+            T.Shuffle([vec], [T.int32(1)])
+        vec, lanes = op(lo, hi), half
+    return vec
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelChoice:
     """A softmax kernel configuration.
@@ -212,13 +236,6 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
         acce[u, T.ramp(0, 1, 16)] = m
 
     @T.macro
-    def ext_halve(accv, acce, h):
-        for l in T.vectorized(h):
-            mh = T.meta_var(T.max(acce[0, l], acce[0, l + h]))
-            accv[0, l] = accv[0, l] * _pow2_nonpos(acce[0, l] - mh) + accv[0, l + h] * _pow2_nonpos(acce[0, l + h] - mh)
-            acce[0, l] = mh
-
-    @T.macro
     def extsum(Xf, accv, acce, sv, se, row, start):
         for u in T.unroll(U):
             for l in T.vectorized(V):
@@ -236,20 +253,16 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
                 acc_add(accv, acce, 0, l, Xf[row, start + NB * U * V + i * V + l])
         for j in T.unroll(NS):
             acc_add(accv, acce, 0, j, Xf[row, start + NB * U * V + NV * V + j])
-        # combine the U accumulators into row 0 (vectorized), then the V lanes (scalar)
+        # combine the U accumulators into row 0 (vectorized), then the V lanes by halving shuffles
         for u in range(1, U):
             for l in T.vectorized(V):
                 mm = T.meta_var(T.max(acce[0, l], acce[u, l]))
                 accv[0, l] = accv[0, l] * _pow2_nonpos(acce[0, l] - mm) + accv[u, l] * _pow2_nonpos(acce[u, l] - mm)
                 acce[0, l] = mm
-        # lane tree: halve the live lanes each step (vector shuffles instead of a serial chain)
-        ext_halve(accv, acce, V // 2)
-        ext_halve(accv, acce, V // 4)
-        ext_halve(accv, acce, V // 8)
-        if V == 16:
-            ext_halve(accv, acce, 1)
-        se[0] = acce[0, 0]
-        sv[0] = accv[0, 0]
+        se[0] = _hreduce(acce[0, T.ramp(0, 1, V)], V, T.max)
+        for l in T.vectorized(V):
+            accv[0, l] = accv[0, l] * _pow2_nonpos(acce[0, l] - se[0])
+        sv[0] = _hreduce(accv[0, T.ramp(0, 1, V)], V, _add)
 
     @T.macro
     def extscale(Xf, Yf, row, start, inv, e):
@@ -343,16 +356,6 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
         return T.fma(p, t, _f(1.0)) * sc
 
     @T.macro
-    def max_halve(acc, h):
-        for l in T.vectorized(h):
-            acc[0, l] = T.max(acc[0, l], acc[0, l + h])
-
-    @T.macro
-    def sum_halve(acc, h):
-        for l in T.vectorized(h):
-            acc[0, l] = acc[0, l] + acc[0, l + h]
-
-    @T.macro
     def rowmax(Xf, accm, sm, row, start):
         for u in T.unroll(U):
             for l in T.vectorized(V):
@@ -366,15 +369,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
                 accm[0, l] = T.max(accm[0, l], Xf[row, start + NB * U * V + i * V + l])
         for j in T.unroll(NS):
             accm[0, j] = T.max(accm[0, j], Xf[row, start + NB * U * V + NV * V + j])
-        for u in range(1, U):
-            for l in T.vectorized(V):
-                accm[0, l] = T.max(accm[0, l], accm[u, l])
-        max_halve(accm, V // 2)
-        max_halve(accm, V // 4)
-        max_halve(accm, V // 8)
-        if V == 16:
-            max_halve(accm, 1)
-        sm[0] = accm[0, 0]
+        sm[0] = _hreduce(_tree([accm[u, T.ramp(0, 1, V)] for u in range(U)], T.max), V, T.max)
 
     @T.macro
     def expstore(Xf, Yf, accm, ss, row, start, mx):
@@ -400,15 +395,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
                 Xf[row, start + NB * U * V + NV * V + j] - mx
             )
             accm[0, j] = accm[0, j] + Yf[row, start + NB * U * V + NV * V + j]
-        for u in range(1, U):
-            for l in T.vectorized(V):
-                accm[0, l] = accm[0, l] + accm[u, l]
-        sum_halve(accm, V // 2)
-        sum_halve(accm, V // 4)
-        sum_halve(accm, V // 8)
-        if V == 16:
-            sum_halve(accm, 1)
-        ss[0] = accm[0, 0]
+        ss[0] = _hreduce(_tree([accm[u, T.ramp(0, 1, V)] for u in range(U)], _add), V, _add)
 
     @T.macro
     def scale(Yf, row, start, inv):

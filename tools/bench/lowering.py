@@ -66,6 +66,18 @@ def _copy_bandwidth(threads: int) -> float:
     return 2 * n * 4 / (t * 1e-3) / 1e9
 
 
+def _time_p50(fn, budget_s: float) -> float:
+    """Median ms of ``fn()``; the number of runs is sized so the timed runs take about ``budget_s`` (15 to 5000
+    runs): micro-second kernels need thousands of samples for a stable median, 30 ms kernels do not."""
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t, 1e-6)
+    runs = int(min(5000, max(15, budget_s / one)))
+    return time_callable(fn, runs, warmup=max(3, runs // 20))["p50"]
+
+
 def _softmax_onnx(shape) -> onnx.ModelProto:
     g = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "sm",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
@@ -85,7 +97,7 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
     print(f"\n(a) softmax, target {target_name} ({bits}-bit); copy bandwidth 1T {copy_bw[1]:.1f} GB/s, "
           f"2T {copy_bw[2]:.1f} GB/s (GB/s below = 2*N*4 bytes / time)")
     print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'%copy':>6} {'vs ORT':>7}")
-    runs = 5 if quick else 15
+    budget_s = 0.1 if quick else 0.5
     for shape in shapes:
         rows, cols = int(np.prod(shape[:-1])), shape[-1]
         x = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * 4
@@ -104,12 +116,12 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
             set_tvm_threads(threads)
             res = {}
             for name, lib in libs.items():
-                res[name] = time_callable(lambda lib=lib: lib["softmax"](xt, yt), runs, 3)["p50"]
+                res[name] = _time_p50(lambda lib=lib: lib["softmax"](xt, yt), budget_s)
             sess = ort_session(_softmax_onnx((rows, cols)), threads)
-            res["ORT"] = time_callable(lambda: sess.run(None, {"x": x}), runs, 3)["p50"]
+            res["ORT"] = _time_p50(lambda: sess.run(None, {"x": x}), budget_s)
             torch.set_num_threads(threads)
             tx, ty = torch.from_numpy(x), torch.empty(rows, cols)
-            res["torch"] = time_callable(lambda: torch.ops.aten._softmax.out(tx, -1, False, out=ty), runs, 3)["p50"]
+            res["torch"] = _time_p50(lambda: torch.ops.aten._softmax.out(tx, -1, False, out=ty), budget_s)
             res["auto"] = res["two-pass" if auto.algo == "two_pass" else "3-pass"]
             for name, ms in res.items():
                 gbs = nbytes / (ms * 1e-3) / 1e9
