@@ -47,6 +47,7 @@ _MAGIC = float.fromhex("0x1.8000FEp23")  # ulp 1, low 9 mantissa bits == 127
 #: Two-pass input clamp: |x| above this breaks the Cody-Waite range reduction (spec pitfall 16).
 CLAMP = 1.0e5
 _NEG_BIG = -3.0e38  # finite "-inf" for accumulator initialisation
+_FLT_MIN = float.fromhex("0x1p-126")  # smallest normal float32
 _F32 = "float32"
 
 # Cache sizes (bytes) used by the rule table; conservative defaults for the spec's Zen 4 (1 MiB L2, 32 MiB L3).
@@ -144,6 +145,13 @@ class KernelChoice:
     chunks: int = 1
     tasks: int = 64
     scalef: bool = False  # AVX-512 only: powers of two with vscalefps (two-pass), needs vector_lanes == 16
+    prefetch: int = 0  # two-pass: software prefetch distance in floats (0 = none; X read, Y write-prefetched)
+
+
+def _prefetch(buf, row, idx, write: int):
+    """``prefetcht0`` (``write`` = 1: ``prefetchw``) of ``buf[row, idx]``; past-the-end addresses are harmless."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, idx]), T.int32(write),
+                                         T.int32(3), T.int32(1)))
 
 
 def _pick_unroll(length: int, lanes: int, unroll: int) -> int:
@@ -219,6 +227,7 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
         return T.min(T.max(x, lo), hi)
 
     SCALEF = ch.scalef and V == 16
+    PF = ch.prefetch
 
     @T.macro
     def acc_add(accv, acce, u, l, x):
@@ -242,6 +251,9 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
                 accv[u, l] = _f(0.0)
                 acce[u, l] = _f(_NEG_BIG)
         for i in range(NB):
+            if PF > 0:
+                for k in T.unroll(U * V // 16):
+                    _prefetch(Xf, row, start + i * U * V + PF + k * 16, 0)
             for u in T.unroll(U):
                 if SCALEF:
                     acc_add16(accv, acce, u, Xf, row, start + (i * U + u) * V)
@@ -267,6 +279,9 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
     @T.macro
     def extscale(Xf, Yf, row, start, inv, e):
         for i in range(L // V):
+            if PF > 0 and i % (16 // V) == 0:
+                _prefetch(Xf, row, start + i * V + PF, 0)
+                _prefetch(Yf, row, start + i * V + PF, 1)
             if SCALEF:
                 pv = T.meta_var(_ext16(T.min(T.max(Xf[row, T.ramp(start + i * V, 1, 16)], _b16(-CLAMP)),
                                              _b16(CLAMP))))
@@ -342,8 +357,8 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
     floor = _f(_NEG_BIG)
 
     def expneg(z):
-        """exp(z) for z <= 0, magic-bias rounding (XNNPACK rr2-p5): z is clamped at -87 so 2^n stays normal
-        (masked logits come out ~1e-38 relative to the row maximum's 1, never NaN)."""
+        """exp(z) for z <= 0, magic-bias rounding (XNNPACK rr2-p5).  z is clamped at -87 so 2^n stays normal, and
+        the result is exactly 0 below -87 (masked logits, ``finfo.min``, ``-inf``: never NaN, never subnormal)."""
         zc = T.max(z, _f(-87.0))
         vn = T.fma(zc, _f(_LOG2E), _f(_MAGIC))
         sc = T.reinterpret(_F32, T.shift_left(T.reinterpret("int32", vn), T.int32(23)))
@@ -353,7 +368,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
         p = T.fma(p, t, _f(_C3))
         p = T.fma(p, t, _f(_C2))
         p = T.fma(p, t, _f(_C1))
-        return T.fma(p, t, _f(1.0)) * sc
+        return T.Select(z >= _f(-87.0), T.fma(p, t, _f(1.0)) * sc, _f(0.0))
 
     @T.macro
     def rowmax(Xf, accm, sm, row, start):
@@ -398,12 +413,25 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
         ss[0] = _hreduce(_tree([accm[u, T.ramp(0, 1, V)] for u in range(U)], _add), V, _add)
 
     @T.macro
-    def scale(Yf, row, start, inv):
-        for i in range(LV):
-            for l in T.vectorized(V):
-                Yf[row, start + i * V + l] = Yf[row, start + i * V + l] * inv
-        for j in range(LS):
-            Yf[row, start + LV * V + j] = Yf[row, start + LV * V + j] * inv
+    def scale(Yf, row, start, total):
+        # y = e / total, flushed to 0 where it would be subnormal (e < FLT_MIN * total): subnormal probabilities
+        # cost ~100-cycle microcode assists in every consumer (P.V ran 8x slower), and they are below the
+        # 1e-37 absolute accuracy bound anyway.  e is zeroed before the multiply so no subnormal is ever produced.
+        # A fully masked row (every logit -inf / finfo.min: all exps flushed, total == 0) becomes uniform.
+        if total > _f(0.0):
+            for i in range(LV):
+                for l in T.vectorized(V):
+                    Yf[row, start + i * V + l] = T.Select(Yf[row, start + i * V + l] >= _f(_FLT_MIN) * total,
+                                                          Yf[row, start + i * V + l], _f(0.0)) * (_f(1.0) / total)
+            for j in range(LS):
+                Yf[row, start + LV * V + j] = T.Select(Yf[row, start + LV * V + j] >= _f(_FLT_MIN) * total,
+                                                       Yf[row, start + LV * V + j], _f(0.0)) * (_f(1.0) / total)
+        else:
+            for i in range(LV):
+                for l in T.vectorized(V):
+                    Yf[row, start + i * V + l] = _f(1.0 / cols)
+            for j in range(LS):
+                Yf[row, start + LV * V + j] = _f(1.0 / cols)
 
     if ch.layout == "fused":
         P = max(1, min(ch.tasks, rows))
@@ -421,7 +449,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
                         if task * RPT + rr < rows:
                             rowmax(X, accm, sm, task * RPT + rr, 0)
                             expstore(X, Y, accm, ss, task * RPT + rr, 0, sm[0])
-                            scale(Y, task * RPT + rr, 0, _f(1.0) / ss[0])
+                            scale(Y, task * RPT + rr, 0, ss[0])
 
         return kernel
 
@@ -452,7 +480,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
                 ts[0] = _f(0.0)
                 for c in range(C):
                     ts[0] = ts[0] + PS[(w // C) * C + c]
-                scale(Y, w // C, (w % C) * L, _f(1.0) / ts[0])
+                scale(Y, w // C, (w % C) * L, ts[0])
 
     return kernel_split
 

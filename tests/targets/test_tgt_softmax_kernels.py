@@ -61,6 +61,26 @@ def test_extremes(target, algo, layout, chunks, cols, rng):
     assert y[4, ::3].max() <= 1e-30
 
 
+@pytest.mark.parametrize("layout,chunks", [("fused", 1), ("split", 4)])
+def test_three_pass_masked_probabilities_are_exact_zeros(layout, chunks, rng):
+    """Masked logits (finfo.min, -inf, or 90 below the maximum) give exactly 0, never a subnormal: subnormal
+    probabilities make every consumer (P.V) hit microcode assists.  Values that would be subnormal are flushed."""
+    cols = 256
+    x = (rng.standard_normal((4, cols)) * 3).astype(np.float32)
+    x[0, 100:] = np.finfo(np.float32).min          # HF-style key padding
+    x[1, ::4] = -np.inf
+    x[2, 1:] = x[2, 0] - 90.0                        # exp(-90) / 1: true values ~8e-40, subnormal in float32
+    x[3, :] = np.linspace(-110.0, 0.0, cols, dtype=np.float32)  # a ramp through the subnormal range
+    lib = build_kernel_library(4, cols, KernelChoice("three_pass", layout, 16, 4, chunks), get_target("avx512"))
+    y = _run(lib, x)
+    tiny = np.finfo(np.float32).tiny
+    assert not ((y != 0) & (np.abs(y) < tiny)).any()
+    assert (y[0, 100:] == 0).all() and (y[1, ::4] == 0).all() and (y[2, 1:] == 0).all()
+    r = _ref(x)
+    assert np.abs(y - r).max() <= 2e-7
+    assert np.abs(y - r)[r < 1e-37].max() <= 1e-37
+
+
 def test_long_row_accuracy(rng):
     cols = 1 << 20
     lib = build_kernel_library(1, cols, KernelChoice("two_pass", "split", 16, 4, 8, scalef=True),

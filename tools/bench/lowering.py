@@ -41,14 +41,12 @@ from targets.table import get_target  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowering.json")
 
 
-def _copy_bandwidth(threads: int) -> float:
-    """GB/s of application bytes (read + write) for a 256 MiB copy: numpy at 1 thread, a TVM kernel otherwise."""
-    n = 64 << 20
+def _copy_bandwidth(threads: int, n: int) -> float:
+    """GB/s of application bytes (one read + one write) copying ``n`` float32: the better of numpy's ``copyto``
+    (glibc memcpy, non-temporal stores, one thread) and a parallel 16-lane TVM copy kernel at ``threads``."""
     a = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
     b = np.empty_like(a)
-    if threads == 1:
-        t = time_callable(lambda: np.copyto(b, a), runs=7, warmup=2)["p50"]
-        return 2 * n * 4 / (t * 1e-3) / 1e9
+    t_np = _time_p50(lambda: np.copyto(b, a), 2.0)
     from tvm.script import tirx as T
 
     @T.prim_func
@@ -62,20 +60,36 @@ def _copy_bandwidth(threads: int) -> float:
     lib = tvm.compile(tvm.IRModule({"copy": copy}), target=get_target("host"))
     x, y = tvm.runtime.tensor(a), tvm.runtime.tensor(b)
     set_tvm_threads(threads)
-    t = time_callable(lambda: lib["copy"](x, y), runs=7, warmup=2)["p50"]
-    return 2 * n * 4 / (t * 1e-3) / 1e9
+    t_tvm = _time_p50(lambda: lib["copy"](x, y), 2.0)
+    return 2 * n * 4 / (min(t_np, t_tvm) * 1e-3) / 1e9
 
 
 def _time_p50(fn, budget_s: float) -> float:
-    """Median ms of ``fn()``; the number of runs is sized so the timed runs take about ``budget_s`` (15 to 5000
+    """Median ms of ``fn()``; the number of runs is sized so the timed runs take about ``budget_s`` (5 to 5000
     runs): micro-second kernels need thousands of samples for a stable median, 30 ms kernels do not."""
-    for _ in range(3):
+    return _time_interleaved({"f": fn}, budget_s)["f"]
+
+
+def _time_interleaved(fns: dict, budget_s: float, rounds: int = 5) -> dict:
+    """Median ms of each callable, measured in ``rounds`` alternating rounds (A's runs, B's runs, ..., then again)
+    so that a slow phase of a shared machine hits every implementation alike; ~``budget_s`` per callable."""
+    per_call = {}
+    for name, fn in fns.items():
+        for _ in range(2):
+            fn()
+        t = time.perf_counter()
         fn()
-    t = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t, 1e-6)
-    runs = int(min(5000, max(15, budget_s / one)))
-    return time_callable(fn, runs, warmup=max(3, runs // 20))["p50"]
+        per_call[name] = max(time.perf_counter() - t, 1e-6)
+    samples: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            runs = int(min(1000, max(1, budget_s / rounds / per_call[name])))
+            fn()
+            for _ in range(runs):
+                t = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t)
+    return {name: float(np.median(v)) * 1e3 for name, v in samples.items()}
 
 
 def _softmax_onnx(shape) -> onnx.ModelProto:
@@ -85,55 +99,88 @@ def _softmax_onnx(shape) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _l3_bytes() -> int:
+    """Last-level cache size in bytes (sysfs), 32 MiB when unknown."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for idx in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            with open(os.path.join(base, idx, "size"), encoding="ascii") as fh:
+                txt = fh.read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1], 1)
+        best = max(best, int(txt.rstrip("KMG")) * mult)
+    return best or (32 << 20)
+
+
 def bench_softmax(quick: bool, target_name: str) -> list[dict]:
-    shapes = [(8, 128, 128), (1, 16, 1024, 1024), (4096, 4096), (1, 1 << 24)]
+    """(a) Softmax micro-benchmark.  Shapes: the issue's four, plus (not --quick) one row of 2x the last-level cache
+    (this host's L3 is 480 MiB, so the 16M-element row is L3-resident).  All implementations of one shape and
+    thread count are timed in alternating rounds.  GB/s: ``gbs`` counts one read + one write per element
+    (2*N*4 bytes); ``eff_gbs`` (rows larger than the last-level cache only) counts the bytes the algorithm must
+    move: two-pass 2 reads + 1 write, three-pass 3 reads + 2 writes."""
+    l3 = _l3_bytes()
+    beyond = 1 << max(24, int(np.ceil(np.log2(2 * l3 / 4))))  # elements, >= 2x L3 bytes
+    shapes = [(8, 128, 128), (1, 16, 1024, 1024), (4096, 4096), (1, 1 << 24), (1, beyond)]
     if quick:
         shapes = [(8, 128, 128), (1, 1 << 20)]
     tgt = get_target(target_name)
     bits = vector_bits_of(tgt)
     lanes = bits // 32
     rows_out = []
-    copy_bw = {t: _copy_bandwidth(t) for t in (1, 2)}
-    print(f"\n(a) softmax, target {target_name} ({bits}-bit); copy bandwidth 1T {copy_bw[1]:.1f} GB/s, "
-          f"2T {copy_bw[2]:.1f} GB/s (GB/s below = 2*N*4 bytes / time)")
-    print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'%copy':>6} {'vs ORT':>7}")
-    budget_s = 0.1 if quick else 0.5
+    copy_n = max(1 << 24, beyond if not quick else 1 << 24)
+    copy_bw = {t: _copy_bandwidth(t, copy_n) for t in (1, 2)}
+    print(f"\n(a) softmax, target {target_name} ({bits}-bit); L3 {l3 >> 20} MiB; copy bandwidth ({copy_n * 4 >> 20} "
+          f"MiB) 1T {copy_bw[1]:.1f} GB/s, 2T {copy_bw[2]:.1f} GB/s (GB/s = 2*N*4 bytes / time; eff = bytes the "
+          f"algorithm must move: two-pass 2R+1W, three-pass 3R+2W)")
+    print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'eff':>6} {'%copy':>6} {'vs ORT':>7}")
+    budget_s = 0.1 if quick else 0.6
     for shape in shapes:
         rows, cols = int(np.prod(shape[:-1])), shape[-1]
         x = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * 4
         nbytes = 2 * rows * cols * 4
-        big = cols * 4 > (1 << 20)
-        chunks = 8 if rows < 4 else 1
+        out_of_cache = rows * cols * 4 > l3
+        chunks = _pick_split_chunks(cols) if rows < 4 else 1
         layout = "split" if chunks > 1 else "fused"
         libs = {
             "two-pass": build_kernel_library(rows, cols, KernelChoice("two_pass", layout, lanes, 4, chunks,
                                                                           scalef=lanes == 16), tgt),
             "3-pass": build_kernel_library(rows, cols, KernelChoice("three_pass", layout, lanes, 4, chunks), tgt),
         }
+        xt, yt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.empty_like(x))
+        tx, ty = torch.from_numpy(x), torch.empty(rows, cols)
         for threads in (1, 2):
             auto = choose_kernel(rows, cols, bits, threads, mcpu_of(tgt))
-            xt, yt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.empty_like(x))
             set_tvm_threads(threads)
-            res = {}
-            for name, lib in libs.items():
-                res[name] = _time_p50(lambda lib=lib: lib["softmax"](xt, yt), budget_s)
-            sess = ort_session(_softmax_onnx((rows, cols)), threads)
-            res["ORT"] = _time_p50(lambda: sess.run(None, {"x": x}), budget_s)
             torch.set_num_threads(threads)
-            tx, ty = torch.from_numpy(x), torch.empty(rows, cols)
-            res["torch"] = _time_p50(lambda: torch.ops.aten._softmax.out(tx, -1, False, out=ty), budget_s)
+            sess = ort_session(_softmax_onnx((rows, cols)), threads)
+            fns = {name: (lambda lib=lib: lib["softmax"](xt, yt)) for name, lib in libs.items()}
+            fns["ORT"] = lambda: sess.run(None, {"x": x})
+            fns["torch"] = lambda: torch.ops.aten._softmax.out(tx, -1, False, out=ty)
+            res = _time_interleaved(fns, budget_s)
             res["auto"] = res["two-pass" if auto.algo == "two_pass" else "3-pass"]
+            del sess
             for name, ms in res.items():
                 gbs = nbytes / (ms * 1e-3) / 1e9
+                moved = {"two-pass": 1.5, "3-pass": 2.5}.get(name if name != "auto" else
+                                                             ("two-pass" if auto.algo == "two_pass" else "3-pass"))
+                eff = gbs * moved if (moved and out_of_cache) else None
                 row = {"shape": list(shape), "threads": threads, "impl": name, "ms": ms, "gbs": gbs,
-                       "pct_copy": 100 * gbs / copy_bw[threads], "speedup_vs_ort": res["ORT"] / ms,
-                       "auto_choice": f"{auto.algo}/{auto.layout}" if name == "auto" else None,
-                       "out_of_cache": big}
+                       "eff_gbs": eff, "pct_copy": 100 * (eff or gbs) / copy_bw[threads],
+                       "speedup_vs_ort": res["ORT"] / ms, "out_of_cache": out_of_cache,
+                       "auto_choice": f"{auto.algo}/{auto.layout}" if name == "auto" else None}
                 rows_out.append(row)
-                print(f"{str(shape):>20} {threads:>2} {name:>10} {ms:9.3f} {gbs:6.1f} {row['pct_copy']:6.0f} "
-                      f"{row['speedup_vs_ort']:7.2f}")
+                eff_txt = f"{eff:6.1f}" if eff else "     -"
+                print(f"{str(shape):>20} {threads:>2} {name:>10} {ms:9.3f} {gbs:6.1f} {eff_txt} "
+                      f"{row['pct_copy']:6.0f} {row['speedup_vs_ort']:7.2f}")
+        del xt, yt, tx, ty, x
     set_tvm_threads(2)
-    return rows_out + [{"copy_bandwidth_gbs": copy_bw}]
+    return rows_out + [{"copy_bandwidth_gbs": copy_bw, "copy_elements": copy_n, "l3_bytes": l3}]
+
+
+def _pick_split_chunks(cols: int) -> int:
+    return 32 if cols >= (1 << 22) else 8
 
 
 class _SoftmaxAttention(torch.nn.Module):
