@@ -48,6 +48,8 @@ _MAGIC = float.fromhex("0x1.8000FEp23")  # ulp 1, low 9 mantissa bits == 127
 CLAMP = 1.0e5
 _NEG_BIG = -3.0e38  # finite "-inf" for accumulator initialisation
 _FLT_MIN = float.fromhex("0x1p-126")  # smallest normal float32
+#: Unrolled steps (U*V elements each) summed by the inner accumulators before they are folded into the outer ones.
+_SUM_BLOCK = 64
 _F32 = "float32"
 
 # Cache sizes (bytes) used by the rule table; conservative defaults for the spec's Zen 4 (1 MiB L2, 32 MiB L3).
@@ -228,6 +230,8 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
 
     SCALEF = ch.scalef and V == 16
     PF = ch.prefetch
+    BI = _SUM_BLOCK
+    NBB = NB // BI  # full blocks of BI unrolled steps
 
     @T.macro
     def acc_add(accv, acce, u, l, x):
@@ -245,21 +249,50 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
         acce[u, T.ramp(0, 1, 16)] = m
 
     @T.macro
-    def extsum(Xf, accv, acce, sv, se, row, start):
+    def ext_init(accv, acce, base):
         for u in T.unroll(U):
             for l in T.vectorized(V):
-                accv[u, l] = _f(0.0)
-                acce[u, l] = _f(_NEG_BIG)
-        for i in range(NB):
-            if PF > 0:
-                for k in T.unroll(U * V // 16):
-                    _prefetch(Xf, row, start + i * U * V + PF + k * 16, 0)
-            for u in T.unroll(U):
-                if SCALEF:
-                    acc_add16(accv, acce, u, Xf, row, start + (i * U + u) * V)
-                else:
-                    for l in T.vectorized(V):
-                        acc_add(accv, acce, u, l, Xf[row, start + (i * U + u) * V + l])
+                accv[base + u, l] = _f(0.0)
+                acce[base + u, l] = _f(_NEG_BIG)
+
+    @T.macro
+    def ext_fold(accv, acce, dst, src):
+        # accumulators dst..dst+U-1 (+)= src..src+U-1, extended-range addition
+        for u in T.unroll(U):
+            for l in T.vectorized(V):
+                mf = T.meta_var(T.max(acce[dst + u, l], acce[src + u, l]))
+                accv[dst + u, l] = accv[dst + u, l] * _pow2_nonpos(acce[dst + u, l] - mf) + \
+                    accv[src + u, l] * _pow2_nonpos(acce[src + u, l] - mf)
+                acce[dst + u, l] = mf
+
+    @T.macro
+    def ext_step(Xf, accv, acce, row, start, i):
+        if PF > 0:
+            for k in T.unroll(U * V // 16):
+                _prefetch(Xf, row, start + i * U * V + PF + k * 16, 0)
+        for u in T.unroll(U):
+            if SCALEF:
+                acc_add16(accv, acce, u, Xf, row, start + (i * U + u) * V)
+            else:
+                for l in T.vectorized(V):
+                    acc_add(accv, acce, u, l, Xf[row, start + (i * U + u) * V + l])
+
+    @T.macro
+    def extsum(Xf, accv, acce, sv, se, row, start):
+        # accumulators 0..U-1 sum blocks of BI steps; U..2U-1 sum the blocks (two-level: float32 error grows with
+        # BI + NB/BI terms instead of NB)
+        ext_init(accv, acce, 0)
+        if NBB > 0:
+            ext_init(accv, acce, U)
+            for ib in range(NBB):
+                for ii in range(BI):
+                    ext_step(Xf, accv, acce, row, start, ib * BI + ii)
+                ext_fold(accv, acce, U, 0)
+                ext_init(accv, acce, 0)
+        for i in range(NB - NBB * BI):
+            ext_step(Xf, accv, acce, row, start, NBB * BI + i)
+        if NBB > 0:
+            ext_fold(accv, acce, 0, U)
         for i in range(NV):
             for l in T.vectorized(V):
                 acc_add(accv, acce, 0, l, Xf[row, start + NB * U * V + i * V + l])
@@ -304,8 +337,8 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
             with T.sblock("root"):
                 for task in T.parallel(P):
-                    accv = T.alloc_buffer((U, V), _F32, scope="local")
-                    acce = T.alloc_buffer((U, V), _F32, scope="local")
+                    accv = T.alloc_buffer((2 * U, V), _F32, scope="local")
+                    acce = T.alloc_buffer((2 * U, V), _F32, scope="local")
                     sv = T.alloc_buffer((1,), _F32, scope="local")
                     se = T.alloc_buffer((1,), _F32, scope="local")
                     for rr in range(RPT):
@@ -324,8 +357,8 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
             PV = T.alloc_buffer((W,), _F32)
             PE = T.alloc_buffer((W,), _F32)
             for w in T.parallel(W):
-                accv = T.alloc_buffer((U, V), _F32, scope="local")
-                acce = T.alloc_buffer((U, V), _F32, scope="local")
+                accv = T.alloc_buffer((2 * U, V), _F32, scope="local")
+                acce = T.alloc_buffer((2 * U, V), _F32, scope="local")
                 sv = T.alloc_buffer((1,), _F32, scope="local")
                 se = T.alloc_buffer((1,), _F32, scope="local")
                 extsum(X, accv, acce, sv, se, w // C, (w % C) * L)
@@ -355,6 +388,8 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
     LV = L // V
     LS = L - LV * V
     floor = _f(_NEG_BIG)
+    BI = _SUM_BLOCK
+    NBB = NB // BI
 
     def expneg(z):
         """exp(z) for z <= 0, magic-bias rounding (XNNPACK rr2-p5).  z is clamped at -87 so 2^n stays normal, and
@@ -387,18 +422,36 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
         sm[0] = _hreduce(_tree([accm[u, T.ramp(0, 1, V)] for u in range(U)], T.max), V, T.max)
 
     @T.macro
+    def exp_step(Xf, Yf, accm, row, start, mx, i):
+        for u in T.unroll(U):
+            for l in T.vectorized(V):
+                Yf[row, start + (i * U + u) * V + l] = expneg(Xf[row, start + (i * U + u) * V + l] - mx)
+                accm[u, l] = accm[u, l] + Yf[row, start + (i * U + u) * V + l]
+
+    @T.macro
     def expstore(Xf, Yf, accm, ss, row, start, mx):
         # accm is reused as the sum accumulator; the stored value is re-read (pitfall 10)
+        # two-level sum as in the two-pass kernel: rows U..2U-1 of accm collect blocks of BI steps
         for u in T.unroll(U):
             for l in T.vectorized(V):
                 accm[u, l] = _f(0.0)
-        for i in range(NB):
+        if NBB > 0:
             for u in T.unroll(U):
                 for l in T.vectorized(V):
-                    Yf[row, start + (i * U + u) * V + l] = expneg(
-                        Xf[row, start + (i * U + u) * V + l] - mx
-                    )
-                    accm[u, l] = accm[u, l] + Yf[row, start + (i * U + u) * V + l]
+                    accm[U + u, l] = _f(0.0)
+            for ib in range(NBB):
+                for ii in range(BI):
+                    exp_step(Xf, Yf, accm, row, start, mx, ib * BI + ii)
+                for u in T.unroll(U):
+                    for l in T.vectorized(V):
+                        accm[U + u, l] = accm[U + u, l] + accm[u, l]
+                        accm[u, l] = _f(0.0)
+        for i in range(NB - NBB * BI):
+            exp_step(Xf, Yf, accm, row, start, mx, NBB * BI + i)
+        if NBB > 0:
+            for u in T.unroll(U):
+                for l in T.vectorized(V):
+                    accm[u, l] = accm[u, l] + accm[U + u, l]
         for i in range(NV):
             for l in T.vectorized(V):
                 Yf[row, start + NB * U * V + i * V + l] = expneg(
@@ -442,7 +495,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
             with T.sblock("root"):
                 for task in T.parallel(P):
-                    accm = T.alloc_buffer((U, V), _F32, scope="local")
+                    accm = T.alloc_buffer((2 * U, V), _F32, scope="local")
                     sm = T.alloc_buffer((1,), _F32, scope="local")
                     ss = T.alloc_buffer((1,), _F32, scope="local")
                     for rr in range(RPT):
@@ -462,12 +515,12 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
             PM = T.alloc_buffer((W,), _F32)
             PS = T.alloc_buffer((W,), _F32)
             for w in T.parallel(W):
-                accm = T.alloc_buffer((U, V), _F32, scope="local")
+                accm = T.alloc_buffer((2 * U, V), _F32, scope="local")
                 sm = T.alloc_buffer((1,), _F32, scope="local")
                 rowmax(X, accm, sm, w // C, (w % C) * L)
                 PM[w] = sm[0]
             for w in T.parallel(W):
-                accm2 = T.alloc_buffer((U, V), _F32, scope="local")
+                accm2 = T.alloc_buffer((2 * U, V), _F32, scope="local")
                 tm = T.alloc_buffer((1,), _F32, scope="local")
                 ss = T.alloc_buffer((1,), _F32, scope="local")
                 tm[0] = PM[(w // C) * C]
