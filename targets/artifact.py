@@ -75,7 +75,7 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
         tgt = tuning_target(tgt)  # the database is keyed by the target the records were tuned for
         tuning = tune(imported.mod, tgt, tuning_dir or default_tuning_dir(), tune_trials)
     t1 = time.perf_counter()
-    ex = build(imported, tgt, tuning["work_dir"] if tuning else None)
+    ex = build(imported, tgt, tuning["apply_dir"] if tuning else None)
     t2 = time.perf_counter()
     meta = {
         "format": FORMAT_VERSION,

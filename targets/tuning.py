@@ -3,9 +3,13 @@
 ``tune(mod, target, work_dir, trials)`` legalizes and fuses the Relax module, tunes the ``matmul`` tasks with
 MetaSchedule (random cost model: no xgboost needed) and records in ``work_dir/softswap-tuning.json`` which module
 (structural hash) was tuned with how many trials; a later call for the same module with no more trials reuses the
-database without tuning again. The CPU pipeline then applies the database before its default rules
-(``cpu_pipeline(..., tuning_dir=...)``). Tuning costs minutes (spec/lowering.md §1.7): it is for deployment builds,
-not tests.
+database without tuning again.
+
+A short random search can lose to the hand-written matmul rule (``targets.cpu_rules``), so after tuning every task's
+best record is timed against the rule's schedule of the same PrimFunc, on the same random inputs, and only the
+records that win are copied to ``work_dir/selected`` — the database the CPU pipeline applies before its default
+rules (``cpu_pipeline(..., tuning_dir=selected_dir(work_dir))``). A tuned build is therefore never slower per task
+than the untuned one. Tuning costs minutes (spec/lowering.md §1.7): it is for deployment builds, not tests.
 """
 from __future__ import annotations
 
@@ -24,6 +28,12 @@ from .errors import CompileError
 log = logging.getLogger(__name__)
 
 MARKER = "softswap-tuning.json"
+SELECTED = "selected"
+
+
+def selected_dir(work_dir: str | os.PathLike) -> str:
+    """The database of records that beat the hand rules (what the pipeline applies)."""
+    return os.path.join(os.fspath(work_dir), SELECTED)
 
 
 def default_tuning_dir() -> str:
@@ -53,23 +63,114 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     key = f"{structural_hash(fused)}:{tgt}"
     marker = work / MARKER
     done = json.loads(marker.read_text()) if marker.exists() else {}
-    if done.get(key, 0) >= trials:
+    if done.get(key, 0) >= trials and os.path.isdir(selected_dir(work)):
         log.info("tuning database %s already holds %d trials for this module: reused", work, done[key])
-        return {"work_dir": str(work), "trials": done[key], "reused": True, "seconds": 0.0}
+        return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": done[key], "reused": True,
+                "seconds": 0.0}
     start = time.perf_counter()
     try:
         ms.relax_integration.tune_relax(
             fused, {}, tgt, str(work), max_trials_global=trials, max_trials_per_task=trials, op_names=["matmul"],
             num_trials_per_iter=min(16, trials), cost_model="random",
-            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1,
+            # generous timeouts: a builder worker's first job imports TVM, which alone can take 30 s on a loaded
+            # 2-core machine (the default 30 s timeout then fails every candidate of the first batch)
+            builder=ms.builder.LocalBuilder(timeout_sec=300),
+            runner=ms.runner.LocalRunner(timeout_sec=120,
+                                         evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1,
                                                                                     min_repeat_ms=0)))
     except Exception as exc:  # noqa: BLE001 - MetaSchedule errors are wrapped with the database named
         raise CompileError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc)[:300]}",
                            culprit=str(work)) from exc
+    try:
+        tasks = select_records(work, tgt)
+    except Exception as exc:  # noqa: BLE001
+        raise CompileError(f"comparing tuned schedules with the default rules failed: {type(exc).__name__}: "
+                           f"{str(exc)[:300]}", culprit=str(work)) from exc
     seconds = time.perf_counter() - start
     done[key] = trials
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(done, indent=1))
     os.replace(tmp, marker)
     log.info("tuned %d trials in %.1fs into %s", trials, seconds, work)
-    return {"work_dir": str(work), "trials": trials, "reused": False, "seconds": round(seconds, 1)}
+    return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": trials, "reused": False,
+            "seconds": round(seconds, 1), "tasks": tasks}
+
+
+def _random_args(func) -> list:
+    import numpy as np
+
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    rng = np.random.default_rng(0)
+    args = []
+    for info in ArgInfo.from_prim_func(func):
+        shape = [int(d) for d in info.shape]
+        args.append(tvm.runtime.tensor(rng.standard_normal(shape).astype(str(info.dtype))))
+    return args
+
+
+def time_primfunc(mod: tvm.IRModule, target: tvm.target.Target, repeat: int = 15) -> float:
+    """Median seconds of one call of ``mod["main"]`` (a scheduled PrimFunc) on random inputs."""
+    import numpy as np
+
+    lib = tvm.compile(mod, target=target)
+    args = _random_args(mod["main"])
+    fn = lib["main"]
+    for _ in range(2):
+        fn(*args)
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn(*args)
+        samples.append(time.perf_counter() - t)
+    return float(np.median(samples))
+
+
+def select_records(work_dir: str | os.PathLike, target: tvm.target.Target) -> list[dict]:
+    """Copy to ``selected_dir(work_dir)`` each task's best record that runs faster than the hand rules' schedule of
+    the same PrimFunc; returns one ``{"task", "tuned_ms", "rule_ms", "applied"}`` per task."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir import meta_schedule as ms
+
+    from .cpu_rules import cpu_rules
+
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    out_dir = Path(selected_dir(work_dir))
+    if out_dir.exists():
+        for f in out_dir.iterdir():
+            f.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected = ms.database.JSONDatabase(work_dir=str(out_dir))
+    best: dict = {}
+    for rec in db.get_all_tuning_records():
+        if not rec.run_secs:
+            continue
+        cost = sum(float(x) for x in rec.run_secs) / len(rec.run_secs)
+        from tvm_ffi import structural_hash
+        h = structural_hash(rec.workload.mod)
+        if h not in best or cost < best[h][0]:
+            best[h] = (cost, rec)
+    report = []
+    for _cost, rec in best.values():
+        mod = rec.workload.mod
+        sch = db.query_schedule(mod, target, "main")
+        if sch is None:
+            continue
+        tuned = sch.mod
+        with target:
+            rule = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+        tuned_s = time_primfunc(tuned, target)
+        rule_s = time_primfunc(rule, target)
+        applied = tuned_s < rule_s
+        if applied:
+            selected.commit_workload(mod)
+            selected.commit_tuning_record(ms.database.TuningRecord(rec.trace, selected.commit_workload(mod),
+                                                                   [tuned_s], rec.target, rec.args_info))
+        from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+        shapes = " ".join(str([int(d) for d in a.shape]) for a in ArgInfo.from_prim_func(mod["main"]))
+        report.append({"task": f"matmul {shapes}", "tuned_ms": round(tuned_s * 1e3, 4),
+                       "rule_ms": round(rule_s * 1e3, 4), "applied": applied})
+        log.info("task %s: tuned %.3f ms, rule %.3f ms -> %s", shapes, tuned_s * 1e3, rule_s * 1e3,
+                 "tuned" if applied else "rule")
+    return report

@@ -1,4 +1,5 @@
-"""MetaSchedule tuning (slow): a tuned build matches onnxruntime, and the on-disk database is reused."""
+"""MetaSchedule tuning (slow): a tuned build matches onnxruntime, tuned records are applied only where they beat the
+hand rules, and the on-disk database is reused."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,6 +26,13 @@ def test_tuned_build_matches_and_database_is_reused(tmp_path, rng):
     db = tmp_path / "db"
     meta = compile_model(str(path), "avx2", tmp_path / "a.so", tune_trials=4, tuning_dir=db)
     assert meta["tuning"]["reused"] is False and (db / "database_tuning_record.json").exists()
+    # every tuned task was timed against the hand rule; only winners went to the applied database
+    tasks = meta["tuning"]["tasks"]
+    assert tasks and all(t["tuned_ms"] > 0 and t["rule_ms"] > 0 for t in tasks)
+    assert all(t["applied"] == (t["tuned_ms"] < t["rule_ms"]) for t in tasks)
+    applied = (db / "selected" / "database_tuning_record.json")
+    n_applied = len(applied.read_text().splitlines()) if applied.exists() else 0
+    assert n_applied == sum(t["applied"] for t in tasks)
     x = rng.standard_normal((n, n)).astype(np.float32)
     got = Runner(tmp_path / "a.so").run({"x": x})["y"]
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
