@@ -69,15 +69,16 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
                 "seconds": 0.0}
     start = time.perf_counter()
     try:
-        ms.relax_integration.tune_relax(
-            fused, {}, tgt, str(work), max_trials_global=trials, max_trials_per_task=trials, op_names=["matmul"],
-            num_trials_per_iter=min(16, trials), cost_model="random",
-            # generous timeouts: a builder worker's first job imports TVM, which alone can take 30 s on a loaded
-            # 2-core machine (the default 30 s timeout then fails every candidate of the first batch)
-            builder=ms.builder.LocalBuilder(timeout_sec=300),
-            runner=ms.runner.LocalRunner(timeout_sec=120,
-                                         evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1,
-                                                                                    min_repeat_ms=0)))
+        with _Progress(work / "database_tuning_record.json", trials):
+            ms.relax_integration.tune_relax(
+                fused, {}, tgt, str(work), max_trials_global=trials, max_trials_per_task=trials, op_names=["matmul"],
+                num_trials_per_iter=min(16, trials), cost_model="random",
+                # generous timeouts: a builder worker's first job imports TVM, which alone can take 30 s on a loaded
+                # 2-core machine (the default 30 s timeout then fails every candidate of the first batch)
+                builder=ms.builder.LocalBuilder(timeout_sec=300),
+                runner=ms.runner.LocalRunner(timeout_sec=120,
+                                             evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1,
+                                                                                        min_repeat_ms=0)))
     except Exception as exc:  # noqa: BLE001 - MetaSchedule errors are wrapped with the database named
         raise CompileError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc)[:300]}",
                            culprit=str(work)) from exc
@@ -94,6 +95,53 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     log.info("tuned %d trials in %.1fs into %s", trials, seconds, work)
     return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": trials, "reused": False,
             "seconds": round(seconds, 1), "tasks": tasks}
+
+
+class _Progress:
+    """A rich progress bar on stderr counting the measured candidates (lines of the tuning-record file) while
+    MetaSchedule runs in this thread; off when ``SOFTSWAP_NO_PROGRESS`` is set."""
+
+    def __init__(self, records: Path, trials: int):
+        self.records, self.trials = records, trials
+        self.base = self._count()
+        self._stop = None
+        self._thread = None
+
+    def _count(self) -> int:
+        try:
+            with open(self.records, "rb") as fh:
+                return sum(1 for _ in fh)
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        import threading
+
+        if os.environ.get("SOFTSWAP_NO_PROGRESS"):
+            return self
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self._stop = threading.Event()
+        progress = Progress("tuning", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=False)
+
+        def poll():
+            with progress:
+                task = progress.add_task("tuning", total=self.trials)
+                while not self._stop.wait(1.0):
+                    progress.update(task, completed=min(self.trials, self._count() - self.base))
+                progress.update(task, completed=min(self.trials, self._count() - self.base))
+
+        self._thread = threading.Thread(target=poll, name="softswap-tuning-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+        return False
 
 
 def _random_args(func) -> list:
