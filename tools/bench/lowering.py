@@ -60,7 +60,8 @@ def _copy_bandwidth(threads: int, n: int) -> float:
     lib = tvm.compile(tvm.IRModule({"copy": copy}), target=get_target("host"))
     x, y = tvm.runtime.tensor(a), tvm.runtime.tensor(b)
     set_tvm_threads(threads)
-    t_tvm = _time_p50(lambda: lib["copy"](x, y), 2.0)
+    fn = lib["copy"]  # look the function up once: Executable.__getitem__ costs tens of microseconds per call
+    t_tvm = _time_p50(lambda: fn(x, y), 2.0)
     return 2 * n * 4 / (min(t_np, t_tvm) * 1e-3) / 1e9
 
 
@@ -155,7 +156,10 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
             set_tvm_threads(threads)
             torch.set_num_threads(threads)
             sess = ort_session(_softmax_onnx((rows, cols)), threads)
-            fns = {name: (lambda lib=lib: lib["softmax"](xt, yt)) for name, lib in libs.items()}
+            # functions looked up once: Executable.__getitem__ alone costs ~40 us, as much as the whole in-cache
+            # softmax
+            kernels = {name: lib["softmax"] for name, lib in libs.items()}
+            fns = {name: (lambda k=k: k(xt, yt)) for name, k in kernels.items()}
             fns["ORT"] = lambda: sess.run(None, {"x": x})
             fns["torch"] = lambda: torch.ops.aten._softmax.out(tx, -1, False, out=ty)
             res = _time_interleaved(fns, budget_s)
@@ -280,9 +284,11 @@ def bench_bert(quick: bool) -> list[dict]:
     return out
 
 
-def bench_minilm(quick: bool) -> list[dict]:
+def bench_minilm(quick: bool, tune_trials: int = 0) -> list[dict]:
     """(d) The real all-MiniLM-L6-v2, original and rewritten (linear attention), batch 8, N in {128, 512}:
-    torch (eager HF module / rewritten FX program), onnxruntime and TVM avx512 (untuned), 2 threads."""
+    torch (eager HF module / rewritten FX program), onnxruntime and TVM avx512 (untuned), 2 threads; with
+    ``tune_trials`` also TVM avx512 tuned (MetaSchedule, fresh database) on the original at N = 128, with the tuning
+    time."""
     import tempfile
 
     import rewrite
@@ -308,19 +314,32 @@ def bench_minilm(quick: bool) -> list[dict]:
             feeds = {k: v.numpy() for k, v in inputs.items()}
             for label, (path, module) in models.items():
                 sess = ort_session(path, 2)
-                ort_ms = time_callable(lambda: sess.run(None, feeds), 5, 2)["p50"]
-                with torch.inference_mode():
-                    torch_ms = time_callable(lambda: module(**inputs), 5, 2)["p50"]
                 lib = os.path.join(tmp, f"{label}_{n}.so")
+                shapes = {k: list(v.shape) for k, v in feeds.items()}
                 t0 = time.perf_counter()
-                compile_model(path, "avx512", lib, shapes={k: list(v.shape) for k, v in feeds.items()})
+                compile_model(path, "avx512", lib, shapes=shapes)
                 compile_s = time.perf_counter() - t0
                 runner = Runner(lib)
-                tvm_ms = time_callable(lambda: runner.run(feeds), 5, 2)["p50"]
-                for impl, ms in (("torch", torch_ms), ("ORT", ort_ms), ("TVM avx512", tvm_ms)):
-                    out.append({"model": label, "N": n, "impl": impl, "ms": ms, "vs_ort": ms / ort_ms,
-                                "compile_s": compile_s if impl.startswith("TVM") else None})
-                    print(f"   {label:>7} N={n:4d} {impl:>11} {ms:9.2f} ms  ({ms / ort_ms:.2f}x ORT time)")
+                fns = {"torch": lambda: module(**inputs), "ORT": lambda: sess.run(None, feeds),
+                       "TVM avx512": lambda: runner.run(feeds)}
+                extra_s = {"TVM avx512": compile_s}
+                if tune_trials and label == "softmax" and n == 128:
+                    tuned_lib = os.path.join(tmp, f"{label}_{n}_tuned.so")
+                    meta = compile_model(path, "avx512", tuned_lib, shapes=shapes, tune_trials=tune_trials,
+                                         tuning_dir=os.path.join(tmp, "tuning"))
+                    tuned = Runner(tuned_lib)
+                    fns[f"TVM tuned {tune_trials}"] = lambda: tuned.run(feeds)
+                    extra_s[f"TVM tuned {tune_trials}"] = meta["tuning"]["seconds"]
+                    out.append({"model": label, "N": n, "tuning": meta["tuning"]})
+                    print(f"   tuning: {meta['tuning']['seconds']:.0f} s for {tune_trials} trials; tasks: "
+                          + "; ".join(f"{t['task']}: tuned {t['tuned_ms']:.3f} ms vs rule {t['rule_ms']:.3f} ms"
+                                      for t in meta["tuning"].get("tasks", [])))
+                with torch.inference_mode():
+                    res = _time_interleaved(fns, 1.0 if quick else 4.0)
+                for impl, ms in res.items():
+                    out.append({"model": label, "N": n, "impl": impl, "ms": ms, "vs_ort": ms / res["ORT"],
+                                "compile_or_tuning_s": extra_s.get(impl)})
+                    print(f"   {label:>7} N={n:4d} {impl:>15} {ms:9.2f} ms  ({ms / res['ORT']:.2f}x ORT time)")
     return out
 
 
@@ -330,6 +349,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="softmax,attention,bert,minilm", help="comma list of sections")
     ap.add_argument("--target", default="avx512", help="target of the softmax kernels")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                    help="(d): also tune the original MiniLM at N=128 with this many MetaSchedule trials")
     args = ap.parse_args(argv)
     sections = set(args.only.split(","))
     result = {"machine": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
@@ -341,7 +362,7 @@ def main(argv=None) -> int:
     if "bert" in sections:
         result["bert"] = bench_bert(args.quick)
     if "minilm" in sections:
-        result["minilm"] = bench_minilm(args.quick)
+        result["minilm"] = bench_minilm(args.quick, args.tune)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
