@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Lowering benchmarks (issue 5): softmax kernels, attention blocks, a BERT-like encoder.
 
-(a) softmax micro-benchmark, last axis fp32: (8,128,128), (1,16,1024,1024), (4096,4096), one 16M-element row;
-    1 and 2 threads; TVM two-pass / three-pass / rule-table choice vs onnxruntime vs torch (``_softmax.out`` into a
-    preallocated tensor); GB/s counts 2*N*4 bytes (one read + one write), compared with the measured copy bandwidth
-    (numpy copy, 1 thread; TVM parallel copy kernel, 2 threads).
-(b) attention block B=1, H=8, d=64, N in {256, 1024, 4096}: softmax attention in torch SDPA / onnxruntime / TVM,
-    linear attention (elu+1) in onnxruntime / TVM avx2 / TVM avx512.
+(a) softmax micro-benchmark, last axis fp32: (8,128,128), (1,16,1024,1024), (4096,4096), one 16M-element row and
+    one row of twice the last-level cache; 1 and 2 threads; TVM two-pass / three-pass / rule-table choice vs
+    onnxruntime vs torch (``_softmax.out`` into a preallocated tensor), timed in alternating rounds; GB/s against
+    the measured copy bandwidth (best of numpy's copy and a parallel TVM copy kernel, at the large row's size).
+(b) attention block B=1, H=8, d=64, N in {256, 1024, 4096, 16384}, 2 threads: softmax attention in torch SDPA /
+    onnxruntime / TVM vs every catalogue variant in torch / onnxruntime / TVM avx2 / TVM avx512.
 (c) BERT-like encoder (batch 8, N=128): TVM avx512 (untuned) vs onnxruntime.
-(d) the real MiniLM, original and linear-attention rewrite, batch 8, N in {128, 512}: torch, onnxruntime, TVM avx512.
+(d) the real MiniLM, original and linear-attention rewrite, batch 8, N in {128, 512}: torch, onnxruntime, TVM avx512
+    (``--tune TRIALS``: also a tuned build of the original at N = 128, with its tuning time).
 
-Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/lowering.py [--quick] [--only softmax,attention,bert]``.
+Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/lowering.py [--quick] [--only softmax,attention,bert,minilm]
+[--tune TRIALS]``.
 Prints tables, writes ``tools/bench/results/lowering.json``.
 """
 
@@ -37,6 +39,7 @@ from targets.bench import ort_session, set_tvm_threads, time_callable, tvm_calla
 from targets.softmax_kernels import (KernelChoice, build_kernel_library, choose_kernel, mcpu_of,  # noqa: E402
                                      vector_bits_of)
 from targets.table import get_target  # noqa: E402
+from rewrite.io import quiet_stdout  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowering.json")
 
@@ -189,55 +192,104 @@ def _pick_split_chunks(cols: int) -> int:
 
 class _SoftmaxAttention(torch.nn.Module):
     def forward(self, q, k, v):
-        return torch.softmax(q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5), -1) @ v
+        return F.scaled_dot_product_attention(q, k, v)
 
 
-class _LinearAttention(torch.nn.Module):
-    """Katharopoulos et al. linear attention, phi = elu + 1, with normalizer (non-causal)."""
+class _VariantAttention(torch.nn.Module):
+    """One catalogue variant (passes.attention.VARIANTS), non-causal, no mask, default options."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
 
     def forward(self, q, k, v):
-        q, k = F.elu(q) + 1, F.elu(k) + 1
-        kv = k.transpose(-1, -2) @ v                                     # (B, H, d, d)
-        z = 1.0 / (q @ k.sum(-2, keepdim=True).transpose(-1, -2) + 1e-6)  # (B, H, N, 1)
-        return (q @ kv) * z
+        from passes.attention import VARIANTS
+
+        return VARIANTS[self.name].fn(q, k, v, scale=q.shape[-1] ** -0.5, causal=False, key_padding=None)
 
 
 def _onnx_of(module, args, names) -> onnx.ModelProto:
-    return torch.onnx.export(module.eval(), args, dynamo=True, input_names=names, verbose=False).model_proto
+    with quiet_stdout():
+        return torch.onnx.export(module.eval(), args, dynamo=True, input_names=names, verbose=False).model_proto
 
 
-def bench_attention(quick: bool) -> list[dict]:
-    ns = [256] if quick else [256, 1024, 4096]
+# live fp32 score-sized (H*N*N) tensors at peak, per implementation (for skipping what does not fit in memory)
+_SCORE_TENSORS = {"softmax": 2, "sigmoid": 4, "softplus": 6}
+
+
+def _time_budget(fn, budget_s: float, min_runs: int = 3, max_runs: int = 200) -> float:
+    """Median ms over as many runs as fit in ``budget_s`` (at least ``min_runs``), after one warm-up call."""
+    t = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t
+    runs = int(min(max_runs, max(min_runs, budget_s / max(one, 1e-6))))
+    return time_callable(fn, runs, warmup=1 if one > 0.05 else 3)["p50"]
+
+
+def bench_attention(quick: bool, max_gb: float = 18.0) -> list[dict]:
+    """(b) Attention block B=1, H=8, d=64, N in {256, 1024, 4096, 16384}, 2 threads: softmax (torch SDPA, onnxruntime,
+    TVM avx512) vs every catalogue variant (onnxruntime, TVM avx2, TVM avx512).  ONNX from exporting each function at
+    the size; TVM compiles that graph with static shapes.  Combinations whose score tensors need more than ``max_gb``
+    are skipped with the reason."""
+    from passes.attention import VARIANTS
+
+    ns = [256] if quick else [256, 1024, 4096, 16384]
+    heads, dim = 8, 64
+    names = [n for n in VARIANTS if n != "reference"]
     out = []
-    print("\n(b) attention B=1 H=8 d=64, ms (p50)")
-    print(f"{'kind':>8} {'N':>5} {'T':>2} {'impl':>14} {'ms':>9}")
+    threads = 2
+    set_tvm_threads(threads)
+    torch.set_num_threads(threads)
+    print(f"\n(b) attention B=1 H={heads} d={dim}, {threads} threads, ms (p50); ratio = variant / softmax on the "
+          "same runtime")
+    print(f"{'variant':>9} {'N':>6} {'runtime':>12} {'ms':>10} {'vs softmax':>10}")
     for n in ns:
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 8, n, 64, generator=g) for _ in range(3))
+        q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
         feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
-        runs = 3 if n >= 4096 else (5 if quick else 10)
-        sm_onnx = _onnx_of(_SoftmaxAttention(), (q, k, v), ["q", "k", "v"])
-        lin_onnx = _onnx_of(_LinearAttention(), (q, k, v), ["q", "k", "v"])
-        tvm_sm = tvm_callable(sm_onnx, "avx512", feeds)
-        tvm_lin = {t: tvm_callable(lin_onnx, t, feeds) for t in ("avx2", "avx512")}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            set_tvm_threads(threads)
-            res = []
-            with torch.inference_mode():
-                res.append(("softmax", "torch SDPA",
-                            time_callable(lambda: F.scaled_dot_product_attention(q, k, v), runs, 2)["p50"]))
-            s1 = ort_session(sm_onnx, threads)
-            res.append(("softmax", "ORT", time_callable(lambda: s1.run(None, feeds), runs, 2)["p50"]))
-            res.append(("softmax", "TVM avx512", time_callable(tvm_sm, runs, 2)["p50"]))
-            s2 = ort_session(lin_onnx, threads)
-            res.append(("linear", "ORT", time_callable(lambda: s2.run(None, feeds), runs, 2)["p50"]))
-            for t, fn in tvm_lin.items():
-                res.append(("linear", f"TVM {t}", time_callable(fn, runs, 2)["p50"]))
-            for kind, impl, ms in res:
-                out.append({"kind": kind, "N": n, "threads": threads, "impl": impl, "ms": ms})
-                print(f"{kind:>8} {n:>5} {threads:>2} {impl:>14} {ms:9.3f}")
-    set_tvm_threads(2)
+        budget = 1.0 if quick else 3.0
+        base: dict = {}
+
+        def record(variant, runtime, ms=None, skip=None):
+            ratio = ms / base[runtime] if ms is not None and base.get(runtime) else None
+            out.append({"variant": variant, "N": n, "runtime": runtime, "ms": ms, "skip": skip,
+                        "vs_softmax": ratio, "threads": threads})
+            shown = f"{ms:10.2f}" if ms is not None else f"{'skip':>10}"
+            extra = f"{ratio:9.3f}x" if ratio else (f"  ({skip})" if skip else "")
+            print(f"{variant:>9} {n:>6} {runtime:>12} {shown} {extra}", flush=True)
+            if variant == "softmax" and ms is not None:
+                base[runtime] = ms
+
+        with torch.inference_mode():
+            sdpa_ms = _time_budget(lambda: F.scaled_dot_product_attention(q, k, v), budget)
+        record("softmax", "torch", sdpa_ms)
+        for name in ["softmax"] + names:
+            gb = _SCORE_TENSORS.get(name, 0) * heads * n * n * 4 / 1e9
+            runtimes = ["ORT", "TVM avx2", "TVM avx512"] if name == "softmax" else \
+                ["torch", "ORT", "TVM avx2", "TVM avx512"]
+            if gb > max_gb:
+                for rt in runtimes:
+                    record(name, rt, skip=f"~{gb:.0f} GB of scores")
+                continue
+            if name != "softmax":
+                mod = _VariantAttention(name)
+                with torch.inference_mode():
+                    record(name, "torch", _time_budget(lambda: mod(q, k, v), budget))
+            model = _onnx_of(_SoftmaxAttention() if name == "softmax" else _VariantAttention(name), (q, k, v),
+                             ["q", "k", "v"])
+            sess = ort_session(model, threads)
+            record(name, "ORT", _time_budget(lambda: sess.run(None, feeds), budget))
+            del sess
+            for rt in runtimes:
+                if not rt.startswith("TVM"):
+                    continue
+                try:
+                    fn = tvm_callable(model, rt.split()[1], feeds)
+                except Exception as exc:  # noqa: BLE001 - a lowering failure is a result of the benchmark
+                    record(name, rt, skip=f"{type(exc).__name__}: {str(exc)[:80]}")
+                    continue
+                record(name, rt, _time_budget(fn, budget))
+                del fn
     return out
 
 
