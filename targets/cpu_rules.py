@@ -10,8 +10,9 @@ Stock dlight has no CPU matmul rule (spec pitfall 7) and its ``cpu.Reduction`` i
    parallel over batch x row tiles x column tiles, or, for K >= ``PACK_MIN_K``, over batch x column panels with B
    packed into a contiguous (K x NJ) panel per task that all row tiles reuse.
 2. :class:`GuardedReduction` - ``dl.cpu.Reduction`` only where the fused leading spatial extent is > 1.
-3. :class:`InjectiveRule` - elementwise / broadcast / transpose: all loops fused, split by the vector width and a
-   parallel chunk.
+3. :class:`InjectiveRule` - elementwise / broadcast: all loops fused, split by the vector width and a parallel
+   chunk; a block reading a transposed buffer gets 16 x 16 tiles instead (parallel over tiles, contiguous vector
+   stores, gathers that stay in L1).
 4. :class:`FallbackRule` - anything else: the outermost spatial loop of every block is parallelized and the innermost
    spatial loop vectorized when it is a spatial loop of constant extent.
 
@@ -211,6 +212,53 @@ class GuardedReduction(dl.cpu.Reduction):
         return super().apply(func, target, tunable)
 
 
+def _transposed_read(sch: s_tir.Schedule, block_rv) -> bool:
+    """True when the block reads a buffer whose innermost index is a block iterator other than the innermost one
+    while the innermost iterator indexes an outer axis (a transpose of the last two axes, or a permutation moving
+    the last axis): fusing all loops would then read with a large stride."""
+    block = sch.get(block_rv)
+    if len(block.iter_vars) < 2:
+        return False
+    last = block.iter_vars[-1].var
+    for region in block.reads:
+        ranges = list(region.region)
+        if len(ranges) < 2:
+            continue
+        inner = ranges[-1].min
+        if isinstance(inner, tirx.Var) and not inner.same_as(last) and \
+                any(isinstance(r.min, tirx.Var) and r.min.same_as(last) for r in ranges[:-1]):
+            return True
+    return False
+
+
+#: Tile edge of the transpose schedule (a TILE x TILE block of the input stays in L1 while it is gathered).
+TRANSPOSE_TILE = 16
+
+
+def _tile_transpose(sch: s_tir.Schedule, loops, lanes: int) -> bool:
+    """Tiled transpose: the last two loops split by TRANSPOSE_TILE, tile loops outermost and parallel, the row loop
+    of a tile unrolled, its column loop vectorized (contiguous stores, gathers within L1).  False when the last two
+    extents are not static multiples of the tile."""
+    if len(loops) < 2:
+        return False
+    ei, ej = _extent(sch, loops[-2]), _extent(sch, loops[-1])
+    t = TRANSPOSE_TILE
+    if ei is None or ej is None or ei % t or ej % t or ej % lanes:
+        return False
+    io, ii = sch.split(loops[-2], factors=[None, t])
+    jo, ji = sch.split(loops[-1], factors=[None, t])
+    sch.reorder(io, jo, ii, ji)
+    outer = sch.fuse(*loops[:-2], io, jo) if len(loops) > 2 else sch.fuse(io, jo)
+    sch.parallel(outer)
+    sch.unroll(ii)
+    if t > lanes:
+        _, jv = sch.split(ji, factors=[None, lanes])
+        sch.vectorize(jv)
+    else:
+        sch.vectorize(ji)
+    return True
+
+
 class InjectiveRule(CPUScheduleRule):
     """All blocks spatial: inline producers, fuse the output loops, vectorize the inner split, parallel the outer."""
 
@@ -228,6 +276,8 @@ class InjectiveRule(CPUScheduleRule):
         for bi in infos:
             loops = sch.get_loops(bi.block_rv)
             if not loops:
+                continue
+            if _transposed_read(sch, bi.block_rv) and _tile_transpose(sch, loops, lanes):
                 continue
             fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             ext = _extent(sch, fused)

@@ -55,6 +55,28 @@ def init_feature_params(heads: int, head_dim: int, feature_map: str, feature_dim
     return {}
 
 
+def feature_map_one(
+    x: torch.Tensor,
+    *,
+    side: str,
+    feature_map: str,
+    params: dict[str, torch.Tensor] | None,
+    scale: float,
+    feature_dim: int = 0,
+) -> torch.Tensor:
+    """φ_q(x) (``side="q"``) or φ_k(x) (``side="k"``) for the named map; ``x`` already in the compute dtype."""
+    if feature_map == "elu":
+        return elu1(x)
+    if feature_map == "hedgehog":
+        w = (params or {}).get("fmap_q" if side == "q" else "fmap_k")
+        if w is None:
+            w = init_hedgehog(x.shape[1], x.shape[-1], feature_dim).to(x.device)
+        return hedgehog(x, w)
+    if feature_map == "taylor2":
+        return taylor2(x, scale)
+    raise ValueError(f"unknown feature_map {feature_map!r}; known: {FEATURE_MAPS}")
+
+
 def apply_feature_map(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,18 +87,5 @@ def apply_feature_map(
     feature_dim: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(φ_q(q), φ_k(k)) for the named map; ``q``/``k`` already in the compute dtype."""
-    if feature_map == "elu":
-        return elu1(q), elu1(k)
-    if feature_map == "hedgehog":
-        heads, head_dim = q.shape[1], q.shape[-1]
-        p = params or {}
-        wq = p.get("fmap_q")
-        wk = p.get("fmap_k")
-        if wq is None or wk is None:
-            w0 = init_hedgehog(heads, head_dim, feature_dim).to(q.device)
-            wq = w0 if wq is None else wq
-            wk = w0 if wk is None else wk
-        return hedgehog(q, wq), hedgehog(k, wk)
-    if feature_map == "taylor2":
-        return taylor2(q, scale), taylor2(k, scale)
-    raise ValueError(f"unknown feature_map {feature_map!r}; known: {FEATURE_MAPS}")
+    kw = dict(feature_map=feature_map, params=params, scale=scale, feature_dim=feature_dim)
+    return feature_map_one(q, side="q", **kw), feature_map_one(k, side="k", **kw)

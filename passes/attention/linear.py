@@ -15,8 +15,8 @@ import torch
 
 from . import hybrid
 from .base import AttentionVariant, VariantOption
-from .featuremaps import apply_feature_map, init_feature_params
-from .linear_core import causal_apply, noncausal_apply, reverse_apply
+from .featuremaps import feature_map_one, init_feature_params
+from .linear_core import causal_apply, noncausal_normalized, reverse_apply
 from .masks import compute_dtype, keep_mask, mask_checked
 
 #: "boolean": arbitrary keep/drop masks (exact O(N²) fallback); additive biases are not expressible here.
@@ -33,14 +33,29 @@ OPTIONS = (
 )
 
 
+def feature_map_side(x, side, dtype, *, scale, params, feature_map, feature_dim, scale_qk):
+    """φ_q(x) (``side="q"``) or φ_k(x) (``side="k"``) in ``dtype``, after the optional √scale pre-scaling."""
+    xc = x.to(dtype)
+    if scale_qk:
+        xc = xc * math.sqrt(scale)
+    return feature_map_one(xc, side=side, feature_map=feature_map, params=params, scale=scale,
+                           feature_dim=feature_dim)
+
+
 def feature_maps(q, k, *, scale, params, feature_map, feature_dim, scale_qk):
     """(φ(q), φ(k)) in the compute dtype, after the optional √scale pre-scaling."""
     cd = compute_dtype(q)
-    qc, kc = q.to(cd), k.to(cd)
-    if scale_qk:
-        r = math.sqrt(scale)
-        qc, kc = qc * r, kc * r
-    return apply_feature_map(qc, kc, feature_map=feature_map, params=params, scale=scale, feature_dim=feature_dim)
+    kw = dict(scale=scale, params=params, feature_map=feature_map, feature_dim=feature_dim, scale_qk=scale_qk)
+    return feature_map_side(q, "q", cd, **kw), feature_map_side(k, "k", cd, **kw)
+
+
+def _noncausal(q, k, v, *, eps, key_padding, fmap) -> torch.Tensor:
+    """Non-causal, no window, no arbitrary mask: (φ(q) KV) / (φ(q)·z + ε), KV = Σ φ(k_j) v_jᵀ, z = Σ φ(k_j)."""
+    cd = compute_dtype(q)
+    fq, fk = feature_maps(q, k, **fmap)
+    if key_padding is not None:
+        fk = fk * key_padding.to(cd)[:, None, :, None]
+    return noncausal_normalized(fq, fk, v.to(cd), eps).to(q.dtype)
 
 
 def _ones_col(x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +83,10 @@ def linear_attention(
     """Linear attention, (B,H,S,Dv) in q's dtype; states and normalisers in fp32 (fp64 for fp64 inputs)."""
     cd = compute_dtype(q)
     s_len, t_len = q.shape[-2], k.shape[-2]
-    fq, fk = feature_maps(q, k, scale=scale, params=params, feature_map=feature_map, feature_dim=feature_dim,
-                          scale_qk=scale_qk)
+    fmap = dict(scale=scale, params=params, feature_map=feature_map, feature_dim=feature_dim, scale_qk=scale_qk)
+    if attn_mask is None and not causal and not hybrid.effective_window(window, s_len, t_len):
+        return _noncausal(q, k, v, eps=eps, key_padding=key_padding, fmap=fmap)
+    fq, fk = feature_maps(q, k, **fmap)
     vc = v.to(cd)
     if attn_mask is not None:
         if window:
@@ -83,11 +100,9 @@ def linear_attention(
     w = hybrid.effective_window(window, s_len, t_len)
     if causal:
         r = causal_apply(fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form)
-    elif w:
+    else:  # non-causal without a window returned above
         r = causal_apply(fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form) + reverse_apply(
             fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form)
-    else:
-        r = noncausal_apply(fq, fk, v1)
     num, den = r[..., :-1], r[..., -1:]
     out = num / (den + eps)
     if w:

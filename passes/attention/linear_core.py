@@ -1,8 +1,13 @@
 """The linear-attention core shared by ``linear``, ``mala`` and the hybrid window (spec/attention.md §2, §3, §8).
 
 ``apply(fq, fk, v)`` computes out_i = fq_iᵀ Σ_{j visible from i} fk_j v_jᵀ for fq (B,H,S,F), fk (B,H,T,F),
-v (B,H,T,E) → (B,H,S,E). Callers fold denominators in by appending a ones column to v and key padding in by zeroing
-rows of fk. Everything here runs in the caller's dtype (callers pass fp32 or fp64).
+v (B,H,T,E) → (B,H,S,E). Causal callers fold denominators in by appending a ones column to v and key padding in by
+zeroing rows of fk. Everything here runs in the caller's dtype (callers pass fp32 or fp64).
+
+Non-causal (the common encoder case) has a dedicated form: ``noncausal_state`` gives KV = Σ_j fk_j v_jᵀ (F×E per
+head) and z = Σ_j fk_j, and ``noncausal_normalized`` reads out (fq KV) / (fq z + ε) with two products against the
+small state, no ones column (a ones column costs an N×(E+1) concat, an N×(E+1) product with an odd row stride and
+two strided slices, all over N-sized tensors).
 
 Causal visibility: key j is visible from query i iff j <= i + (T - S) - shift. ``shift`` > 0 excludes the last
 ``shift`` keys of the causal prefix (used by the sliding-window hybrid).
@@ -22,9 +27,24 @@ import torch.nn.functional as F
 CAUSAL_FORMS = ("auto", "chunked", "prefix", "loop")
 
 
-def noncausal_apply(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """out_i = fq_iᵀ (Σ_j fk_j v_jᵀ). fq (B,H,S,F), fk (B,H,T,F), v (B,H,T,E) → (B,H,S,E)."""
-    return fq @ (fk.transpose(-1, -2) @ v)
+def colsum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the sequence axis of x (…,N,F) as a row (…,1,F), written as the product 1ᵀ x.
+
+    As a MatMul it lowers (TVM) to a vectorized GEMM over contiguous rows; a ReduceSum over the non-innermost
+    sequence axis lowers to a strided column reduction (measured 72 ms vs 4 ms at B=1, H=8, N=16384, F=64).
+    """
+    return x.new_ones(*x.shape[:-2], 1, x.shape[-2]) @ x
+
+
+def noncausal_state(fk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KV, z): KV = Σ_j fk_j v_jᵀ (B,H,F,E) and z = Σ_j fk_j as a column (B,H,F,1)."""
+    return fk.transpose(-1, -2) @ v, colsum(fk).transpose(-1, -2)
+
+
+def noncausal_normalized(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """out_i = fq_iᵀ KV / (fq_i · z + ε) (linear attention's non-causal readout). → (B,H,S,E)."""
+    kv, z = noncausal_state(fk, v)
+    return (fq @ kv) / (fq @ z + eps)
 
 
 def _prefix_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from . import hybrid
 from .base import AttentionVariant, VariantOption
 from .featuremaps import init_feature_params
 from .linear import feature_maps
-from .linear_core import causal_apply, noncausal_apply, reverse_apply
+from .linear_core import causal_apply, colsum, noncausal_state, reverse_apply
 from .masks import compute_dtype, keep_mask, mask_checked
 
 #: "boolean": arbitrary keep/drop masks (exact O(N²) fallback); additive biases are not expressible here.
@@ -43,6 +43,29 @@ def mala_readout(num_raw, z_raw, sum_v, n, *, scale: float, eps: float) -> torch
     return (scale / n) * num_raw * (1.0 + 1.0 / (z + eps)) - z * (sum_v / n)
 
 
+def _noncausal(q, k, v, *, scale, eps, key_padding, fmap) -> torch.Tensor:
+    """Non-causal, no window, no arbitrary mask: num_raw = φ(q) KV, z_raw = φ(q)·z against the small state, and the
+    visible-key sums Σ m_j v_j, n = Σ m_j as (B,·,1,·) rows broadcast over the queries (no ones columns)."""
+    cd = compute_dtype(q)
+    t_len = k.shape[-2]
+    kw = None if key_padding is None else key_padding.to(cd)
+
+    def readout(fq, state):
+        kv, z, sum_v, n = state
+        return mala_readout(fq @ kv, fq @ z, sum_v, n, scale=scale, eps=eps)
+
+    fq, fk = feature_maps(q, k, **fmap)
+    vc = v.to(cd)
+    if kw is None:
+        sum_v = colsum(vc)
+        n = torch.ones_like(vc[..., :1, :1]) * t_len
+    else:
+        sum_v = kw[:, None, None, :] @ vc  # (B,1,1,T) @ (B,H,T,E): Σ_j m_j v_j
+        n = kw.sum(-1)[:, None, None, None]
+        fk = fk * kw[:, None, :, None]
+    return readout(fq, noncausal_state(fk, vc) + (sum_v, n)).to(q.dtype)
+
+
 def mala_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,8 +87,10 @@ def mala_attention(
     """MALA, (B,H,S,Dv) in q's dtype; sums, z and 1/(z+ε) in fp32 (fp64 for fp64 inputs)."""
     cd = compute_dtype(q)
     s_len, t_len = q.shape[-2], k.shape[-2]
-    fq, fk = feature_maps(q, k, scale=scale, params=params, feature_map=feature_map, feature_dim=feature_dim,
-                          scale_qk=scale_qk)
+    fmap = dict(scale=scale, params=params, feature_map=feature_map, feature_dim=feature_dim, scale_qk=scale_qk)
+    if attn_mask is None and not causal and not hybrid.effective_window(window, s_len, t_len):
+        return _noncausal(q, k, v, scale=scale, eps=eps, key_padding=key_padding, fmap=fmap)
+    fq, fk = feature_maps(q, k, **fmap)
     vc = v.to(cd)
     if attn_mask is not None:
         if window:
@@ -88,10 +113,9 @@ def mala_attention(
     def core(a_, b_):
         if causal:
             return causal_apply(a_, b_, v1, shift=w, chunk=chunk_size, form=causal_form)
-        if w:
-            return causal_apply(a_, b_, v1, shift=w, chunk=chunk_size, form=causal_form) + reverse_apply(
-                a_, b_, v1, shift=w, chunk=chunk_size, form=causal_form)
-        return noncausal_apply(a_, b_, v1)
+        # non-causal without a window returned above
+        return causal_apply(a_, b_, v1, shift=w, chunk=chunk_size, form=causal_form) + reverse_apply(
+            a_, b_, v1, shift=w, chunk=chunk_size, form=causal_form)
 
     r = core(fq, fk)
     c = core(ones_q, mk)

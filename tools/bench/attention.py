@@ -71,10 +71,12 @@ def _time(call, runs: int, warmup: int) -> float:
 
 def _export(mod: _Wrap, path: str) -> None:
     dim = torch.export.Dim("N", min=2, max=1 << 20)
-    x = torch.randn(B, H, 128, D)
+    # three distinct example tensors: passing one tensor as q, k and v makes the exporter alias the inputs, and the
+    # graph then computes every branch from a single input (φ(k) = φ(q), so one feature map is silently dropped)
+    xs = tuple(torch.randn(B, H, 128, D) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onx = torch.onnx.export(mod, (x, x, x), dynamic_shapes={"q": {2: dim}, "k": {2: dim}, "v": {2: dim}},
+        onx = torch.onnx.export(mod, xs, dynamic_shapes={"q": {2: dim}, "k": {2: dim}, "v": {2: dim}},
                                 dynamo=True, opset_version=18, verbose=False)
     onx.save(path)
 
