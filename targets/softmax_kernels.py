@@ -52,6 +52,10 @@ _FLT_MIN = float.fromhex("0x1p-126")  # smallest normal float32
 _SUM_BLOCK = 64
 _F32 = "float32"
 
+#: Software prefetch distance of the two-pass kernel (floats; 4 KiB ahead).  Measured on the Intel AVX-512 host,
+#: 2 threads: 1 GiB row 221 -> 182 ms (77 % -> 94 % of copy bandwidth), 16M row 13.3 -> 8.2 ms; 512-2048 equal.
+PREFETCH_FLOATS = 1024
+
 # Cache sizes (bytes) used by the rule table; conservative defaults for the spec's Zen 4 (1 MiB L2, 32 MiB L3).
 _L2_BYTES = 1 << 20
 _L3_BYTES = 32 << 20
@@ -181,8 +185,8 @@ def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: st
     AVX2                 rows >= 2*threads or row <= 256K floats                three-pass, fused, V=8 U=4
     AVX2                 few rows and row > 256K floats                         three-pass, split, 8-32 chunks
     AVX-512              row <= 256K floats (1 MiB, cache resident)             three-pass, fused, V=16 U=4
-    AVX-512              row > 256K floats, rows < 2*threads                    two-pass (vscalefps), split, 8-32 ch.
-    AVX-512              row > 256K floats, many rows                           two-pass (vscalefps), fused
+    AVX-512              row > 256K floats, rows < 2*threads                    two-pass (vscalefps, prefetch), split
+    AVX-512              row > 256K floats, many rows                           two-pass (vscalefps, prefetch), fused
     ===================  =====================================================  ======================================
 
     Reasoning: three-pass moves 3R+2W per element but evaluates exp once; two-pass moves 2R+1W but evaluates exp
@@ -204,8 +208,8 @@ def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: st
         return KernelChoice("three_pass", "fused", lanes, _pick_unroll(cols, lanes, 4), 1, min(rows, 64))
     chunks = _pick_chunks(cols, lanes, 32 if cols >= (1 << 22) else 8)
     if few_rows and chunks > 1:
-        return KernelChoice("two_pass", "split", lanes, 4, chunks, scalef=True)
-    return KernelChoice("two_pass", "fused", lanes, 4, 1, min(rows, 64), scalef=True)
+        return KernelChoice("two_pass", "split", lanes, 4, chunks, scalef=True, prefetch=PREFETCH_FLOATS)
+    return KernelChoice("two_pass", "fused", lanes, 4, 1, min(rows, 64), scalef=True, prefetch=PREFETCH_FLOATS)
 
 
 def mcpu_of(target) -> str:

@@ -36,8 +36,8 @@ from onnx import TensorProto, helper  # noqa: E402
 import targets  # noqa: E402,F401
 import tvm  # noqa: E402
 from targets.bench import ort_session, set_tvm_threads, time_callable, tvm_callable  # noqa: E402
-from targets.softmax_kernels import (KernelChoice, build_kernel_library, choose_kernel, mcpu_of,  # noqa: E402
-                                     vector_bits_of)
+from targets.softmax_kernels import (PREFETCH_FLOATS, KernelChoice, build_kernel_library, choose_kernel,  # noqa: E402
+                                     mcpu_of, vector_bits_of)
 from targets.table import get_target  # noqa: E402
 from rewrite.io import quiet_stdout  # noqa: E402
 
@@ -148,8 +148,9 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
         chunks = _pick_split_chunks(cols) if rows < 4 else 1
         layout = "split" if chunks > 1 else "fused"
         libs = {
-            "two-pass": build_kernel_library(rows, cols, KernelChoice("two_pass", layout, lanes, 4, chunks,
-                                                                          scalef=lanes == 16), tgt),
+            "two-pass": build_kernel_library(rows, cols, KernelChoice(
+                "two_pass", layout, lanes, 4, chunks, scalef=lanes == 16,
+                prefetch=PREFETCH_FLOATS if cols >= (1 << 18) else 0), tgt),
             "3-pass": build_kernel_library(rows, cols, KernelChoice("three_pass", layout, lanes, 4, chunks), tgt),
         }
         xt, yt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.empty_like(x))
