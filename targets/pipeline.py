@@ -29,6 +29,10 @@ from .softmax_kernels import choose_kernel, make_softmax_kernel, mcpu_of, rows_c
 log = logging.getLogger(__name__)
 
 
+#: The hand softmax kernels index with int32; larger tensors keep TVM's own (int64-indexed) softmax.
+MAX_KERNEL_ELEMENTS = 1 << 31
+
+
 def num_threads() -> int:
     """Threads of the TVM pool (``TVM_NUM_THREADS``)."""
     try:
@@ -72,6 +76,9 @@ class _SoftmaxRouter(relax.PyExprMutator):
         rows, cols = rows_cols(shape)
         if rows * cols == 0:
             return call
+        if rows * cols >= MAX_KERNEL_ELEMENTS:
+            log.info("softmax of %d elements left to TVM's own lowering (hand kernels index with int32)", rows * cols)
+            return call
         choice = choose_kernel(rows, cols, self.bits, self.threads, self.mcpu)
         key = (rows, cols, choice)
         if key not in self.kernels:
@@ -105,6 +112,21 @@ def RouteSoftmax(target: tvm.target.Target):  # noqa: N802 - pass constructor na
     return _pass
 
 
+def _guarded_fuse_transpose_matmul() -> tvm.transform.Pass:
+    """TVM's ``FuseTransposeMatmul``, skipped (module unchanged, logged) where it raises: its pattern code reads
+    ``.dtype`` of every matched argument and fails on tuple-typed values (SOFT's Newton-Schulz graph)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="GuardedFuseTransposeMatmul")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        try:
+            return relax.transform.FuseTransposeMatmul()(mod)
+        except (AttributeError, tvm.error.InternalError, ValueError) as exc:  # noqa: PERF203
+            log.info("FuseTransposeMatmul skipped: %s", str(exc).splitlines()[0][:200])
+            return mod
+
+    return _pass
+
+
 def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
                  tuning_dir: str | None = None) -> tvm.transform.Pass:
     """The project's CPU Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
@@ -122,7 +144,7 @@ def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
             passes.append(relax.transform.FastMathTransform())
             # matmul(permute_dims(a), b) -> one matmul reading a transposed: no materialized transpose (linear
             # attention's φ(K)ᵀV at N = 16384: a 32 MiB transpose cost 43 ms, half the block)
-            passes.append(relax.transform.FuseTransposeMatmul())
+            passes.append(_guarded_fuse_transpose_matmul())
             passes += cg.library_dispatch_passes(target) + cg.legalize_passes(target)
             if tuning_dir:
                 passes.append(relax.transform.MetaScheduleApplyDatabase(tuning_dir))

@@ -61,3 +61,44 @@ def test_transposed_matmul_operand_matches_numpy(rng):
     s, y = tvm_callable(model, "avx512", {"a": a, "b": b, "c": c})()
     np.testing.assert_allclose(s.numpy(), np.transpose(a, (0, 2, 1)) @ b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(y.numpy(), c @ np.transpose(a, (0, 2, 1)), rtol=1e-4, atol=1e-4)
+
+
+def test_soft_variant_lowers_and_matches_onnxruntime(rng):
+    """SOFT (Newton-Schulz pseudo-inverse, tuple-typed values in the Relax graph) compiles and matches onnxruntime:
+    the transpose/matmul fusion pass must not trip over it."""
+    import torch
+
+    from passes.attention import VARIANTS
+    from rewrite.io import quiet_stdout
+    from tgt_models import ort_run
+
+    class Soft(torch.nn.Module):
+        def forward(self, q, k, v):
+            return VARIANTS["soft"].fn(q, k, v, scale=q.shape[-1] ** -0.5, causal=False, key_padding=None)
+
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, 128, 32)).astype(np.float32)) for _ in range(3))
+    with quiet_stdout():
+        model = torch.onnx.export(Soft(), (q, k, v), dynamo=True, input_names=["q", "k", "v"]).model_proto
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
+    out = tvm_callable(model, "avx512", feeds)()
+    got = (out if hasattr(out, "numpy") else out[0]).numpy()
+    np.testing.assert_allclose(got, ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_softmax_routing_leaves_int32_overflowing_tensors_to_tvm():
+    """The hand kernels index with int32: a (8, 16384, 16384) softmax (2^31 elements, attention at N = 16384) keeps
+    TVM's own softmax, a small one is routed to the hand kernel."""
+    from tvm import relax
+
+    from targets.pipeline import RouteSoftmax
+
+    bb = relax.BlockBuilder()
+    big = relax.Var("big", relax.TensorType((8, 16384, 16384), "float32"))
+    small = relax.Var("small", relax.TensorType((4, 128), "float32"))
+    with bb.function("main", [big, small]):
+        a = bb.emit(relax.op.nn.softmax(big, axis=-1))
+        b = bb.emit(relax.op.nn.softmax(small, axis=-1))
+        bb.emit_func_output(relax.Tuple([a, b]))
+    mod = RouteSoftmax(get_target("avx512"))(bb.get())
+    text = mod.script()
+    assert text.count("R.nn.softmax") == 1 and "softmax_three_pass_fused_4x128" in text

@@ -228,16 +228,17 @@ def _time_budget(fn, budget_s: float, min_runs: int = 3, max_runs: int = 200) ->
     return time_callable(fn, runs, warmup=1 if one > 0.05 else 3)["p50"]
 
 
-def bench_attention(quick: bool, max_gb: float = 18.0) -> list[dict]:
+def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None = None,
+                    variants: list[str] | None = None) -> list[dict]:
     """(b) Attention block B=1, H=8, d=64, N in {256, 1024, 4096, 16384}, 2 threads: softmax (torch SDPA, onnxruntime,
     TVM avx512) vs every catalogue variant (onnxruntime, TVM avx2, TVM avx512).  ONNX from exporting each function at
     the size; TVM compiles that graph with static shapes.  Combinations whose score tensors need more than ``max_gb``
     are skipped with the reason."""
     from passes.attention import VARIANTS
 
-    ns = [256] if quick else [256, 1024, 4096, 16384]
+    ns = sizes or ([256] if quick else [256, 1024, 4096, 16384])
     heads, dim = 8, 64
-    names = [n for n in VARIANTS if n != "reference"]
+    names = [n for n in VARIANTS if n != "reference" and (not variants or n in variants)]
     out = []
     threads = 2
     set_tvm_threads(threads)
@@ -408,6 +409,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="softmax,attention,bert,minilm", help="comma list of sections")
     ap.add_argument("--target", default="avx512", help="target of the softmax kernels")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--sizes", default="", help="(b): comma list of N (default 256,1024,4096,16384)")
+    ap.add_argument("--variants", default="", help="(b): comma list of variants besides softmax (default all)")
     ap.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                     help="(d): also tune the original MiniLM at N=128 with this many MetaSchedule trials")
     args = ap.parse_args(argv)
@@ -417,7 +420,8 @@ def main(argv=None) -> int:
     if "softmax" in sections:
         result["softmax"] = bench_softmax(args.quick, args.target)
     if "attention" in sections:
-        result["attention"] = bench_attention(args.quick)
+        result["attention"] = bench_attention(args.quick, sizes=[int(n) for n in args.sizes.split(",") if n],
+                                              variants=[v for v in args.variants.split(",") if v])
     if "bert" in sections:
         result["bert"] = bench_bert(args.quick)
     if "minilm" in sections:
