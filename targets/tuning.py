@@ -174,51 +174,63 @@ def time_primfunc(mod: tvm.IRModule, target: tvm.target.Target, repeat: int = 15
     return float(np.median(samples))
 
 
+def _mean_secs(run_secs) -> float:
+    vals = [float(x) for x in run_secs]
+    return sum(vals) / len(vals) if vals else float("inf")
+
+
 def select_records(work_dir: str | os.PathLike, target: tvm.target.Target) -> list[dict]:
-    """Copy to ``selected_dir(work_dir)`` each task's best record that runs faster than the hand rules' schedule of
-    the same PrimFunc; returns one ``{"task", "tuned_ms", "rule_ms", "applied"}`` per task."""
+    """Write to ``selected_dir(work_dir)`` a database holding, for each tuned task, its best record if that runs
+    faster than the hand rules' schedule of the same PrimFunc; returns one ``{"task", "tuned_ms", "rule_ms",
+    "applied"}`` per task.  The selected files are line copies of the tuning database's own (every workload line,
+    the winning record lines), so their format is MetaSchedule's."""
     from tvm.s_tir import dlight as dl
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm_ffi import structural_hash
 
     from .cpu_rules import cpu_rules
 
-    db = ms.database.JSONDatabase(work_dir=str(work_dir))
-    out_dir = Path(selected_dir(work_dir))
-    if out_dir.exists():
-        for f in out_dir.iterdir():
-            f.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    selected = ms.database.JSONDatabase(work_dir=str(out_dir))
-    best: dict = {}
-    for rec in db.get_all_tuning_records():
-        if not rec.run_secs:
+    work = Path(work_dir)
+    wl_lines = (work / "database_workload.json").read_text().splitlines()
+    rec_lines = (work / "database_tuning_record.json").read_text().splitlines()
+    index_of_hash = {int(json.loads(line)[0]): i for i, line in enumerate(wl_lines) if line.strip()}
+    best_line: dict[int, tuple[float, str]] = {}
+    for line in rec_lines:
+        if not line.strip():
             continue
-        cost = sum(float(x) for x in rec.run_secs) / len(rec.run_secs)
-        from tvm_ffi import structural_hash
-        h = structural_hash(rec.workload.mod)
-        if h not in best or cost < best[h][0]:
-            best[h] = (cost, rec)
-    report = []
-    for _cost, rec in best.values():
-        mod = rec.workload.mod
+        idx, rec = json.loads(line)
+        cost = _mean_secs(rec[1])
+        if idx not in best_line or cost < best_line[idx][0]:
+            best_line[idx] = (cost, line)
+    db = ms.database.JSONDatabase(work_dir=str(work))
+    mods = {}
+    for rec in db.get_all_tuning_records():
+        mods.setdefault(int(structural_hash(rec.workload.mod)), rec.workload.mod)
+    report, chosen = [], []
+    for shash, mod in mods.items():
+        idx = index_of_hash.get(shash)
+        if idx is None or idx not in best_line or best_line[idx][0] >= 1e9:  # 1e10 marks failed candidates
+            continue
         sch = db.query_schedule(mod, target, "main")
         if sch is None:
             continue
-        tuned = sch.mod
         with target:
             rule = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
-        tuned_s = time_primfunc(tuned, target)
+        tuned_s = time_primfunc(sch.mod, target)
         rule_s = time_primfunc(rule, target)
         applied = tuned_s < rule_s
         if applied:
-            selected.commit_workload(mod)
-            selected.commit_tuning_record(ms.database.TuningRecord(rec.trace, selected.commit_workload(mod),
-                                                                   [tuned_s], rec.target, rec.args_info))
-        from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
+            chosen.append(best_line[idx][1])
         shapes = " ".join(str([int(d) for d in a.shape]) for a in ArgInfo.from_prim_func(mod["main"]))
         report.append({"task": f"matmul {shapes}", "tuned_ms": round(tuned_s * 1e3, 4),
                        "rule_ms": round(rule_s * 1e3, 4), "applied": applied})
         log.info("task %s: tuned %.3f ms, rule %.3f ms -> %s", shapes, tuned_s * 1e3, rule_s * 1e3,
                  "tuned" if applied else "rule")
+    out_dir = Path(selected_dir(work))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, lines in (("database_workload.json", wl_lines), ("database_tuning_record.json", chosen)):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, out_dir / name)
     return report

@@ -12,8 +12,10 @@ from tgt_models import ort_run
 pytestmark = pytest.mark.slow
 
 
-def test_tuned_build_matches_and_database_is_reused(tmp_path, rng):
+def test_tuned_build_matches_and_database_is_reused(tmp_path, rng, monkeypatch):
+    import targets.tuning as tuning
     from targets import Runner, compile_model
+    from targets.table import get_target
 
     n = 128
     w = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")
@@ -38,3 +40,13 @@ def test_tuned_build_matches_and_database_is_reused(tmp_path, rng):
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
     again = compile_model(str(path), "avx2", tmp_path / "b.so", tune_trials=4, tuning_dir=db)
     assert again["tuning"]["reused"] is True
+    # force the tuned records to win (the timer reports the tuned schedule faster): the selected database then
+    # holds them, and a build applying it loads and still matches
+    calls = iter([1e-3, 2e-3] * 8)
+    monkeypatch.setattr(tuning, "time_primfunc", lambda *a, **k: next(calls))
+    forced = tuning.select_records(db, tuning.tuning_target(get_target("avx2")))
+    assert forced and all(t["applied"] for t in forced)
+    assert len((db / "selected" / "database_tuning_record.json").read_text().splitlines()) == len(forced)
+    compile_model(str(path), "avx2", tmp_path / "c.so", tune_trials=4, tuning_dir=db)
+    got = Runner(tmp_path / "c.so").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
