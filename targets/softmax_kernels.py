@@ -6,7 +6,7 @@ Two algorithms, both free of libm ``expf`` calls (a polynomial exp is inlined):
   place.  Traffic 3 reads + 2 writes per element; best while a row stays in cache between passes.
 * **two-pass** (Dukhan & Ablavatski 2020, XNNPACK ``f32-raddextexp`` + ``f32-vscaleextexp``): ``exp(x)`` is held as
   a pair ``(mantissa p, exponent n)`` so no max pass is needed.  Pass 1 accumulates the extended-range sum, pass 2
-  recomputes ``(p, n)`` and writes ``p / v* * 2^(n - e*)``.  Traffic 2 reads + 1 write; best when rows leave the
+  recomputes ``(p, n)`` and writes ``p / v* * 2^(n - e*)``, flushed to 0 below FLT_MIN.  Traffic 2 reads + 1 write; best when rows leave the
   cache between passes (rows larger than the last-level cache, or pass-split layouts).
 
 Layouts:
@@ -17,7 +17,7 @@ Layouts:
 
 Numerics: inputs are clamped to ``[-CLAMP, CLAMP]`` (two-pass) or ``x >= -FLT_MAX`` and ``x - max >= -1e3``
 (three-pass) so that masked logits (``-inf``, ``finfo.min``) never produce NaN; a fully masked row gives the
-uniform distribution.  Two-pass outputs whose true value is below ~2^-126 come out as values <= 2^-125 (not 0).
+uniform distribution.  Neither kernel writes subnormal outputs: values below FLT_MIN (2^-126) are flushed to 0.
 
 The entry points are :func:`make_softmax_kernel` (an explicit choice) and :func:`choose_kernel` (the rule table).
 """
@@ -87,6 +87,12 @@ def _scalef16(x, d):
     """``x * 2^floor(d)`` on explicit <16 x float> vectors with AVX-512 ``vscalefps`` (exact; 0 for d = -inf)."""
     return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.scalef.ps.512", x, d, x, T.int16(-1),
                                    T.int32(4))
+
+
+def _flush(y):
+    """0 where ``y`` is below the smallest normal float32 (outputs are never subnormal: consumers would pay
+    microcode assists, and such values are within the 1e-37 absolute accuracy bound)."""
+    return T.Select(y >= _f(_FLT_MIN), y, _f(0.0))
 
 
 def _b16(v: float):
@@ -322,15 +328,15 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
             if SCALEF:
                 pv = T.meta_var(_ext16(T.min(T.max(Xf[row, T.ramp(start + i * V, 1, 16)], _b16(-CLAMP)),
                                              _b16(CLAMP))))
-                Yf[row, T.ramp(start + i * V, 1, 16)] = _scalef16(pv[0] * T.Broadcast(inv, 16),
-                                                                   pv[1] - T.Broadcast(e, 16))
+                yv = T.meta_var(_scalef16(pv[0] * T.Broadcast(inv, 16), pv[1] - T.Broadcast(e, 16)))
+                Yf[row, T.ramp(start + i * V, 1, 16)] = T.Select(yv >= _b16(_FLT_MIN), yv, _b16(0.0))
             else:
                 for l in T.vectorized(V):
                     pn = T.meta_var(_ext(clamp(Xf[row, start + i * V + l])))
-                    Yf[row, start + i * V + l] = pn[0] * inv * _pow2_int(pn[1] - e)
+                    Yf[row, start + i * V + l] = _flush(pn[0] * inv * _pow2_int(pn[1] - e))
         for j in range(L - (L // V) * V):
             pn2 = T.meta_var(_ext(clamp(Xf[row, start + (L // V) * V + j])))
-            Yf[row, start + (L // V) * V + j] = pn2[0] * inv * _pow2_int(pn2[1] - e)
+            Yf[row, start + (L // V) * V + j] = _flush(pn2[0] * inv * _pow2_int(pn2[1] - e))
 
     if ch.layout == "fused":
         P = max(1, min(ch.tasks, rows))

@@ -59,6 +59,7 @@ def test_extremes(target, algo, layout, chunks, cols, rng):
     assert np.argmax(y[0]) == 1 and y[0, 1] == pytest.approx(1.0)
     np.testing.assert_allclose(y[1], 1.0 / cols, rtol=1e-6)
     assert y[4, ::3].max() <= 1e-30
+    assert not ((y != 0) & (np.abs(y) < np.finfo(np.float32).tiny)).any()  # never subnormal
 
 
 @pytest.mark.parametrize("layout,chunks", [("fused", 1), ("split", 4)])
