@@ -127,6 +127,21 @@ def _guarded_fuse_transpose_matmul() -> tvm.transform.Pass:
     return _pass
 
 
+def schedule_passes(target: tvm.target.Target, route_softmax: bool = True,
+                    tuning_dir: str | None = None) -> list:
+    """Steps 1-4 of the CPU pipeline (routing, fast math, fusion, legalization, schedules), shared by
+    :func:`cpu_pipeline` and :func:`scheduled_module`; call inside ``with target:``."""
+    passes = [RouteSoftmax(target)] if route_softmax else []
+    passes.append(relax.transform.FastMathTransform())
+    # matmul(a, permute_dims(b)) -> one matmul reading b transposed: no materialized transpose
+    passes.append(_guarded_fuse_transpose_matmul())
+    passes += cg.library_dispatch_passes(target) + cg.legalize_passes(target)
+    if tuning_dir:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(tuning_dir))
+    passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
+    return passes
+
+
 def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
                  tuning_dir: str | None = None) -> tvm.transform.Pass:
     """The project's CPU Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
@@ -138,17 +153,7 @@ def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
     @tvm.transform.module_pass(opt_level=0, name="SoftswapCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            passes = []
-            if route_softmax:
-                passes.append(RouteSoftmax(target))
-            passes.append(relax.transform.FastMathTransform())
-            # matmul(permute_dims(a), b) -> one matmul reading a transposed: no materialized transpose (linear
-            # attention's φ(K)ᵀV at N = 16384: a 32 MiB transpose cost 43 ms, half the block)
-            passes.append(_guarded_fuse_transpose_matmul())
-            passes += cg.library_dispatch_passes(target) + cg.legalize_passes(target)
-            if tuning_dir:
-                passes.append(relax.transform.MetaScheduleApplyDatabase(tuning_dir))
-            passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
+            passes = schedule_passes(target, route_softmax, tuning_dir)
             passes += [
                 relax.transform.RewriteDataflowReshape(),
                 relax.transform.ToNonDataflow(),
@@ -182,10 +187,7 @@ def compile_relax(mod: tvm.IRModule, target: tvm.target.Target, tuning_dir: str 
 def scheduled_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Run the CPU pipeline up to scheduling (steps 1-4) and return the module, for inspection and tests."""
     with target:
-        passes = [RouteSoftmax(target), relax.transform.FastMathTransform()]
-        passes += cg.library_dispatch_passes(target) + cg.legalize_passes(target)
-        passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
-        return tvm.transform.Sequential(passes)(mod)
+        return tvm.transform.Sequential(schedule_passes(target))(mod)
 
 
 def loop_report(mod: tvm.IRModule) -> dict[str, dict]:

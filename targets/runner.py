@@ -34,6 +34,7 @@ class Runner:
             lib = tvm.runtime.load_module(self.path)
             self.dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
             self.vm = relax.VirtualMachine(lib, self.dev)
+            self._main_fn = self.vm["main"]  # looked up once (a lookup costs tens of microseconds)
         except Exception as exc:  # noqa: BLE001
             raise ArtifactError(f"cannot load artefact: {type(exc).__name__}: {exc}", culprit=self.path) from exc
         self.input_names = [i["name"] for i in self.meta["inputs"]]
@@ -61,16 +62,9 @@ class Runner:
             args.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev))
         return args
 
-    def _main(self):
-        """The VM's ``main``, looked up once (a lookup costs tens of microseconds)."""
-        fn = getattr(self, "_main_fn", None)
-        if fn is None:
-            fn = self._main_fn = self.vm["main"]
-        return fn
-
     def run(self, inputs: dict) -> dict:
         """Run once; ``inputs`` maps every input name to a numpy array of the recorded dtype and shape."""
-        out = self._main()(*self._check(inputs))
+        out = self._main_fn(*self._check(inputs))
         outs = list(out) if not hasattr(out, "numpy") else [out]
         if len(outs) != len(self.output_names):
             log.warning("artefact returned %d outputs, metadata lists %d", len(outs), len(self.output_names))
@@ -80,7 +74,7 @@ class Runner:
     def prepare(self, inputs: dict):
         """Convert inputs once (for benchmarking); returns a zero-argument callable running the model."""
         args = self._check(inputs)
-        f = self._main()
+        f = self._main_fn
 
         def call():
             r = f(*args)

@@ -69,10 +69,10 @@ def _copy_bandwidth(threads: int, n: int) -> float:
     return 2 * n * 4 / (min(t_np, t_tvm) * 1e-3) / 1e9
 
 
-def _time_p50(fn, budget_s: float) -> float:
-    """Median ms of ``fn()``; the number of runs is sized so the timed runs take about ``budget_s`` (5 to 5000
-    runs): micro-second kernels need thousands of samples for a stable median, 30 ms kernels do not."""
-    return _time_interleaved({"f": fn}, budget_s)["f"]
+def _time_p50(fn, budget_s: float, rounds: int = 5) -> float:
+    """Median ms of ``fn()`` over about ``budget_s`` of runs (at least ``rounds``): :func:`_time_interleaved` of one
+    callable."""
+    return _time_interleaved({"f": fn}, budget_s, rounds)["f"]
 
 
 def _time_interleaved(fns: dict, budget_s: float, rounds: int = 5) -> dict:
@@ -89,7 +89,8 @@ def _time_interleaved(fns: dict, budget_s: float, rounds: int = 5) -> dict:
     for _ in range(rounds):
         for name, fn in fns.items():
             runs = int(min(1000, max(1, budget_s / rounds / per_call[name])))
-            fn()
+            if per_call[name] < 0.05:
+                fn()  # re-warm caches after the other implementations ran (not worth it for slow calls)
             for _ in range(runs):
                 t = time.perf_counter()
                 fn()
@@ -219,15 +220,6 @@ def _onnx_of(module, args, names) -> onnx.ModelProto:
 _SCORE_TENSORS = {"softmax": 2, "sigmoid": 4, "softplus": 6}
 
 
-def _time_budget(fn, budget_s: float, min_runs: int = 3, max_runs: int = 200) -> float:
-    """Median ms over as many runs as fit in ``budget_s`` (at least ``min_runs``), after one warm-up call."""
-    t = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t
-    runs = int(min(max_runs, max(min_runs, budget_s / max(one, 1e-6))))
-    return time_callable(fn, runs, warmup=1 if one > 0.05 else 3)["p50"]
-
-
 def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None = None,
                     variants: list[str] | None = None) -> list[dict]:
     """(b) Attention block B=1, H=8, d=64, N in {256, 1024, 4096, 16384}, 2 threads: softmax (torch SDPA, onnxruntime,
@@ -264,7 +256,7 @@ def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None =
                 base[runtime] = ms
 
         with torch.inference_mode():
-            sdpa_ms = _time_budget(lambda: F.scaled_dot_product_attention(q, k, v), budget)
+            sdpa_ms = _time_p50(lambda: F.scaled_dot_product_attention(q, k, v), budget, rounds=3)
         record("softmax", "torch", sdpa_ms)
         for name in ["softmax"] + names:
             gb = _SCORE_TENSORS.get(name, 0) * heads * n * n * 4 / 1e9
@@ -280,11 +272,11 @@ def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None =
             if name != "softmax":
                 mod = _VariantAttention(name)
                 with torch.inference_mode():
-                    record(name, "torch", _time_budget(lambda: mod(q, k, v), budget))
+                    record(name, "torch", _time_p50(lambda: mod(q, k, v), budget, rounds=3))
             model = _onnx_of(_SoftmaxAttention() if name == "softmax" else _VariantAttention(name), (q, k, v),
                              ["q", "k", "v"])
             sess = ort_session(model, threads)
-            record(name, "ORT", _time_budget(lambda: sess.run(None, feeds), budget))
+            record(name, "ORT", _time_p50(lambda: sess.run(None, feeds), budget, rounds=3))
             del sess
             gc.collect()
             for rt in runtimes:
@@ -295,7 +287,7 @@ def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None =
                 except Exception as exc:  # noqa: BLE001 - a lowering failure is a result of the benchmark
                     record(name, rt, skip=f"{type(exc).__name__}: {str(exc)[:80]}")
                     continue
-                record(name, rt, _time_budget(fn, budget))
+                record(name, rt, _time_p50(fn, budget, rounds=3))
                 del fn
                 gc.collect()  # the VM's pooled allocator holds its storage until the VM is gone
     return out
