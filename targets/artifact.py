@@ -1,7 +1,8 @@
 """Compile a model to a loadable library plus a metadata sidecar, atomically.
 
 ``compile_model(model, target, out_path)`` writes ``out_path`` (a ``.so`` for ``tvm.runtime.load_module``) and
-``out_path + ".json"`` (input names / shapes / dtypes, output names, target, tool versions).  Both are written to
+``out_path + ".json"`` (input names / shapes / dtypes, output names, target, the CPU features and GPU architecture its
+code requires, tool versions).  Both are written to
 temporary files in the destination directory and renamed into place only after everything succeeded, so an error
 never leaves a half-written artefact.  CUDA artefacts carry the CUDA C source of the device kernels (TVM JIT-compiles
 it at load time, spec pitfall 14); they build here without a GPU.
@@ -18,12 +19,23 @@ import time
 from . import _env  # noqa: F401
 from .errors import CompileError, TargetError
 from .importer import Imported, import_model
+from .cpu import host_description, missing_features, required_features
 from .table import get_target, is_cuda
 
 log = logging.getLogger(__name__)
 
 META_SUFFIX = ".json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "requires" (CPU features, GPU arch) added
+
+
+def requirements(target) -> dict:
+    """What executing code built for ``target`` needs: ``{"cpu": mcpu, "cpu_features": [LLVM ISA features],
+    "gpu_arch": "sm_80" | None}``; for a CUDA target the CPU part is its host code's."""
+    tgt = get_target(target)
+    llvm = tgt if str(tgt.kind.name) == "llvm" else tgt.host
+    mcpu = str(llvm.attrs["mcpu"]) if llvm is not None and "mcpu" in llvm.attrs else ""
+    arch = str(tgt.attrs["arch"]) if is_cuda(tgt) and "arch" in tgt.attrs else None
+    return {"cpu": mcpu, "cpu_features": required_features(tgt), "gpu_arch": arch}
 
 
 def metadata_path(lib_path: str | os.PathLike) -> str:
@@ -77,11 +89,17 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
     t1 = time.perf_counter()
     ex = build(imported, tgt, tuning["apply_dir"] if tuning else None)
     t2 = time.perf_counter()
+    needs = requirements(tgt)
+    lacking = missing_features(needs["cpu_features"])
+    if lacking:
+        log.warning("%s is compiled for %s, whose code this host (%s) cannot execute: it lacks %s",
+                    out_path, needs["cpu"] or str(tgt), host_description(), ", ".join(lacking))
     meta = {
         "format": FORMAT_VERSION,
         "target_name": target if isinstance(target, str) else None,
         "target": str(tgt),
         "device": "cuda" if is_cuda(tgt) else "cpu",
+        "requires": needs,
         "source": imported.source,
         "inputs": imported.inputs,
         "outputs": imported.outputs,

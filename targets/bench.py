@@ -64,7 +64,9 @@ def tvm_callable(model, target, inputs: dict, shapes: dict | None = None) -> Cal
 
     from .artifact import build
     from .importer import import_model
+    from .table import ensure_executable
 
+    ensure_executable(target)
     imp = import_model(model, shapes=shapes)
     ex = build(imp, target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
@@ -84,8 +86,13 @@ def benchmark(model, target, inputs: dict, runs: int = 20, warmup: int = 3, thre
 
     from .pipeline import num_threads
 
+    from .cpu import host_description
+    from .table import ensure_executable, get_target
+
+    ensure_executable(target)
     threads = threads or num_threads()
-    res: dict = {"target": str(target), "threads": threads}
+    res: dict = {"target": str(target), "target_resolved": str(get_target(target)), "cpu": host_description(),
+                 "threads": threads}
     set_tvm_threads(threads)
     res["tvm"] = time_callable(tvm_callable(model, target, inputs, shapes), runs, warmup)
     onnx_src = onnx_model if onnx_model is not None else (

@@ -93,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark(model, args.target, inputs, runs=args.runs, threads=args.threads,
                        torch_module=torch_module, onnx_model=onnx_model)
     rows = [(k, v) for k, v in result.items() if isinstance(v, dict)]
-    print(f"target {result['target']}, {result['threads']} thread(s), inputs "
+    print(f"target {result['target']} ({result['target_resolved']}) on {result['cpu']}, {result['threads']} thread(s), inputs "
           + ", ".join(f"{k}{tuple(np.shape(v))}" for k, v in inputs.items()))
     print(f"{'runtime':10s} {'p50 ms':>10s} {'p90 ms':>10s} {'min ms':>10s}")
     for name, stats in rows:
@@ -124,7 +124,7 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("bench", help="latency of TVM vs onnxruntime vs torch on the same inputs")
     p.add_argument("model")
-    p.add_argument("--target", default="host")
+    p.add_argument("--target", default="host", help="default: host (the best code this CPU can execute)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write the result here")

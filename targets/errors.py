@@ -37,5 +37,10 @@ class ArtifactError(TargetError):
     """A compiled artefact or its metadata sidecar is missing or inconsistent."""
 
 
+class UnsupportedHostError(ArtifactError):
+    """This machine cannot execute the code of an artefact or target (missing CPU features, no GPU); culprit = the
+    artefact or target."""
+
+
 class InputError(TargetError):
     """Runner inputs do not match the artefact's metadata (name, shape or dtype); culprit = input name."""

@@ -8,14 +8,49 @@ import os
 import numpy as np
 
 from . import _env  # noqa: F401
-from .artifact import load_metadata
-from .errors import ArtifactError, InputError
+from .artifact import load_metadata, requirements
+from .cpu import host_description, missing_features
+from .errors import ArtifactError, InputError, UnsupportedHostError
 
 log = logging.getLogger(__name__)
 
 
+def artefact_requirements(meta: dict, culprit: str) -> dict:
+    """The ``requires`` record of an artefact's metadata (derived from its target for artefacts written before
+    format 2)."""
+    if "requires" in meta:
+        return meta["requires"]
+    try:
+        return requirements(meta["target"])
+    except Exception as exc:  # noqa: BLE001 - an unreadable target string: refuse rather than guess
+        raise ArtifactError(f"cannot tell which CPU this artefact needs (target {meta['target']!r}: "
+                            f"{type(exc).__name__})", culprit=culprit) from exc
+
+
+def check_host(meta: dict, culprit: str, device: str = "cpu") -> None:
+    """Refuse (``UnsupportedHostError``) before anything is loaded when this machine cannot execute the artefact:
+    CPU features its code needs that the host lacks, or a CUDA artefact without a GPU.  Executing such code would
+    kill the process with SIGILL."""
+    needs = artefact_requirements(meta, culprit)
+    lacking = missing_features(needs.get("cpu_features", []))
+    if lacking:
+        shown = ", ".join(lacking[:6]) + (f" and {len(lacking) - 6} more" if len(lacking) > 6 else "")
+        raise UnsupportedHostError(
+            f"this artefact was compiled for {needs.get('cpu') or 'another CPU'} and needs CPU features this host "
+            f"({host_description()}) lacks: {shown}; compile it here with --target host", culprit=culprit)
+    if device == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise UnsupportedHostError(f"this artefact runs on a CUDA GPU ({needs.get('gpu_arch') or 'cuda'}) and "
+                                       "this machine has none; compile it with --target host", culprit=culprit)
+
+
 class Runner:
     """Loads ``path`` (a library written by :func:`targets.compile_model`) and its metadata sidecar.
+
+    Before the library is loaded, the host is checked against the features the artefact's code requires
+    (:func:`check_host`): a CPU without them gets :class:`UnsupportedHostError`, never an illegal instruction.
 
     ``run`` checks input names, dtypes and static dims against the metadata (symbolic dims accept any size) and
     returns numpy arrays keyed by output name.  CUDA artefacts need a GPU machine (device 0).
@@ -30,6 +65,7 @@ class Runner:
             raise ArtifactError(f"no such artefact: {self.path}", culprit=self.path)
         self.meta = load_metadata(self.path)
         kind = device or self.meta.get("device", "cpu")
+        check_host(self.meta, self.path, kind)
         try:
             lib = tvm.runtime.load_module(self.path)
             self.dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
@@ -78,7 +114,7 @@ class Runner:
 
         def call():
             r = f(*args)
-            if self.dev.device_type != 1:
+            if self.dev.dlpack_device_type() != 1:
                 self.dev.sync()
             return r
 

@@ -575,19 +575,11 @@ def build_kernel_library(rows: int, cols: int, choice: KernelChoice, target, nam
 
 
 def vector_bits_of(target) -> int:
-    """fp32 vector width (bits) to use for a CPU target: 512 when the target has AVX-512F, else 256."""
-    keys = set()
-    mcpu = str(target.attrs.get("mcpu", "")) if "mcpu" in target.attrs else ""
-    mattr = [str(a) for a in target.attrs.get("mattr", [])] if "mattr" in target.attrs else []
-    keys.update(mattr)
-    if "+avx512f" in keys:
-        return 512
-    if "-avx512f" in keys:
-        return 256
-    avx512_cpus = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake", "tigerlake",
-                   "rocketlake", "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5",
-                   "x86-64-v4", "alderlake-avx512", "diamondrapids", "knl", "knm")
-    return 512 if any(mcpu.startswith(c) for c in avx512_cpus) else 256
+    """fp32 vector width (bits) to use for a CPU target: 512 when LLVM's features of the target (its ``mcpu`` after
+    its ``mattr`` edits) include AVX-512F, else 256."""
+    from .cpu import target_features
+
+    return 512 if "avx512f" in target_features(target) else 256
 
 
 def rows_cols(shape) -> tuple[int, int]:

@@ -1,8 +1,14 @@
-"""Named targets as data, and host CPU detection.
+"""Named targets as data, and the host's own target.
 
-``TARGETS`` maps a name to a JSON-able TVM target dict; ``avx512`` and ``host`` are resolved against the host CPU
-(AMD -> ``znver4``; Intel -> ``skylake-avx512`` with ``-prefer-256-bit``, spec pitfall 13, so LLVM's auto-vectorizer
-uses zmm).  ``get_target(name)`` returns a ``tvm.target.Target``.
+``TARGETS`` maps a name to a JSON-able TVM target dict.  Two names are resolved on this host:
+
+* ``host`` — what this CPU can run: LLVM's own host CPU name with any ISA feature of that model the host lacks
+  switched off (:func:`targets.cpu.host_target_dict`); an AMD Zen 3 gets ``znver3`` (AVX2 code).
+* ``avx512`` — AVX-512 code, a valid cross-compilation target on any host: ``znver4`` when this host is an AMD CPU,
+  ``skylake-avx512`` with ``-prefer-256-bit`` (so LLVM's vectorizer uses zmm) otherwise.  Artefacts record the
+  features their code needs, and nothing executes one on a CPU without them (:mod:`targets.runner`).
+
+``get_target(name)`` returns a ``tvm.target.Target``.
 """
 
 from __future__ import annotations
@@ -29,34 +35,22 @@ ALIASES = ("avx512", "host")
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_info() -> dict:
-    """Vendor (``"amd"``/``"intel"``/``"other"``) and ISA flags of the host, from /proc/cpuinfo."""
-    vendor, flags = "other", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("vendor_id"):
-                    v = line.split(":", 1)[1].strip()
-                    vendor = "amd" if "AMD" in v else "intel" if "Intel" in v else "other"
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:  # pragma: no cover - non-Linux
-        log.warning("cannot read /proc/cpuinfo; assuming a generic x86-64 host")
-    return {"vendor": vendor, "flags": flags}
+def host_vendor() -> str:
+    """``"amd"``, ``"intel"`` or ``"other"``, as LLVM reads CPUID."""
+    from tvm.target import codegen
+
+    vendor = str(codegen.llvm_get_system_x86_vendor()).lower()
+    return vendor if vendor in ("amd", "intel") else "other"
 
 
 def _avx512_dict() -> dict:
-    return copy.deepcopy(TARGETS["avx512-amd" if cpu_info()["vendor"] == "amd" else "avx512-intel"])
+    return copy.deepcopy(TARGETS["avx512-amd" if host_vendor() == "amd" else "avx512-intel"])
 
 
 def _host_dict() -> dict:
-    flags = cpu_info()["flags"]
-    if "avx512f" in flags:
-        return _avx512_dict()
-    if "avx2" in flags:
-        return copy.deepcopy(TARGETS["avx2"])
-    return {"kind": "llvm"}
+    from .cpu import host_target_dict
+
+    return copy.deepcopy(host_target_dict())
 
 
 def target_names() -> list[str]:
@@ -89,3 +83,23 @@ def get_target(name_or_target):
 def is_cuda(target) -> bool:
     """True for a CUDA target."""
     return str(target.kind.name) == "cuda"
+
+
+def missing_on_host(target) -> list[str]:
+    """The ISA features the CPU code of ``target`` (name, dict or Target) needs and this host lacks."""
+    from .cpu import missing_features, required_features
+
+    return missing_features(required_features(get_target(target)))
+
+
+def ensure_executable(target) -> None:
+    """Raise :class:`~targets.errors.UnsupportedHostError` naming the missing features when this host cannot run
+    CPU code built for ``target`` (name, dict or Target): executing it would die with SIGILL."""
+    from .cpu import host_description
+    from .errors import UnsupportedHostError
+
+    lacking = missing_on_host(target)
+    if lacking:
+        shown = ", ".join(lacking[:6]) + (f" and {len(lacking) - 6} more" if len(lacking) > 6 else "")
+        raise UnsupportedHostError(f"this host ({host_description()}) cannot execute code for target {target!s}: it "
+                                   f"lacks {shown}; use --target host", culprit=str(target))

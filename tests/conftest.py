@@ -33,6 +33,23 @@ _zoo = _load_zoo()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-model or long-running tests (select with -m slow)")
+    config.addinivalue_line("markers", "avx512: executes AVX-512 code; skipped (with the reason) on a host without "
+                                       "avx512f")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that execute AVX-512 code are skipped, and counted as skipped, where the CPU cannot run it (running it
+    would kill the whole session with SIGILL).  Compile-only checks are not marked and run everywhere."""
+    marked = [item for item in items if item.get_closest_marker("avx512")]
+    if not marked:
+        return
+    from targets.cpu import has_avx512, host_description
+
+    if has_avx512():
+        return
+    skip = pytest.mark.skip(reason=f"executes AVX-512 code; this host ({host_description()}) has no avx512f")
+    for item in marked:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

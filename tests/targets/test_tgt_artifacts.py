@@ -21,7 +21,7 @@ def artefact(tmp_path_factory):
     d = tmp_path_factory.mktemp("art")
     proto = ms_attention_model()
     path = d / "attn.so"
-    meta = compile_model(proto, "avx512", path)
+    meta = compile_model(proto, "host", path)
     return proto, path, meta
 
 
@@ -40,6 +40,9 @@ def test_metadata_sidecar(artefact):
                               {"name": "mask", "shape": [2, 16], "dtype": "int32"}]
     assert [o["name"] for o in side["outputs"]] == ["y"]
     assert side["target"] == meta["target"] and "llvm" in side["target"]
+    # the features the code needs, as LLVM names them, and this host has every one of them
+    from targets.cpu import host_features
+    assert {"sse2", "avx"} <= set(side["requires"]["cpu_features"]) <= host_features()
 
 
 def test_runner_matches_ort(artefact):
@@ -116,3 +119,94 @@ def test_dynamic_dims(tmp_path, shapes):
     if shapes:
         with pytest.raises(InputError):
             Runner(tmp_path / "dyn.so").run({"x": x[:2]})
+
+
+#: What an AMD Zen 3 (AVX2, no AVX-512) offers, in LLVM's names.
+ZEN3 = frozenset({"sse", "sse2", "sse3", "ssse3", "sse4.1", "sse4.2", "sse4a", "avx", "avx2", "fma", "f16c", "bmi",
+                  "bmi2", "lzcnt", "popcnt", "movbe", "cmov", "cx8", "cx16"})
+
+
+@pytest.fixture(scope="module")
+def avx512_artefact(tmp_path_factory):
+    """An artefact cross-compiled for avx512-amd (znver4): builds on any host."""
+    d = tmp_path_factory.mktemp("art512")
+    path = d / "attn512.so"
+    meta = compile_model(ms_attention_model(), "avx512-amd", path)
+    return path, meta
+
+
+def test_avx512_artefact_records_its_features(avx512_artefact):
+    _, meta = avx512_artefact
+    req = meta["requires"]
+    assert req["cpu"] == "znver4" and req["gpu_arch"] is None
+    assert {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= set(req["cpu_features"])
+    # tuning flags and system instructions of the model are not requirements (KVM guests hide them)
+    assert not {"mwaitx", "rdpru", "pku", "wbnoinvd"} & set(req["cpu_features"])
+
+
+def test_runner_refuses_avx512_artefact_on_avx2_host(avx512_artefact, monkeypatch):
+    """Host flags injected: a Zen 3.  The Runner refuses before loading the library, naming what is missing and the
+    target to use; nothing is executed (a SIGILL would kill this test process)."""
+    import targets.cpu
+    from targets.errors import UnsupportedHostError
+
+    path, _ = avx512_artefact
+    monkeypatch.setattr(targets.cpu, "host_features", lambda: ZEN3)
+    with pytest.raises(UnsupportedHostError) as ei:
+        Runner(path)
+    msg = str(ei.value)
+    assert ei.value.culprit == str(path) and "\n" not in msg
+    assert "avx512f" in msg.split("lacks:")[1].split(",")[0] and "--target host" in msg
+
+
+def test_cli_run_refuses_with_exit_2(avx512_artefact, monkeypatch, tmp_path, capsys):
+    import targets.cpu
+    from rewrite.cli import main
+
+    path, _ = avx512_artefact
+    np.savez(tmp_path / "in.npz", **_feeds())
+    monkeypatch.setattr(targets.cpu, "host_features", lambda: ZEN3)
+    out = tmp_path / "out.npz"
+    assert main(["run", str(path), "--inputs", str(tmp_path / "in.npz"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "avx512f" in err[0] and str(path) in err[0]
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["in.npz"]
+
+
+def test_bench_refuses_a_target_the_host_cannot_run(monkeypatch):
+    import targets.cpu
+    from targets.bench import benchmark
+    from targets.errors import UnsupportedHostError
+
+    monkeypatch.setattr(targets.cpu, "host_features", lambda: ZEN3)
+    with pytest.raises(UnsupportedHostError) as ei:
+        benchmark(ms_attention_model(), "avx512", _feeds(), runs=1)
+    assert "avx512f" in str(ei.value) and ei.value.culprit == "avx512"
+
+
+def test_host_target_switches_off_what_the_host_lacks(monkeypatch):
+    """``host`` is LLVM's host CPU name with every ISA feature of that model the host lacks switched off, so its code
+    runs here whatever the model name promises (a VM hiding AVX-512 behind a Zen 4 name)."""
+    import targets.cpu as cpu
+    from targets.softmax_kernels import vector_bits_of
+    from targets.table import get_target, missing_on_host
+
+    monkeypatch.setattr(cpu, "host_features", lambda: ZEN3)
+    cpu.host_target_dict.cache_clear()
+    try:
+        d = cpu.host_target_dict()
+        assert d["mcpu"] == cpu.host_cpu_name()
+        assert not set(cpu.required_features(d)) - ZEN3
+        assert missing_on_host("host") == [] and missing_on_host("avx2") == []
+        assert "avx512f" in missing_on_host("avx512")
+        assert vector_bits_of(get_target(d)) == 256
+    finally:
+        cpu.host_target_dict.cache_clear()
+
+
+@pytest.mark.avx512
+def test_avx512_artefact_runs_where_supported(avx512_artefact):
+    path, _ = avx512_artefact
+    from tgt_models import ort_run as ref
+    out = Runner(path).run(_feeds())
+    np.testing.assert_allclose(out["y"], ref(ms_attention_model(), _feeds())[0], atol=1e-4)

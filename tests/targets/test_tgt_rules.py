@@ -12,6 +12,8 @@ from targets.importer import import_onnx
 from targets.pipeline import loop_report, scheduled_module
 from targets.table import get_target
 
+from tgt_models import exec_targets
+
 
 def _transpose_model(shape, perm):
     out = [shape[p] for p in perm]
@@ -22,7 +24,7 @@ def _transpose_model(shape, perm):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("target", ["avx2", "avx512"])
+@pytest.mark.parametrize("target", exec_targets())
 @pytest.mark.parametrize("shape,perm", [((3, 48, 80), (0, 2, 1)),      # tiled (multiples of 16)
                                         ((2, 4, 64, 32), (0, 1, 3, 2)),
                                         ((3, 50, 70), (0, 2, 1)),      # not a multiple of 16: fused fallback
@@ -58,7 +60,7 @@ def test_transposed_matmul_operand_matches_numpy(rng):
                           [helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 64, 32]),
                            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48, 256])])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    s, y = tvm_callable(model, "avx512", {"a": a, "b": b, "c": c})()
+    s, y = tvm_callable(model, "host", {"a": a, "b": b, "c": c})()
     np.testing.assert_allclose(s.numpy(), np.transpose(a, (0, 2, 1)) @ b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(y.numpy(), c @ np.transpose(a, (0, 2, 1)), rtol=1e-4, atol=1e-4)
 
@@ -80,7 +82,7 @@ def test_soft_variant_lowers_and_matches_onnxruntime(rng):
     with quiet_stdout():
         model = torch.onnx.export(Soft(), (q, k, v), dynamo=True, input_names=["q", "k", "v"]).model_proto
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
-    out = tvm_callable(model, "avx512", feeds)()
+    out = tvm_callable(model, "host", feeds)()
     got = (out if hasattr(out, "numpy") else out[0]).numpy()
     np.testing.assert_allclose(got, ort_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
 

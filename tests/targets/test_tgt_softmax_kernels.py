@@ -5,7 +5,10 @@ import pytest
 import tvm
 
 from targets.softmax_kernels import PREFETCH_FLOATS, KernelChoice, build_kernel_library, choose_kernel
+from targets.softmax_kernels import vector_bits_of
 from targets.table import get_target
+
+from tgt_models import exec_targets, host_lanes
 
 
 def _ref(x):
@@ -36,12 +39,12 @@ def _run(lib, x):
 CASES = [("two_pass", "fused", 1), ("two_pass", "split", 4), ("three_pass", "fused", 1), ("three_pass", "split", 4)]
 
 
-@pytest.mark.parametrize("target", ["avx2", "avx512"])
+@pytest.mark.parametrize("target", exec_targets())
 @pytest.mark.parametrize("algo,layout,chunks", CASES)
 @pytest.mark.parametrize("cols", [1000, 256])
 def test_extremes(target, algo, layout, chunks, cols, rng):
     tgt = get_target(target)
-    lanes = 8 if target == "avx2" else 16
+    lanes = vector_bits_of(tgt) // 32
     rows = 7
     lib = build_kernel_library(rows, cols, KernelChoice(algo, layout, lanes, 4, chunks, scalef=lanes == 16), tgt)
     x = _extreme_rows(rows, cols, rng)
@@ -72,7 +75,7 @@ def test_three_pass_masked_probabilities_are_exact_zeros(layout, chunks, rng):
     x[1, ::4] = -np.inf
     x[2, 1:] = x[2, 0] - 90.0                        # exp(-90) / 1: true values ~8e-40, subnormal in float32
     x[3, :] = np.linspace(-110.0, 0.0, cols, dtype=np.float32)  # a ramp through the subnormal range
-    lib = build_kernel_library(4, cols, KernelChoice("three_pass", layout, 16, 4, chunks), get_target("avx512"))
+    lib = build_kernel_library(4, cols, KernelChoice("three_pass", layout, host_lanes(), 4, chunks), get_target("host"))
     y = _run(lib, x)
     tiny = np.finfo(np.float32).tiny
     assert not ((y != 0) & (np.abs(y) < tiny)).any()
@@ -87,8 +90,9 @@ def test_three_pass_masked_probabilities_are_exact_zeros(layout, chunks, rng):
 def test_long_row_accuracy(rows, cols, layout, chunks, prefetch, rng):
     """Long rows keep float32 accuracy per element (two-level partial sums: ~1e-7 relative on 4M elements where one
     flat float32 sum per lane drifts to ~1e-5)."""
-    lib = build_kernel_library(rows, cols, KernelChoice("two_pass", layout, 16, 4, chunks, scalef=True,
-                                                        prefetch=prefetch), get_target("avx512"))
+    lanes = host_lanes()
+    lib = build_kernel_library(rows, cols, KernelChoice("two_pass", layout, lanes, 4, chunks, scalef=lanes == 16,
+                                                        prefetch=prefetch), get_target("host"))
     x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
     y = _run(lib, x)
     r = _ref(x)

@@ -37,8 +37,13 @@ def _asm(target_name):
     return ex.mod.imports[0].inspect_source("asm")
 
 
+def _host_has_avx512():
+    from targets.cpu import has_avx512
+    return has_avx512()
+
+
 @pytest.mark.parametrize("name,zmm", [("avx2", False), ("avx512", True), ("avx512-amd", True),
-                                      ("avx512-intel", True)])
+                                      ("avx512-intel", True), ("host", _host_has_avx512())])
 def test_register_width(name, zmm):
     asm = _asm(name)
     n_zmm = len(re.findall(r"%zmm\d+", asm))

@@ -10,12 +10,13 @@ import rewrite
 import zoo
 from rewrite.io import load_onnx
 from rewrite.verify import run
+from tgt_models import exec_targets
 
 MODELS = ["sdpa_causal", "timm_vit_block", "hf_bert_sdpa"]
 VARIANTS = [None, "linear", "mala", "sigmoid", "softplus"]
 
 
-@pytest.mark.parametrize("target", ["avx2", "avx512"])
+@pytest.mark.parametrize("target", exec_targets())
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v or "original" for v in VARIANTS])
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_lowering_matches_onnxruntime(name, variant, target, zoo_onnx, tmp_path):

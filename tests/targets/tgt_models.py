@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+
+
+def exec_targets() -> list:
+    """CPU targets whose code the numeric tests execute: ``avx2``, ``avx512`` (marked ``avx512``: skipped on a host
+    without AVX-512F) and ``host`` whenever it resolves to a target other than those two (on an AVX2-only machine
+    it is the one AVX-512-free target besides avx2 that checks numbers; on a Zen 4 it equals avx512)."""
+    from targets.cpu import has_avx512
+    from targets.table import target_dict
+
+    same = [target_dict("avx2")] + ([target_dict("avx512")] if has_avx512() else [])
+    params = ["avx2", pytest.param("avx512", marks=pytest.mark.avx512)]
+    return params + ([] if target_dict("host") in same else ["host"])
+
+
+def host_lanes() -> int:
+    """fp32 lanes of the widest vectors the ``host`` target uses (16 with AVX-512F, else 8)."""
+    from targets.softmax_kernels import vector_bits_of
+    from targets.table import get_target
+
+    return vector_bits_of(get_target("host")) // 32
 
 
 class SDPABlock(torch.nn.Module):
