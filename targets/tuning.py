@@ -68,20 +68,24 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
         return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": done[key], "reused": True,
                 "seconds": 0.0}
     start = time.perf_counter()
+    builder = InProcessBuilder()
     try:
         with _Progress(work / "database_tuning_record.json", trials):
             ms.relax_integration.tune_relax(
                 fused, {}, tgt, str(work), max_trials_global=trials, max_trials_per_task=trials, op_names=["matmul"],
                 num_trials_per_iter=min(16, trials), cost_model="random",
-                # generous timeouts: a builder worker's first job imports TVM, which alone can take 30 s on a loaded
-                # 2-core machine (the default 30 s timeout then fails every candidate of the first batch)
-                builder=ms.builder.LocalBuilder(timeout_sec=300),
+                # candidates are built in this process: MetaSchedule's LocalBuilder starts worker processes that each
+                # import TVM, and on a loaded 2-core machine every build of a batch timed out ("Build errors: 4
+                # sample(s)" after 11 minutes on an AVX2 host); an in-process build of a matmul takes well under 1 s
+                builder=builder,
+                # the runner's worker imports TVM once for the whole tuning run: a generous timeout covers that
                 runner=ms.runner.LocalRunner(timeout_sec=120,
                                              evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1,
                                                                                         min_repeat_ms=0)))
     except Exception as exc:  # noqa: BLE001 - MetaSchedule errors are wrapped with the database named
         raise CompileError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc)[:300]}",
                            culprit=str(work)) from exc
+    _raise_if_nothing_measured(work, builder)
     try:
         tasks = select_records(work, tgt)
     except Exception as exc:  # noqa: BLE001
@@ -95,6 +99,71 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     log.info("tuned %d trials in %.1fs into %s", trials, seconds, work)
     return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": trials, "reused": False,
             "seconds": round(seconds, 1), "tasks": tasks}
+
+
+def _make_in_process_builder():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class _InProcessBuilder(PyBuilder):
+        """MetaSchedule builder compiling candidates in this process, one after the other; keeps the build errors
+        (``errors``: one line each) so a tuning run whose every candidate failed can say why."""
+
+        def __init__(self):
+            super().__init__()
+            self.errors: list[str] = []
+            self.built = 0
+
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    path = default_export(default_build(item.mod, item.target, None))
+                    self.built += 1
+                    results.append(BuilderResult(path, None))
+                except Exception as exc:  # noqa: BLE001 - a failed candidate is a result, not a crash
+                    line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    self.errors.append(line)
+                    results.append(BuilderResult(None, line))
+            return results
+
+    return _InProcessBuilder
+
+
+def InProcessBuilder():  # noqa: N802 - a class made on first use (TVM is imported lazily)
+    """A MetaSchedule builder that compiles candidates in this process (see :func:`tune`)."""
+    global _IN_PROCESS_BUILDER
+    if _IN_PROCESS_BUILDER is None:
+        _IN_PROCESS_BUILDER = _make_in_process_builder()
+    return _IN_PROCESS_BUILDER()
+
+
+_IN_PROCESS_BUILDER = None
+
+
+def _raise_if_nothing_measured(work: Path, builder) -> None:
+    """A tuning run in which no candidate was built and measured is an error, not an empty database: raise a
+    CompileError saying whether the builds or the measurements failed, with the first error."""
+    ok = 0
+    try:
+        with open(work / "database_tuning_record.json", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip() and _mean_secs(json.loads(line)[1][1]) < 1e9:  # 1e10 marks failed candidates
+                    ok += 1
+    except OSError:
+        pass
+    if ok:
+        return
+    if builder.errors and not builder.built:
+        raise CompileError(f"MetaSchedule tuning: all {len(builder.errors)} candidate build(s) failed; first: "
+                           f"{builder.errors[0][:300]}", culprit=str(work))
+    logs = sorted((work / "logs").glob("*.log")) if (work / "logs").is_dir() else []
+    first = next((ln.strip() for p in logs for ln in p.read_text(errors="replace").splitlines()
+                  if "error" in ln.lower()), "no error text in MetaSchedule's logs")
+    raise CompileError(f"MetaSchedule tuning measured no candidate ({builder.built} built, {len(builder.errors)} "
+                       f"build errors); first error: {first[:300]}", culprit=str(work))
 
 
 class _Progress:

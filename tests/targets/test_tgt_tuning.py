@@ -50,3 +50,25 @@ def test_tuned_build_matches_and_database_is_reused(tmp_path, rng, monkeypatch):
     compile_model(str(path), "avx2", tmp_path / "c.so", tune_trials=4, tuning_dir=db)
     got = Runner(tmp_path / "c.so").run({"x": x})["y"]
     np.testing.assert_allclose(got, ort_run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_tuning_that_measured_nothing_says_why(tmp_path):
+    """A run whose every candidate failed is a CompileError naming the first failure, not an empty database."""
+    from types import SimpleNamespace
+
+    import targets.tuning as tuning
+    from targets.errors import CompileError
+
+    (tmp_path / "database_tuning_record.json").write_text('[0, [[], [10000000000.0], null, null]]\n')
+    failed_builds = SimpleNamespace(errors=["TVMError: LLVM ERROR: cannot select"] * 4, built=0)
+    with pytest.raises(CompileError) as ei:
+        tuning._raise_if_nothing_measured(tmp_path, failed_builds)
+    assert "all 4 candidate build(s) failed" in str(ei.value) and "cannot select" in str(ei.value)
+    assert ei.value.culprit == str(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "task_0.log").write_text("Trial #0: Error in running: RuntimeError: timeout\n")
+    with pytest.raises(CompileError) as ei:
+        tuning._raise_if_nothing_measured(tmp_path, SimpleNamespace(errors=[], built=4))
+    assert "measured no candidate (4 built" in str(ei.value) and "timeout" in str(ei.value)
+    (tmp_path / "database_tuning_record.json").write_text('[0, [[], [0.001], null, null]]\n')
+    tuning._raise_if_nothing_measured(tmp_path, SimpleNamespace(errors=[], built=4))  # one measured: no error
