@@ -68,12 +68,18 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
         return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": done[key], "reused": True,
                 "seconds": 0.0}
     start = time.perf_counter()
+    _import_tensor_intrinsics()
     builder = InProcessBuilder()
     try:
         with _Progress(work / "database_tuning_record.json", trials):
             ms.relax_integration.tune_relax(
                 fused, {}, tgt, str(work), max_trials_global=trials, max_trials_per_task=trials, op_names=["matmul"],
                 num_trials_per_iter=min(16, trials), cost_model="random",
+                # MetaSchedule's default population (512 candidates bred over 4 genetic rounds per iteration) costs
+                # minutes of CPU before the first measurement; a population scaled to the trial budget keeps a
+                # short tuning run short (a few trials are a smoke test, not a search)
+                strategy=ms.search_strategy.EvolutionarySearch(population_size=_population(trials),
+                                                               init_min_unmeasured=min(50, _population(trials))),
                 # candidates are built in this process: MetaSchedule's LocalBuilder starts worker processes that each
                 # import TVM, and on a loaded 2-core machine every build of a batch timed out ("Build errors: 4
                 # sample(s)" after 11 minutes on an AVX2 host); an in-process build of a matmul takes well under 1 s
@@ -99,6 +105,47 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     log.info("tuned %d trials in %.1fs into %s", trials, seconds, work)
     return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": trials, "reused": False,
             "seconds": round(seconds, 1), "tasks": tasks}
+
+
+def _fast_stack(context: int = 1) -> list:
+    """``inspect.stack()`` without ``inspect.getmodule``: the frames, with the source line of each from linecache."""
+    import inspect
+    import linecache
+    import sys
+
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        filename, lineno = frame.f_code.co_filename, frame.f_lineno
+        line = linecache.getline(filename, lineno) if context else ""
+        frames.append(inspect.FrameInfo(frame, filename, lineno, frame.f_code.co_name, [line] if line else None,
+                                        0 if line else None))
+        frame = frame.f_back
+    return frames
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule's tuning contexts need it) in seconds, not minutes.
+
+    That module defines ~500 TVMScript functions at import time, and each ``@T.prim_func`` calls ``inspect.stack()``;
+    for the importer's ``<frozen importlib>`` frames ``inspect`` scans the whole of ``sys.modules`` per frame, so in a
+    process that has torch and transformers loaded the import took 183 s of a 190 s four-trial tuning run.  The
+    frames TVMScript reads (locals, and the line of the decorator) are the same from :func:`_fast_stack`."""
+    import inspect
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+    inspect.stack = _fast_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
+def _population(trials: int) -> int:
+    """Evolutionary-search population for a budget of ``trials`` measured candidates: 8 per trial, 32 to 512."""
+    return max(32, min(512, 8 * trials))
 
 
 def _make_in_process_builder():

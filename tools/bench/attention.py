@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from passes.attention import VARIANTS  # noqa: E402
+from machine import describe  # noqa: E402  (tools/bench/machine.py: the CPU line of every table)
 
 D, H, B = 64, 8, 1
 BASELINE = "softmax"
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     res = run(args)
+    res["config"]["cpu"] = describe()
+    print(f"CPU: {res['config']['cpu']}")
     print_table(res)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from machine import describe  # noqa: E402  (tools/bench/machine.py: the CPU line of every table)
 from passes.attention import get_variant  # noqa: E402
 from passes.transfer import fit_params, stdlib_corpus, transfer_options  # noqa: E402
 from passes.transfer.data import tokenize_lines  # noqa: E402
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_batches = tokenize_lines(eval_lines, loaded, batch_size=32, max_length=128, source="held-out")
     ref = embeddings(loaded, eval_batches)
     n_tokens = int(sum(b["attention_mask"].sum() for b in eval_batches))
+    console.print(f"CPU: {describe()}")
     console.print(f"MiniLM loaded, corpus {len(corpus.calibration)}+{len(corpus.held_out)} sentences, "
                   f"{len(eval_lines)} eval sentences ({n_tokens} tokens) in {time.time() - t0:.1f}s")
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": str(minilm_path()), "eval_sentences": len(eval_lines), "eval_tokens": n_tokens,
               "calibration_sentences": len(cal_lines), "steps": steps, "minutes": args.minutes, "seed": args.seed,
               "batch_size": args.batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.platform(), "rows": rows, "seconds": round(time.time() - t0, 1)}
+              "machine": platform.platform(), "cpu": describe(), "rows": rows, "seconds": round(time.time() - t0, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))

@@ -7,9 +7,12 @@
     the measured copy bandwidth (best of numpy's copy and a parallel TVM copy kernel, at the large row's size).
 (b) attention block B=1, H=8, d=64, N in {256, 1024, 4096, 16384}, 2 threads: softmax attention in torch SDPA /
     onnxruntime / TVM vs every catalogue variant in torch / onnxruntime / TVM avx2 / TVM avx512.
-(c) BERT-like encoder (batch 8, N=128): TVM avx512 (untuned) vs onnxruntime.
-(d) the real MiniLM, original and linear-attention rewrite, batch 8, N in {128, 512}: torch, onnxruntime, TVM avx512
+(c) BERT-like encoder (batch 8, N=128): TVM (untuned) vs onnxruntime.
+(d) the real MiniLM, original and linear-attention rewrite, batch 8, N in {128, 512}: torch, onnxruntime, TVM host
     (``--tune TRIALS``: also a tuned build of the original at N = 128, with its tuning time).
+
+Every section runs only code this CPU can execute: TVM avx512 columns are left out (and say so) on a host without
+AVX-512F, the softmax kernels default to ``--target host``, and every table names the CPU (model, LLVM name, ISA).
 
 Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/lowering.py [--quick] [--only softmax,attention,bert,minilm]
 [--tune TRIALS]``.
@@ -39,8 +42,14 @@ import tvm  # noqa: E402
 from targets.bench import ort_session, set_tvm_threads, time_callable, tvm_callable  # noqa: E402
 from targets.softmax_kernels import (PREFETCH_FLOATS, KernelChoice, build_kernel_library, choose_kernel,  # noqa: E402
                                      mcpu_of, vector_bits_of)
-from targets.table import get_target  # noqa: E402
+from targets.cpu import has_avx512, host_description  # noqa: E402
+from targets.table import ensure_executable, get_target  # noqa: E402
 from rewrite.io import quiet_stdout  # noqa: E402
+
+#: TVM CPU targets this host can execute, in the order the tables show them.
+CPU_TARGETS = ["avx2"] + (["avx512"] if has_avx512() else [])
+CPU = host_description()
+
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lowering.json")
 
@@ -126,6 +135,7 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
     thread count are timed in alternating rounds.  GB/s: ``gbs`` counts one read + one write per element
     (2*N*4 bytes); ``eff_gbs`` (rows larger than the last-level cache only) counts the bytes the algorithm must
     move: two-pass 2 reads + 1 write, three-pass 3 reads + 2 writes."""
+    ensure_executable(target_name)
     l3 = _l3_bytes()
     beyond = 1 << max(24, int(np.ceil(np.log2(2 * l3 / 4))))  # elements, >= 2x L3 bytes
     shapes = [(8, 128, 128), (1, 16, 1024, 1024), (4096, 4096), (1, 1 << 24), (1, beyond)]
@@ -137,7 +147,7 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
     rows_out = []
     copy_n = max(1 << 24, beyond if not quick else 1 << 24)
     copy_bw = {t: _copy_bandwidth(t, copy_n) for t in (1, 2)}
-    print(f"\n(a) softmax, target {target_name} ({bits}-bit); L3 {l3 >> 20} MiB; copy bandwidth ({copy_n * 4 >> 20} "
+    print(f"\n(a) softmax on {CPU}, target {target_name} = {tgt} ({bits}-bit); L3 {l3 >> 20} MiB; copy bandwidth ({copy_n * 4 >> 20} "
           f"MiB) 1T {copy_bw[1]:.1f} GB/s, 2T {copy_bw[2]:.1f} GB/s (GB/s = 2*N*4 bytes / time; eff = bytes the "
           f"algorithm must move: two-pass 2R+1W, three-pass 3R+2W)")
     print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'eff':>6} {'%copy':>6} {'vs ORT':>7}")
@@ -235,8 +245,8 @@ def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None =
     threads = 2
     set_tvm_threads(threads)
     torch.set_num_threads(threads)
-    print(f"\n(b) attention B=1 H={heads} d={dim}, {threads} threads, ms (p50); ratio = variant / softmax on the "
-          "same runtime")
+    print(f"\n(b) attention B=1 H={heads} d={dim} on {CPU}, {threads} threads, ms (p50); ratio = variant / softmax "
+          "on the same runtime" + ("" if has_avx512() else "; no TVM avx512 column: this CPU has no AVX-512F"))
     print(f"{'variant':>9} {'N':>6} {'runtime':>12} {'ms':>10} {'vs softmax':>10}")
     for n in ns:
         g = torch.Generator().manual_seed(0)
@@ -260,9 +270,9 @@ def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None =
         record("softmax", "torch", sdpa_ms)
         for name in ["softmax"] + names:
             gb = _SCORE_TENSORS.get(name, 0) * heads * n * n * 4 / 1e9
-            runtimes = ["ORT", "TVM avx2", "TVM avx512"] if name == "softmax" else \
-                ["torch", "ORT", "TVM avx2", "TVM avx512"]
-            if name == "softmax" and gb > 8:  # one TVM build of a 17 GB graph is enough (time and memory)
+            tvm_rts = [f"TVM {t}" for t in CPU_TARGETS]
+            runtimes = (["ORT"] if name == "softmax" else ["torch", "ORT"]) + tvm_rts
+            if name == "softmax" and gb > 8 and len(tvm_rts) > 1:  # one TVM build of a 17 GB graph is enough
                 runtimes.remove("TVM avx2")
                 record(name, "TVM avx2", skip="only avx512 above 8 GB of scores")
             if gb > max_gb:
@@ -316,10 +326,10 @@ def bench_bert(quick: bool) -> list[dict]:
     proto = _onnx_of(model, (x,), ["x"])
     feeds = {"x": x.numpy()}
     out = []
-    print("\n(c) BERT-like encoder (d=256, 4 heads, ff 1024), batch 8, N=128, ms (p50)")
+    print(f"\n(c) BERT-like encoder (d=256, 4 heads, ff 1024), batch 8, N=128, ms (p50), on {CPU}")
     t0 = time.perf_counter()
-    fns = {t: tvm_callable(proto, t, feeds) for t in ("avx2", "avx512")}
-    print(f"   TVM compile (2 targets): {time.perf_counter() - t0:.1f} s")
+    fns = {t: tvm_callable(proto, t, feeds) for t in CPU_TARGETS}
+    print(f"   TVM compile ({len(fns)} targets): {time.perf_counter() - t0:.1f} s")
     for threads in (1, 2):
         set_tvm_threads(threads)
         s = ort_session(proto, threads)
@@ -338,8 +348,8 @@ def bench_bert(quick: bool) -> list[dict]:
 
 def bench_minilm(quick: bool, tune_trials: int = 0) -> list[dict]:
     """(d) The real all-MiniLM-L6-v2, original and rewritten (linear attention), batch 8, N in {128, 512}:
-    torch (eager HF module / rewritten FX program), onnxruntime and TVM avx512 (untuned), 2 threads; with
-    ``tune_trials`` also TVM avx512 tuned (MetaSchedule, fresh database) on the original at N = 128, with the tuning
+    torch (eager HF module / rewritten FX program), onnxruntime and TVM for this host (untuned), 2 threads; with
+    ``tune_trials`` also TVM host tuned (MetaSchedule, fresh database) on the original at N = 128, with the tuning
     time."""
     import tempfile
 
@@ -351,7 +361,8 @@ def bench_minilm(quick: bool, tune_trials: int = 0) -> list[dict]:
     loaded = load_model(minilm_path())
     hf = loaded.extra["hf"]
     out: list[dict] = []
-    print("\n(d) real MiniLM (6 layers, 12 heads), batch 8, ms (p50), 2 threads")
+    print(f"\n(d) real MiniLM (6 layers, 12 heads), batch 8, ms (p50), 2 threads, on {CPU}; TVM target host = "
+          f"{get_target('host')}")
     with tempfile.TemporaryDirectory() as tmp:
         original = os.path.join(tmp, "minilm.onnx")
         rewrite.export(loaded, original)
@@ -369,15 +380,15 @@ def bench_minilm(quick: bool, tune_trials: int = 0) -> list[dict]:
                 lib = os.path.join(tmp, f"{label}_{n}.so")
                 shapes = {k: list(v.shape) for k, v in feeds.items()}
                 t0 = time.perf_counter()
-                compile_model(path, "avx512", lib, shapes=shapes)
+                compile_model(path, "host", lib, shapes=shapes)
                 compile_s = time.perf_counter() - t0
                 runner = Runner(lib)
                 fns = {"torch": lambda: module(**inputs), "ORT": lambda: sess.run(None, feeds),
-                       "TVM avx512": lambda: runner.run(feeds)}
-                extra_s = {"TVM avx512": compile_s}
+                       "TVM host": lambda: runner.run(feeds)}
+                extra_s = {"TVM host": compile_s}
                 if tune_trials and label == "softmax" and n == 128:
                     tuned_lib = os.path.join(tmp, f"{label}_{n}_tuned.so")
-                    meta = compile_model(path, "avx512", tuned_lib, shapes=shapes, tune_trials=tune_trials,
+                    meta = compile_model(path, "host", tuned_lib, shapes=shapes, tune_trials=tune_trials,
                                          tuning_dir=os.path.join(tmp, "tuning"))
                     tuned = Runner(tuned_lib)
                     fns[f"TVM tuned {tune_trials}"] = lambda: tuned.run(feeds)
@@ -399,7 +410,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--only", default="softmax,attention,bert,minilm", help="comma list of sections")
-    ap.add_argument("--target", default="avx512", help="target of the softmax kernels")
+    ap.add_argument("--target", default="host",
+                    help="target of the softmax kernels (default host: the best code this CPU executes)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--sizes", default="", help="(b): comma list of N (default 256,1024,4096,16384)")
     ap.add_argument("--variants", default="", help="(b): comma list of variants besides softmax (default all)")
@@ -407,7 +419,7 @@ def main(argv=None) -> int:
                     help="(d): also tune the original MiniLM at N=128 with this many MetaSchedule trials")
     args = ap.parse_args(argv)
     sections = set(args.only.split(","))
-    result = {"machine": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+    result = {"machine": CPU, "cpu_targets": CPU_TARGETS, "host_target": str(get_target("host")),
               "tvm_threads": os.environ["TVM_NUM_THREADS"], "quick": args.quick}
     if "softmax" in sections:
         result["softmax"] = bench_softmax(args.quick, args.target)

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from machine import describe  # tools/bench/machine.py: the CPU line of every table
+
 HIDDEN, HEADS, SEQ = 16, 2, 8
 NODES_PER_BLOCK = 18
 
@@ -78,6 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
+    print(f"CPU: {describe()}")
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             rows.append(measure(size, Path(tmp)))
@@ -90,7 +93,7 @@ def main() -> None:
         print(f"time grows {growth:.1f}x for {size_ratio:.1f}x nodes")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "recognize", "rows": rows}, indent=1))
+    out.write_text(json.dumps({"benchmark": "recognize", "cpu": describe(), "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 
