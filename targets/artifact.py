@@ -62,12 +62,13 @@ def build(imported: Imported, target, tuning_dir: str | None = None):
 
 def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | None = None,
                   example_inputs: tuple | None = None, tune_trials: int = 0,
-                  tuning_dir: str | os.PathLike | None = None) -> dict:
+                  tuning_dir: str | os.PathLike | None = None, output_names: list[str] | None = None) -> dict:
     """Import, compile and export ``model`` for ``target`` to ``out_path``; returns the metadata dict.
 
     model: .onnx path, onnx.ModelProto, torch.export.ExportedProgram, or nn.Module with ``example_inputs``.
     target: a name of ``targets.table`` (``avx2``, ``avx512``, ``cuda-sm80``, ...), a dict or a tvm Target.
-    shapes: {input name: dims} fixing symbolic ONNX input dims.
+    shapes: {input name: dims} fixing symbolic input dims (ONNX; a torch program is re-exported at those shapes).
+    output_names: names of a torch program's outputs (ONNX models carry their own).
     tune_trials: MetaSchedule trials for the matmul tasks (0 = untuned); the database lives in ``tuning_dir``
     (default ``~/.cache/softswap/tuning``) and is reused across runs (:mod:`targets.tuning`).
     Raises a subclass of :class:`targets.errors.TargetError`; on error nothing is left at ``out_path``.
@@ -80,7 +81,7 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
     if not os.path.isdir(out_dir):
         raise CompileError(f"output directory does not exist: {out_dir}", culprit=out_path)
     t0 = time.perf_counter()
-    imported = import_model(model, shapes=shapes, example_inputs=example_inputs)
+    imported = import_model(model, shapes=shapes, example_inputs=example_inputs, output_names=output_names)
     tuning = None
     if tune_trials:
         from .tuning import default_tuning_dir, tune, tuning_target

@@ -33,21 +33,24 @@ def _parse_shapes(items: list[str] | None) -> dict[str, list[int]] | None:
     return shapes
 
 
-def _model_for_lowering(path: str) -> Any:
-    """An ONNX path as it is; anything else (.pt2, Hugging Face folder) through softswap's loader."""
+def _model_for_lowering(path: str) -> tuple[Any, list[str] | None]:
+    """(model, output names): an ONNX path as it is; anything else (.pt2, Hugging Face folder) through softswap's
+    loader, with the output names it knows (a Hugging Face model's ``last_hidden_state`` ...)."""
     if path.endswith(".onnx"):
         if not os.path.isfile(path):
             from rewrite.errors import ModelLoadError
             raise ModelLoadError(f"{path}: no such file")
-        return path
+        return path, None
     from rewrite.io import load_model
-    return load_model(path).ep
+    loaded = load_model(path)
+    return loaded.ep, list(loaded.output_names) or None
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from . import compile_model
-    meta = compile_model(_model_for_lowering(args.model), args.target, args.output, shapes=_parse_shapes(args.shape),
-                         tune_trials=args.tune, tuning_dir=args.tuning_dir)
+    model, output_names = _model_for_lowering(args.model)
+    meta = compile_model(model, args.target, args.output, shapes=_parse_shapes(args.shape),
+                         tune_trials=args.tune, tuning_dir=args.tuning_dir, output_names=output_names)
     print(json.dumps({k: meta[k] for k in ("target", "device", "inputs", "outputs", "import_s", "compile_s", "tuning")},
                      indent=1))
     print(f"wrote {args.output} (+ metadata {args.output}.json)")

@@ -151,14 +151,25 @@ def _fill_output_shapes(mod, outputs: list[dict]) -> None:
             o["dtype"] = str(ty.dtype)
 
 
-def import_exported_program(ep, output_names: list[str] | None = None) -> Imported:
-    """torch.export ExportedProgram -> :class:`Imported` (SDPA normalized; see torch_normalize)."""
+def import_exported_program(ep, output_names: list[str] | None = None, shapes: dict | None = None) -> Imported:
+    """torch.export ExportedProgram -> :class:`Imported` (SDPA normalized; see torch_normalize).  ``shapes``
+    ({input name: dims}) re-exports the program at those shapes (its dims must be dynamic there)."""
     import torch
     from tvm.relax.frontend.torch import from_exported_program
 
     from .torch_normalize import normalize_exported_program
 
-    ep = normalize_exported_program(ep)
+    unknown = sorted(set(shapes or {}) - set(ep.graph_signature.user_inputs))
+    if unknown:
+        raise ModelLoadError(f"--shape names no input of the program: {unknown[0]!r} (inputs: "
+                             f"{', '.join(ep.graph_signature.user_inputs)})", culprit=unknown[0])
+    try:
+        ep = normalize_exported_program(ep, shapes)
+    except Exception as exc:  # noqa: BLE001 - torch.export's errors are many lines; keep the first
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImportFailedError(f"re-exporting the program{' at the given shapes' if shapes else ''} failed: "
+                                f"{type(exc).__name__}: {first[:300]}", culprit=",".join(sorted(shapes or {}))
+                                or "torch.export") from exc
     for node in ep.graph.nodes:  # ops the torch frontend cannot lower (spec §2): fail early, naming the node
         op = getattr(node.target, "__name__", "").split(".")[0] if node.op == "call_function" else ""
         if op in UNSUPPORTED_ATEN:
@@ -198,8 +209,10 @@ def _first_unsupported_fx(ep, exc) -> str:
     return "exported program"
 
 
-def import_model(model, shapes: dict | None = None, example_inputs: tuple | None = None) -> Imported:
-    """Dispatch on the model kind: .onnx path / ModelProto / ExportedProgram / nn.Module (+ example_inputs)."""
+def import_model(model, shapes: dict | None = None, example_inputs: tuple | None = None,
+                 output_names: list[str] | None = None) -> Imported:
+    """Dispatch on the model kind: .onnx path / ModelProto / ExportedProgram / nn.Module (+ example_inputs).
+    ``output_names`` names the outputs of a torch program (ONNX models carry their own)."""
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         return import_onnx(model, shapes)
     try:
@@ -207,7 +220,7 @@ def import_model(model, shapes: dict | None = None, example_inputs: tuple | None
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(model, torch.export.ExportedProgram):
-        return import_exported_program(model)
+        return import_exported_program(model, output_names, shapes)
     if torch is not None and isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise ModelLoadError("an nn.Module needs example_inputs", culprit=type(model).__name__)

@@ -45,13 +45,15 @@ def sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     return torch.matmul(torch.softmax(scores, dim=-1), value)
 
 
-def _example_inputs(ep: torch.export.ExportedProgram) -> tuple:
+def _example_inputs(ep: torch.export.ExportedProgram, shapes: dict | None = None) -> tuple:
+    """One tensor per user input, in order: of the shape given in ``shapes`` (by input name), else the program's
+    shape with symbolic dims specialized to their hint."""
     user = set(ep.graph_signature.user_inputs)
     args = []
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in user:
             val = node.meta.get("val")
-            shape = [int(d) for d in val.shape]  # symbolic dims are specialized to their hint
+            shape = [int(d) for d in (shapes or {}).get(node.name, val.shape)]
             if val.dtype.is_floating_point:
                 args.append(torch.randn(shape, dtype=val.dtype))
             elif val.dtype == torch.bool:
@@ -61,10 +63,12 @@ def _example_inputs(ep: torch.export.ExportedProgram) -> tuple:
     return tuple(args)
 
 
-def normalize_exported_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """Return an ExportedProgram without SDPA / dropout nodes (see module docstring); unchanged if none."""
+def normalize_exported_program(ep: torch.export.ExportedProgram,
+                               shapes: dict | None = None) -> torch.export.ExportedProgram:
+    """Return an ExportedProgram without SDPA / dropout nodes (see module docstring); unchanged if none and no
+    ``shapes`` ({input name: dims}) are given — with shapes, the program is re-exported specialized to them."""
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
-    if not targets & (_SDPA | _DROPOUT):
+    if not targets & (_SDPA | _DROPOUT) and not shapes:
         return ep
     gm = ep.module()
     count = 0
@@ -81,4 +85,7 @@ def normalize_exported_program(ep: torch.export.ExportedProgram) -> torch.export
     gm.graph.lint()
     gm.recompile()
     log.info("torch normalize: %d SDPA/dropout node(s) rewritten", count)
-    return torch.export.export(gm, _example_inputs(ep))
+    # the program's own calling convention: a Hugging Face model exported with keyword inputs must be re-exported
+    # with the same keywords (positional tensors fail the unlifted module's input check)
+    args, kwargs = torch.utils._pytree.tree_unflatten(list(_example_inputs(ep, shapes)), ep.call_spec.in_spec)
+    return torch.export.export(gm, tuple(args), kwargs=dict(kwargs))

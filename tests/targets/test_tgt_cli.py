@@ -34,3 +34,53 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     assert main(["compile", str(path), "--target", "nosuchcpu", "-o", str(tmp_path / "m.so")]) == 2
     assert "nosuchcpu" in capsys.readouterr().err
     assert not (tmp_path / "m.so").exists()
+
+
+def _tiny_bert_folder(path):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    model = BertModel(cfg).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def test_hugging_face_folder_compiles_with_its_names_and_shapes(tmp_path, rng):
+    """A Hugging Face folder (exported with keyword inputs) compiles with and without --shape; the artefact takes the
+    model's input names, returns its output names, and matches the torch model."""
+    import torch
+
+    folder = tmp_path / "bert"
+    model = _tiny_bert_folder(folder)
+    lib = tmp_path / "bert.so"
+    shape = ["--shape", "input_ids=3,12", "--shape", "attention_mask=3,12", "--shape", "token_type_ids=3,12"]
+    assert main(["compile", str(folder), "--target", "host", "-o", str(lib), *shape]) == 0
+    meta = __import__("json").loads((tmp_path / "bert.so.json").read_text())
+    assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o["name"] for o in meta["outputs"]] == ["last_hidden_state", "pooler_output"]
+    ids = rng.integers(0, 100, (3, 12)).astype(np.int64)
+    mask = np.ones((3, 12), np.int64)
+    mask[1, 8:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    np.savez(tmp_path / "x.npz", **feeds)
+    assert main(["run", str(lib), "--inputs", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz")]) == 0
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    with np.load(tmp_path / "y.npz") as got:
+        np.testing.assert_allclose(got["last_hidden_state"], ref.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(got["pooler_output"], ref.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+    # without --shape: the program's own example shapes
+    assert main(["compile", str(folder), "--target", "host", "-o", str(tmp_path / "b.so")]) == 0
+
+
+def test_shape_for_an_unknown_input_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "bert"
+    _tiny_bert_folder(folder)
+    assert main(["compile", str(folder), "--target", "host", "-o", str(tmp_path / "m.so"),
+                 "--shape", "bogus=2,8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bogus" in err[0] and "input_ids" in err[0]
+    assert not (tmp_path / "m.so").exists()
