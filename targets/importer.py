@@ -90,10 +90,33 @@ def specialize_onnx(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
             value.shape = ir.Shape([int(d) for d in shapes[value.name]])
     try:
         onnxscript.optimizer.optimize(model, num_iterations=2)
+        # onnxscript keeps every ConstantOfShape (folding one can grow a model); the classic exporter builds the
+        # attention mask's broadcast shape with small ones (Shape -> ConstantOfShape -> Where -> Expand), and TVM's
+        # frontend cannot import an Expand whose shape stays computed.  Fold those that make few elements.
+        onnxscript.optimizer.fold_constants(model, should_fold=_fold_small_constant_of_shape)
+        onnxscript.optimizer.optimize(model, num_iterations=2)
     except Exception as exc:  # noqa: BLE001 - folding is an optimisation; import the unfolded graph then
         log.warning("constant folding for fixed shapes failed (%s); importing unfolded", exc)
         return proto
     return ir.to_proto(model)
+
+
+#: ConstantOfShape nodes making at most this many elements are folded when their shape is a constant.
+SMALL_CONSTANT_ELEMENTS = 4096
+
+
+def _fold_small_constant_of_shape(node) -> bool | None:
+    """``should_fold`` for onnxscript: True for a ConstantOfShape of a constant shape with few elements, else the
+    optimizer's default (None)."""
+    import math
+
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+        return None
+    shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+    if shape is None:
+        return None
+    dims = [int(d) for d in shape.numpy().reshape(-1)]
+    return True if all(d >= 0 for d in dims) and math.prod(dims) <= SMALL_CONSTANT_ELEMENTS else None
 
 
 def import_onnx(model, shapes: dict | None = None) -> Imported:

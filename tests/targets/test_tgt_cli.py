@@ -2,8 +2,11 @@
 bad input exits with 2 and writes nothing."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
+import pytest
 
 from rewrite.cli import main
 from tgt_models import ort_run, softmax_matmul_model
@@ -84,3 +87,44 @@ def test_shape_for_an_unknown_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bogus" in err[0] and "input_ids" in err[0]
     assert not (tmp_path / "m.so").exists()
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_classic_exporter_bert_compiles_and_matches_onnxruntime(tmp_path, rng, opset):
+    """The ONNX most hubs hold: torch's classic exporter (dynamo=False), dynamic batch and length.  Its attention-mask
+    broadcast shape is computed (Shape -> ConstantOfShape -> Where -> Expand); with --shape it folds and imports."""
+    import torch
+
+    folder = tmp_path / "bert"
+    bert = _tiny_bert_folder(folder)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state, out.pooler_output
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.from_numpy(rng.integers(0, 100, (2, 8)).astype(np.int64))
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    path = tmp_path / "legacy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Wrapped().eval(), args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                          output_names=["last_hidden_state", "pooler_output"],
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+    lib = tmp_path / "legacy.so"
+    shape = [a for n in names for a in ("--shape", f"{n}=3,10")]
+    assert main(["compile", str(path), "--target", "host", "-o", str(lib), *shape]) == 0
+    feeds = {"input_ids": rng.integers(0, 100, (3, 10)).astype(np.int64), "attention_mask": np.ones((3, 10), np.int64),
+             "token_type_ids": np.zeros((3, 10), np.int64)}
+    feeds["attention_mask"][0, 6:] = 0
+    np.savez(tmp_path / "x.npz", **feeds)
+    assert main(["run", str(lib), "--inputs", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz")]) == 0
+    ref = ort_run(onnx.load(path), feeds)
+    with np.load(tmp_path / "y.npz") as got:
+        np.testing.assert_allclose(got["last_hidden_state"], ref[0], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(got["pooler_output"], ref[1], atol=1e-4, rtol=1e-4)
