@@ -8,6 +8,9 @@ module and the input / output names, shapes and dtypes (the artefact metadata).
 from __future__ import annotations
 
 import dataclasses
+import contextlib
+import gc
+import io
 import logging
 import os
 from typing import Any
@@ -138,14 +141,57 @@ def import_onnx(model, shapes: dict | None = None) -> Imported:
             raise ModelLoadError(f"shapes given for unknown inputs {sorted(unknown)}", culprit=sorted(unknown)[0])
     inputs = _onnx_io(graph_inputs, shapes)
     outputs = _onnx_io(proto.graph.output, None)
-    try:
-        mod = from_onnx(proto, shape_dict=dict(shapes) if shapes else None, keep_params_in_input=False)
-    except Exception as exc:  # noqa: BLE001 - frontend errors are wrapped, never leaked raw
-        raise ImportFailedError(f"TVM ONNX frontend failed: {type(exc).__name__}: {str(exc)[:500]}",
-                                culprit=_culprit_onnx(proto, exc)) from exc
+    printed = io.StringIO()  # the frontend prints its failing operator to stdout: kept for the debug log only
+    failure = None
+    with _native_stderr_to_log():
+        try:
+            with contextlib.redirect_stdout(printed):
+                mod = from_onnx(proto, shape_dict=dict(shapes) if shapes else None, keep_params_in_input=False)
+        except Exception as exc:  # noqa: BLE001 - frontend errors are wrapped, never leaked raw
+            failure = (type(exc).__name__, str(exc), _culprit_onnx(proto, exc))
+            # the frames of the failed conversion hold a Relax BlockBuilder whose C++ destructor prints a warning
+            # to stderr: let it go while stderr is captured, not after softswap printed its one-line error
+            del exc
+            gc.collect()
+    if printed.getvalue().strip():
+        log.debug("TVM ONNX frontend output: %s", printed.getvalue().strip())
+    if failure is not None:
+        name, text, culprit = failure
+        first = (text.strip().splitlines() or [""])[0]
+        symbolic = [i for i in inputs if any(not isinstance(d, int) for d in i["shape"])]
+        hint = ""
+        if symbolic and not shapes:
+            dims = ", ".join(f"{i['name']} {i['shape']}" for i in symbolic)
+            hint = (f"; this graph has symbolic input dims ({dims}), which TVM's frontend cannot always import: "
+                    "fix them with " + " ".join(f"--shape {i['name']}=..." for i in symbolic))
+        raise ImportFailedError(f"TVM ONNX frontend failed: {name}: {first[:300]}{hint}", culprit=culprit)
     # output shapes may be unknown in the proto: take them from the Relax signature
     _fill_output_shapes(mod, outputs)
     return Imported(mod, inputs, outputs, "onnx")
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """Send what native code writes to file descriptor 2 (TVM's C++ warnings) to the debug log while inside."""
+    import tempfile
+
+    sys_stderr_fd = 2
+    try:
+        saved = os.dup(sys_stderr_fd)
+    except OSError:  # no usable stderr: nothing to capture
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), sys_stderr_fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, sys_stderr_fd)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                log.debug("native stderr during ONNX import: %s", text[-2000:])
 
 
 def _culprit_onnx(proto: onnx.ModelProto, exc: Exception) -> str:
