@@ -118,11 +118,15 @@ def _infer_shapes(model: ir.Model) -> None:
         log.warning("shape inference failed (%s); continuing with the shapes in the file", exc)
 
 
-def load_pt2(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load a ``.pt2`` written by ``torch.export.save`` (Hugging Face ``ModelOutput`` programs included)."""
+def load_pt2(path: str | os.PathLike[str], trust_remote_code: bool | None = None) -> LoadedModel:
+    """Load a ``.pt2`` written by ``torch.export.save`` (Hugging Face ``ModelOutput`` programs included).
+
+    Pickled members are checked before torch unpickles anything (:mod:`rewrite.safe_load`);
+    ``trust_remote_code=True`` skips the check. Raises :class:`UnsafeModelError` / :class:`ModelLoadError`.
+    """
     from .hf import Pt2LoadError, load_pt2 as _load
     try:
-        ep = _load(path)
+        ep = _load(path, trust_remote_code=trust_remote_code)
     except Pt2LoadError as exc:
         raise ModelLoadError(str(exc)) from exc
     return from_exported_program(ep, source=str(path))
@@ -185,9 +189,14 @@ def load_hf(path: str | os.PathLike[str], attn_implementation: str = "sdpa") -> 
     return loaded
 
 
-def load_model(model: Any, example_inputs: Any = None, dynamic_shapes: Any = None) -> LoadedModel:
+def load_model(model: Any, example_inputs: Any = None, dynamic_shapes: Any = None,
+               trust_remote_code: bool | None = None) -> LoadedModel:
     """Load anything softswap accepts: a path (``.onnx``, ``.pt2``, Hugging Face folder), an ``nn.Module`` (with
-    ``example_inputs``), an ``ExportedProgram``, an ``onnx.ModelProto`` / ``onnx_ir.Model``, or a LoadedModel."""
+    ``example_inputs``), an ``ExportedProgram``, an ``onnx.ModelProto`` / ``onnx_ir.Model``, or a LoadedModel.
+
+    Opening a file never runs code from it: ``.pt2`` pickles are checked first and Hugging Face weights load
+    weights-only; ``trust_remote_code=True`` (default: :func:`rewrite.safe_load.trusting_remote_code`'s setting)
+    lifts the ``.pt2`` check for files whose author you trust (docs/security.md)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -199,7 +208,7 @@ def load_model(model: Any, example_inputs: Any = None, dynamic_shapes: Any = Non
         if path.suffix == ".onnx":
             return load_onnx(path)
         if path.suffix == ".pt2":
-            return load_pt2(path)
+            return load_pt2(path, trust_remote_code)
         raise ModelLoadError(f"{path}: unknown model format (expected .onnx, .pt2 or a Hugging Face folder)")
     if isinstance(model, torch.export.ExportedProgram):
         return from_exported_program(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes)

@@ -146,12 +146,7 @@ class _Checkpoint:
             self._load()
 
     def _load(self) -> None:
-        try:
-            data = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise TransferError(f"{self.path}: cannot read the transfer checkpoint ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-            raise TransferError(f"{self.path}: not a softswap transfer checkpoint")
+        data = _read_checkpoint(self.path)
         for key in ("variant", "options", "seed"):
             if data["meta"].get(key) != self.meta.get(key):
                 raise TransferError(f"{self.path}: checkpoint was made with {key}={data['meta'].get(key)!r}, "
@@ -220,6 +215,8 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
         raise OptionError(f"--steps must be >= 0, got {steps}")
     if minutes is not None and minutes <= 0:
         raise OptionError(f"--minutes must be > 0, got {minutes}")
+    if checkpoint is not None:
+        _check_checkpoint_path(checkpoint)
     try:
         variant = get_variant(attention)
     except KeyError as exc:
@@ -397,12 +394,34 @@ def site_params(report_or_model: Any) -> dict[str, dict[str, torch.Tensor]]:
     return extra["transfer"]["params"]
 
 
+def _check_checkpoint_path(path: str | os.PathLike[str]) -> None:
+    """Fail before any work when the checkpoint cannot be written: missing folder, or a folder given as file."""
+    file = Path(path)
+    if file.is_dir():
+        raise TransferError(f"{file}: --checkpoint is a folder, not a checkpoint file")
+    if not file.parent.is_dir():
+        raise TransferError(f"{file}: --checkpoint folder {file.parent} does not exist")
+
+
+def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's dict, read weights-only (tensors, numbers, strings, containers: a pickle that imports
+    anything else is refused before it can run, DESIGN.md principle 7). Raises :class:`TransferError`."""
+    from rewrite.errors import first_line
+    from rewrite.safe_load import load_weights_only
+    if Path(path).is_dir():
+        raise TransferError(f"{path}: --checkpoint is a folder, not a checkpoint file")
+    try:
+        data = load_weights_only(path)
+    except Exception as exc:  # UnpicklingError (refused global), RuntimeError (not a torch file), OSError
+        raise TransferError(f"{path}: cannot read the transfer checkpoint ({first_line(exc)}); checkpoints are "
+                            "loaded weights-only") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT \
+            or not isinstance(data.get("meta"), dict) or not isinstance(data.get("sites"), dict):
+        raise TransferError(f"{path}: not a softswap transfer checkpoint")
+    return data
+
+
 def load_checkpoint_params(path: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Per-site params stored in a transfer checkpoint (e.g. to rewrite another conversion of the same model)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise TransferError(f"{path}: cannot read the transfer checkpoint ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise TransferError(f"{path}: not a softswap transfer checkpoint")
+    data = _read_checkpoint(path)
     return {k: dict(v["params"]) for k, v in data["sites"].items()}
