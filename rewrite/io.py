@@ -20,7 +20,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .errors import ModelLoadError, OutputPathError, UnsupportedModelError
+from .errors import ModelLoadError, OutputPathError, UnsupportedModelError, first_line
+from .interrupts import reraise_if_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,17 @@ def export_module(module: torch.nn.Module, example_inputs: Mapping[str, torch.Te
         args, kwargs = tuple(example_inputs), {}
     try:
         ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:
+    except Exception as exc:  # not BaseException: Ctrl-C is never retried
+        reraise_if_interrupted(exc)
         if dynamic_shapes is None:
-            raise UnsupportedModelError(f"{source}: torch.export failed: {exc}") from exc
-        log.warning("%s: export with dynamic shapes failed (%s); retrying with static shapes", source, exc)
-        ep = torch.export.export(module, args, kwargs, strict=False)
+            raise UnsupportedModelError(f"{source}: torch.export failed ({first_line(exc)})") from exc
+        log.warning("%s: export with dynamic shapes failed (%s); retrying with static shapes", source,
+                    first_line(exc))
+        try:
+            ep = torch.export.export(module, args, kwargs, strict=False)
+        except Exception as exc2:
+            reraise_if_interrupted(exc2)
+            raise UnsupportedModelError(f"{source}: torch.export failed ({first_line(exc2)})") from exc2
         dynamic_shapes = None
     names = _user_input_names(ep)
     flat = list(args) + list(kwargs.values())
