@@ -24,13 +24,19 @@ console = Console(highlight=False)
 
 
 def parse_options(items: Sequence[str] | None) -> dict[str, str]:
-    """``--option key=value`` items as a dict; :class:`OptionError` names a malformed item."""
+    """``--option key=value`` items as a dict; :class:`OptionError` names a malformed, empty or repeated item.
+    Values are checked against the variant's declared types and ranges when the pass is built."""
     out: dict[str, str] = {}
     for item in items or []:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise OptionError(f"--option {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not value:
+            raise OptionError(f"--option {item!r}: option {key} has an empty value")
+        if key in out:
+            raise OptionError(f"--option {key} given twice ({key}={out[key]} and {key}={value})")
+        out[key] = value
     return out
 
 

@@ -61,6 +61,34 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                                      f"{tensor.location!r}, outside the model's folder {base}")
             if not location.is_file():
                 raise ModelLoadError(f"{path}: initializer {init.name!r}: external data file {location} is missing")
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else 0)
+            if end > location.stat().st_size:
+                raise ModelLoadError(f"{path}: initializer {init.name!r}: external data file {location} has "
+                                     f"{location.stat().st_size} bytes, the model reads up to byte {end} (truncated)")
+
+
+def _check_graph(model: ir.Model, path: Path) -> None:
+    """Every value a node reads is a graph input, an initializer or the output of an earlier node (no cycle,
+    no undefined value); ONNX requires the nodes in topological order. Raises :class:`ModelLoadError` naming
+    the node and the value."""
+    seen: set[int] = set()
+    for node in model.graph:
+        label = node.name or f"{node.op_type} node"
+        for value in node.inputs:
+            if value is None or value.is_graph_input() or value.is_initializer():
+                continue
+            producer = value.producer()
+            if producer is None:
+                raise ModelLoadError(f"{path}: node {label!r} reads {value.name!r}, which no node, input or "
+                                     f"initializer defines [culprit: {label}]")
+            if id(producer) not in seen:
+                raise ModelLoadError(f"{path}: node {label!r} reads {value.name!r} before node "
+                                     f"{producer.name or producer.op_type!r} produces it (a cycle, or nodes out of "
+                                     f"topological order) [culprit: {label}]")
+        seen.add(id(node))
+    for value in model.graph.outputs:
+        if value.producer() is None and not value.is_graph_input() and not value.is_initializer():
+            raise ModelLoadError(f"{path}: graph output {value.name!r} is not produced by any node")
 
 
 @contextlib.contextmanager
@@ -100,6 +128,7 @@ def load_onnx(path: str | os.PathLike[str]) -> LoadedModel:
     if model.graph is None or (len(model.graph) == 0 and not model.graph.outputs):
         raise ModelLoadError(f"{file}: ONNX model has an empty graph (truncated or not an ONNX file)")
     _check_external_data(model, file)
+    _check_graph(model, file)
     _infer_shapes(model)
     loaded = LoadedModel(kind="onnx", source=str(file), onnx=model,
                          input_names=[v.name for v in model.graph.inputs if not v.is_initializer()],
@@ -245,6 +274,10 @@ def check_output_path(out: str | os.PathLike[str], suffixes: tuple[str, ...] = (
         raise OutputPathError(f"{path}: output must end in one of {', '.join(suffixes)}")
     if not path.parent.exists() or not path.parent.is_dir():
         raise OutputPathError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a folder; give a file path")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{path}: folder {path.parent} is not writable")
     return path
 
 
@@ -295,7 +328,8 @@ def fx_to_onnx(loaded: LoadedModel, opset: int = 18) -> ir.Model:
                                  input_names=loaded.input_names, output_names=loaded.output_names,
                                  verbose=False)
     except Exception as exc:
-        raise UnsupportedModelError(f"{loaded.source}: ONNX export of the program failed: {exc}") from exc
+        reraise_if_interrupted(exc)
+        raise UnsupportedModelError(f"{loaded.source}: ONNX export of the program failed ({first_line(exc)})") from exc
     return prog.model
 
 
@@ -337,7 +371,8 @@ def synth_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 16, seed: int =
                 shape.append(batch if i == 0 else seq)
         np_type = _NP.get(value.dtype)
         if np_type is None:
-            raise UnsupportedModelError(f"input {value.name!r}: dtype {value.dtype} not supported for synthetic inputs")
+            raise UnsupportedModelError(f"{loaded.source}: input {value.name!r} has dtype {value.dtype}, which has no "
+                                        "synthetic inputs (supported: " + ", ".join(t.name for t in _NP) + ")")
         name = value.name.lower()
         if "mask" in name:
             arr = np.ones(shape, dtype=np_type)
@@ -358,21 +393,62 @@ def synth_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 16, seed: int =
     return out
 
 
-def ort_session(model: ir.Model, optimize: bool = False) -> Any:
-    """An onnxruntime CPU session for an in-memory model (external weights are read; > 2 GB goes via a file)."""
+def _ort_culprit(model: ir.Model, message: str) -> str | None:
+    """The node an onnxruntime message is about: named in it, or of the ``domain:OpType`` it names."""
+    for node in model.graph:
+        if node.name and node.name in message:
+            return node.name
+    for node in model.graph:
+        if f"{node.domain}:{node.op_type}" in message or f"{node.op_type}(" in message:
+            return node.name or (node.outputs[0].name if node.outputs else node.op_type)
+    return None
+
+
+def ort_error(model: ir.Model, exc: Exception, source: str | None, doing: str) -> UnsupportedModelError:
+    """An onnxruntime failure as one typed error: the file, what failed, ORT's first line, the culprit node."""
+    message = str(exc)
+    culprit = _ort_culprit(model, message)
+    where = source or "<onnx model>"
+    text = f"{where}: onnxruntime {doing} ({first_line(exc)})"
+    return UnsupportedModelError(text + (f" [culprit: {culprit}]" if culprit else ""))
+
+
+def ort_session(model: ir.Model, optimize: bool = False, source: str | None = None) -> Any:
+    """An onnxruntime CPU session for an in-memory model (external weights are read; > 2 GB goes via a file).
+
+    Raises :class:`UnsupportedModelError` naming ``source`` and the node onnxruntime rejected (an unknown custom
+    op, an invalid graph) with onnxruntime's first line.
+    """
     import onnxruntime as ort
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors come back as exceptions; ORT's own stderr lines would double them
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if _initializer_bytes(model) > TWO_GB * 0.9:
-        tmpdir = tempfile.mkdtemp(prefix="softswap-ort-")
-        path = os.path.join(tmpdir, "model.onnx")
-        ir.save(model, path, external_data="model.onnx.data")
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    from onnx_ir.external_data import load_to_model
-    proto = ir.to_proto(load_to_model(model.clone()))
-    from onnx.external_data_helper import uses_external_data
-    for tensor in proto.graph.initializer:
-        if uses_external_data(tensor):
-            raise UnsupportedModelError(f"initializer {tensor.name!r}: external data could not be read")
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        if _initializer_bytes(model) > TWO_GB * 0.9:
+            tmpdir = tempfile.mkdtemp(prefix="softswap-ort-")
+            path = os.path.join(tmpdir, "model.onnx")
+            ir.save(model, path, external_data="model.onnx.data")
+            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        from onnx_ir.external_data import load_to_model
+        proto = ir.to_proto(load_to_model(model.clone()))
+        from onnx.external_data_helper import uses_external_data
+        for tensor in proto.graph.initializer:
+            if uses_external_data(tensor):
+                raise UnsupportedModelError(f"{source or '<onnx model>'}: initializer {tensor.name!r}: external data "
+                                            "could not be read")
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # onnxruntime Fail / InvalidGraph / NotImplemented, onnx_ir read errors
+        reraise_if_interrupted(exc)
+        raise ort_error(model, exc, source, "cannot load the model") from exc
+
+
+def ort_run(session: Any, feeds: Mapping[str, Any], model: ir.Model, source: str | None = None) -> list[Any]:
+    """``session.run(None, feeds)``; a failure raises :class:`UnsupportedModelError` naming the node."""
+    try:
+        return session.run(None, dict(feeds))
+    except Exception as exc:  # shape errors of symbolic dims, unsupported dtypes at run time
+        reraise_if_interrupted(exc)
+        raise ort_error(model, exc, source, "failed to run the model") from exc

@@ -89,7 +89,7 @@ def _capture(loaded: mio.LoadedModel, runnable: Any, sites: Sequence[Any], batch
         leaves = [torch.from_numpy(np.array(batch[n])) for n in loaded.input_names]
         args, kwargs = torch.utils._pytree.tree_unflatten(leaves, loaded.ep.call_spec.in_spec)
         return capture_fx(runnable, sites, args, kwargs)
-    return capture_onnx(runnable, sites, batch)
+    return capture_onnx(runnable, sites, batch, source=loaded.source)
 
 
 def _model_fidelity(original: mio.LoadedModel, rewritten: mio.LoadedModel, batches: Sequence[Batch]
@@ -211,10 +211,8 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
     from passes.attention import get_variant
 
     t0 = time.time()
-    if steps is not None and steps < 0:
-        raise OptionError(f"--steps must be >= 0, got {steps}")
-    if minutes is not None and minutes <= 0:
-        raise OptionError(f"--minutes must be > 0, got {minutes}")
+    _check_numbers(steps=steps, minutes=minutes, batch_size=batch_size, max_samples=max_samples,
+                   max_length=max_length, lr=lr, scalar_lr=scalar_lr, hybrid_window=hybrid_window)
     if checkpoint is not None:
         _check_checkpoint_path(checkpoint)
     try:
@@ -392,6 +390,21 @@ def site_params(report_or_model: Any) -> dict[str, dict[str, torch.Tensor]]:
     if "transfer" not in extra:
         raise TransferError("this model was not produced by passes.transfer.transfer")
     return extra["transfer"]["params"]
+
+
+def _check_numbers(**values: Any) -> None:
+    """Every numeric knob finite and in range, named as its CLI flag (``--batch-size``) in the error."""
+    rules = {"steps": (0, False), "minutes": (0, True), "batch_size": (1, False), "max_samples": (1, False),
+             "max_length": (1, False), "lr": (0, True), "scalar_lr": (0, True), "hybrid_window": (0, False)}
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        low, exclusive = rules[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise OptionError(f"{flag} must be a finite number, got {value!r}")
+        if value < low or (exclusive and value == low):
+            raise OptionError(f"{flag} must be {'>' if exclusive else '>='} {low}, got {value!r}")
 
 
 def _check_checkpoint_path(path: str | os.PathLike[str]) -> None:
