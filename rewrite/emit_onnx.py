@@ -162,6 +162,14 @@ def upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
     try:
         proto = version_converter.convert_version(ir.to_proto(model), opset)
     except Exception as exc:
+        from .errors import first_line
         raise UnsupportedModelError(f"cannot convert the model from opset {model.opset_imports.get('')} to "
-                                    f"{opset} for the replacement ops: {exc}") from exc
-    return ir.from_proto(proto)
+                                    f"{opset} for the replacement ops ({first_line(exc)})") from exc
+    upgraded = ir.from_proto(proto)
+    # The proto round trip drops where external weights live (the model's folder): keep the original tensors.
+    external = {name: v.const_value for name, v in model.graph.initializers.items()
+                if isinstance(v.const_value, ir.ExternalTensor)}
+    for name, value in upgraded.graph.initializers.items():
+        if name in external and isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = external[name]
+    return upgraded

@@ -51,10 +51,14 @@ class LoadedModel:
 # ------------------------------------------------------------------------------------------------------------
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
+    """External data must lie inside the model's folder, exist and be long enough. Every external tensor is
+    anchored to the model file's folder (absolute), so later steps never resolve it against the working
+    directory."""
     base = path.parent.resolve()
     for init in model.graph.initializers.values():
         tensor = init.const_value
         if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = str(base)
             location = (base / tensor.location).resolve()
             if base not in location.parents and location != base:
                 raise ModelLoadError(f"{path}: initializer {init.name!r} points at external data "
@@ -292,6 +296,11 @@ def _initializer_bytes(model: ir.Model) -> int:
 def save_onnx(model: ir.Model, out: str | os.PathLike[str]) -> Path:
     """Write ``model`` atomically; weights go to ``<name>.data`` beside it when they exceed 2 GB."""
     path = check_output_path(out, (".onnx",))
+    if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()) \
+            and _initializer_bytes(model) <= TWO_GB:
+        # weights the input kept beside itself are copied in: the output must not point into the input's folder
+        from onnx_ir.external_data import load_to_model
+        model = load_to_model(model.clone())
     tmpdir = Path(tempfile.mkdtemp(prefix=".softswap-", dir=path.parent))
     try:
         tmp = tmpdir / path.name

@@ -337,3 +337,52 @@ def test_bad_model(case: Case, corpus: Path, tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("case", OPTION_CASES, ids=lambda c: c.id)
 def test_bad_option_or_path(case: Case, corpus: Path, tmp_path: Path, capsys) -> None:
     _check(case, corpus, tmp_path, capsys)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# awkward but valid: external data in a sub-folder, resolved against the model file, never the working directory
+@pytest.fixture(scope="module")
+def external_model(tmp_path_factory) -> Path:
+    """``model/ext.onnx`` (an attention block with a projection) whose weights live in ``model/extok/wq.bin``."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    class Projected(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wq = torch.nn.Linear(16, 16)
+
+        def forward(self, q, k, v):
+            return _Block()(self.wq(q), k, v)
+
+    buf = io.BytesIO()
+    torch.onnx.export(Projected(), _qkv(), buf, dynamo=False, input_names=["q", "k", "v"], output_names=["y"],
+                      opset_version=17)
+    proto = onnx.load_from_string(buf.getvalue())
+    folder = tmp_path_factory.mktemp("ext") / "model"
+    (folder / "extok").mkdir(parents=True)
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location="extok/wq.bin", size_threshold=0)
+    onnx.save(proto, folder / "ext.onnx")
+    return folder / "ext.onnx"
+
+
+@pytest.mark.parametrize("cwd", ["elsewhere", "model folder"])
+def test_external_data_in_a_subfolder(external_model: Path, tmp_path: Path, cwd: str, monkeypatch, capsys) -> None:
+    import onnxruntime as ort
+    folder = external_model.parent
+    before = _snapshot(folder)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(folder if cwd == "model folder" else work)
+    model = os.path.relpath(external_model)
+    assert main(["inspect", model]) == 0
+    out = tmp_path / "out.onnx"
+    assert main(["convert", model, "-o", str(out), "--attention", "linear"]) == 0
+    onnx.checker.check_model(str(out))  # the output carries its weights; nothing points into the input's folder
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert main(["verify", model, str(out)]) == 0
+    out2 = tmp_path / "fit.onnx"
+    assert main(["transfer", model, "-o", str(out2), "--attention", "linear", "--steps", "2", "--no-progress"]) == 0
+    onnx.checker.check_model(str(out2))
+    assert _snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.onnx", "out.onnx", "work"]
+    assert not list(work.iterdir())
