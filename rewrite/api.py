@@ -134,9 +134,8 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
         export(rewritten, out_path)
         report["output"] = str(out_path)
     if report_path is not None:
-        tmp = Path(str(report_path) + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, report_path)
+        from .atomic import write_text
+        write_text(report_path, json.dumps(report, indent=1, default=str))
     return rewritten, report
 
 

@@ -9,7 +9,6 @@ import contextlib
 import gc
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from .atomic import atomic_folder, atomic_output
 from .errors import ModelLoadError, OutputPathError, UnsupportedModelError, first_line
 from .interrupts import reraise_if_interrupted
 
@@ -294,38 +294,28 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 
 def save_onnx(model: ir.Model, out: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically; weights go to ``<name>.data`` beside it when they exceed 2 GB."""
+    """Write ``model`` atomically (:mod:`rewrite.atomic`: the file appears complete or not at all); weights go to
+    ``<name>.data`` beside it when they exceed 2 GB."""
     path = check_output_path(out, (".onnx",))
     if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()) \
             and _initializer_bytes(model) <= TWO_GB:
         # weights the input kept beside itself are copied in: the output must not point into the input's folder
         from onnx_ir.external_data import load_to_model
         model = load_to_model(model.clone())
-    tmpdir = Path(tempfile.mkdtemp(prefix=".softswap-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmpdir:
         tmp = tmpdir / path.name
         if _initializer_bytes(model) > TWO_GB:
             ir.save(model, str(tmp), external_data=path.name + ".data")
         else:
             ir.save(model, str(tmp))
-        for item in tmpdir.iterdir():
-            os.replace(item, path.parent / item.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return path
 
 
 def save_pt2(ep: Any, out: str | os.PathLike[str]) -> Path:
     """``torch.export.save`` atomically."""
     path = check_output_path(out, (".pt2",))
-    fd, tmp = tempfile.mkstemp(prefix=".softswap-", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        torch.export.save(ep, str(tmp))
     return path
 
 

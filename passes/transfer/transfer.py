@@ -157,10 +157,10 @@ class _Checkpoint:
     def save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, "meta": self.meta,
-                    "sites": {k: s.to_dict() for k, s in self.sites.items()}}, tmp)
-        os.replace(tmp, self.path)
+        from rewrite.atomic import atomic_output
+        with atomic_output(self.path) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, "meta": self.meta,
+                        "sites": {k: s.to_dict() for k, s in self.sites.items()}}, tmp)
 
 
 def _progress(enabled: bool) -> Any:
@@ -376,10 +376,9 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     report["seconds"] = round(time.time() - t0, 2)
     if report_path is not None:
         import json
-        path = Path(report_path)
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, path)
+
+        from rewrite.atomic import write_text
+        write_text(report_path, json.dumps(report, indent=1, default=str))
     new_model.extra["transfer"] = {"params": fitted, "options": dict(opts), "variant": variant.name}
     return new_model, report
 
