@@ -411,11 +411,16 @@ def load_hf_folder(
     if attn_implementation not in ("sdpa", "eager"):
         raise HFLoadError(f"{folder}: attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
 
+    raw_config = _read_config_json(folder) or {}
+    if raw_config.get("auto_map"):
+        raise HFLoadError(f"{folder}: config.json asks for custom modeling code (auto_map "
+                          f"{sorted(raw_config['auto_map'])}); softswap never runs code from a model folder "
+                          "(docs/security.md)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         cls = _model_class(config, folder)
         model = cls.from_pretrained(
             folder,
@@ -426,8 +431,11 @@ def load_hf_folder(
         )
     except HFLoadError:
         raise
-    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/...
-        raise HFLoadError(f"{folder}: transformers could not load the model: {exc}") from exc
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/UnpicklingError/...
+        from .errors import first_line
+        from .interrupts import reraise_if_interrupted
+        reraise_if_interrupted(exc)
+        raise HFLoadError(f"{folder}: transformers could not load the model ({first_line(exc)})") from exc
     log.info("loaded %s from %s (attn=%s)", type(model).__name__, folder, attn_implementation)
     return wrap_hf_model(
         model, batch=batch, seq=seq, seed=seed, tokenizer_path=_tokenizer_path(folder), folder=folder

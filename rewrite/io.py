@@ -420,7 +420,7 @@ def ort_session(model: ir.Model, optimize: bool = False, source: str | None = No
     """
     import onnxruntime as ort
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors come back as exceptions; ORT's own stderr lines would double them
+    opts.log_severity_level = 4  # errors come back as exceptions; ORT's own stderr lines would double them
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:

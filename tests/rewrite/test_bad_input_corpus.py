@@ -131,6 +131,19 @@ def corpus(tmp_path_factory) -> Path:
     torch.save(Payload(str(marker)), root / "evil_ckpt.pt")
     (root / "evil_ckpt_raw.pt").write_bytes(pickle.dumps(Payload(str(marker))))
 
+    # Hugging Face folders: pickled weights with a payload; a config that asks for custom modeling code
+    bert = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64}
+    (root / "hf_evil_bin").mkdir()
+    (root / "hf_evil_bin" / "config.json").write_text(json.dumps(bert))
+    torch.save(Payload(str(marker)), root / "hf_evil_bin" / "pytorch_model.bin")
+    (root / "hf_remote_code").mkdir()
+    (root / "hf_remote_code" / "config.json").write_text(json.dumps(
+        {**bert, "architectures": ["EvilModel"], "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                              "AutoModel": "evil.EvilModel"}}))
+    (root / "hf_remote_code" / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    torch.save({}, root / "hf_remote_code" / "pytorch_model.bin")
+
     # broken files
     good = (root / "good.onnx").read_bytes()
     (root / "truncated.onnx").write_bytes(good[: len(good) // 2])
@@ -168,6 +181,22 @@ def corpus(tmp_path_factory) -> Path:
             dim.ClearField("dim_value")
             dim.dim_param = f"d{i}"
     (root / "symbolic.onnx").write_bytes(sym.SerializeToString())
+
+    # all dims symbolic where the weights fix the feature size: synthetic inputs cannot guess it
+    class Projected(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(24, 16)
+
+        def forward(self, q, k, v):
+            return _Block()(self.proj(q), k, v)
+
+    buf = io.BytesIO()
+    q24 = torch.randn(1, 2, 8, 24)
+    torch.onnx.export(Projected(), (q24,) + _qkv()[1:], buf, dynamo=False, input_names=["q", "k", "v"],
+                      output_names=["y"], opset_version=17,
+                      dynamic_axes={n: {0: "b", 1: "h", 2: "s", 3: "e"} for n in ("q", "k", "v", "y")})
+    (root / "symbolic_mismatch.onnx").write_bytes(buf.getvalue())
 
     # bf16 inputs
     bf = onnx.load_from_string(proto.SerializeToString())
@@ -221,7 +250,8 @@ def _model_cases(name: str, culprit: str | None = None) -> list[Case]:
 MODEL_CASES = [c for name in ("evil_inputs.pt2", "evil_weights.pt2", "evil_extra.pt2", "truncated.onnx",
                               "garbage.onnx", "empty.onnx", "text.pt2", "truncated.pt2", "nomodel.pt2",
                               "weights.pt2", "model.txt", "missing.onnx", "cycle.onnx", "undefined.onnx",
-                              "extbad/missing_ext.onnx", "extshort/short_ext.onnx")
+                              "extbad/missing_ext.onnx", "extshort/short_ext.onnx", "hf_evil_bin",
+                              "hf_remote_code")
                for c in _model_cases(name, culprit=name.rsplit("/", 1)[-1])]
 
 G = "{C}/good.onnx"
@@ -273,6 +303,12 @@ OPTION_CASES = [
          "custom.onnx"),
     Case("custom-op-transfer", ("transfer", "{C}/custom.onnx", "-o", "{O}/o.onnx", "--attention", "linear",
                                 "--steps", "1", "--no-progress"), "custom.onnx"),
+    Case("symbolic-convert", ("convert", "{C}/symbolic_mismatch.onnx", "-o", "{O}/o.onnx", "--attention", "linear"),
+         "symbolic_mismatch.onnx"),
+    Case("symbolic-verify", ("verify", "{C}/symbolic_mismatch.onnx", "{C}/symbolic_mismatch.onnx"),
+         "symbolic_mismatch.onnx"),
+    Case("symbolic-transfer", ("transfer", "{C}/symbolic_mismatch.onnx", "-o", "{O}/o.onnx", "--attention",
+                               "linear", "--steps", "1", "--no-progress"), "symbolic_mismatch.onnx"),
     Case("bf16-convert", ("convert", "{C}/bf16.onnx", "-o", "{O}/o.onnx", "--attention", "linear"), "bf16.onnx"),
     Case("bf16-verify", ("verify", "{C}/bf16.onnx", "{C}/bf16.onnx"), "bf16.onnx"),
     Case("transfer-steps-negative", TRANSFER + ("--steps", "-1"), "--steps"),
@@ -386,3 +422,28 @@ def test_external_data_in_a_subfolder(external_model: Path, tmp_path: Path, cwd:
     assert _snapshot(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.onnx", "out.onnx", "work"]
     assert not list(work.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# as a user runs it: a separate process, so lines a dependency writes straight to file descriptor 2 (onnxruntime
+# and TVM log from C++) count too
+SUBPROCESS_IDS = ("evil_inputs.pt2-convert", "custom-op-convert", "symbolic-verify", "cycle.onnx-compile",
+                  "option-eps-nan")
+
+
+@pytest.mark.parametrize("case_id", SUBPROCESS_IDS)
+def test_bad_input_in_a_subprocess(case_id: str, corpus: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    case = next(c for c in MODEL_CASES + OPTION_CASES if c.id == case_id)
+    before = _snapshot(corpus)
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, TVM_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-m", "rewrite.cli", *case.args(corpus, tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("softswap: error: ") and case.culprit in lines[0], proc.stderr
+    assert not (corpus / MARKER).exists()
+    assert _snapshot(tmp_path) == {} and _snapshot(corpus) == before
