@@ -7,11 +7,12 @@ prints TVM / onnxruntime / torch latency percentiles on the same inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -77,14 +78,39 @@ def _model_for_lowering(path: str, shapes: dict[str, list[int]] | None = None) -
     return loaded.ep
 
 
+@contextlib.contextmanager
+def _naming_the_model(model: str) -> Iterator[None]:
+    """Lowering errors name a node or a target; prefix the model file so the one error line names it too.
+    Failures TVM raises outside the importer's own wrapping become :class:`CompileError` with their first line."""
+    from rewrite.errors import SoftswapError, first_line
+    from rewrite.interrupts import reraise_if_interrupted
+
+    from .errors import CompileError, TargetError
+    try:
+        yield
+    except TargetError as exc:
+        if model in str(exc):
+            raise
+        named = type(exc)(f"{model}: {exc}")
+        named.culprit = exc.culprit
+        raise named from exc
+    except SoftswapError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a TVM / torch failure the lowering did not type
+        reraise_if_interrupted(exc)
+        raise CompileError(f"{model}: lowering failed ({first_line(exc)})") from exc
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from . import compile_model
     if args.tune < 0:
         raise InputError(f"--tune must be >= 0, got {args.tune}", culprit="--tune")
     _check_output(args.output)
     shapes = _parse_shapes(args.shape)
-    meta = compile_model(_model_for_lowering(args.model, shapes), args.target, args.output, shapes=shapes,
-                         tune_trials=args.tune, tuning_dir=args.tuning_dir)
+    model = _model_for_lowering(args.model, shapes)
+    with _naming_the_model(args.model):
+        meta = compile_model(model, args.target, args.output, shapes=shapes, tune_trials=args.tune,
+                             tuning_dir=args.tuning_dir)
     print(json.dumps({k: meta[k] for k in ("target", "device", "inputs", "outputs", "import_s", "compile_s", "tuning")},
                      indent=1))
     print(f"wrote {args.output} (+ metadata {args.output}.json)")

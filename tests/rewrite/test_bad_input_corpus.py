@@ -244,6 +244,7 @@ def _model_cases(name: str, culprit: str | None = None) -> list[Case]:
         Case(f"{name}-transfer", ("transfer", m, "-o", "{O}/o.onnx", "--attention", "linear", "--steps", "1",
                                   "--no-progress"), who),
         Case(f"{name}-compile", ("compile", m, "--target", "host", "-o", "{O}/m.so"), who),
+        Case(f"{name}-bench", ("bench", m, "--runs", "1"), who),
     ]
 
 
