@@ -68,23 +68,39 @@ def temp_sibling(path: Path, directory: bool = False) -> Path:
     return Path(name)
 
 
+@contextlib.contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """An OS error while writing (read-only file system, disk full, permissions) as :class:`OutputPathError`
+    naming the output."""
+    from .errors import OutputPathError
+    try:
+        yield
+    except OSError as exc:
+        raise OutputPathError(f"{target}: cannot write the output ({exc.strerror or type(exc).__name__})") from exc
+
+
 def _remove(tmp: Path) -> None:
-    if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
-    elif tmp.exists() or tmp.is_symlink():
-        tmp.unlink()
+    try:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+    except OSError:  # cleaning up must not hide the error that got us here
+        log.warning("could not remove the temporary %s", tmp)
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on normal exit it replaces ``path``; on any exception (Ctrl-C included)
-    it is removed and ``path`` is left as it was."""
+    it is removed and ``path`` is left as it was. OS errors while writing raise :class:`OutputPathError`."""
     target = Path(path)
     clean_stale(target.parent)
-    tmp = temp_sibling(target)
+    with _naming(target):
+        tmp = temp_sibling(target)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with _naming(target):
+            yield tmp
+            os.replace(tmp, target)
     finally:
         _remove(tmp)
 
@@ -96,12 +112,14 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     files); on any exception the folder is removed."""
     target = Path(path)
     clean_stale(target.parent)
-    tmp = temp_sibling(target, directory=True)
+    with _naming(target):
+        tmp = temp_sibling(target, directory=True)
     try:
-        yield tmp
-        items = sorted(tmp.iterdir(), key=lambda p: p.name == target.name)
-        for item in items:
-            os.replace(item, target.parent / (target.name if item.name == target.name else item.name))
+        with _naming(target):
+            yield tmp
+            items = sorted(tmp.iterdir(), key=lambda p: p.name == target.name)
+            for item in items:
+                os.replace(item, target.parent / (target.name if item.name == target.name else item.name))
     finally:
         _remove(tmp)
 

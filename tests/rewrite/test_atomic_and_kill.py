@@ -121,3 +121,13 @@ def test_sigkill_mid_write_of_minilm(tmp_path: Path) -> None:
     assert all(p.name.startswith(f".{out.name}{atomic.TAG}") for p in leftovers)  # hidden, never the output
     atomic.clean_stale(tmp_path)  # what the next run into this folder does first
     assert [p.name for p in tmp_path.iterdir() if p.name != out.name] == []
+
+
+def test_os_error_while_writing_names_the_output(tmp_path: Path) -> None:
+    from rewrite.errors import OutputPathError
+    target = tmp_path / "out.onnx"
+    with pytest.raises(OutputPathError, match="out.onnx: cannot write the output"):
+        with atomic.atomic_output(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
