@@ -121,7 +121,10 @@ def _scan_bytes(file: Path, member: str, data: bytes, allowed: frozenset[str], d
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as inner:
                 for sub in inner.namelist():
-                    _scan_bytes(file, f"{member}!{sub}", inner.read(sub), allowed, depth + 1)
+                    body = inner.read(sub)
+                    # a torch.save zip unpickles only its *.pkl; its storages (data/N) are raw bytes
+                    if sub.endswith((".pkl", ".pickle")) or body[:4] == b"PK\x03\x04":
+                        _scan_bytes(file, f"{member}!{sub}", body, allowed, depth + 1)
         except zipfile.BadZipFile as exc:
             raise ModelLoadError(f"{file}: archive member {member} is a corrupt zip ({exc})") from None
         return

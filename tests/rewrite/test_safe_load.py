@@ -112,3 +112,13 @@ def test_checkpoint_is_weights_only(tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="weights-only"):
         load_checkpoint_params(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def test_raw_storage_bytes_that_look_like_a_pickle_are_not_refused(good: Path, tmp_path: Path) -> None:
+    """Inside a torch.save zip only data.pkl is unpickled; a storage starting with 0x80 is just data."""
+    weight = torch.nn.Parameter(torch.frombuffer(bytearray(b"\x80\x02" + bytes(62)), dtype=torch.float32).reshape(4, 4))
+    buf = io.BytesIO()
+    torch.save(weight, buf)
+    pickled = _rewrite_member(good, tmp_path / "pickled.pt2", "data/weights/weight_0", buf.getvalue(),
+                              pickle_weights=True)
+    safe_load.check_pt2_archive(pickled)
