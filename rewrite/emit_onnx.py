@@ -95,7 +95,11 @@ class OnnxSiteExporter:
                                             dynamic_shapes=dyn if any(d for d in dynamic) else None, input_names=names,
                                             output_names=["out"], optimize=True, verbose=False)
             except Exception as exc:
-                raise UnsupportedModelError(f"site {site_name}: exporting the replacement to ONNX failed: {exc}") from exc
+                from .errors import first_line
+                from .interrupts import reraise_if_interrupted
+                reraise_if_interrupted(exc)
+                raise UnsupportedModelError(f"site {site_name}: exporting the replacement to ONNX failed "
+                                            f"({first_line(exc)}) [culprit: {site_name}]") from exc
             proto = ir.to_proto(program.model).SerializeToString()
             self._cache[key] = proto
         return ir.from_proto(onnx.ModelProto.FromString(proto))

@@ -128,7 +128,8 @@ def load_onnx(path: str | os.PathLike[str]) -> LoadedModel:
         with paused_gc():
             model = ir.load(str(file))
     except Exception as exc:  # protobuf DecodeError, onnx errors: not an ONNX file
-        raise ModelLoadError(f"{file}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        reraise_if_interrupted(exc)
+        raise ModelLoadError(f"{file}: not a readable ONNX model ({first_line(exc)})") from exc
     if model.graph is None or (len(model.graph) == 0 and not model.graph.outputs):
         raise ModelLoadError(f"{file}: ONNX model has an empty graph (truncated or not an ONNX file)")
     _check_external_data(model, file)
@@ -149,6 +150,7 @@ def _infer_shapes(model: ir.Model) -> None:
         from onnx_ir.passes.common import ShapeInferencePass
         ShapeInferencePass()(model)
     except Exception as exc:  # unknown custom ops etc.: recognition still works where shapes are known
+        reraise_if_interrupted(exc)
         log.warning("shape inference failed (%s); continuing with the shapes in the file", exc)
 
 
