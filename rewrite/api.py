@@ -62,9 +62,10 @@ def graph_view(model: mio.LoadedModel) -> tuple[Any, list[Any]]:
     return g, list(model.onnx.graph.outputs)
 
 
-def inspect(model: Any, example_inputs: Any = None) -> InspectReport:
-    """Recognize attention sites, classifier heads and unmatched softmax nodes (with reasons) in ``model``."""
-    loaded = mio.load_model(model, example_inputs)
+def inspect(model: Any, example_inputs: Any = None, trust_remote_code: bool | None = None) -> InspectReport:
+    """Recognize attention sites, classifier heads and unmatched softmax nodes (with reasons) in ``model``.
+    ``trust_remote_code``: see :func:`rewrite.io.load_model` (docs/security.md)."""
+    loaded = mio.load_model(model, example_inputs, trust_remote_code=trust_remote_code)
     with mio.paused_gc():
         g, outputs = graph_view(loaded)
         rec = recognize(g, outputs)
@@ -99,8 +100,8 @@ def _build_passes(attention: str | None, passes: Sequence[str] | None, options: 
 def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention: str | None = None,
             passes: Sequence[str] | None = None, options: Mapping[str, Any] | None = None, layers: Any = None,
             keep_softmax: Any = None, example_inputs: Any = None, verify: bool = True,
-            report_path: str | os.PathLike[str] | None = None, dump_dir: str | None = None
-            ) -> tuple[mio.LoadedModel, dict[str, Any]]:
+            report_path: str | os.PathLike[str] | None = None, dump_dir: str | None = None,
+            trust_remote_code: bool | None = None) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Rewrite ``model`` with the given passes; optionally write it to ``out`` (``.onnx`` or ``.pt2``).
 
     Returns (rewritten model, report). The report has the per-site rows of every pass and, with ``verify``, the
@@ -110,7 +111,9 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
     out_path = mio.check_output_path(out) if out is not None else None
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))
-    loaded = mio.load_model(model, example_inputs)
+    if dump_dir is not None and Path(dump_dir).exists() and not Path(dump_dir).is_dir():
+        raise OutputPathError(f"{dump_dir}: --dump-ir must be a folder; a file of that name exists")
+    loaded = mio.load_model(model, example_inputs, trust_remote_code=trust_remote_code)
     if out_path is not None and out_path.exists() and str(out_path.resolve()) == str(Path(loaded.source).resolve()):
         raise OutputPathError(f"{out_path}: output would overwrite the input model")
     if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
@@ -131,9 +134,8 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
         export(rewritten, out_path)
         report["output"] = str(out_path)
     if report_path is not None:
-        tmp = Path(str(report_path) + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, report_path)
+        from .atomic import write_text
+        write_text(report_path, json.dumps(report, indent=1, default=str))
     return rewritten, report
 
 
@@ -148,10 +150,11 @@ def export(model: mio.LoadedModel, out: str | os.PathLike[str]) -> Path:
     return mio.save_onnx(onnx_model, path)
 
 
-def verify(original: Any, rewritten: Any, inputs: Mapping[str, Any] | None = None, seed: int = 0) -> VerifyReport:
+def verify(original: Any, rewritten: Any, inputs: Mapping[str, Any] | None = None, seed: int = 0,
+           trust_remote_code: bool | None = None) -> VerifyReport:
     """Compare two models (any kinds) on the same named inputs."""
-    a = mio.load_model(original)
-    b = mio.load_model(rewritten)
+    a = mio.load_model(original, trust_remote_code=trust_remote_code)
+    b = mio.load_model(rewritten, trust_remote_code=trust_remote_code)
     if inputs is None and not a.example_inputs and b.example_inputs:
         from .verify import default_inputs
         inputs = default_inputs(b, seed)

@@ -36,26 +36,37 @@ def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, floa
 
 
 def _parse_selection(spec: Any, n_sites: int, what: str) -> set[int]:
-    """Layer selection: ints, "0,2,5-7", or names like "attn3"."""
+    """Site selection: ints, ``"0,2,5-7"``, or names like ``"attn3"``; None = no selection (every site).
+
+    Raises :class:`OptionError` naming ``--<what>`` for an empty selection or item, a reversed span (``9-2``), an
+    unreadable item or an index outside the model's sites: a selection that would select nothing is never read as
+    "no selection".
+    """
     if spec is None:
         return set()
-    items = spec if isinstance(spec, (list, tuple, set)) else str(spec).split(",")
+    items = list(spec) if isinstance(spec, (list, tuple, set)) else str(spec).split(",")
+    if not items or all(not str(i).strip() for i in items):
+        raise OptionError(f"--{what} {spec!r}: empty selection (give site indices like 0,2,4-6 or names attnN)")
     out: set[int] = set()
     for item in items:
         text = str(item).strip()
         if not text:
-            continue
+            raise OptionError(f"--{what} {spec!r}: empty item (use indices like 0,2,4-6 or site names attnN)")
         try:
             if text.startswith("attn"):
                 out.add(int(text[4:]))
             elif "-" in text[1:]:
-                lo, hi = text.split("-", 1)
-                out.update(range(int(lo), int(hi) + 1))
+                lo_text, hi_text = text.split("-", 1) if not text.startswith("-") else ("-" + text[1:].split("-", 1)[0],
+                                                                                          text[1:].split("-", 1)[1])
+                lo, hi = int(lo_text), int(hi_text)
+                if hi < lo:
+                    raise OptionError(f"--{what}: span {text!r} is reversed (write {hi}-{lo})")
+                out.update(range(lo, hi + 1))
             else:
                 out.add(int(text))
         except ValueError:
             raise OptionError(f"--{what}: cannot read {text!r} (use indices like 0,2,4-6 or site names attnN)") from None
-    bad = [i for i in out if i < 0 or i >= n_sites]
+    bad = sorted(i for i in out if i < 0 or i >= n_sites)
     if bad:
         raise OptionError(f"--{what}: site index {bad} out of range (the model has {n_sites} attention sites)")
     return out
@@ -210,7 +221,7 @@ class AttentionRewritePass(Pass):
         captured: dict[str, list[torch.Tensor]] = {}
         if chosen:
             feeds = model.extra.get("feeds") or synth_inputs(LoadedModel(kind="onnx", source=model.source, onnx=onnx_model))
-            captured = capture_onnx(onnx_model, chosen, feeds)
+            captured = capture_onnx(onnx_model, chosen, feeds, source=model.source)
             if self.measure:
                 fid = self._fidelity(modules, captured)
         report = self._report(decisions, fid, options, len(chosen))

@@ -48,10 +48,11 @@ def capture_fx(gm: fx.GraphModule, sites: Sequence[AttentionSite], args: tuple, 
     return {s.name: [rec.seen[v] for v in site_values(s)] for s in sites}
 
 
-def capture_onnx(model: ir.Model, sites: Sequence[AttentionSite], feeds: Mapping[str, np.ndarray]
-                 ) -> dict[str, list[torch.Tensor]]:
-    """Run ``model`` in onnxruntime with each site's values exposed as extra outputs."""
-    from .io import ort_session
+def capture_onnx(model: ir.Model, sites: Sequence[AttentionSite], feeds: Mapping[str, np.ndarray],
+                 source: str | None = None) -> dict[str, list[torch.Tensor]]:
+    """Run ``model`` in onnxruntime with each site's values exposed as extra outputs. onnxruntime failures raise
+    :class:`~rewrite.errors.UnsupportedModelError` naming ``source`` (the model file) and the node."""
+    from .io import ort_run, ort_session
     clone = model.clone()
     by_name = {v.name: v for n in clone.graph for v in n.outputs}
     by_name.update({v.name: v for v in clone.graph.inputs})
@@ -65,8 +66,8 @@ def capture_onnx(model: ir.Model, sites: Sequence[AttentionSite], feeds: Mapping
                 clone.graph.outputs.append(by_name[value.name])
                 existing.add(value.name)
         order[site.name] = names
-    session = ort_session(clone)
+    session = ort_session(clone, source=source)
     out_names = [o.name for o in session.get_outputs()]
-    results = dict(zip(out_names, session.run(None, dict(feeds))))
+    results = dict(zip(out_names, ort_run(session, feeds, clone, source)))
     results.update({k: v for k, v in feeds.items()})
     return {s: [torch.from_numpy(np.asarray(results[n]).copy()) for n in names] for s, names in order.items()}

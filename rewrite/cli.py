@@ -1,7 +1,9 @@
 """The ``softswap`` command: one subcommand per arrow of the data flow (DESIGN.md).
 
 Errors softswap raises on purpose (:class:`~rewrite.errors.SoftswapError`) print one line naming the culprit and
-exit with status 2; nothing is written in that case.
+exit with status 2; nothing is written in that case. Anything else that escapes (a bug) prints one line and exits
+with status 1; Ctrl-C exits with status 130. ``--debug`` adds the traceback. Warnings logged by a command that then
+fails are dropped (the error line is the whole story); ``-v`` shows everything as it happens.
 """
 from __future__ import annotations
 
@@ -15,20 +17,26 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .errors import OptionError, SoftswapError
+from .errors import OptionError, SoftswapError, first_line
 
 log = logging.getLogger("softswap")
 console = Console(highlight=False)
 
 
 def parse_options(items: Sequence[str] | None) -> dict[str, str]:
-    """``--option key=value`` items as a dict; :class:`OptionError` names a malformed item."""
+    """``--option key=value`` items as a dict; :class:`OptionError` names a malformed, empty or repeated item.
+    Values are checked against the variant's declared types and ranges when the pass is built."""
     out: dict[str, str] = {}
     for item in items or []:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise OptionError(f"--option {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not value:
+            raise OptionError(f"--option {item!r}: option {key} has an empty value")
+        if key in out:
+            raise OptionError(f"--option {key} given twice ({key}={out[key]} and {key}={value})")
+        out[key] = value
     return out
 
 
@@ -152,6 +160,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softswap", description="Find the softmax in a model and rewrite it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="load pickled objects in .pt2 archives without checking them: runs code from the file; "
+                             "only for files whose author you trust (docs/security.md)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list attention sites, classifier heads and unmatched softmax nodes")
@@ -190,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_plugin_commands(sub)
+    for command in sub.choices.values():  # the global flags are accepted after the subcommand too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--trust-remote-code", action="store_true", default=argparse.SUPPRESS,
+                             help="see `softswap --help`")
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -212,11 +229,71 @@ def _add_plugin_commands(sub: Any) -> None:
             add(sub)
 
 
+def one_line(message: str, limit: int = 600) -> str:
+    """``message`` on one line: its first non-empty line, plus a trailing ``[culprit: ...]`` from a later line;
+    cut to ``limit`` characters (the culprit kept)."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    text = lines[0]
+    culprit = next((line[line.rindex("[culprit:"):] for line in reversed(lines) if "[culprit:" in line), "")
+    if culprit and culprit not in text:
+        text = f"{text} … {culprit}"
+    if len(text) > limit:
+        tail = culprit if culprit and text.endswith(culprit) else ""
+        text = text[:limit - len(tail) - 2] + "… " + tail
+    return text
+
+
+class _DeferredWarnings(logging.Handler):
+    """Holds log records until the command's outcome is known: replayed on success, dropped on error."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self, target: logging.Handler) -> None:
+        for record in self.records:
+            if record.levelno >= target.level:
+                target.handle(record)
+        self.records.clear()
+
+
+def _install_sigint_flag() -> Any:
+    """Ctrl-C still raises KeyboardInterrupt, and :func:`rewrite.interrupts.interrupted` remembers it (so a
+    dependency that converts the interrupt into another exception cannot make a retry swallow it)."""
+    import signal
+    import threading
+
+    from .interrupts import note_sigint
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        note_sigint()
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    debug = bool(getattr(args, "debug", False))
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    deferred: _DeferredWarnings | None = None
+    if args.verbose:
+        root.addHandler(stream)
+        root.setLevel(logging.INFO)
+    else:
+        deferred = _DeferredWarnings()
+        root.addHandler(deferred)
+        root.setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.verbose:  # dependency chatter (exporter banners, deprecation notes) is not the user's business
         import warnings
@@ -225,11 +302,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         for noisy in ("torch", "torch.onnx", "torch._export", "torch.export", "onnxscript", "onnx_ir"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .interrupts import reset_sigint
+    from .safe_load import trusting_remote_code
+    reset_sigint()
+    previous_sigint = _install_sigint_flag()
+    status = 1
     try:
-        return args.func(args)
+        with trusting_remote_code(bool(getattr(args, "trust_remote_code", False))):
+            status = args.func(args)
+        if deferred is not None:
+            deferred.replay(stream)
+        return status
     except SoftswapError as exc:
-        print(f"softswap: error: {exc}", file=sys.stderr)
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"softswap: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print("softswap: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug or an unmapped dependency failure: one line, not a traceback
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"softswap: error: {one_line(first_line(exc))} (unexpected; rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        root.removeHandler(deferred if deferred is not None else stream)
+        if previous_sigint is not None:
+            import signal
+            signal.signal(signal.SIGINT, previous_sigint)
 
 
 if __name__ == "__main__":  # pragma: no cover

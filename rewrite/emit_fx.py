@@ -87,10 +87,20 @@ def reexport(loaded: LoadedModel, gm: fx.GraphModule) -> Any:
     """``torch.export`` the edited module again with the original example inputs and dynamic axes."""
     args, kwargs = _example_call(loaded)
     dynamic = _dynamic_shapes(loaded, gm, args, kwargs)
+    from .errors import first_line
+    from .interrupts import reraise_if_interrupted
     try:
         return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    except Exception as exc:  # specialisation conflicts: fall back to static shapes, say so
+    except Exception as exc:  # specialisation conflicts: fall back to static shapes, say so (never on Ctrl-C)
+        reraise_if_interrupted(exc)
         if dynamic is None:
-            raise UnsupportedModelError(f"{loaded.source}: re-export of the rewritten program failed: {exc}") from exc
-        log.warning("%s: re-export with dynamic axes failed (%s); exporting with static shapes", loaded.source, exc)
+            raise UnsupportedModelError(f"{loaded.source}: re-export of the rewritten program failed "
+                                        f"({first_line(exc)})") from exc
+        log.warning("%s: re-export with dynamic axes failed (%s); exporting with static shapes", loaded.source,
+                    first_line(exc))
+    try:
         return torch.export.export(gm, args, kwargs, strict=False)
+    except Exception as exc:
+        reraise_if_interrupted(exc)
+        raise UnsupportedModelError(f"{loaded.source}: re-export of the rewritten program failed "
+                                    f"({first_line(exc)})") from exc

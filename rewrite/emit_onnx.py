@@ -95,7 +95,11 @@ class OnnxSiteExporter:
                                             dynamic_shapes=dyn if any(d for d in dynamic) else None, input_names=names,
                                             output_names=["out"], optimize=True, verbose=False)
             except Exception as exc:
-                raise UnsupportedModelError(f"site {site_name}: exporting the replacement to ONNX failed: {exc}") from exc
+                from .errors import first_line
+                from .interrupts import reraise_if_interrupted
+                reraise_if_interrupted(exc)
+                raise UnsupportedModelError(f"site {site_name}: exporting the replacement to ONNX failed "
+                                            f"({first_line(exc)}) [culprit: {site_name}]") from exc
             proto = ir.to_proto(program.model).SerializeToString()
             self._cache[key] = proto
         return ir.from_proto(onnx.ModelProto.FromString(proto))
@@ -162,6 +166,14 @@ def upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
     try:
         proto = version_converter.convert_version(ir.to_proto(model), opset)
     except Exception as exc:
+        from .errors import first_line
         raise UnsupportedModelError(f"cannot convert the model from opset {model.opset_imports.get('')} to "
-                                    f"{opset} for the replacement ops: {exc}") from exc
-    return ir.from_proto(proto)
+                                    f"{opset} for the replacement ops ({first_line(exc)})") from exc
+    upgraded = ir.from_proto(proto)
+    # The proto round trip drops where external weights live (the model's folder): keep the original tensors.
+    external = {name: v.const_value for name, v in model.graph.initializers.items()
+                if isinstance(v.const_value, ir.ExternalTensor)}
+    for name, value in upgraded.graph.initializers.items():
+        if name in external and isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = external[name]
+    return upgraded

@@ -23,6 +23,7 @@ toolkit can export and rewrite:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -410,11 +411,16 @@ def load_hf_folder(
     if attn_implementation not in ("sdpa", "eager"):
         raise HFLoadError(f"{folder}: attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
 
+    raw_config = _read_config_json(folder) or {}
+    if raw_config.get("auto_map"):
+        raise HFLoadError(f"{folder}: config.json asks for custom modeling code (auto_map "
+                          f"{sorted(raw_config['auto_map'])}); softswap never runs code from a model folder "
+                          "(docs/security.md)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         cls = _model_class(config, folder)
         model = cls.from_pretrained(
             folder,
@@ -425,8 +431,11 @@ def load_hf_folder(
         )
     except HFLoadError:
         raise
-    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/...
-        raise HFLoadError(f"{folder}: transformers could not load the model: {exc}") from exc
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/UnpicklingError/...
+        from .errors import first_line
+        from .interrupts import reraise_if_interrupted
+        reraise_if_interrupted(exc)
+        raise HFLoadError(f"{folder}: transformers could not load the model ({first_line(exc)})") from exc
     log.info("loaded %s from %s (attn=%s)", type(model).__name__, folder, attn_implementation)
     return wrap_hf_model(
         model, batch=batch, seq=seq, seed=seed, tokenizer_path=_tokenizer_path(folder), folder=folder
@@ -519,6 +528,7 @@ def load_pt2(
     path: str | os.PathLike[str],
     *,
     trusted_modules: tuple[str, ...] = DEFAULT_TRUSTED_MODULES,
+    trust_remote_code: bool | None = None,
 ) -> "ExportedProgram":
     """Load a ``.pt2`` written by :func:`torch.export.save`.
 
@@ -527,16 +537,29 @@ def load_pt2(
     treespecs and their modules (only those under ``trusted_modules``) are
     imported, which registers the node types before deserialization.
 
+    Nothing in the archive is unpickled unless it passes
+    :func:`rewrite.safe_load.check_pt2_archive` (tensor / storage globals only),
+    and the load itself runs under :func:`rewrite.safe_load.guarded_unpickling`;
+    ``trust_remote_code=True`` (or :func:`rewrite.safe_load.trusting_remote_code`)
+    skips both, for archives whose author you trust.
+
     Raises:
         Pt2LoadError: the file is missing, not an exported program, or uses a
             pytree node type that cannot be registered.
+        rewrite.errors.UnsafeModelError: a member pickles a non-tensor global.
     """
+    from .errors import ModelLoadError
+    from .safe_load import check_pt2_archive, guarded_unpickling, remote_code_trusted
+
     file = Path(path)
     if not file.is_file():
         raise Pt2LoadError(f"{file}: no such file")
     if not zipfile.is_zipfile(file):
         raise Pt2LoadError(f"{file}: not a torch.export .pt2 archive (not a zip file)")
     types = pt2_pytree_types(file)
+    trusted = remote_code_trusted(trust_remote_code)
+    if not trusted:
+        check_pt2_archive(file)
     _register_pytree_types(file, types, trusted_modules)
 
     import torch.utils._pytree as pytree
@@ -547,6 +570,10 @@ def load_pt2(
             f"{file}: program uses unregistered pytree node types {missing}; import/register them first"
         )
     try:
-        return torch.export.load(file)
-    except Exception as exc:  # torch raises RuntimeError/KeyError/... for bad archives
-        raise Pt2LoadError(f"{file}: torch.export.load failed: {exc}") from exc
+        with contextlib.nullcontext() if trusted else guarded_unpickling():
+            return torch.export.load(file)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError/KeyError/UnpicklingError/... for bad archives
+        from .errors import first_line
+        raise Pt2LoadError(f"{file}: torch.export.load failed ({first_line(exc)})") from exc

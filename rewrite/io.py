@@ -9,7 +9,6 @@ import contextlib
 import gc
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,9 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .errors import ModelLoadError, OutputPathError, UnsupportedModelError
+from .atomic import atomic_folder, atomic_output
+from .errors import ModelLoadError, OutputPathError, UnsupportedModelError, first_line
+from .interrupts import reraise_if_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,48 @@ class LoadedModel:
 # ------------------------------------------------------------------------------------------------------------
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
+    """External data must lie inside the model's folder, exist and be long enough. Every external tensor is
+    anchored to the model file's folder (absolute), so later steps never resolve it against the working
+    directory."""
     base = path.parent.resolve()
     for init in model.graph.initializers.values():
         tensor = init.const_value
         if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = str(base)
             location = (base / tensor.location).resolve()
             if base not in location.parents and location != base:
                 raise ModelLoadError(f"{path}: initializer {init.name!r} points at external data "
                                      f"{tensor.location!r}, outside the model's folder {base}")
             if not location.is_file():
                 raise ModelLoadError(f"{path}: initializer {init.name!r}: external data file {location} is missing")
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else 0)
+            if end > location.stat().st_size:
+                raise ModelLoadError(f"{path}: initializer {init.name!r}: external data file {location} has "
+                                     f"{location.stat().st_size} bytes, the model reads up to byte {end} (truncated)")
+
+
+def _check_graph(model: ir.Model, path: Path) -> None:
+    """Every value a node reads is a graph input, an initializer or the output of an earlier node (no cycle,
+    no undefined value); ONNX requires the nodes in topological order. Raises :class:`ModelLoadError` naming
+    the node and the value."""
+    seen: set[int] = set()
+    for node in model.graph:
+        label = node.name or f"{node.op_type} node"
+        for value in node.inputs:
+            if value is None or value.is_graph_input() or value.is_initializer():
+                continue
+            producer = value.producer()
+            if producer is None:
+                raise ModelLoadError(f"{path}: node {label!r} reads {value.name!r}, which no node, input or "
+                                     f"initializer defines [culprit: {label}]")
+            if id(producer) not in seen:
+                raise ModelLoadError(f"{path}: node {label!r} reads {value.name!r} before node "
+                                     f"{producer.name or producer.op_type!r} produces it (a cycle, or nodes out of "
+                                     f"topological order) [culprit: {label}]")
+        seen.add(id(node))
+    for value in model.graph.outputs:
+        if value.producer() is None and not value.is_graph_input() and not value.is_initializer():
+            raise ModelLoadError(f"{path}: graph output {value.name!r} is not produced by any node")
 
 
 @contextlib.contextmanager
@@ -95,10 +128,12 @@ def load_onnx(path: str | os.PathLike[str]) -> LoadedModel:
         with paused_gc():
             model = ir.load(str(file))
     except Exception as exc:  # protobuf DecodeError, onnx errors: not an ONNX file
-        raise ModelLoadError(f"{file}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        reraise_if_interrupted(exc)
+        raise ModelLoadError(f"{file}: not a readable ONNX model ({first_line(exc)})") from exc
     if model.graph is None or (len(model.graph) == 0 and not model.graph.outputs):
         raise ModelLoadError(f"{file}: ONNX model has an empty graph (truncated or not an ONNX file)")
     _check_external_data(model, file)
+    _check_graph(model, file)
     _infer_shapes(model)
     loaded = LoadedModel(kind="onnx", source=str(file), onnx=model,
                          input_names=[v.name for v in model.graph.inputs if not v.is_initializer()],
@@ -115,14 +150,19 @@ def _infer_shapes(model: ir.Model) -> None:
         from onnx_ir.passes.common import ShapeInferencePass
         ShapeInferencePass()(model)
     except Exception as exc:  # unknown custom ops etc.: recognition still works where shapes are known
+        reraise_if_interrupted(exc)
         log.warning("shape inference failed (%s); continuing with the shapes in the file", exc)
 
 
-def load_pt2(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load a ``.pt2`` written by ``torch.export.save`` (Hugging Face ``ModelOutput`` programs included)."""
+def load_pt2(path: str | os.PathLike[str], trust_remote_code: bool | None = None) -> LoadedModel:
+    """Load a ``.pt2`` written by ``torch.export.save`` (Hugging Face ``ModelOutput`` programs included).
+
+    Pickled members are checked before torch unpickles anything (:mod:`rewrite.safe_load`);
+    ``trust_remote_code=True`` skips the check. Raises :class:`UnsafeModelError` / :class:`ModelLoadError`.
+    """
     from .hf import Pt2LoadError, load_pt2 as _load
     try:
-        ep = _load(path)
+        ep = _load(path, trust_remote_code=trust_remote_code)
     except Pt2LoadError as exc:
         raise ModelLoadError(str(exc)) from exc
     return from_exported_program(ep, source=str(path))
@@ -160,11 +200,17 @@ def export_module(module: torch.nn.Module, example_inputs: Mapping[str, torch.Te
         args, kwargs = tuple(example_inputs), {}
     try:
         ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:
+    except Exception as exc:  # not BaseException: Ctrl-C is never retried
+        reraise_if_interrupted(exc)
         if dynamic_shapes is None:
-            raise UnsupportedModelError(f"{source}: torch.export failed: {exc}") from exc
-        log.warning("%s: export with dynamic shapes failed (%s); retrying with static shapes", source, exc)
-        ep = torch.export.export(module, args, kwargs, strict=False)
+            raise UnsupportedModelError(f"{source}: torch.export failed ({first_line(exc)})") from exc
+        log.warning("%s: export with dynamic shapes failed (%s); retrying with static shapes", source,
+                    first_line(exc))
+        try:
+            ep = torch.export.export(module, args, kwargs, strict=False)
+        except Exception as exc2:
+            reraise_if_interrupted(exc2)
+            raise UnsupportedModelError(f"{source}: torch.export failed ({first_line(exc2)})") from exc2
         dynamic_shapes = None
     names = _user_input_names(ep)
     flat = list(args) + list(kwargs.values())
@@ -185,9 +231,14 @@ def load_hf(path: str | os.PathLike[str], attn_implementation: str = "sdpa") -> 
     return loaded
 
 
-def load_model(model: Any, example_inputs: Any = None, dynamic_shapes: Any = None) -> LoadedModel:
+def load_model(model: Any, example_inputs: Any = None, dynamic_shapes: Any = None,
+               trust_remote_code: bool | None = None) -> LoadedModel:
     """Load anything softswap accepts: a path (``.onnx``, ``.pt2``, Hugging Face folder), an ``nn.Module`` (with
-    ``example_inputs``), an ``ExportedProgram``, an ``onnx.ModelProto`` / ``onnx_ir.Model``, or a LoadedModel."""
+    ``example_inputs``), an ``ExportedProgram``, an ``onnx.ModelProto`` / ``onnx_ir.Model``, or a LoadedModel.
+
+    Opening a file never runs code from it: ``.pt2`` pickles are checked first and Hugging Face weights load
+    weights-only; ``trust_remote_code=True`` (default: :func:`rewrite.safe_load.trusting_remote_code`'s setting)
+    lifts the ``.pt2`` check for files whose author you trust (docs/security.md)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -199,7 +250,7 @@ def load_model(model: Any, example_inputs: Any = None, dynamic_shapes: Any = Non
         if path.suffix == ".onnx":
             return load_onnx(path)
         if path.suffix == ".pt2":
-            return load_pt2(path)
+            return load_pt2(path, trust_remote_code)
         raise ModelLoadError(f"{path}: unknown model format (expected .onnx, .pt2 or a Hugging Face folder)")
     if isinstance(model, torch.export.ExportedProgram):
         return from_exported_program(model, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes)
@@ -229,6 +280,10 @@ def check_output_path(out: str | os.PathLike[str], suffixes: tuple[str, ...] = (
         raise OutputPathError(f"{path}: output must end in one of {', '.join(suffixes)}")
     if not path.parent.exists() or not path.parent.is_dir():
         raise OutputPathError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a folder; give a file path")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{path}: folder {path.parent} is not writable")
     return path
 
 
@@ -241,33 +296,28 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 
 def save_onnx(model: ir.Model, out: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically; weights go to ``<name>.data`` beside it when they exceed 2 GB."""
+    """Write ``model`` atomically (:mod:`rewrite.atomic`: the file appears complete or not at all); weights go to
+    ``<name>.data`` beside it when they exceed 2 GB."""
     path = check_output_path(out, (".onnx",))
-    tmpdir = Path(tempfile.mkdtemp(prefix=".softswap-", dir=path.parent))
-    try:
+    if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()) \
+            and _initializer_bytes(model) <= TWO_GB:
+        # weights the input kept beside itself are copied in: the output must not point into the input's folder
+        from onnx_ir.external_data import load_to_model
+        model = load_to_model(model.clone())
+    with atomic_folder(path) as tmpdir:
         tmp = tmpdir / path.name
         if _initializer_bytes(model) > TWO_GB:
             ir.save(model, str(tmp), external_data=path.name + ".data")
         else:
             ir.save(model, str(tmp))
-        for item in tmpdir.iterdir():
-            os.replace(item, path.parent / item.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return path
 
 
 def save_pt2(ep: Any, out: str | os.PathLike[str]) -> Path:
     """``torch.export.save`` atomically."""
     path = check_output_path(out, (".pt2",))
-    fd, tmp = tempfile.mkstemp(prefix=".softswap-", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        torch.export.save(ep, str(tmp))
     return path
 
 
@@ -279,7 +329,8 @@ def fx_to_onnx(loaded: LoadedModel, opset: int = 18) -> ir.Model:
                                  input_names=loaded.input_names, output_names=loaded.output_names,
                                  verbose=False)
     except Exception as exc:
-        raise UnsupportedModelError(f"{loaded.source}: ONNX export of the program failed: {exc}") from exc
+        reraise_if_interrupted(exc)
+        raise UnsupportedModelError(f"{loaded.source}: ONNX export of the program failed ({first_line(exc)})") from exc
     return prog.model
 
 
@@ -321,7 +372,8 @@ def synth_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 16, seed: int =
                 shape.append(batch if i == 0 else seq)
         np_type = _NP.get(value.dtype)
         if np_type is None:
-            raise UnsupportedModelError(f"input {value.name!r}: dtype {value.dtype} not supported for synthetic inputs")
+            raise UnsupportedModelError(f"{loaded.source}: input {value.name!r} has dtype {value.dtype}, which has no "
+                                        "synthetic inputs (supported: " + ", ".join(t.name for t in _NP) + ")")
         name = value.name.lower()
         if "mask" in name:
             arr = np.ones(shape, dtype=np_type)
@@ -342,21 +394,62 @@ def synth_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 16, seed: int =
     return out
 
 
-def ort_session(model: ir.Model, optimize: bool = False) -> Any:
-    """An onnxruntime CPU session for an in-memory model (external weights are read; > 2 GB goes via a file)."""
+def _ort_culprit(model: ir.Model, message: str) -> str | None:
+    """The node an onnxruntime message is about: named in it, or of the ``domain:OpType`` it names."""
+    for node in model.graph:
+        if node.name and node.name in message:
+            return node.name
+    for node in model.graph:
+        if f"{node.domain}:{node.op_type}" in message or f"{node.op_type}(" in message:
+            return node.name or (node.outputs[0].name if node.outputs else node.op_type)
+    return None
+
+
+def ort_error(model: ir.Model, exc: Exception, source: str | None, doing: str) -> UnsupportedModelError:
+    """An onnxruntime failure as one typed error: the file, what failed, ORT's first line, the culprit node."""
+    message = str(exc)
+    culprit = _ort_culprit(model, message)
+    where = source or "<onnx model>"
+    text = f"{where}: onnxruntime {doing} ({first_line(exc)})"
+    return UnsupportedModelError(text + (f" [culprit: {culprit}]" if culprit else ""))
+
+
+def ort_session(model: ir.Model, optimize: bool = False, source: str | None = None) -> Any:
+    """An onnxruntime CPU session for an in-memory model (external weights are read; > 2 GB goes via a file).
+
+    Raises :class:`UnsupportedModelError` naming ``source`` and the node onnxruntime rejected (an unknown custom
+    op, an invalid graph) with onnxruntime's first line.
+    """
     import onnxruntime as ort
     opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # errors come back as exceptions; ORT's own stderr lines would double them
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if _initializer_bytes(model) > TWO_GB * 0.9:
-        tmpdir = tempfile.mkdtemp(prefix="softswap-ort-")
-        path = os.path.join(tmpdir, "model.onnx")
-        ir.save(model, path, external_data="model.onnx.data")
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    from onnx_ir.external_data import load_to_model
-    proto = ir.to_proto(load_to_model(model.clone()))
-    from onnx.external_data_helper import uses_external_data
-    for tensor in proto.graph.initializer:
-        if uses_external_data(tensor):
-            raise UnsupportedModelError(f"initializer {tensor.name!r}: external data could not be read")
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        if _initializer_bytes(model) > TWO_GB * 0.9:
+            tmpdir = tempfile.mkdtemp(prefix="softswap-ort-")
+            path = os.path.join(tmpdir, "model.onnx")
+            ir.save(model, path, external_data="model.onnx.data")
+            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        from onnx_ir.external_data import load_to_model
+        proto = ir.to_proto(load_to_model(model.clone()))
+        from onnx.external_data_helper import uses_external_data
+        for tensor in proto.graph.initializer:
+            if uses_external_data(tensor):
+                raise UnsupportedModelError(f"{source or '<onnx model>'}: initializer {tensor.name!r}: external data "
+                                            "could not be read")
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # onnxruntime Fail / InvalidGraph / NotImplemented, onnx_ir read errors
+        reraise_if_interrupted(exc)
+        raise ort_error(model, exc, source, "cannot load the model") from exc
+
+
+def ort_run(session: Any, feeds: Mapping[str, Any], model: ir.Model, source: str | None = None) -> list[Any]:
+    """``session.run(None, feeds)``; a failure raises :class:`UnsupportedModelError` naming the node."""
+    try:
+        return session.run(None, dict(feeds))
+    except Exception as exc:  # shape errors of symbolic dims, unsupported dtypes at run time
+        reraise_if_interrupted(exc)
+        raise ort_error(model, exc, source, "failed to run the model") from exc

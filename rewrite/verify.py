@@ -74,20 +74,23 @@ def run(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.nd
         leaves = [inputs[n] if isinstance(inputs[n], torch.Tensor) else torch.from_numpy(np.array(inputs[n]))
                   for n in model.input_names]
         args, kwargs = torch.utils._pytree.tree_unflatten(leaves, model.ep.call_spec.in_spec)
-        with torch.no_grad():
-            out = module(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                out = module(*args, **kwargs)
+        except Exception as exc:  # shape / dtype errors of the program on these inputs
+            from .errors import first_line
+            from .interrupts import reraise_if_interrupted
+            reraise_if_interrupted(exc)
+            raise VerificationError(f"{model.source}: running the program failed ({first_line(exc)})") from exc
         flat = [t for t in torch.utils._pytree.tree_leaves(out)]
         return {name: t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
                 for name, t in zip(model.output_names, flat)}
-    from .io import ort_session
-    try:
-        session = ort_session(model.onnx)
-    except Exception as exc:
-        raise VerificationError(f"{model.source}: onnxruntime cannot load the model: {exc}") from exc
+    from .io import ort_run, ort_session
+    session = ort_session(model.onnx, source=model.source)
     names = [o.name for o in session.get_outputs()]
     feeds = {i.name: (inputs[i.name].float().numpy() if isinstance(inputs[i.name], torch.Tensor)
                       else np.asarray(inputs[i.name])) for i in session.get_inputs()}
-    return dict(zip(names, session.run(None, feeds)))
+    return dict(zip(names, ort_run(session, feeds, model.onnx, model.source)))
 
 
 def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> list[OutputFidelity]:

@@ -7,11 +7,12 @@ prints TVM / onnxruntime / torch latency percentiles on the same inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -19,38 +20,98 @@ from .errors import InputError
 
 
 def _parse_shapes(items: list[str] | None) -> dict[str, list[int]] | None:
+    """``--shape name=d0,d1`` (or ``d0xd1``) items; every dim a positive integer, every name given once."""
     if not items:
         return None
     shapes: dict[str, list[int]] = {}
     for item in items:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise InputError(f"--shape {item!r}: expected name=d0,d1,...", culprit=item)
         name, dims = item.split("=", 1)
+        parts = [d.strip() for d in dims.replace("x", ",").split(",")]
         try:
-            shapes[name.strip()] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+            values = [int(d) for d in parts]
         except ValueError:
-            raise InputError(f"--shape {item!r}: dims must be integers", culprit=item) from None
+            raise InputError(f"--shape {item!r}: dims must be positive integers", culprit=item) from None
+        if not values or any(v <= 0 for v in values):
+            raise InputError(f"--shape {item!r}: dims must be positive integers", culprit=item)
+        if name.strip() in shapes:
+            raise InputError(f"--shape {item!r}: input {name.strip()!r} given twice", culprit=item)
+        shapes[name.strip()] = values
     return shapes
 
 
-def _model_for_lowering(path: str) -> tuple[Any, list[str] | None]:
-    """(model, output names): an ONNX path as it is; anything else (.pt2, Hugging Face folder) through softswap's
-    loader, with the output names it knows (a Hugging Face model's ``last_hidden_state`` ...)."""
-    if path.endswith(".onnx"):
-        if not os.path.isfile(path):
-            from rewrite.errors import ModelLoadError
-            raise ModelLoadError(f"{path}: no such file")
-        return path, None
+def _check_shapes(loaded: Any, shapes: dict[str, list[int]] | None) -> None:
+    """Every ``--shape`` names a graph input and gives as many dims as that input has."""
+    if not shapes or loaded.kind != "onnx":
+        return
+    ranks = {v.name: (len(v.shape) if v.shape is not None else None)
+             for v in loaded.onnx.graph.inputs if not v.is_initializer()}
+    for name, dims in shapes.items():
+        if name not in ranks:
+            raise InputError(f"--shape {name}=...: the model has no input {name!r} (inputs: {sorted(ranks)})",
+                             culprit=name)
+        if ranks[name] is not None and ranks[name] != len(dims):
+            raise InputError(f"--shape {name}={','.join(map(str, dims))}: input {name!r} has {ranks[name]} dims, "
+                             f"{len(dims)} given", culprit=name)
+
+
+def _check_output(path: str, flag: str = "-o") -> None:
+    """The output's folder exists and is writable, and the path is not a folder (checked before any work)."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{flag} {out}: is a folder; give a file path", culprit=str(out))
+    if not out.parent.is_dir():
+        raise InputError(f"{flag} {out}: folder {out.parent} does not exist", culprit=str(out))
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {out}: folder {out.parent} is not writable", culprit=str(out))
+
+
+def _model_for_lowering(path: str, shapes: dict[str, list[int]] | None = None) -> tuple[Any, list[str] | None]:
+    """(model, output names): an ONNX path as it is, once softswap's loader has checked it (readable, well-formed
+    graph, external data beside the file); anything else (.pt2, Hugging Face folder) through softswap's loader, with
+    the output names it knows (a Hugging Face model's ``last_hidden_state`` ...)."""
     from rewrite.io import load_model
     loaded = load_model(path)
+    _check_shapes(loaded, shapes)
+    if loaded.kind == "onnx":
+        return path, None
     return loaded.ep, list(loaded.output_names) or None
+
+
+@contextlib.contextmanager
+def _naming_the_model(model: str) -> Iterator[None]:
+    """Lowering errors name a node or a target; prefix the model file so the one error line names it too.
+    Failures TVM raises outside the importer's own wrapping become :class:`CompileError` with their first line."""
+    from rewrite.errors import SoftswapError, first_line
+    from rewrite.interrupts import reraise_if_interrupted
+
+    from .errors import CompileError, TargetError
+    try:
+        yield
+    except TargetError as exc:
+        if model in str(exc):
+            raise
+        named = type(exc)(f"{model}: {exc}")
+        named.culprit = exc.culprit
+        raise named from exc
+    except SoftswapError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a TVM / torch failure the lowering did not type
+        reraise_if_interrupted(exc)
+        raise CompileError(f"{model}: lowering failed ({first_line(exc)})") from exc
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from . import compile_model
-    model, output_names = _model_for_lowering(args.model)
-    meta = compile_model(model, args.target, args.output, shapes=_parse_shapes(args.shape),
-                         tune_trials=args.tune, tuning_dir=args.tuning_dir, output_names=output_names)
+    if args.tune < 0:
+        raise InputError(f"--tune must be >= 0, got {args.tune}", culprit="--tune")
+    _check_output(args.output)
+    shapes = _parse_shapes(args.shape)
+    model, output_names = _model_for_lowering(args.model, shapes)
+    with _naming_the_model(args.model):
+        meta = compile_model(model, args.target, args.output, shapes=shapes, tune_trials=args.tune,
+                             tuning_dir=args.tuning_dir, output_names=output_names)
     print(json.dumps({k: meta[k] for k in ("target", "device", "inputs", "outputs", "import_s", "compile_s", "tuning")},
                      indent=1))
     print(f"wrote {args.output} (+ metadata {args.output}.json)")
@@ -59,14 +120,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import Runner
+    _check_output(args.output)
+    runner = Runner(args.artefact)
     if not os.path.isfile(args.inputs):
         raise InputError(f"{args.inputs}: no such file", culprit=args.inputs)
-    with np.load(args.inputs) as data:
-        inputs = {k: data[k] for k in data.files}
-    outputs = Runner(args.artefact).run(inputs)
+    try:
+        with np.load(args.inputs, allow_pickle=False) as data:
+            inputs = {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - not an .npz, pickled object arrays (refused), truncated zip
+        from rewrite.errors import first_line
+        raise InputError(f"{args.inputs}: not a readable .npz of arrays ({first_line(exc)})",
+                         culprit=args.inputs) from None
+    outputs = runner.run(inputs)
     out = Path(args.output)
-    if not out.parent.is_dir():
-        raise InputError(f"{out}: folder {out.parent} does not exist", culprit=str(out))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=out.parent)
     os.close(fd)
     try:

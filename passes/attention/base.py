@@ -23,6 +23,7 @@ Every function must be traceable by ``torch.export`` with dynamic S and T and ex
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -35,12 +36,67 @@ MASK_KINDS = ("none", "causal", "key_padding", "boolean", "arbitrary")
 
 @dataclass(frozen=True)
 class VariantOption:
-    """One user-settable option of a variant: its default, its type and what it means."""
+    """One user-settable option of a variant: its default, its type and what it means.
+
+    ``choices`` (strings) lists the accepted values; ``minimum`` is the smallest accepted number (exclusive when
+    ``exclusive``). Floats must be finite. :meth:`check` enforces all of it.
+    """
 
     name: str
     default: Any
     type: type
     help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    exclusive: bool = False
+
+    def convert(self, value: Any) -> Any:
+        """``value`` (a CLI string or a Python value) as this option's type, checked; ``ValueError`` names the
+        option and says what is accepted."""
+        if isinstance(value, str) and self.type is not str:
+            text = value.strip().lower()
+            if self.type is bool:
+                if text not in _TRUE + _FALSE:
+                    raise ValueError(f"option {self.name}={value!r}: expected true or false")
+                value = text in _TRUE
+            else:
+                try:
+                    value = self.type(text)
+                except ValueError:
+                    raise ValueError(f"option {self.name}={value!r}: expected {'an integer' if self.type is int else 'a number'}") from None
+        elif self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        self.check(value)
+        return value
+
+    def check(self, value: Any) -> None:
+        """Raise ``ValueError`` (naming the option) unless ``value`` is accepted; ``None`` is accepted only when it
+        is the default (meaning "derive it from the model")."""
+        if value is None and self.default is None:
+            return
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"option {self.name}={value!r}: expected true or false")
+            return
+        if self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (self.type is int and not isinstance(value, int)):
+                raise ValueError(f"option {self.name}={value!r}: expected {'an integer' if self.type is int else 'a number'}")
+            if not math.isfinite(value):
+                raise ValueError(f"option {self.name}={value!r}: must be a finite number")
+            if self.minimum is not None and (value <= self.minimum if self.exclusive else value < self.minimum):
+                raise ValueError(f"option {self.name}={value!r}: must be {'>' if self.exclusive else '>='} "
+                                 f"{self.minimum:g}")
+            return
+        if self.type is str:
+            if not isinstance(value, str):
+                raise ValueError(f"option {self.name}={value!r}: expected a string")
+            if self.choices and value not in self.choices:
+                raise ValueError(f"option {self.name}={value!r}: expected one of {', '.join(self.choices)}")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -68,18 +124,13 @@ class AttentionVariant:
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given`` (strings converted to the option's type).
 
-        Raises ``KeyError`` naming the unknown option.
+        Raises ``KeyError`` naming the unknown option, ``ValueError`` naming an option whose value is out of range,
+        not finite, not one of its choices or not of its type.
         """
         known = {o.name: o for o in self.options}
         out = self.option_defaults()
         for key, value in given.items():
             if key not in known:
                 raise KeyError(f"variant {self.name!r} has no option {key!r}; options: {sorted(known)}")
-            opt = known[key]
-            if isinstance(value, str) and opt.type is not str:
-                if opt.type is bool:
-                    value = value.lower() in ("1", "true", "yes", "on")
-                else:
-                    value = opt.type(value)
-            out[key] = value
+            out[key] = known[key].convert(value)
         return out

@@ -23,13 +23,16 @@ from .masks import compute_dtype, keep_mask, mask_checked
 MASK_KINDS = frozenset({"none", "causal", "key_padding", "boolean"})
 
 OPTIONS = (
-    VariantOption("eps", 1e-6, float, "denominator guard added outside φ(q)·z"),
-    VariantOption("feature_map", "elu", str, "elu (elu+1), hedgehog (learnable, LoLCATs softmax_dim) or taylor2"),
-    VariantOption("feature_dim", 0, int, "Hedgehog projection width F' (0 = head_dim); φ has 2F' features"),
+    VariantOption("eps", 1e-6, float, "denominator guard added outside φ(q)·z", minimum=0.0),
+    VariantOption("feature_map", "elu", str, "elu (elu+1), hedgehog (learnable, LoLCATs softmax_dim) or taylor2",
+                  choices=("elu", "hedgehog", "taylor2")),
+    VariantOption("feature_dim", 0, int, "Hedgehog projection width F' (0 = head_dim); φ has 2F' features",
+                  minimum=0),
     VariantOption("scale_qk", False, bool, "multiply q and k by √scale before φ (off in the official code)"),
-    VariantOption("chunk_size", 64, int, "chunk length C of the causal chunked form"),
-    VariantOption("causal_form", "auto", str, "auto (chunked in eager, prefix when traced), chunked, prefix, loop"),
-    VariantOption("window", 0, int, "sliding softmax window width w (0 = off; spec §8 hybrid)"),
+    VariantOption("chunk_size", 64, int, "chunk length C of the causal chunked form", minimum=1),
+    VariantOption("causal_form", "auto", str, "auto (chunked in eager, prefix when traced), chunked, prefix, loop",
+                  choices=("auto", "chunked", "prefix", "loop")),
+    VariantOption("window", 0, int, "sliding softmax window width w (0 = off; spec §8 hybrid)", minimum=0),
 )
 
 

@@ -22,8 +22,9 @@ MASK_KINDS = frozenset({"none", "causal", "key_padding", "arbitrary"})
 LENGTH_NORMS = ("none", "n", "sqrt_n")
 
 OPTIONS = (
-    VariantOption("n_ref", 2048, int, "reference (training) context; fixed bias b = −ln n_ref"),
-    VariantOption("length_norm", "none", str, "none, n (×1/n_i) or sqrt_n (×1/√n_i) row scaling"),
+    VariantOption("n_ref", 2048, int, "reference (training) context; fixed bias b = −ln n_ref", minimum=1),
+    VariantOption("length_norm", "none", str, "none, n (×1/n_i) or sqrt_n (×1/√n_i) row scaling",
+                  choices=("none", "n", "sqrt_n")),
 )
 
 

@@ -22,10 +22,12 @@ from .masks import check_mask, compute_dtype, mask_checked
 MASK_KINDS = frozenset({"none"})
 
 OPTIONS = (
-    VariantOption("num_landmarks", 64, int, "m, number of landmarks (segment means; repeated tokens when N < m)"),
-    VariantOption("iterations", 20, int, "Newton–Schulz iterations T (20 official; ~2·log2(r_max/0.01)+5 to converge)"),
-    VariantOption("ridge", 0.01, float, "ridge added to K2's diagonal before inversion"),
-    VariantOption("newton_tol", 0.0, float, "freeze X once ‖I − PX‖_F/√m <= tol (0 = off)"),
+    VariantOption("num_landmarks", 64, int, "m, number of landmarks (segment means; repeated tokens when N < m)",
+                  minimum=1),
+    VariantOption("iterations", 20, int, "Newton–Schulz iterations T (20 official; ~2·log2(r_max/0.01)+5 to converge)",
+                  minimum=0),
+    VariantOption("ridge", 0.01, float, "ridge added to K2's diagonal before inversion", minimum=0.0),
+    VariantOption("newton_tol", 0.0, float, "freeze X once ‖I − PX‖_F/√m <= tol (0 = off)", minimum=0.0),
     VariantOption("normalize", False, bool, "row-normalise by the output for V = 1 (project option)"),
 )
 

@@ -27,7 +27,8 @@ NORM_EPS = 1e-12
 
 OPTIONS = (
     VariantOption("reweight", False, bool, "apply the LSSAR power re-weighting (for LSSA-trained models)"),
-    VariantOption("p", 15.0, float, "LSSAR power (3 best at the training length, 15 at >= 8K per the paper)"),
+    VariantOption("p", 15.0, float, "LSSAR power (3 best at the training length, 15 at >= 8K per the paper)",
+                  minimum=0.0, exclusive=True),
 )
 
 

@@ -89,7 +89,7 @@ def _capture(loaded: mio.LoadedModel, runnable: Any, sites: Sequence[Any], batch
         leaves = [torch.from_numpy(np.array(batch[n])) for n in loaded.input_names]
         args, kwargs = torch.utils._pytree.tree_unflatten(leaves, loaded.ep.call_spec.in_spec)
         return capture_fx(runnable, sites, args, kwargs)
-    return capture_onnx(runnable, sites, batch)
+    return capture_onnx(runnable, sites, batch, source=loaded.source)
 
 
 def _model_fidelity(original: mio.LoadedModel, rewritten: mio.LoadedModel, batches: Sequence[Batch]
@@ -146,12 +146,7 @@ class _Checkpoint:
             self._load()
 
     def _load(self) -> None:
-        try:
-            data = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise TransferError(f"{self.path}: cannot read the transfer checkpoint ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-            raise TransferError(f"{self.path}: not a softswap transfer checkpoint")
+        data = _read_checkpoint(self.path)
         for key in ("variant", "options", "seed"):
             if data["meta"].get(key) != self.meta.get(key):
                 raise TransferError(f"{self.path}: checkpoint was made with {key}={data['meta'].get(key)!r}, "
@@ -162,10 +157,10 @@ class _Checkpoint:
     def save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, "meta": self.meta,
-                    "sites": {k: s.to_dict() for k, s in self.sites.items()}}, tmp)
-        os.replace(tmp, self.path)
+        from rewrite.atomic import atomic_output
+        with atomic_output(self.path) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, "meta": self.meta,
+                        "sites": {k: s.to_dict() for k, s in self.sites.items()}}, tmp)
 
 
 def _progress(enabled: bool) -> Any:
@@ -216,10 +211,10 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
     from passes.attention import get_variant
 
     t0 = time.time()
-    if steps is not None and steps < 0:
-        raise OptionError(f"--steps must be >= 0, got {steps}")
-    if minutes is not None and minutes <= 0:
-        raise OptionError(f"--minutes must be > 0, got {minutes}")
+    _check_numbers(steps=steps, minutes=minutes, batch_size=batch_size, max_samples=max_samples,
+                   max_length=max_length, lr=lr, scalar_lr=scalar_lr, hybrid_window=hybrid_window)
+    if checkpoint is not None:
+        _check_checkpoint_path(checkpoint)
     try:
         variant = get_variant(attention)
     except KeyError as exc:
@@ -381,10 +376,9 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     report["seconds"] = round(time.time() - t0, 2)
     if report_path is not None:
         import json
-        path = Path(report_path)
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, path)
+
+        from rewrite.atomic import write_text
+        write_text(report_path, json.dumps(report, indent=1, default=str))
     new_model.extra["transfer"] = {"params": fitted, "options": dict(opts), "variant": variant.name}
     return new_model, report
 
@@ -397,12 +391,49 @@ def site_params(report_or_model: Any) -> dict[str, dict[str, torch.Tensor]]:
     return extra["transfer"]["params"]
 
 
+def _check_numbers(**values: Any) -> None:
+    """Every numeric knob finite and in range, named as its CLI flag (``--batch-size``) in the error."""
+    rules = {"steps": (0, False), "minutes": (0, True), "batch_size": (1, False), "max_samples": (1, False),
+             "max_length": (1, False), "lr": (0, True), "scalar_lr": (0, True), "hybrid_window": (0, False)}
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        low, exclusive = rules[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise OptionError(f"{flag} must be a finite number, got {value!r}")
+        if value < low or (exclusive and value == low):
+            raise OptionError(f"{flag} must be {'>' if exclusive else '>='} {low}, got {value!r}")
+
+
+def _check_checkpoint_path(path: str | os.PathLike[str]) -> None:
+    """Fail before any work when the checkpoint cannot be written: missing folder, or a folder given as file."""
+    file = Path(path)
+    if file.is_dir():
+        raise TransferError(f"{file}: --checkpoint is a folder, not a checkpoint file")
+    if not file.parent.is_dir():
+        raise TransferError(f"{file}: --checkpoint folder {file.parent} does not exist")
+
+
+def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's dict, read weights-only (tensors, numbers, strings, containers: a pickle that imports
+    anything else is refused before it can run, DESIGN.md principle 7). Raises :class:`TransferError`."""
+    from rewrite.errors import first_line
+    from rewrite.safe_load import load_weights_only
+    if Path(path).is_dir():
+        raise TransferError(f"{path}: --checkpoint is a folder, not a checkpoint file")
+    try:
+        data = load_weights_only(path)
+    except Exception as exc:  # UnpicklingError (refused global), RuntimeError (not a torch file), OSError
+        raise TransferError(f"{path}: cannot read the transfer checkpoint ({first_line(exc)}); checkpoints are "
+                            "loaded weights-only") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT \
+            or not isinstance(data.get("meta"), dict) or not isinstance(data.get("sites"), dict):
+        raise TransferError(f"{path}: not a softswap transfer checkpoint")
+    return data
+
+
 def load_checkpoint_params(path: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Per-site params stored in a transfer checkpoint (e.g. to rewrite another conversion of the same model)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise TransferError(f"{path}: cannot read the transfer checkpoint ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise TransferError(f"{path}: not a softswap transfer checkpoint")
+    data = _read_checkpoint(path)
     return {k: dict(v["params"]) for k, v in data["sites"].items()}
