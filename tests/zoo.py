@@ -467,11 +467,11 @@ def build_hf_gpt2_sdpa() -> Built:
     return _gpt2("sdpa")
 
 
-def _llama(impl: str) -> Built:
+def _llama(impl: str, kv_heads: int = 2) -> Built:
     from transformers import LlamaConfig, LlamaModel
 
     cfg = LlamaConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
         intermediate_size=128, max_position_embeddings=64, attn_implementation=impl, use_cache=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
@@ -484,6 +484,38 @@ def build_hf_llama_eager() -> Built:
 
 def build_hf_llama_sdpa() -> Built:
     return _llama("sdpa")
+
+
+def build_hf_mqa_eager() -> Built:
+    """Multi-query attention (one KV head, as in Gemma-2B or Falcon): the dynamo exporter writes the K/V head
+    transpose as a Reshape, since the moved axis has size 1."""
+    return _llama("eager", kv_heads=1)
+
+
+def build_hf_mqa_sdpa() -> Built:
+    return _llama("sdpa", kv_heads=1)
+
+
+class KVReshapeTwin(nn.Module):
+    """Grouped-query attention whose K/V "transpose" (B, S, Hkv, D) -> (B, Hkv, S, D) is a reshape of a size-2
+    axis: heads and token positions scrambled, a wrong model that must not be recognized (the true negative of the
+    one-KV-head reshape, which is a transpose)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(E, E), nn.Linear(E, E // 2), nn.Linear(E, E // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        d = E // H
+        q = self.q(x).view(b, s, H, d).transpose(1, 2)
+        k = self.k(x).view(b, s, 2, d).reshape(b, 2, s, d).repeat_interleave(2, dim=1)
+        v = self.v(x).view(b, s, 2, d).reshape(b, 2, s, d).repeat_interleave(2, dim=1)
+        return torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1) @ v
+
+
+def build_twin_kv_reshape() -> Built:
+    return Built(KVReshapeTwin(), (torch.randn(B, S, E),), None, ["x"], ["out"], None)
 
 
 def _vit_config(impl: str, **kw: Any) -> Any:
@@ -561,6 +593,10 @@ def _zoo() -> list[ZooModel]:
                  _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=2, head_dim=16), tags=hf),
         ZooModel("hf_llama_sdpa", build_hf_llama_sdpa,
                  _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=2, head_dim=16), tags=hf),
+        ZooModel("hf_mqa_eager", build_hf_mqa_eager,
+                 _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=1, head_dim=16), tags=hf),
+        ZooModel("hf_mqa_sdpa", build_hf_mqa_sdpa,
+                 _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=1, head_dim=16), tags=hf),
         ZooModel("hf_vit_eager", build_hf_vit_eager, _s(2), tags=hf),
         ZooModel("hf_vit_sdpa", build_hf_vit_sdpa, _s(2), tags=hf),
         ZooModel("hf_vit_cls", build_hf_vit_cls, _s(2), classifier_heads=1, tags=hf | {"classifier"}),
@@ -579,6 +615,8 @@ def _zoo() -> list[ZooModel]:
                  tags=frozenset({"negative"})),
         ZooModel("twin_no_matmul", _twin("no_matmul"), [], expected_reason="no_pv_matmul",
                  tags=frozenset({"negative"})),
+        ZooModel("twin_kv_reshape", build_twin_kv_reshape, [], expected_reason="kv_reshape",
+                 tags=frozenset({"negative"})),
     ]  # fmt: skip
     for m in z:
         m.unsupported.update(UNSUPPORTED.get(m.name, {}))
@@ -588,7 +626,10 @@ def _zoo() -> list[ZooModel]:
 
 
 #: exporter -> reason, per entry, for exporters observed to fail (filled from probing).
-UNSUPPORTED: dict[str, dict[str, str]] = {}
+UNSUPPORTED: dict[str, dict[str, str]] = {
+    "twin_kv_reshape": {"legacy": "the TorchScript exporter writes repeat_interleave as Tile and leaves the reshapes "
+                        "without shapes, so the layout can be proven neither way (a known limit: recognized)"},
+}
 _MHA_TRACE = (
     "TorchScript trace bakes bsz*num_heads of nn.MultiheadAttention's reshapes into constants "
     "(Reshape to {8, 12, 8} fails at batch 3)"
@@ -618,6 +659,9 @@ NOTES: dict[str, str] = {
     "hf_gpt2_sdpa": "as hf_bert_sdpa, plus causal le(kv_idx, q_idx) in the mask",
     "hf_llama_eager": "softmax(..., -1, torch.float32) (dtype arg); K/V repeat_kv = reshape(expand(unsqueeze(k,2))); scale 0.25",
     "hf_llama_sdpa": "sdpa(q_rope, reshape(expand(unsqueeze(k,2))), reshape(expand(unsqueeze(v,2))), bool mask, scale=0.25) (no enable_gqa)",
+    "hf_mqa_eager": "one KV head: FX view(k, (B, S, 1, D)) then transpose(1, 2); dynamo ONNX writes that transpose "
+    "as Reshape (B, S, 1, D) -> (B, 1, S, D)",
+    "twin_kv_reshape": "K/V (B, S, 2, D) -> (B, 2, S, D) by reshape: refused (a transpose of a size-2 axis is not a reshape)",
     "hf_vit_eager": "mask is all-true: where(expand(ge(arange, 0)), 0, -3.4e38) (FX), constant Expand in dynamo ONNX, "
     "folded away in legacy ONNX",
     "hf_vit_sdpa": "sdpa(q,k,v, expand(ge(arange,0)) all-true bool mask, scale=s); legacy ONNX has no mask at all",

@@ -105,28 +105,35 @@ def _unsqueeze(st: _State, node: Any, canon: Any) -> str:
     return NEXT
 
 
-def _size1_move(in_shape: Any, out_shape: Any) -> list[int] | None:
-    """The permutation a reshape performs when it only moves axes of size 1 (same rank, the same dims in the same
-    order once the 1s are dropped): such a reshape *is* the transpose keeping the other axes in order. None
-    otherwise."""
-    if len(in_shape) != len(out_shape) or in_shape == out_shape:
+def _size1_relabel(in_shape: Any, out_shape: Any) -> list[int | None] | None:
+    """For a reshape that only inserts, drops or moves axes of size 1 (the other dims equal and in the same order):
+    for each input axis, the output axis holding the same data (None for a size-1 axis with no partner). Such a
+    reshape is a transpose (one KV head moved next to the tokens) or an unsqueeze / squeeze. None otherwise."""
+    if in_shape == out_shape or any(d is None for d in (*in_shape, *out_shape)):
         return None
-    if any(d is None for d in (*in_shape, *out_shape)):
+    rest_in = [i for i, d in enumerate(in_shape) if d != 1]
+    rest_out = [i for i, d in enumerate(out_shape) if d != 1]
+    if [in_shape[i] for i in rest_in] != [out_shape[i] for i in rest_out]:
         return None
     ones_in = [i for i, d in enumerate(in_shape) if d == 1]
     ones_out = [i for i, d in enumerate(out_shape) if d == 1]
-    rest_in = [i for i, d in enumerate(in_shape) if d != 1]
-    rest_out = [i for i, d in enumerate(out_shape) if d != 1]
-    if len(ones_in) != len(ones_out) or not ones_in:
-        return None
-    if [in_shape[i] for i in rest_in] != [out_shape[i] for i in rest_out]:
-        return None
-    perm = [0] * len(out_shape)
-    for o, i in zip(rest_out, rest_in):
-        perm[o] = i
-    for o, i in zip(ones_out, ones_in):
-        perm[o] = i
-    return perm
+    back: list[int | None] = [None] * len(in_shape)
+    for i, o in zip(rest_in, rest_out):
+        back[i] = o
+    if len(ones_in) == len(ones_out):
+        for i, o in zip(ones_in, ones_out):
+            back[i] = o
+    return back
+
+
+def _reorders_axes(in_shape: Any, out_shape: Any) -> bool:
+    """A reshape whose output dims are its input dims in another order (not only size-1 axes moved): it
+    reinterprets the data as if transposed, the classic ``view`` in place of ``transpose`` bug."""
+    if len(in_shape) != len(out_shape) or any(d is None for d in (*in_shape, *out_shape)):
+        return False
+    if sorted(map(str, in_shape)) != sorted(map(str, out_shape)):
+        return False
+    return [d for d in in_shape if d != 1] != [d for d in out_shape if d != 1]
 
 
 def _reshape(st: _State, node: Any, canon: Any) -> str:
@@ -144,13 +151,14 @@ def _reshape(st: _State, node: Any, canon: Any) -> str:
         st.roles = [f"X{i}" for i in range(len(in_shape) - 2)] + roles[-2:]
         st.value = canon.inputs[0]
         return NEXT
-    perm = _size1_move(in_shape, out_shape)
-    if perm is not None and len(perm) == len(roles):  # moves a size-1 axis (one KV head): a transpose
-        back = [""] * len(perm)
-        for i, p in enumerate(perm):
-            back[p] = roles[i]
-        st.roles, st.value = back, canon.inputs[0]
+    back = _size1_relabel(in_shape, out_shape)
+    if back is not None and len(out_shape) == len(roles):  # only size-1 axes moved (one KV head) or added
+        st.roles = [roles[o] if o is not None else "X_1" for o in back]
+        st.value = canon.inputs[0]
         return NEXT
+    if _reorders_axes(in_shape, out_shape):
+        raise fail(g, st.anchor, f"{st.what}: axes moved by a transpose, not by a reshape",
+                   f"reshape {tuple(in_shape)} → {tuple(out_shape)} at {g.node_name(node)}, which reorders axes")
     if not (isinstance(out_shape[-1], int) and isinstance(in_shape[-1], int)) or out_shape[-1] == in_shape[-1]:
         return STOP  # unknown or symbolic dims: cannot prove a head split; check the canonical layout here
     # a head split: (.., E) -> (.., H, F)
@@ -186,7 +194,8 @@ LAYOUT_STEPS_TABLE: tuple[Spelling, ...] = (
     Spelling("layout", ("reshape",), "gqa-repeat", "reshape of an expand (B, Hkv, n, T, D) → (B, H, T, D)", _reshape),
     Spelling("layout", ("reshape",), "batch-merge", "reshape keeping the last two axes (batch axes merged / split)"),
     Spelling("layout", ("reshape",), "size1-move",
-             "reshape that only moves an axis of size 1 (one KV head, multi-query attention): a transpose"),
+             "reshape that only moves, inserts or drops axes of size 1 (one KV head, multi-query attention): a "
+             "transpose / unsqueeze; a reshape reordering larger axes is refused"),
     Spelling("layout", ("reshape",), "head-split",
              "reshape (.., E) → (.., H, F) with heads just before features and tokens left of the heads (checked)"),
 )
