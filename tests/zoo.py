@@ -79,6 +79,7 @@ class Built:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     make_inputs: Callable[[int, int], tuple[Any, ...]] | None = None
+    decompose: bool = False  # export_fx returns ``run_decompositions()`` of the program (core ATen)
 
 
 @dataclass
@@ -298,6 +299,14 @@ def build_sdpa_bool() -> Built:
 
 def build_sdpa_scale03() -> Built:
     return _sdpa_built("none", 0.3)
+
+
+def build_sdpa_decomposed() -> Built:
+    """SDPA with a bool mask, exported and lowered to core ATen by ``run_decompositions()``: 3-D bmm between
+    batch-merged views, and ``_safe_softmax``'s where-guard (fully masked rows give 0)."""
+    built = _sdpa_built("boolean")
+    built.decompose = True
+    return built
 
 
 class TimmViTAttention(nn.Module):
@@ -581,6 +590,10 @@ def _zoo() -> list[ZooModel]:
         ZooModel("sdpa_additive", build_sdpa_additive, _s(1, mask="additive")),
         ZooModel("sdpa_bool", build_sdpa_bool, _s(1, mask="boolean")),
         ZooModel("sdpa_scale03", build_sdpa_scale03, _s(1, scale=0.3)),
+        ZooModel("sdpa_decomposed", build_sdpa_decomposed, _s(1, mask="boolean"),
+                 notes="core ATen: softmax(add(view(bmm(view(expand(q*s^.5)), view(expand(kT*s^.5)))), "
+                 "where(mask, 0, -inf))) -> where(not(any(not(eq(scores, -inf)))), full_like(p, 0), p) -> "
+                 "view(expand) -> bmm -> view"),
         ZooModel("timm_vit_block", build_timm_vit_block, _s(1)),
         # Hugging Face, tiny configs (transformers 5.x builds bool masks with index/and ops under export).
         ZooModel("hf_bert_eager", build_hf_bert_eager, _s(2, mask="key_padding"), tags=hf),
@@ -627,6 +640,10 @@ def _zoo() -> list[ZooModel]:
 
 #: exporter -> reason, per entry, for exporters observed to fail (filled from probing).
 UNSUPPORTED: dict[str, dict[str, str]] = {
+    "sdpa_decomposed": {"legacy": "a core-ATen decomposition is a spelling of exported programs; the TorchScript "
+                        "exporter traces the module, which is sdpa_bool",
+                        "dynamo": "not a spelling yet: the exporter writes the safe-softmax guard as Cast/ReduceMax/"
+                        "Cast and Expand(0, Shape(p)) (reported unmatched, with the reason)"},
     "twin_kv_reshape": {"legacy": "the TorchScript exporter writes repeat_interleave as Tile and leaves the reshapes "
                         "without shapes, so the layout can be proven neither way (a known limit: recognized)"},
 }
@@ -729,6 +746,8 @@ def export_fx(zm: ZooModel, *, cache: Path | None = None, refresh: bool = False)
     module, args, dyn = zm.build()
     with torch.no_grad():
         ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
+        if zm.built().decompose:
+            ep = ep.run_decompositions()
     tmp = path.with_suffix(".tmp.pt2")
     torch.export.save(ep, tmp)
     tmp.replace(path)

@@ -103,10 +103,14 @@ def scalar_scale(g: GraphView, canon: Any) -> tuple[Any, float] | None:
 
 
 def strip_scale(g: GraphView, value: Any) -> tuple[Any, float]:
-    """``value`` without the scalar factors stacked on it, and their product."""
+    """``value`` without the scalar factors stacked on it (also under a copy: ``clone(q * s)``), and their
+    product."""
     factor = 1.0
     for _ in range(SCALE_STEPS):
-        scaled = scalar_scale(g, g.canon(g.producer(value)))
+        canon = g.canon(g.producer(value))
+        scaled = scalar_scale(g, canon)
+        if scaled is None and canon is not None and canon.kind == "identity":
+            scaled = scalar_scale(g, g.canon(g.producer(canon.inputs[0])))
         if scaled is None:
             break
         value, f = scaled

@@ -32,10 +32,19 @@ class _Up:
     scale: float = 1.0
     terms: list[MaskTerm] = field(default_factory=list)
     matmul: Any = None
+    allowed_users: set = field(default_factory=set)  # users of the scores that a guard below the softmax owns
+    merged: bool = False  # the matmul works on batch-merged 3-D views of 4-D operands
 
 
-def reaches_matmul(g: GraphView, value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is computed from a matmul through scale, mask and cast ops (the scores side of an add)."""
+def _keeps_last_two(g: GraphView, a: Any, b: Any) -> bool:
+    sa, sb = g.shape(a), g.shape(b)
+    return bool(sa and sb and len(sa) >= 2 and len(sb) >= 2 and None not in (*sa[-2:], *sb[-2:])
+                and tuple(sa[-2:]) == tuple(sb[-2:]))
+
+
+def reaches_matmul(g: GraphView, value: Any, depth: int = 0, views: bool = False) -> bool:
+    """Whether ``value`` is computed from a matmul through scale, mask and cast ops (the scores side of an add);
+    with ``views``, also through reshapes that keep the last two axes (batch views)."""
     if depth > MATMUL_REACH_DEPTH:
         return False
     canon = g.canon(g.producer(value))
@@ -43,6 +52,8 @@ def reaches_matmul(g: GraphView, value: Any, depth: int = 0) -> bool:
         return False
     if canon.kind == "matmul":
         return True
+    if views and canon.kind == "reshape" and _keeps_last_two(g, value, canon.inputs[0]):
+        return reaches_matmul(g, canon.inputs[0], depth + 1, views)
     if canon.kind in ("mul", "div", "cast", "identity", "add", "sub", "where", "masked_fill"):
         if canon.kind == "where":
             firsts = [canon.inputs[1], canon.inputs[2]]
@@ -50,7 +61,7 @@ def reaches_matmul(g: GraphView, value: Any, depth: int = 0) -> bool:
             firsts = list(canon.inputs[:2])
         else:
             firsts = [canon.inputs[0]]
-        return any(v is not None and reaches_matmul(g, v, depth + 1) for v in firsts)
+        return any(v is not None and reaches_matmul(g, v, depth + 1, views) for v in firsts)
     return False
 
 
@@ -74,6 +85,10 @@ def _up_add(st: _Up, node: Any, canon: Any) -> None:
     if reaches_matmul(st.g, a):
         scores, mask = a, b
     elif reaches_matmul(st.g, b):
+        scores, mask = b, a
+    elif reaches_matmul(st.g, a, views=True):  # a decomposed SDPA's scores, split back from a 3-D bmm
+        scores, mask = a, b
+    elif reaches_matmul(st.g, b, views=True):
         scores, mask = b, a
     else:
         raise fail(st.g, node, "scores + mask", "no operand that comes from the Q·Kᵀ matmul")
@@ -119,6 +134,16 @@ def _up_matmul(st: _Up, node: Any, canon: Any) -> None:
     st.matmul = node
 
 
+def _up_batch_view(st: _Up, node: Any, canon: Any) -> None:
+    if not _keeps_last_two(st.g, st.value, canon.inputs[0]):
+        raise fail(st.g, st.softmax, "scores computed by a Q·Kᵀ matmul (a reshape of the scores may only split "
+                   "batch axes)", f"{st.g.node_name(node)} reshapes {st.g.shape(canon.inputs[0])} → "
+                   f"{st.g.shape(st.value)}")
+    st.covered.append(node)
+    st.merged = True
+    st.value = canon.inputs[0]
+
+
 #: Ops accepted between the Q·Kᵀ matmul and the softmax (walked from the softmax up).
 SCORE_STEPS_TABLE: tuple[Spelling, ...] = (
     Spelling("scores", PASS_THROUGH, "pass-through", "cast / identity (e.g. an fp32 upcast)", _up_pass),
@@ -127,15 +152,19 @@ SCORE_STEPS_TABLE: tuple[Spelling, ...] = (
     Spelling("scores", ("where",), "where-fill", "Where(keep, scores, c) or Where(drop, c, scores), c <= -1e3",
              _up_where),
     Spelling("scores", ("masked_fill",), "masked-fill", "masked_fill(scores, drop, c), c <= -1e3", _up_masked_fill),
+    Spelling("scores", ("reshape",), "batch-view", "a view splitting the batch axes of a 3-D bmm back to 4-D "
+             "(core-ATen decomposed SDPA); the bmm operands are then views of 4-D q and kᵀ", _up_batch_view),
     Spelling("scores", ("matmul",), "qk-matmul", "Q·Kᵀ: matmul / bmm / MatMul, or baddbmm(mask, q, kᵀ, beta=1, "
              "alpha=scale)", _up_matmul),
 )
 _UP = by_kind(SCORE_STEPS_TABLE)
 
 
-def upstream(g: GraphView, softmax: Any, covered: list[Any]) -> tuple[Any, float, list[MaskTerm]]:
-    """From the softmax back to the Q·Kᵀ matmul. Returns (the matmul node, scale on the scores, mask terms)."""
-    st = _Up(g, softmax, g.canon(softmax).inputs[0], covered)
+def upstream(g: GraphView, softmax: Any, covered: list[Any], allowed_users: set | None = None) -> _Up:
+    """From the softmax back to the Q·Kᵀ matmul: the walk's state (the matmul node, the scale on the scores, the
+    mask terms, whether the matmul runs on batch-merged views). ``allowed_users`` may use the scores besides
+    the softmax (a safe-softmax guard)."""
+    st = _Up(g, softmax, g.canon(softmax).inputs[0], covered, allowed_users=set(allowed_users or ()))
     for _ in range(SCORE_STEPS):
         node = g.producer(st.value)
         canon = g.canon(node)
@@ -143,7 +172,7 @@ def upstream(g: GraphView, softmax: Any, covered: list[Any]) -> tuple[Any, float
             raise fail(g, softmax, "scores computed by a Q·Kᵀ matmul",
                        f"{g.value_name(st.value)} made by "
                        f"{g.op_name(node) if node is not None else 'a graph input'}")
-        if len(g.users(st.value)) > 1 and canon.kind != "matmul":
+        if len([u for u in g.users(st.value) if u not in st.allowed_users]) > 1 and canon.kind != "matmul":
             raise fail(g, node, "scores used only by the softmax", f"users: {users_desc(g, st.value)}")
         rows = _UP.get(canon.kind)
         if not rows:
@@ -151,7 +180,7 @@ def upstream(g: GraphView, softmax: Any, covered: list[Any]) -> tuple[Any, float
                        f"{g.node_name(node)} ({g.op_name(node)})")
         rows[0].handler(st, node, canon)
         if st.matmul is not None:
-            return st.matmul, st.scale, st.terms
+            return st
     raise fail(g, softmax, "a Q·Kᵀ matmul within a few ops of the softmax", "a longer chain")
 
 
@@ -166,6 +195,8 @@ class _Down:
     p: Any
     covered: list[Any]
     done: tuple[Any, Any] | None = None
+    scores_users: set = field(default_factory=set)  # guard nodes that also read the scores
+    merged: bool = False  # the probabilities went through a batch-merging view
 
 
 def _nan_guard(st: _Down, users: list[Any]) -> bool:
@@ -183,6 +214,46 @@ def _nan_guard(st: _Down, users: list[Any]) -> bool:
     return False
 
 
+def _guard_condition(g: GraphView, cond: Any, scores: Any) -> list[Any] | None:
+    """The nodes of ``not(any(not(scores == -inf), -1))`` (rows with every score masked: the safe softmax of
+    core-ATen decompositions), or None when ``cond`` is something else."""
+    nodes = []
+    for kind in ("not", "any", "not", "compare"):
+        node = g.producer(cond)
+        canon = g.canon(node) if node is not None else None
+        if canon is None or canon.kind != kind:
+            return None
+        nodes.append(node)
+        cond = canon.inputs[0]
+    any_canon = g.canon(nodes[1])
+    shape = g.shape(scores)
+    cmp = g.canon(nodes[3])
+    if shape is None or any_canon.attrs["axis"] != len(shape) - 1 or cmp.attrs["op"] != "eq" \
+            or cmp.inputs[0] is not scores or g.scalar(cmp.inputs[1]) != float("-inf"):
+        return None
+    return nodes
+
+
+def _safe_softmax(st: _Down, users: list[Any]) -> bool:
+    """``Where(all_masked_row, zeros_like(p), p)`` (``_safe_softmax`` decomposed): fully masked rows give 0."""
+    g = st.g
+    kinds = {kind_of(g, u): u for u in users}
+    if set(kinds) != {"full_like", "where"}:
+        return False
+    zeros, where = kinds["full_like"], kinds["where"]
+    zc, wc = g.canon(zeros), g.canon(where)
+    if zc.inputs[0] is not st.p or zc.attrs["value"] != 0 or wc.inputs[2] is not st.p \
+            or g.producer(wc.inputs[1]) is not zeros:
+        return False
+    guard = _guard_condition(g, wc.inputs[0], g.canon(st.softmax).inputs[0])
+    if guard is None:
+        return False
+    st.covered += [zeros, where, *guard]
+    st.scores_users.add(guard[-1])
+    st.p = g.outputs(where)[0]
+    return True
+
+
 def _down_pass(st: _Down, user: Any, canon: Any) -> None:
     st.covered.append(user)
     st.p = st.g.outputs(user)[0]
@@ -195,10 +266,34 @@ def _down_dropout(st: _Down, user: Any, canon: Any) -> None:
     _down_pass(st, user, canon)
 
 
+def _down_batch_view(st: _Down, user: Any, canon: Any) -> None:
+    g = st.g
+    out = g.outputs(user)[0]
+    if canon.kind == "expand" and g.shape(out) is not None and g.shape(out) == g.shape(st.p):
+        _down_pass(st, user, canon)  # a no-op broadcast
+        return
+    if canon.kind == "reshape" and _keeps_last_two(g, out, st.p):
+        st.merged = True
+        _down_pass(st, user, canon)
+        return
+    raise fail(g, st.softmax, "softmax feeding a matmul with V (P·V) (views may only merge batch axes)",
+               f"it feeds {g.node_name(user)} ({g.op_name(user)}) {g.shape(st.p)} → {g.shape(out)}")
+
+
 def _down_matmul(st: _Down, user: Any, canon: Any) -> None:
     if canon.inputs[0] is st.p and len(canon.inputs) == 2:
         st.covered.append(user)
-        st.done = (user, canon.inputs[1])
+        out, v = user, canon.inputs[1]
+        if st.merged:  # the P·V bmm of a decomposed SDPA: its output is split back to 4-D by one view
+            g = st.g
+            users = g.users(g.outputs(user)[0])
+            if len(users) != 1 or kind_of(g, users[0]) != "reshape" \
+                    or not _keeps_last_two(g, g.outputs(users[0])[0], g.outputs(user)[0]):
+                raise fail(g, user, "the batch-merged P·V product split back by one view",
+                           f"users: {users_desc(g, g.outputs(user)[0])}")
+            out = users[0]
+            st.covered.append(out)
+        st.done = (out, v)
         return
     raise fail(st.g, st.softmax, "softmax feeding a matmul with V (P·V)",
                f"it feeds {st.g.node_name(user)} ({st.g.op_name(user)}) as the right operand")
@@ -208,17 +303,21 @@ def _down_matmul(st: _Down, user: Any, canon: Any) -> None:
 #: users is matched on the set of users of the probabilities.
 PROB_STEPS_TABLE: tuple[Spelling, ...] = (
     Spelling("probs", ("isnan", "where"), "nan-guard", "Where(IsNaN(p), 0, p) (SDPA exports with bool masks)"),
+    Spelling("probs", ("full_like", "where"), "safe-softmax",
+             "Where(not(any(not(scores == -inf), -1)), zeros_like(p), p) (core-ATen _safe_softmax)"),
     Spelling("probs", PASS_THROUGH, "pass-through", "cast / identity (e.g. back from an fp32 upcast)", _down_pass),
+    Spelling("probs", ("expand", "reshape"), "batch-view", "no-op expand, then a view merging batch axes before a "
+             "3-D bmm with V (core-ATen decomposed SDPA); the product is split back to 4-D", _down_batch_view),
     Spelling("probs", ("dropout",), "dropout", "dropout inactive at inference (p = 0 or eval)", _down_dropout),
     Spelling("probs", ("matmul",), "pv-matmul", "P·V: matmul / bmm / MatMul with P as the left operand",
              _down_matmul),
 )
 _DOWN = by_kind(r for r in PROB_STEPS_TABLE if r.handler is not None)
-_USER_SETS = {"nan-guard": _nan_guard}
+_USER_SETS = {"nan-guard": _nan_guard, "safe-softmax": _safe_softmax}
 
 
-def downstream(g: GraphView, softmax: Any, covered: list[Any]) -> tuple[Any, Any]:
-    """From the softmax to the P·V matmul. Returns (the P·V node, v)."""
+def downstream(g: GraphView, softmax: Any, covered: list[Any]) -> _Down:
+    """From the softmax to the P·V matmul: the walk's state (``done`` = (the node making the site output, v))."""
     st = _Down(g, softmax, g.outputs(softmax)[0], covered)
     for _ in range(PROB_STEPS):
         users = g.users(st.p)
@@ -240,7 +339,7 @@ def downstream(g: GraphView, softmax: Any, covered: list[Any]) -> tuple[Any, Any
                        f"it feeds {g.node_name(user)} ({g.op_name(user)})")
         rows[0].handler(st, user, canon)
         if st.done is not None:
-            return st.done
+            return st
     raise fail(g, softmax, "a P·V matmul within a few ops of the softmax", "a longer chain")
 
 
@@ -265,6 +364,29 @@ def probe_heads(g: GraphView, value: Any) -> int | None:
     return None
 
 
+def _unmerged(g: GraphView, value: Any, rank: int, softmax: Any, covered: list[Any], what: str) -> Any:
+    """The ``rank``-D operand behind a batch-merging view (and a no-op expand) of a 3-D bmm operand."""
+    node = g.producer(value)
+    canon = g.canon(node) if node is not None else None
+    if canon is not None and canon.kind == "reshape" and _keeps_last_two(g, value, canon.inputs[0]):
+        x = canon.inputs[0]
+        nodes = [node]
+        inner = g.canon(g.producer(x))
+        if inner is not None and inner.kind == "identity":  # the contiguous copy of the expand
+            nodes.append(g.producer(x))
+            x = inner.inputs[0]
+            inner = g.canon(g.producer(x))
+        if inner is not None and inner.kind == "expand" and g.shape(inner.inputs[0]) == g.shape(x):
+            nodes.append(g.producer(x))
+            x = inner.inputs[0]
+        shape = g.shape(x)
+        if shape is not None and len(shape) == rank:
+            covered.extend(nodes)
+            return x
+    raise fail(g, softmax, f"{what} of the batch-merged matmul: a view of a {rank}-D tensor merging its batch axes",
+               f"{g.value_name(value)} of shape {g.shape(value)}")
+
+
 def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
     """The attention site anchored at ``softmax``, or :class:`~rewrite.sites.NoMatch` with the reason."""
     canon = g.canon(softmax)
@@ -278,11 +400,16 @@ def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
     if r not in (3, 4):
         raise fail(g, softmax, "4-D (B, H, S, T) or 3-D (B·H, S, T) scores", f"rank {r}")
     covered: list[Any] = [softmax]
-    pv, v = downstream(g, softmax, covered)
-    qk, scale, terms = upstream(g, softmax, covered)
+    down = downstream(g, softmax, covered)
+    pv, v = down.done
+    up = upstream(g, softmax, covered, down.scores_users)
+    qk, scale, terms = up.matmul, up.scale, up.terms
     qk_canon = g.canon(qk)
-    q, sq = strip_scale(g, qk_canon.inputs[0])
-    kt, sk = strip_scale(g, qk_canon.inputs[1])
+    q, k_op = qk_canon.inputs[0], qk_canon.inputs[1]
+    if up.merged or down.merged:  # a 3-D bmm between views of 4-D operands
+        q, k_op, v = (_unmerged(g, x, r, softmax, covered, what) for x, what in ((q, "Q"), (k_op, "Kᵀ"), (v, "V")))
+    q, sq = strip_scale(g, q)
+    kt, sk = strip_scale(g, k_op)
     scale *= sq * sk
     batch = [f"X{i}" for i in range(r - 2)]
     tq = trace_layout(g, q, batch + ["T", "F"], "Q", softmax)
