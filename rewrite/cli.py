@@ -102,7 +102,30 @@ def print_verify(data: dict[str, Any], title: str = "verify") -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+def print_spellings(graph_kind: str | None, as_json: bool) -> None:
+    """Every accepted spelling, per recognition step, with the graph ops of each canonical kind."""
+    from .recognize import spellings
+    tables = spellings(graph_kind)
+    if as_json:
+        print(json.dumps(tables, indent=1))
+        return
+    kinds = ("fx", "onnx") if graph_kind is None else (graph_kind,)
+    for title, rows in tables.items():
+        table = Table(title=title)
+        for col in ("tag", "kinds", "accepts", *(f"{k} ops" for k in kinds)):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(row["tag"], ", ".join(row["kinds"]), row["accepts"],
+                          *(", ".join(row[k]) or "-" for k in kinds))
+        console.print(table)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.spellings:
+        print_spellings(args.graph, args.json)
+        return 0
+    if args.model is None:
+        raise OptionError("inspect: give a model (or --spellings)")
     from .api import inspect
     report = inspect(args.model).to_dict()
     if args.json:
@@ -167,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list attention sites, classifier heads and unmatched softmax nodes")
-    p.add_argument("model", help=".onnx, .pt2 or a Hugging Face model folder")
+    p.add_argument("model", nargs="?", help=".onnx, .pt2 or a Hugging Face model folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--explain", action="store_true", help="say why each unmatched softmax does not qualify")
+    p.add_argument("--spellings", action="store_true", help="list the accepted spellings (no model needed)")
+    p.add_argument("--graph", choices=("fx", "onnx"), help="with --spellings: only this graph kind's ops")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("passes", help="list registered passes and their options")

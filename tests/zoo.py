@@ -79,6 +79,7 @@ class Built:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     make_inputs: Callable[[int, int], tuple[Any, ...]] | None = None
+    decompose: bool = False  # export_fx returns ``run_decompositions()`` of the program (core ATen)
 
 
 @dataclass
@@ -300,6 +301,14 @@ def build_sdpa_scale03() -> Built:
     return _sdpa_built("none", 0.3)
 
 
+def build_sdpa_decomposed() -> Built:
+    """SDPA with a bool mask, exported and lowered to core ATen by ``run_decompositions()``: 3-D bmm between
+    batch-merged views, and ``_safe_softmax``'s where-guard (fully masked rows give 0)."""
+    built = _sdpa_built("boolean")
+    built.decompose = True
+    return built
+
+
 class TimmViTAttention(nn.Module):
     """timm ``Attention``: fused qkv, permute(2,0,3,1,4), explicit q @ k^T * scale, softmax, dropout, @ v."""
 
@@ -467,11 +476,11 @@ def build_hf_gpt2_sdpa() -> Built:
     return _gpt2("sdpa")
 
 
-def _llama(impl: str) -> Built:
+def _llama(impl: str, kv_heads: int = 2) -> Built:
     from transformers import LlamaConfig, LlamaModel
 
     cfg = LlamaConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
         intermediate_size=128, max_position_embeddings=64, attn_implementation=impl, use_cache=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
@@ -484,6 +493,38 @@ def build_hf_llama_eager() -> Built:
 
 def build_hf_llama_sdpa() -> Built:
     return _llama("sdpa")
+
+
+def build_hf_mqa_eager() -> Built:
+    """Multi-query attention (one KV head, as in Gemma-2B or Falcon): the dynamo exporter writes the K/V head
+    transpose as a Reshape, since the moved axis has size 1."""
+    return _llama("eager", kv_heads=1)
+
+
+def build_hf_mqa_sdpa() -> Built:
+    return _llama("sdpa", kv_heads=1)
+
+
+class KVReshapeTwin(nn.Module):
+    """Grouped-query attention whose K/V "transpose" (B, S, Hkv, D) -> (B, Hkv, S, D) is a reshape of a size-2
+    axis: heads and token positions scrambled, a wrong model that must not be recognized (the true negative of the
+    one-KV-head reshape, which is a transpose)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(E, E), nn.Linear(E, E // 2), nn.Linear(E, E // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        d = E // H
+        q = self.q(x).view(b, s, H, d).transpose(1, 2)
+        k = self.k(x).view(b, s, 2, d).reshape(b, 2, s, d).repeat_interleave(2, dim=1)
+        v = self.v(x).view(b, s, 2, d).reshape(b, 2, s, d).repeat_interleave(2, dim=1)
+        return torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1) @ v
+
+
+def build_twin_kv_reshape() -> Built:
+    return Built(KVReshapeTwin(), (torch.randn(B, S, E),), None, ["x"], ["out"], None)
 
 
 def _vit_config(impl: str, **kw: Any) -> Any:
@@ -549,6 +590,10 @@ def _zoo() -> list[ZooModel]:
         ZooModel("sdpa_additive", build_sdpa_additive, _s(1, mask="additive")),
         ZooModel("sdpa_bool", build_sdpa_bool, _s(1, mask="boolean")),
         ZooModel("sdpa_scale03", build_sdpa_scale03, _s(1, scale=0.3)),
+        ZooModel("sdpa_decomposed", build_sdpa_decomposed, _s(1, mask="boolean"),
+                 notes="core ATen: softmax(add(view(bmm(view(expand(q*s^.5)), view(expand(kT*s^.5)))), "
+                 "where(mask, 0, -inf))) -> where(not(any(not(eq(scores, -inf)))), full_like(p, 0), p) -> "
+                 "view(expand) -> bmm -> view"),
         ZooModel("timm_vit_block", build_timm_vit_block, _s(1)),
         # Hugging Face, tiny configs (transformers 5.x builds bool masks with index/and ops under export).
         ZooModel("hf_bert_eager", build_hf_bert_eager, _s(2, mask="key_padding"), tags=hf),
@@ -561,6 +606,10 @@ def _zoo() -> list[ZooModel]:
                  _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=2, head_dim=16), tags=hf),
         ZooModel("hf_llama_sdpa", build_hf_llama_sdpa,
                  _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=2, head_dim=16), tags=hf),
+        ZooModel("hf_mqa_eager", build_hf_mqa_eager,
+                 _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=1, head_dim=16), tags=hf),
+        ZooModel("hf_mqa_sdpa", build_hf_mqa_sdpa,
+                 _s(2, causal=True, mask="causal+padding", heads=4, kv_heads=1, head_dim=16), tags=hf),
         ZooModel("hf_vit_eager", build_hf_vit_eager, _s(2), tags=hf),
         ZooModel("hf_vit_sdpa", build_hf_vit_sdpa, _s(2), tags=hf),
         ZooModel("hf_vit_cls", build_hf_vit_cls, _s(2), classifier_heads=1, tags=hf | {"classifier"}),
@@ -579,6 +628,8 @@ def _zoo() -> list[ZooModel]:
                  tags=frozenset({"negative"})),
         ZooModel("twin_no_matmul", _twin("no_matmul"), [], expected_reason="no_pv_matmul",
                  tags=frozenset({"negative"})),
+        ZooModel("twin_kv_reshape", build_twin_kv_reshape, [], expected_reason="kv_reshape",
+                 tags=frozenset({"negative"})),
     ]  # fmt: skip
     for m in z:
         m.unsupported.update(UNSUPPORTED.get(m.name, {}))
@@ -588,7 +639,14 @@ def _zoo() -> list[ZooModel]:
 
 
 #: exporter -> reason, per entry, for exporters observed to fail (filled from probing).
-UNSUPPORTED: dict[str, dict[str, str]] = {}
+UNSUPPORTED: dict[str, dict[str, str]] = {
+    "sdpa_decomposed": {"legacy": "a core-ATen decomposition is a spelling of exported programs; the TorchScript "
+                        "exporter traces the module, which is sdpa_bool",
+                        "dynamo": "not a spelling yet: the exporter writes the safe-softmax guard as Cast/ReduceMax/"
+                        "Cast and Expand(0, Shape(p)) (reported unmatched, with the reason)"},
+    "twin_kv_reshape": {"legacy": "the TorchScript exporter writes repeat_interleave as Tile and leaves the reshapes "
+                        "without shapes, so the layout can be proven neither way (a known limit: recognized)"},
+}
 _MHA_TRACE = (
     "TorchScript trace bakes bsz*num_heads of nn.MultiheadAttention's reshapes into constants "
     "(Reshape to {8, 12, 8} fails at batch 3)"
@@ -618,6 +676,9 @@ NOTES: dict[str, str] = {
     "hf_gpt2_sdpa": "as hf_bert_sdpa, plus causal le(kv_idx, q_idx) in the mask",
     "hf_llama_eager": "softmax(..., -1, torch.float32) (dtype arg); K/V repeat_kv = reshape(expand(unsqueeze(k,2))); scale 0.25",
     "hf_llama_sdpa": "sdpa(q_rope, reshape(expand(unsqueeze(k,2))), reshape(expand(unsqueeze(v,2))), bool mask, scale=0.25) (no enable_gqa)",
+    "hf_mqa_eager": "one KV head: FX view(k, (B, S, 1, D)) then transpose(1, 2); dynamo ONNX writes that transpose "
+    "as Reshape (B, S, 1, D) -> (B, 1, S, D)",
+    "twin_kv_reshape": "K/V (B, S, 2, D) -> (B, 2, S, D) by reshape: refused (a transpose of a size-2 axis is not a reshape)",
     "hf_vit_eager": "mask is all-true: where(expand(ge(arange, 0)), 0, -3.4e38) (FX), constant Expand in dynamo ONNX, "
     "folded away in legacy ONNX",
     "hf_vit_sdpa": "sdpa(q,k,v, expand(ge(arange,0)) all-true bool mask, scale=s); legacy ONNX has no mask at all",
@@ -685,6 +746,8 @@ def export_fx(zm: ZooModel, *, cache: Path | None = None, refresh: bool = False)
     module, args, dyn = zm.build()
     with torch.no_grad():
         ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
+        if zm.built().decompose:
+            ep = ep.run_decompositions()
     tmp = path.with_suffix(".tmp.pt2")
     torch.export.save(ep, tmp)
     tmp.replace(path)

@@ -25,6 +25,8 @@ dropout         x                                              p, train
 expand          x                                              -
 unsqueeze       x                                              -
 isnan, not      x                                              -
+full_like       x                                              value (zeros_like: 0)
+any             x                                              axis, keepdim
 compare         a, b                                           op
 trilu           x                                              upper
 arange          -                                              -

@@ -17,6 +17,9 @@ REASON_WORDS = {  # twin defect -> words the reason must contain
     "probs_escape": "used only by the P·V matmul",
     "scale_not_scalar": "scalar scale",
     "no_pv_matmul": "feeding a matmul with V",
+    # (B, S, 2, D) -> (B, 2, S, D): refused as a reordering reshape, or, where the exporter folds it into the
+    # head split (dynamo: (B, S, 2·D) -> (B, 2, S, D)), as a head split with the tokens on the wrong side
+    "kv_reshape": ("not by a reshape", "heads and features in the last two axes of the head split"),
 }
 
 
@@ -47,7 +50,8 @@ def test_sites_match_expectation(name, exporter, zoo_fx, zoo_onnx):
     if zm.negative:
         assert not found, f"negative twin matched: {[s.summary() for s in found]}"
         reasons = " | ".join(str(r) for _, r in report.unmatched)
-        assert REASON_WORDS[zm.expected_reason] in reasons, reasons
+        words = REASON_WORDS[zm.expected_reason]
+        assert any(w in reasons for w in ((words,) if isinstance(words, str) else words)), reasons
         return
     assert len(found) == len(zm.expected), [s.summary() for s in found]
     for got, want in zip(found, zm.expected):

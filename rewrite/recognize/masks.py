@@ -1,0 +1,181 @@
+"""Masks: what a site masks (its kind, from the provenance of its mask terms), and which terms mask nothing."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..graph.base import GraphView, walk_ancestors
+from ..sites import MaskTerm
+from .common import ARANGE_SEARCH, BROADCAST_STEPS, MASK_PROVENANCE_STEPS, NEG_FILL, Spelling
+
+#: Ops a constant mask may be broadcast through and stay the same constant.
+_BROADCAST = ("expand", "reshape", "cast", "identity", "unsqueeze")
+
+#: How mask kinds are read (documentation rows for ``softswap inspect --spellings``; the logic is below).
+MASK_SPELLINGS: tuple[Spelling, ...] = (
+    Spelling("mask", ("compare",), "causal-compare", "a comparison of two arange-derived operands: causal"),
+    Spelling("mask", ("trilu",), "causal-trilu", "a triangle op (triu / tril / Trilu) in the mask's data: causal"),
+    Spelling("mask", ("constant",), "causal-constant", "a constant strictly-upper-triangular drop pattern: causal"),
+    Spelling("mask", ("input",), "key-padding", "depends on a graph input of shape (B, T) or (B, .., 1, T)"),
+    Spelling("mask", ("input",), "arbitrary", "depends on any other graph input: additive (float) or boolean"),
+    Spelling("mask", ("compare",), "all-true", "arange(...) >= 0 or a constant of Trues / zeros: no mask (dropped)"),
+)
+
+
+def data_sources(g: GraphView, value: Any) -> tuple[list[Any], bool]:
+    """Graph inputs that ``value`` depends on through data (not through shapes), and whether a causal
+    comparison (two arange-derived operands) or a triangle op appears on the way."""
+    inputs: list[Any] = []
+    causal = False
+    seen: set = set()
+    stack = [value]
+    steps = 0
+    while stack and steps < MASK_PROVENANCE_STEPS:
+        v = stack.pop()
+        if v is None or isinstance(v, (int, float, bool, str, list, tuple)):
+            continue
+        k = g.key(v)
+        if k in seen:
+            continue
+        seen.add(k)
+        steps += 1
+        if g.is_graph_input(v):
+            inputs.append(v)
+            continue
+        node = g.producer(v)
+        if node is None:
+            continue
+        op = g.op_name(node)
+        if "sym_size" in op or op in ("Shape", "Size"):
+            continue
+        canon = g.canon(node)
+        if canon is not None and canon.kind == "trilu":
+            causal = True
+        if canon is not None and canon.kind == "compare":
+            arange_sides = sum(any(g.canon(n) is not None and g.canon(n).kind == "arange"
+                                   for n in walk_ancestors(g, [x], limit=ARANGE_SEARCH)) for x in canon.inputs[:2])
+            if arange_sides == 2:
+                causal = True
+        stack.extend(x for x in g.raw_inputs(node))
+    return inputs, causal
+
+
+def uniform_source(g: GraphView, value: Any) -> Any | None:
+    """The small constant ``value`` broadcasts from (through expand/reshape/cast/identity), or None."""
+    for _ in range(BROADCAST_STEPS):
+        arr = g.const_array(value, 1 << 16)
+        if arr is not None:
+            return arr
+        canon = g.canon(g.producer(value))
+        if canon is None or canon.kind not in _BROADCAST:
+            return None
+        value = canon.inputs[0]
+    return None
+
+
+def always_true(g: GraphView, value: Any) -> bool:
+    """A boolean mask that is True everywhere: a constant of Trues, or ``arange(...) >= 0`` (HF ViT's mask)."""
+    arr = uniform_source(g, value)
+    if arr is not None:
+        return bool(arr.size) and bool(arr.astype(bool).all())
+    for _ in range(BROADCAST_STEPS):
+        canon = g.canon(g.producer(value))
+        if canon is None:
+            return False
+        if canon.kind in _BROADCAST:
+            value = canon.inputs[0]
+            continue
+        if canon.kind == "compare" and canon.attrs["op"] in ("ge", "gt"):
+            a, b = canon.inputs[:2]
+            for _ in range(BROADCAST_STEPS):  # arange through unsqueeze / expand / "+ 0"
+                ca = g.canon(g.producer(a))
+                if ca is not None and (ca.kind in ("unsqueeze", "expand", "reshape", "identity", "cast")
+                                       or (ca.kind == "add" and g.scalar(ca.inputs[1]) == 0)):
+                    a = ca.inputs[0]
+                    continue
+                break
+            ca = g.canon(g.producer(a))
+            bound = g.scalar(b)
+            if ca is not None and ca.kind == "arange" and bound is not None and \
+                    (bound < 0 or (bound == 0 and canon.attrs["op"] == "ge")):
+                return True
+        return False
+    return False
+
+
+def no_op_term(g: GraphView, term: MaskTerm) -> bool:
+    """A mask term that masks nothing (all-true keep mask, all-zero additive mask) and can be dropped."""
+    if term.mode == "keep":
+        return always_true(g, term.value)
+    if term.mode == "add":
+        arr = uniform_source(g, term.value)
+        if arr is not None:
+            return bool((arr == 0).all())
+        canon = g.canon(g.producer(term.value))
+        if canon is not None and canon.kind == "where":
+            cond, a, b = canon.inputs[:3]
+            return g.scalar(a) == 0 and always_true(g, cond)
+    return False
+
+
+def drop_no_op_terms(g: GraphView, terms: list[MaskTerm]) -> list[MaskTerm]:
+    return [t for t in terms if not no_op_term(g, t)]
+
+
+def _triangular(arr: Any, mode: str) -> bool:
+    import numpy as np
+    a = np.asarray(arr)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        return False
+    n = a.shape[-1]
+    upper = np.triu(np.ones((n, n), dtype=bool), 1)
+    if mode == "add":
+        masked = a < NEG_FILL
+    elif mode == "keep":
+        masked = ~a.astype(bool)
+    else:
+        masked = a.astype(bool)
+    return bool(np.all(masked == upper))
+
+
+def classify_mask(g: GraphView, terms: list[MaskTerm], causal_flag: bool, token_axis_len: Any = None) -> str:
+    """The mask kind of a site (one of :data:`rewrite.sites.MASK_KINDS`) from its mask terms' provenance."""
+    if not terms:
+        return "causal" if causal_flag else "none"
+    causal, padding, arbitrary, boolean = causal_flag, False, False, False
+    for term in terms:
+        boolean |= term.mode in ("keep", "drop")
+        sources, causal_ops = data_sources(g, term.value)
+        if sources:
+            for src in sources:
+                boolean |= g.dtype(src) == "bool"
+                shape = g.shape(src)
+                if shape is not None and (len(shape) == 2 or (len(shape) >= 3 and shape[-2] == 1)):
+                    padding = True
+                else:
+                    arbitrary = True
+            causal |= causal_ops
+        elif causal_ops:
+            causal = True
+        else:
+            arr = g.const_array(term.value)
+            if arr is not None and _triangular(arr, term.mode):
+                causal = True
+            else:
+                arbitrary = True
+    if arbitrary:
+        return "boolean" if boolean else "additive"
+    if causal and padding:
+        return "causal+padding"
+    if causal:
+        return "causal"
+    if padding:
+        return "key_padding"
+    return "additive"
+
+
+def site_mask(g: GraphView, terms: list[MaskTerm], causal_flag: bool) -> tuple[str, list[MaskTerm]]:
+    """(mask kind, the terms a rewrite must apply): no-op terms dropped; none left when the kind is exactly
+    ``causal`` (the causal flag then says it all)."""
+    terms = drop_no_op_terms(g, terms)
+    kind = classify_mask(g, terms, causal_flag)
+    return kind, ([] if kind == "causal" else terms)
