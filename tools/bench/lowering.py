@@ -43,6 +43,7 @@ from targets.bench import ort_session, set_tvm_threads, time_callable, tvm_calla
 from targets.softmax_kernels import (PREFETCH_FLOATS, KernelChoice, build_kernel_library, choose_kernel,  # noqa: E402
                                      mcpu_of, vector_bits_of)
 from targets.cpu import has_avx512, host_description  # noqa: E402
+from machine import llc_bytes  # noqa: E402  (tools/bench/machine.py)
 from targets.table import ensure_executable, get_target  # noqa: E402
 from rewrite.io import quiet_stdout  # noqa: E402
 
@@ -115,18 +116,8 @@ def _softmax_onnx(shape) -> onnx.ModelProto:
 
 
 def _l3_bytes() -> int:
-    """Last-level cache size in bytes (sysfs), 32 MiB when unknown."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    for idx in os.listdir(base) if os.path.isdir(base) else []:
-        try:
-            with open(os.path.join(base, idx, "size"), encoding="ascii") as fh:
-                txt = fh.read().strip()
-        except OSError:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1], 1)
-        best = max(best, int(txt.rstrip("KMG")) * mult)
-    return best or (32 << 20)
+    """Last-level cache size in bytes, 32 MiB when unknown."""
+    return llc_bytes() or (32 << 20)
 
 
 def bench_softmax(quick: bool, target_name: str) -> list[dict]:

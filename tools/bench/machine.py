@@ -23,7 +23,8 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
-def _llc_bytes() -> int:
+def llc_bytes() -> int:
+    """Last-level cache size in bytes (sysfs); 0 when unknown."""
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
     for idx in os.listdir(base) if os.path.isdir(base) else []:
@@ -41,5 +42,5 @@ def describe() -> str:
     """One line naming this machine's CPU (see module docstring)."""
     model, flags = _cpuinfo()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    llc = _llc_bytes()
+    llc = llc_bytes()
     return f"{model} ({isa}, {len(os.sched_getaffinity(0))} cores" + (f", L3 {llc >> 20} MiB)" if llc else ")")
