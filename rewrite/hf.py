@@ -419,6 +419,10 @@ def load_hf_folder(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr is not softswap's output
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         cls = _model_class(config, folder)
@@ -436,6 +440,9 @@ def load_hf_folder(
         from .interrupts import reraise_if_interrupted
         reraise_if_interrupted(exc)
         raise HFLoadError(f"{folder}: transformers could not load the model ({first_line(exc)})") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     log.info("loaded %s from %s (attn=%s)", type(model).__name__, folder, attn_implementation)
     return wrap_hf_model(
         model, batch=batch, seq=seq, seed=seed, tokenizer_path=_tokenizer_path(folder), folder=folder
