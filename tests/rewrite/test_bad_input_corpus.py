@@ -339,6 +339,8 @@ OPTION_CASES = [
          "zz"),
     Case("compile-tune-negative", ("compile", G, "--target", "host", "-o", "{O}/m.so", "--tune", "-1"), "--tune"),
     Case("compile-output-missing-folder", ("compile", G, "--target", "host", "-o", "{O}/no/m.so"), "m.so"),
+    Case("bench-runs-zero", ("bench", G, "--runs", "0"), "--runs"),
+    Case("bench-json-missing-folder", ("bench", G, "--json", "{O}/no/b.json"), "b.json"),
     Case("run-missing-artefact", ("run", "{C}/none.so", "--inputs", "{C}/none.npz", "-o", "{O}/y.npz"), "none.so"),
     Case("run-not-an-artefact", ("run", "{C}/good.onnx", "--inputs", "{C}/none.npz", "-o", "{O}/y.npz"),
          "good.onnx"),
