@@ -180,8 +180,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with softswap's error format: one line naming the argument, exit status 2 (``--help`` shows the
+    usage)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"softswap: error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softswap", description="Find the softmax in a model and rewrite it.")
+    parser = _Parser(prog="softswap", description="Find the softmax in a model and rewrite it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -304,13 +312,25 @@ def _install_sigint_flag() -> Any:
     return signal.signal(signal.SIGINT, handler)
 
 
+def _debug_dump(deferred: "_DeferredWarnings | None", stream: logging.Handler) -> None:
+    """``--debug`` on an error: the warnings held back, then the traceback."""
+    import traceback
+    if deferred is not None:
+        deferred.replay(stream)
+    traceback.print_exc()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a command-line error already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    previous_level = root.level
     deferred: _DeferredWarnings | None = None
     if args.verbose:
         root.addHandler(stream)
@@ -340,25 +360,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except SoftswapError as exc:
         if debug:
-            import traceback
-            traceback.print_exc()
+            _debug_dump(deferred, stream)
         print(f"softswap: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:
-            import traceback
-            traceback.print_exc()
+            _debug_dump(deferred, stream)
         print("softswap: interrupted; no output was written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug or an unmapped dependency failure: one line, not a traceback
         if debug:
-            import traceback
-            traceback.print_exc()
+            _debug_dump(deferred, stream)
         print(f"softswap: error: {one_line(first_line(exc))} (unexpected; rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
     finally:
         root.removeHandler(deferred if deferred is not None else stream)
+        root.setLevel(previous_level)
         if previous_sigint is not None:
             import signal
             signal.signal(signal.SIGINT, previous_sigint)

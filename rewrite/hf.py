@@ -68,6 +68,9 @@ TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "
 #: Module prefixes whose pytree node types :func:`load_pt2` may import to register them.
 DEFAULT_TRUSTED_MODULES: tuple[str, ...] = ("transformers.",)
 
+#: transformers modules that define ``ModelOutput`` classes (the only ones a ``.pt2``'s type names may import).
+_MODEL_OUTPUT_MODULE = re.compile(r"^transformers\.(modeling_outputs|models\.\w+\.modeling_\w+)$")
+
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _VISION_INPUTS = ("pixel_values",)
 #: ModelOutput fields that are never part of the flat tensor output.
@@ -512,6 +515,10 @@ def _register_pytree_types(file: Path, names: Iterable[str], trusted: tuple[str,
         module_name, _, cls_name = name.rpartition(".")
         if not module_name or not any(name.startswith(p) for p in trusted):
             log.debug("%s: leaving pytree type %s unregistered (module not trusted)", file, name)
+            continue
+        if module_name.startswith("transformers") and not _MODEL_OUTPUT_MODULE.match(module_name):
+            # the name comes from the file: import only modules that define ModelOutputs, nothing else
+            log.debug("%s: leaving pytree type %s unregistered (not a ModelOutput module)", file, name)
             continue
         try:
             cls = getattr(importlib.import_module(module_name), cls_name)

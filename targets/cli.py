@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -133,14 +132,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                          culprit=args.inputs) from None
     outputs = runner.run(inputs)
     out = Path(args.output)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=out.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **outputs)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from rewrite.atomic import atomic_output
+    with atomic_output(out) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **outputs)
     print(f"wrote {out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items()))
     return 0
 
@@ -150,6 +144,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rewrite.verify import default_inputs
 
     from . import benchmark
+    if args.runs < 1:
+        raise InputError(f"--runs must be >= 1, got {args.runs}", culprit="--runs")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}", culprit="--threads")
+    if args.json:
+        _check_output(args.json, "--json")
     loaded = load_model(args.model)
     inputs = default_inputs(loaded)
     model = args.model if args.model.endswith(".onnx") else loaded.ep
@@ -169,7 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{name:10s} {stats.get('p50', float('nan')):10.3f} {stats.get('p90', float('nan')):10.3f} "
               f"{stats.get('min', float('nan')):10.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        from rewrite.atomic import write_text
+        write_text(args.json, json.dumps(result, indent=1))
     return 0
 
 
