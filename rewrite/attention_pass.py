@@ -1,7 +1,7 @@
 """The attention rewrite pass: recognize sites, bind each to a variant, emit FX or ONNX, report per site.
 
-The pass is engine machinery parameterized by an :class:`AttentionVariant` (from the ``passes`` catalogue, handed
-in by the registration), so ``rewrite`` never imports ``passes``.
+The pass is engine machinery parameterized by an :class:`~rewrite.variant.AttentionVariant` (the plugin interface,
+defined here in the engine and implemented by the catalogue, which hands its variants in when it registers).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .io import LoadedModel, synth_inputs
 from .passes import Pass, PassResult
 from .recognize import recognize
 from .sites import AttentionSite
+from .variant import AttentionVariant
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class AttentionRewritePass(Pass):
     requires = ()
     ensures = ("attention:rewritten",)
 
-    def __init__(self, variant: Any, options: Mapping[str, Any] | None = None, layers: Any = None,
+    def __init__(self, variant: AttentionVariant, options: Mapping[str, Any] | None = None, layers: Any = None,
                  keep_softmax: Any = None, measure: bool = True, params: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         self.variant = variant
         self.name = f"attention.{variant.name}"

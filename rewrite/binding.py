@@ -1,7 +1,7 @@
 """Bind a recognized site to a variant: the one torch module that computes a site's replacement.
 
 :class:`SiteModule` takes the site's graph values in their original layout (q, k or Kᵀ, v, then the mask terms),
-puts them in the canonical form of ``passes/attention/base.py`` (B, H, S, D; GQA expanded; masks turned into
+puts them in the canonical form of ``rewrite/variant.py`` (B, H, S, D; GQA expanded; masks turned into
 ``causal`` / ``key_padding`` / an additive ``attn_mask``), calls the variant, and returns the result in the
 original layout and dtype. The FX emitter inserts it as a submodule and re-exports (so the program stays ATen and
 trainable); the ONNX emitter exports the same module with the torch ONNX exporter and splices the graph in. The
@@ -17,6 +17,7 @@ from torch import nn
 
 from .recognize import NEG_FILL
 from .sites import AttentionSite
+from .variant import AttentionVariant
 
 #: Additive masks at or below this value (after summing terms) mark a key as dropped when deriving key padding;
 #: the recognizer uses the same threshold for fill values.
@@ -48,7 +49,7 @@ class SiteSpec:
 
 
 def needed_mask_kinds(mask: str) -> set[str]:
-    """The variant mask kinds (spec/attention.md §0) a site's mask kind needs."""
+    """The variant mask kinds (:mod:`rewrite.variant`) a site's mask kind needs."""
     return {"none": set(), "causal": {"causal"}, "key_padding": {"key_padding"},
             "causal+padding": {"causal", "key_padding"}, "additive": {"arbitrary"},
             "boolean": {"boolean"}}[mask]
@@ -80,7 +81,7 @@ def combine_mask_terms(modes: tuple[str, ...], values: tuple[torch.Tensor, ...],
 class SiteModule(nn.Module):
     """Computes one site's replacement with ``variant``; parameters (if any) are trainable ``nn.Parameter``s."""
 
-    def __init__(self, variant: Any, spec: SiteSpec, options: Mapping[str, Any],
+    def __init__(self, variant: AttentionVariant, spec: SiteSpec, options: Mapping[str, Any],
                  params: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.variant = variant

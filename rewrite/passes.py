@@ -1,11 +1,10 @@
 """Pass infrastructure: :class:`Pass`, :class:`PassResult`, :class:`PassManager` and the name registry.
 
-Passes register by name (``register_pass``); the catalogue package ``passes`` registers its passes when
-imported, which :func:`discover` does lazily, so ``rewrite`` never imports ``passes`` statically (DESIGN.md).
+Passes register by name (``register_pass``). Plugins declare a registration function in the ``softswap.passes``
+entry-point group, which :func:`discover` calls once (:mod:`rewrite.plugins`), so the engine never names them.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -59,11 +58,15 @@ def register_pass(name: str, factory: Callable[..., Pass], description: str,
 
 
 def discover() -> None:
-    """Import the ``passes`` catalogue once so its passes register themselves."""
+    """Call every ``softswap.passes`` entry point once, so the plugins register their passes."""
     global _DISCOVERED
     if not _DISCOVERED:
-        importlib.import_module("passes")
+        from .plugins import PASS_GROUP, entry_points, load
         _DISCOVERED = True
+        for ep in entry_points(PASS_GROUP):
+            register = load(ep)
+            if register is not None:
+                register()
 
 
 def list_passes() -> dict[str, dict[str, Any]]:
