@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import emit_fx, emit_onnx
-from .binding import SiteModule, SiteSpec, needed_mask_kinds, supports
+from . import emit_fx, emit_onnx, metrics
+from .binding import SiteModule, needed_mask_kinds, site_module, supports
 from .capture import capture_fx, capture_onnx
 from .errors import OptionError
 from .graph.fx import FxGraph
@@ -27,13 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """Cosine similarity and relative error (‖c − r‖ / ‖r‖, Frobenius) of two tensors, in float64."""
-    r = reference.detach().double().reshape(-1)
-    c = candidate.detach().double().reshape(-1)
-    denom = float(r.norm() * c.norm())
-    cos = float(r @ c) / denom if denom > 0 else (1.0 if float((r - c).abs().max()) == 0 else 0.0)
-    rel = float((c - r).norm() / r.norm()) if float(r.norm()) > 0 else float((c - r).norm())
-    return {"cosine": cos, "rel_error": rel, "max_abs": float((c - r).abs().max()) if r.numel() else 0.0}
+    """Cosine similarity, relative error and max abs error of a site's output (:func:`rewrite.metrics.fidelity`)."""
+    full = metrics.fidelity(reference, candidate)
+    return {k: full[k] for k in ("cosine", "rel_error", "max_abs")}
 
 
 def _parse_selection(spec: Any, n_sites: int, what: str) -> set[int]:
@@ -129,14 +125,7 @@ class AttentionRewritePass(Pass):
         return options
 
     def _module(self, site: AttentionSite, g: Any, options: Mapping[str, Any]) -> SiteModule:
-        q_shape, k_shape = g.shape(site.q), g.shape(site.k)
-        k_axis = -1 if site.k_transposed else -2
-        same = bool(q_shape and k_shape and q_shape[-2] is not None and q_shape[-2] == k_shape[k_axis])
-        spec = SiteSpec.from_site(site, g.dtype(site.output), same_length=same)
-        params = self.site_params.get(site.name)
-        if params is None and self.variant.init_params is not None and site.heads and site.head_dim:
-            params = self.variant.init_params(site.heads, site.head_dim, options)
-        return SiteModule(self.variant, spec, options, params)
+        return site_module(self.variant, site, g, options, self.site_params.get(site.name))
 
     # ------------------------------------------------------------------------------------------------------
     def run(self, model: LoadedModel) -> PassResult:

@@ -137,3 +137,17 @@ class SiteModule(nn.Module):
             out = out.reshape(-1, out.shape[-2], out.shape[-1])
         out_dtype = getattr(torch, self.spec.out_dtype) if self.spec.out_dtype else in_dtype
         return out.to(out_dtype)
+
+
+def site_module(variant: AttentionVariant, site: AttentionSite, g: Any, options: Mapping[str, Any],
+                params: Mapping[str, torch.Tensor] | None = None) -> SiteModule:
+    """The module computing ``site``'s replacement with ``variant`` in graph ``g``: its spec read from the site
+    (``same_length`` when the graph proves queries and keys have one length) and its parameters (``params``, else
+    the variant's initial ones)."""
+    q_shape, k_shape = g.shape(site.q), g.shape(site.k)
+    k_axis = -1 if site.k_transposed else -2
+    same = bool(q_shape and k_shape and q_shape[-2] is not None and q_shape[-2] == k_shape[k_axis])
+    spec = SiteSpec.from_site(site, g.dtype(site.output), same_length=same)
+    if params is None and variant.init_params is not None and site.heads and site.head_dim:
+        params = variant.init_params(site.heads, site.head_dim, options)
+    return SiteModule(variant, spec, options, params)
