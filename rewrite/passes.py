@@ -30,8 +30,10 @@ class Pass:
     """A named graph transformation with options and pre/post-conditions.
 
     Subclasses set ``name``, ``description``, ``options`` (name → (default, help)), and implement :meth:`run`.
-    ``requires``/``ensures`` name the conditions (``"graph:fx"``, ``"graph:onnx"``, ``"sites:attention"``) a pass
-    needs and establishes; the manager checks ``requires`` before running.
+    ``requires``/``ensures`` name the conditions (``"graph:fx"``, ``"graph:onnx"``, ``"attention:rewritten"``) a
+    pass needs and establishes. The manager checks ``requires`` before running a pass (a ``graph:`` condition
+    against the model, any other against what earlier passes ensured) and, after it, the ``graph:`` conditions it
+    ensures against the model it returned.
     """
 
     name: str = ""
@@ -101,13 +103,23 @@ class PassManager:
 
     def run(self, model: LoadedModel) -> tuple[LoadedModel, list[PassRecord]]:
         records = []
+        ensured: set[str] = set()
         for index, p in enumerate(self.passes):
             for cond in p.requires:
-                if cond.startswith("graph:") and cond.split(":", 1)[1] != model.kind:
-                    raise OptionError(f"pass {p.name!r} requires a {cond.split(':', 1)[1]} graph, got {model.kind}")
+                if cond.startswith("graph:"):
+                    if cond.split(":", 1)[1] != model.kind:
+                        raise OptionError(f"pass {p.name!r} requires a {cond.split(':', 1)[1]} graph, got {model.kind}")
+                elif cond not in ensured:
+                    raise OptionError(f"pass {p.name!r} requires {cond!r}, which no earlier pass of the pipeline "
+                                      f"ensures (ensured: {sorted(ensured) or 'nothing'})")
             start = time.perf_counter()
             result = p.run(model)
             seconds = time.perf_counter() - start
+            for cond in p.ensures:
+                if cond.startswith("graph:") and cond.split(":", 1)[1] != result.model.kind:
+                    raise RuntimeError(f"pass {p.name!r} ensures a {cond.split(':', 1)[1]} graph but returned "
+                                       f"{result.model.kind}")
+            ensured.update(c for c in p.ensures if not c.startswith("graph:"))
             log.info("pass %s: modified=%s in %.2fs", p.name, result.modified, seconds)
             records.append(PassRecord(p.name, result.modified, seconds, result.report))
             model = result.model

@@ -453,7 +453,7 @@ def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
     tq = trace_layout(g, q, batch + ["T", "F"], "Q", softmax)
     tk = trace_layout(g, kt, batch + ["F", "T"], "K (as Kᵀ in Q·Kᵀ)", softmax)
     tv = trace_layout(g, v, batch + ["T", "F"], "V", softmax)
-    q_shape, v_shape = g.shape(q) or (), g.shape(v) or ()
+    q_shape = g.shape(q) or ()
     head_dim = q_shape[-1] if q_shape and isinstance(q_shape[-1], int) else None
     if r == 4:
         heads = next((d for d in (q_shape[1] if len(q_shape) == 4 else None, shape[1], tq.heads,
@@ -471,4 +471,4 @@ def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
         name=f"attn{index}", spelling=f"explicit-{g.kind}", q=q, k=kt, v=v, output=g.outputs(pv)[0], scale=scale,
         causal=causal, mask=mask, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         layout=layout, k_transposed=True, mask_terms=terms, dtype=g.dtype(q), anchor=softmax,
-        nodes=[g.node_name(n) for n in covered], extra={"value_dim": v_shape[-1] if v_shape else None})
+        nodes=[g.node_name(n) for n in covered])
