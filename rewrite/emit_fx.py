@@ -2,7 +2,7 @@
 
 The program returned is plain ATen (the site modules are traced through), keeps dynamic dims dynamic, and keeps
 the new parameters as trainable parameters. ``meta["val"]`` of every node is recomputed by the re-export, so later
-passes never go blind (spec/rewriting.md §3.2).
+passes never go blind.
 """
 from __future__ import annotations
 
