@@ -1,2 +1,2 @@
-"""The catalogue: papers' math as plain PyTorch, registered as passes on import (see :mod:`passes.register`)."""
-from . import register  # noqa: F401  (registers the passes)
+"""The catalogue: papers' math as plain PyTorch, registered as passes through the ``softswap.passes`` entry point
+(:func:`passes.register.register`)."""

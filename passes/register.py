@@ -1,4 +1,8 @@
-"""Registers one ``attention.<variant>`` pass per attention variant with the engine's pass registry."""
+"""Registers one ``attention.<variant>`` pass per attention variant with the engine's pass registry.
+
+:func:`register` is this package's ``softswap.passes`` entry point (pyproject.toml); the engine calls it when it
+first looks a pass up.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -15,10 +19,12 @@ def _factory(variant: Any):
     return make
 
 
-for _variant in VARIANTS.values():
-    _desc = _variant.description or f"replace softmax attention with {_variant.name} attention"
-    if _variant.name == "reference":
-        _desc = ("replace every attention site with the canonical softmax attention written from the site record "
-                 "(proves the binding: outputs must not change)")
-    register_pass(f"attention.{_variant.name}", _factory(_variant), _desc,
-                  {o.name: (o.default, o.help) for o in _variant.options})
+def register() -> None:
+    """Register ``attention.<name>`` for every variant of :data:`passes.attention.VARIANTS`."""
+    for variant in VARIANTS.values():
+        desc = variant.description or f"replace softmax attention with {variant.name} attention"
+        if variant.name == "reference":
+            desc = ("replace every attention site with the canonical softmax attention written from the site "
+                    "record (proves the binding: outputs must not change)")
+        register_pass(f"attention.{variant.name}", _factory(variant), desc,
+                      {o.name: (o.default, o.help) for o in variant.options})

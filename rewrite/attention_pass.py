@@ -1,7 +1,7 @@
 """The attention rewrite pass: recognize sites, bind each to a variant, emit FX or ONNX, report per site.
 
-The pass is engine machinery parameterized by an :class:`AttentionVariant` (from the ``passes`` catalogue, handed
-in by the registration), so ``rewrite`` never imports ``passes``.
+The pass is engine machinery parameterized by an :class:`~rewrite.variant.AttentionVariant` (the plugin interface,
+defined here in the engine and implemented by the catalogue, which hands its variants in when it registers).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import emit_fx, emit_onnx
-from .binding import SiteModule, SiteSpec, needed_mask_kinds, supports
+from . import emit_fx, emit_onnx, metrics
+from .binding import SiteModule, needed_mask_kinds, site_module, supports
 from .capture import capture_fx, capture_onnx
 from .errors import OptionError
 from .graph.fx import FxGraph
@@ -21,18 +21,15 @@ from .io import LoadedModel, synth_inputs
 from .passes import Pass, PassResult
 from .recognize import recognize
 from .sites import AttentionSite
+from .variant import AttentionVariant
 
 log = logging.getLogger(__name__)
 
 
 def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """Cosine similarity and relative error (‖c − r‖ / ‖r‖, Frobenius) of two tensors, in float64."""
-    r = reference.detach().double().reshape(-1)
-    c = candidate.detach().double().reshape(-1)
-    denom = float(r.norm() * c.norm())
-    cos = float(r @ c) / denom if denom > 0 else (1.0 if float((r - c).abs().max()) == 0 else 0.0)
-    rel = float((c - r).norm() / r.norm()) if float(r.norm()) > 0 else float((c - r).norm())
-    return {"cosine": cos, "rel_error": rel, "max_abs": float((c - r).abs().max()) if r.numel() else 0.0}
+    """Cosine similarity, relative error and max abs error of a site's output (:func:`rewrite.metrics.fidelity`)."""
+    full = metrics.fidelity(reference, candidate)
+    return {k: full[k] for k in ("cosine", "rel_error", "max_abs")}
 
 
 def _parse_selection(spec: Any, n_sites: int, what: str) -> set[int]:
@@ -96,7 +93,7 @@ class AttentionRewritePass(Pass):
     requires = ()
     ensures = ("attention:rewritten",)
 
-    def __init__(self, variant: Any, options: Mapping[str, Any] | None = None, layers: Any = None,
+    def __init__(self, variant: AttentionVariant, options: Mapping[str, Any] | None = None, layers: Any = None,
                  keep_softmax: Any = None, measure: bool = True, params: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         self.variant = variant
         self.name = f"attention.{variant.name}"
@@ -139,14 +136,7 @@ class AttentionRewritePass(Pass):
         return options
 
     def _module(self, site: AttentionSite, g: Any, options: Mapping[str, Any]) -> SiteModule:
-        q_shape, k_shape = g.shape(site.q), g.shape(site.k)
-        k_axis = -1 if site.k_transposed else -2
-        same = bool(q_shape and k_shape and q_shape[-2] is not None and q_shape[-2] == k_shape[k_axis])
-        spec = SiteSpec.from_site(site, g.dtype(site.output), same_length=same)
-        params = self.site_params.get(site.name)
-        if params is None and self.variant.init_params is not None and site.heads and site.head_dim:
-            params = self.variant.init_params(site.heads, site.head_dim, options)
-        return SiteModule(self.variant, spec, options, params)
+        return site_module(self.variant, site, g, options, self.site_params.get(site.name))
 
     # ------------------------------------------------------------------------------------------------------
     def run(self, model: LoadedModel) -> PassResult:

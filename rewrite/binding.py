@@ -1,7 +1,7 @@
 """Bind a recognized site to a variant: the one torch module that computes a site's replacement.
 
 :class:`SiteModule` takes the site's graph values in their original layout (q, k or Kᵀ, v, then the mask terms),
-puts them in the canonical form of ``passes/attention/base.py`` (B, H, S, D; GQA expanded; masks turned into
+puts them in the canonical form of ``rewrite/variant.py`` (B, H, S, D; GQA expanded; masks turned into
 ``causal`` / ``key_padding`` / an additive ``attn_mask``), calls the variant, and returns the result in the
 original layout and dtype. The FX emitter inserts it as a submodule and re-exports (so the program stays ATen and
 trainable); the ONNX emitter exports the same module with the torch ONNX exporter and splices the graph in. The
@@ -17,6 +17,7 @@ from torch import nn
 
 from .recognize import NEG_FILL
 from .sites import AttentionSite
+from .variant import AttentionVariant
 
 #: Additive masks at or below this value (after summing terms) mark a key as dropped when deriving key padding;
 #: the recognizer uses the same threshold for fill values.
@@ -48,7 +49,7 @@ class SiteSpec:
 
 
 def needed_mask_kinds(mask: str) -> set[str]:
-    """The variant mask kinds (spec/attention.md §0) a site's mask kind needs."""
+    """The variant mask kinds (:mod:`rewrite.variant`) a site's mask kind needs."""
     return {"none": set(), "causal": {"causal"}, "key_padding": {"key_padding"},
             "causal+padding": {"causal", "key_padding"}, "additive": {"arbitrary"},
             "boolean": {"boolean"}}[mask]
@@ -80,7 +81,7 @@ def combine_mask_terms(modes: tuple[str, ...], values: tuple[torch.Tensor, ...],
 class SiteModule(nn.Module):
     """Computes one site's replacement with ``variant``; parameters (if any) are trainable ``nn.Parameter``s."""
 
-    def __init__(self, variant: Any, spec: SiteSpec, options: Mapping[str, Any],
+    def __init__(self, variant: AttentionVariant, spec: SiteSpec, options: Mapping[str, Any],
                  params: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.variant = variant
@@ -136,3 +137,17 @@ class SiteModule(nn.Module):
             out = out.reshape(-1, out.shape[-2], out.shape[-1])
         out_dtype = getattr(torch, self.spec.out_dtype) if self.spec.out_dtype else in_dtype
         return out.to(out_dtype)
+
+
+def site_module(variant: AttentionVariant, site: AttentionSite, g: Any, options: Mapping[str, Any],
+                params: Mapping[str, torch.Tensor] | None = None) -> SiteModule:
+    """The module computing ``site``'s replacement with ``variant`` in graph ``g``: its spec read from the site
+    (``same_length`` when the graph proves queries and keys have one length) and its parameters (``params``, else
+    the variant's initial ones)."""
+    q_shape, k_shape = g.shape(site.q), g.shape(site.k)
+    k_axis = -1 if site.k_transposed else -2
+    same = bool(q_shape and k_shape and q_shape[-2] is not None and q_shape[-2] == k_shape[k_axis])
+    spec = SiteSpec.from_site(site, g.dtype(site.output), same_length=same)
+    if params is None and variant.init_params is not None and site.heads and site.head_dim:
+        params = variant.init_params(site.heads, site.head_dim, options)
+    return SiteModule(variant, spec, options, params)

@@ -2,7 +2,7 @@
 
 FX: the unlifted module runs under ``torch.fx.Interpreter`` and the site values are read from its environment.
 ONNX: the site values are added as graph outputs of a clone and onnxruntime runs it. Used for site-level fidelity
-(issue 3) and attention transfer (issue 4).
+and attention transfer.
 """
 from __future__ import annotations
 

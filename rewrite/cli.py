@@ -175,11 +175,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    return run_demo(args)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with softswap's error format: one line naming the argument, exit status 2 (``--help`` shows the
     usage)."""
@@ -229,11 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("demo", help="inspect, rewrite and verify the bundled real MiniLM")
-    p.add_argument("--out", default=None, help="folder for the demo's files (default: a temporary folder)")
-    p.add_argument("--steps", type=int, default=200, help="transfer steps per attention site (default 200)")
-    p.set_defaults(func=cmd_demo)
-
     _add_plugin_commands(sub)
     for command in sub.choices.values():  # the global flags are accepted after the subcommand too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -243,21 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Modules that contribute subcommands through ``add_commands(subparsers)`` (discovered, not imported statically:
-#: ``rewrite`` depends on neither the catalogue nor the lowering).
-PLUGIN_COMMANDS = ("passes.transfer.cli", "targets.cli")
-
-
 def _add_plugin_commands(sub: Any) -> None:
-    import importlib
-    for name in PLUGIN_COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # that plugin is not installed
-            raise
-        add = getattr(module, "add_commands", None)
+    """Subcommands of the plugins (``softswap.commands`` entry points: ``add_commands(subparsers)``)."""
+    from .plugins import COMMAND_GROUP, entry_points, load
+    for ep in entry_points(COMMAND_GROUP):
+        add = load(ep)
         if add is not None:
             add(sub)
 

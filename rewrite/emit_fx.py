@@ -2,7 +2,7 @@
 
 The program returned is plain ATen (the site modules are traced through), keeps dynamic dims dynamic, and keeps
 the new parameters as trainable parameters. ``meta["val"]`` of every node is recomputed by the re-export, so later
-passes never go blind (spec/rewriting.md §3.2).
+passes never go blind.
 """
 from __future__ import annotations
 
@@ -60,6 +60,12 @@ def splice(gm: fx.GraphModule, sites: Sequence[tuple[AttentionSite, torch.nn.Mod
             new = graph.call_module(name, args=inputs)
         new.meta["rw.rule"] = f"attention:{site.name}"
         anchor.replace_all_uses_with(new)
+    # the replaced chains: dropout and fused ops count as impure (seeded randomness), so dead-code elimination
+    # would keep them and the old softmax with them; erase what the sites covered once nothing uses it
+    covered = {name for site, _ in sites for name in (*site.nodes, getattr(site.output, "name", None))}
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.name in covered and not node.users:
+            graph.erase_node(node)
     _drop_orphan_assertions(graph)
     graph.eliminate_dead_code()
     graph.lint()

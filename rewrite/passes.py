@@ -1,11 +1,10 @@
 """Pass infrastructure: :class:`Pass`, :class:`PassResult`, :class:`PassManager` and the name registry.
 
-Passes register by name (``register_pass``); the catalogue package ``passes`` registers its passes when
-imported, which :func:`discover` does lazily, so ``rewrite`` never imports ``passes`` statically (DESIGN.md).
+Passes register by name (``register_pass``). Plugins declare a registration function in the ``softswap.passes``
+entry-point group, which :func:`discover` calls once (:mod:`rewrite.plugins`), so the engine never names them.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,8 +30,10 @@ class Pass:
     """A named graph transformation with options and pre/post-conditions.
 
     Subclasses set ``name``, ``description``, ``options`` (name → (default, help)), and implement :meth:`run`.
-    ``requires``/``ensures`` name the conditions (``"graph:fx"``, ``"graph:onnx"``, ``"sites:attention"``) a pass
-    needs and establishes; the manager checks ``requires`` before running.
+    ``requires``/``ensures`` name the conditions (``"graph:fx"``, ``"graph:onnx"``, ``"attention:rewritten"``) a
+    pass needs and establishes. The manager checks ``requires`` before running a pass (a ``graph:`` condition
+    against the model, any other against what earlier passes ensured) and, after it, the ``graph:`` conditions it
+    ensures against the model it returned.
     """
 
     name: str = ""
@@ -59,11 +60,15 @@ def register_pass(name: str, factory: Callable[..., Pass], description: str,
 
 
 def discover() -> None:
-    """Import the ``passes`` catalogue once so its passes register themselves."""
+    """Call every ``softswap.passes`` entry point once, so the plugins register their passes."""
     global _DISCOVERED
     if not _DISCOVERED:
-        importlib.import_module("passes")
+        from .plugins import PASS_GROUP, entry_points, load
         _DISCOVERED = True
+        for ep in entry_points(PASS_GROUP):
+            register = load(ep)
+            if register is not None:
+                register()
 
 
 def list_passes() -> dict[str, dict[str, Any]]:
@@ -98,13 +103,23 @@ class PassManager:
 
     def run(self, model: LoadedModel) -> tuple[LoadedModel, list[PassRecord]]:
         records = []
+        ensured: set[str] = set()
         for index, p in enumerate(self.passes):
             for cond in p.requires:
-                if cond.startswith("graph:") and cond.split(":", 1)[1] != model.kind:
-                    raise OptionError(f"pass {p.name!r} requires a {cond.split(':', 1)[1]} graph, got {model.kind}")
+                if cond.startswith("graph:"):
+                    if cond.split(":", 1)[1] != model.kind:
+                        raise OptionError(f"pass {p.name!r} requires a {cond.split(':', 1)[1]} graph, got {model.kind}")
+                elif cond not in ensured:
+                    raise OptionError(f"pass {p.name!r} requires {cond!r}, which no earlier pass of the pipeline "
+                                      f"ensures (ensured: {sorted(ensured) or 'nothing'})")
             start = time.perf_counter()
             result = p.run(model)
             seconds = time.perf_counter() - start
+            for cond in p.ensures:
+                if cond.startswith("graph:") and cond.split(":", 1)[1] != result.model.kind:
+                    raise RuntimeError(f"pass {p.name!r} ensures a {cond.split(':', 1)[1]} graph but returned "
+                                       f"{result.model.kind}")
+            ensured.update(c for c in p.ensures if not c.startswith("graph:"))
             log.info("pass %s: modified=%s in %.2fs", p.name, result.modified, seconds)
             records.append(PassRecord(p.name, result.modified, seconds, result.report))
             model = result.model

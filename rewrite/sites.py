@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: Mask kinds of an attention site (issue 2): what the original attention masks, in canonical terms.
+#: Mask kinds of an attention site: what the original attention masks, in canonical terms.
 MASK_KINDS = ("none", "key_padding", "causal", "additive", "boolean", "causal+padding")
 
 
@@ -46,11 +46,9 @@ class AttentionSite:
     layout: str
     k_transposed: bool = False
     mask_terms: list[MaskTerm] = field(default_factory=list)
-    gqa_in_call: bool = False
     dtype: str | None = None
     nodes: list[str] = field(default_factory=list)
-    anchor: Any = None  # the softmax (or fused) node
-    extra: dict[str, Any] = field(default_factory=dict)
+    anchor: Any = None  # the softmax (or fused) node; the FX emitter erases it with the replaced chain
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able description printed by ``softswap inspect``."""

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .metrics import fidelity
 from .errors import VerificationError
 from .io import LoadedModel, synth_inputs
 
@@ -107,17 +108,12 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
         a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if a64.shape != b64.shape:
             raise VerificationError(f"output {name!r}: shape {a64.shape} vs {b64.shape}")
-        diff = np.abs(a64 - b64)
-        denom = np.linalg.norm(a64) * np.linalg.norm(b64)
-        cos = float((a64.ravel() @ b64.ravel()) / denom) if denom > 0 else float(diff.max(initial=0) == 0)
-        norm_a = np.linalg.norm(a64)
+        fid = fidelity(a64, b64)
         top1 = None
         if a64.ndim >= 1 and a64.shape[-1] >= 2:
             top1 = float(np.mean(np.argmax(a64, -1) == np.argmax(b64, -1)))
-        out.append(OutputFidelity(name=name, shape=tuple(a64.shape), max_abs=float(diff.max(initial=0)),
-                                  max_rel=float((diff / (np.abs(a64) + 1e-6)).max(initial=0)),
-                                  rel_error=float(np.linalg.norm(a64 - b64) / norm_a) if norm_a > 0 else float(np.linalg.norm(b64)),
-                                  cosine=cos, top1=top1))
+        out.append(OutputFidelity(name=name, shape=tuple(a64.shape), max_abs=fid["max_abs"], max_rel=fid["max_rel"],
+                                  rel_error=fid["rel_error"], cosine=fid["cosine"], top1=top1))
     return out
 
 

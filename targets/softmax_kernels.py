@@ -65,16 +65,21 @@ def _f(v: float):
     return T.float32(v)
 
 
+def _exp_poly(x, n, const):
+    """The one exp polynomial: ``exp(x) = p * 2^n`` with ``t = x - n·ln2`` (Cody–Waite, hi/lo) and ``p`` the
+    degree-5 polynomial in ``t`` (Horner with fma). ``const`` makes a constant of the operands' type (scalar or
+    vector)."""
+    t = T.fma(n, const(_MINUS_LN2_LO), T.fma(n, const(_MINUS_LN2_HI), x))
+    p = T.fma(t, const(_C5), const(_C4))
+    for c in (_C3, _C2, _C1, 1.0):
+        p = T.fma(p, t, const(c))
+    return p
+
+
 def _ext(x):
     """Extended-range exp: return TIR expressions ``(p, n)`` with ``exp(x) = p * 2^n``, ``p`` in ~[0.71, 1.42]."""
     n = T.nearbyint(x * _f(_LOG2E))
-    t = T.fma(n, _f(_MINUS_LN2_LO), T.fma(n, _f(_MINUS_LN2_HI), x))
-    p = T.fma(t, _f(_C5), _f(_C4))
-    p = T.fma(p, t, _f(_C3))
-    p = T.fma(p, t, _f(_C2))
-    p = T.fma(p, t, _f(_C1))
-    p = T.fma(p, t, _f(1.0))
-    return p, n
+    return _exp_poly(x, n, _f), n
 
 
 def _pow2_nonpos(d):
@@ -102,13 +107,7 @@ def _b16(v: float):
 def _ext16(x):
     """:func:`_ext` on an explicit <16 x float> vector."""
     n = T.nearbyint(x * _b16(_LOG2E))
-    t = T.fma(n, _b16(_MINUS_LN2_LO), T.fma(n, _b16(_MINUS_LN2_HI), x))
-    p = T.fma(t, _b16(_C5), _b16(_C4))
-    p = T.fma(p, t, _b16(_C3))
-    p = T.fma(p, t, _b16(_C2))
-    p = T.fma(p, t, _b16(_C1))
-    p = T.fma(p, t, _b16(1.0))
-    return p, n
+    return _exp_poly(x, n, _b16), n
 
 
 def _pow2_int(d):
@@ -408,12 +407,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
         vn = T.fma(zc, _f(_LOG2E), _f(_MAGIC))
         sc = T.reinterpret(_F32, T.shift_left(T.reinterpret("int32", vn), T.int32(23)))
         n = vn - _f(_MAGIC)
-        t = T.fma(n, _f(_MINUS_LN2_LO), T.fma(n, _f(_MINUS_LN2_HI), zc))
-        p = T.fma(t, _f(_C5), _f(_C4))
-        p = T.fma(p, t, _f(_C3))
-        p = T.fma(p, t, _f(_C2))
-        p = T.fma(p, t, _f(_C1))
-        return T.Select(z >= _f(-87.0), T.fma(p, t, _f(1.0)) * sc, _f(0.0))
+        return T.Select(z >= _f(-87.0), _exp_poly(zc, n, _f) * sc, _f(0.0))
 
     @T.macro
     def rowmax(Xf, accm, sm, row, start):

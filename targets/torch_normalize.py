@@ -1,11 +1,11 @@
-"""Normalize a torch.export program before TVM's torch frontend (spec rewriting.md §3 trap 6).
+"""Normalize a torch.export program before TVM's torch frontend.
 
 TVM's SDPA converter ignores ``scale`` and ``enable_gqa``, accepts float masks only and asserts ``dropout_p == 0``.
-:func:`normalize_exported_program` replaces every ``aten.scaled_dot_product_attention`` call by explicit math
-(scale folded into q, GQA heads repeated with ``repeat_interleave``, bool masks -> additive float masks with
-``finfo.min`` at disallowed positions, ``is_causal`` as an upper-left causal mask, dropout dropped) and removes
-``aten.dropout`` nodes, then re-exports the module with static example inputs taken from the program's input
-metadata.  The input program is not modified.
+:func:`normalize_exported_program` replaces every ``aten.scaled_dot_product_attention`` call by explicit math (the
+engine's softmax attention, :func:`rewrite.attention_math.softmax_attention`, with SDPA's conventions: GQA heads
+repeated with ``repeat_interleave``, ``is_causal`` upper-left aligned, fully masked rows 0 as torch's safe softmax,
+dropout dropped) and removes ``aten.dropout`` nodes, then re-exports the module with static example inputs taken
+from the program's input metadata.  The input program is not modified.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import logging
 import math
 
 import torch
+
+from rewrite.attention_math import softmax_attention
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,8 @@ def sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         rep = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
-    scores = torch.matmul(query * s, key.transpose(-2, -1))
-    neg = torch.finfo(scores.dtype).min
-    if is_causal:
-        n, m = scores.shape[-2], scores.shape[-1]
-        allowed = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~allowed, neg)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, neg)
-        else:
-            scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    return softmax_attention(query, key, value, scale=s, causal=bool(is_causal), attn_mask=attn_mask,
+                             causal_align="top_left")
 
 
 def _example_inputs(ep: torch.export.ExportedProgram, shapes: dict | None = None) -> tuple:

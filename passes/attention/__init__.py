@@ -1,4 +1,4 @@
-"""Softmax-attention replacements (spec/attention.md). Each module exports one :class:`AttentionVariant`.
+"""Softmax-attention replacements. Each module exports one :class:`AttentionVariant`.
 
 ``VARIANTS`` maps the variant name to its descriptor; :func:`get_variant` looks one up.
 """

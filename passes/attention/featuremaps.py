@@ -1,4 +1,4 @@
-"""Feature maps φ for the linear-attention family (spec/attention.md §2, §7).
+"""Feature maps φ for the linear-attention family.
 
 All maps take (B, H, N, D) and return (B, H, N, F) in the same floating dtype; callers pass fp32/fp64 tensors.
 
@@ -75,17 +75,3 @@ def feature_map_one(
     if feature_map == "taylor2":
         return taylor2(x, scale)
     raise ValueError(f"unknown feature_map {feature_map!r}; known: {FEATURE_MAPS}")
-
-
-def apply_feature_map(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    feature_map: str,
-    params: dict[str, torch.Tensor] | None,
-    scale: float,
-    feature_dim: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(φ_q(q), φ_k(k)) for the named map; ``q``/``k`` already in the compute dtype."""
-    kw = dict(feature_map=feature_map, params=params, scale=scale, feature_dim=feature_dim)
-    return feature_map_one(q, side="q", **kw), feature_map_one(k, side="k", **kw)

@@ -1,5 +1,5 @@
 """Sliding-window hybrid: exact softmax inside a window of width w, a linear-family operator outside
-(spec/attention.md §8, LoLCATs Eq. 7).
+(LoLCATs, Eq. 7).
 
 Window of query i (p_i = i + T - S, bottom-right aligned): causal p_i - w < j <= p_i; non-causal |j - p_i| < w.
 With window terms e_ij = exp(s q_i·k_j - c_i), c_i = max of the visible window logits (subtracted from the softmax

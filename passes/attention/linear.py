@@ -1,5 +1,5 @@
-"""Linear attention with the elu+1 feature map (spec/attention.md §2), optional Hedgehog/Taylor maps (§7) and the
-sliding-window hybrid (§8).
+"""Linear attention with the elu+1 feature map, optional learned Hedgehog/Taylor maps and the
+sliding-window hybrid of LoLCATs.
 
 y_i = φ(q_i)ᵀ Σ_j M_ij φ(k_j) v_jᵀ / (φ(q_i)·Σ_j M_ij φ(k_j) + ε), ε = 1e-6 outside the dot product. No 1/√d
 pre-scaling unless ``scale_qk`` (then q and k are each multiplied by √scale before φ). Key padding zeroes φ(k_j)
@@ -32,7 +32,7 @@ OPTIONS = (
     VariantOption("chunk_size", 64, int, "chunk length C of the causal chunked form", minimum=1),
     VariantOption("causal_form", "auto", str, "auto (chunked in eager, prefix when traced), chunked, prefix, loop",
                   choices=("auto", "chunked", "prefix", "loop")),
-    VariantOption("window", 0, int, "sliding softmax window width w (0 = off; spec §8 hybrid)", minimum=0),
+    VariantOption("window", 0, int, "sliding softmax window width w (0 = off; the LoLCATs hybrid)", minimum=0),
 )
 
 

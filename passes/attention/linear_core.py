@@ -1,4 +1,4 @@
-"""The linear-attention core shared by ``linear``, ``mala`` and the hybrid window (spec/attention.md §2, §3, §8).
+"""The linear-attention core shared by ``linear``, ``mala`` and the hybrid window.
 
 ``apply(fq, fk, v)`` computes out_i = fq_iᵀ Σ_{j visible from i} fk_j v_jᵀ for fq (B,H,S,F), fk (B,H,T,F),
 v (B,H,T,E) → (B,H,S,E). Causal callers fold denominators in by appending a ones column to v and key padding in by

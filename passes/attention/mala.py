@@ -1,4 +1,4 @@
-"""MALA — magnitude-aware linear attention (spec/attention.md §3), with the project's causal/padded extension.
+"""MALA — magnitude-aware linear attention, with the project's causal/padded extension.
 
 Official non-causal operator (no RoPE split: q and k arrive after the host's RoPE, so φ̃ = φ here):
 a_ij = (s/N) φ(q_i)·φ(k_j), z_i = Σ_j a_ij, KV = (s/N) Σ_j φ(k_j) v_jᵀ, v̄ = (1/N) Σ_j v_j,

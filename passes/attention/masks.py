@@ -1,4 +1,4 @@
-"""Mask and dtype helpers shared by every attention variant (spec/attention.md §0, §9).
+"""Mask and dtype helpers shared by every attention variant (the conventions of :mod:`rewrite.attention_math`).
 
 All helpers are traceable by ``torch.export`` with dynamic sequence lengths: masks are built from ``arange``
 comparisons, never from Python control flow on tensor values.
@@ -12,63 +12,9 @@ from typing import Callable, Iterable
 
 import torch
 
-#: Additive-mask entries at or below this value are treated as "drop" (the contract's "large negative").
-#: Any value this low already gives exp(x) == 0 in fp32, so softmax rows with at least one kept entry are unchanged;
-#: only fully masked rows differ (they give 0 instead of a uniform average).
-DROP_THRESHOLD = -1.0e4
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype for states, sums and normalisers: fp64 for fp64 inputs, fp32 otherwise (fp16/bf16/fp32)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def causal_keep(s_len, t_len, device: torch.device, shift: int = 0) -> torch.Tensor:
-    """(S, T) bool: key j visible from query i iff j <= i + (T - S) - shift (bottom-right aligned causal)."""
-    i = torch.arange(s_len, device=device).unsqueeze(-1)
-    j = torch.arange(t_len, device=device).unsqueeze(0)
-    return j <= i + (t_len - s_len) - shift
-
-
-def split_attn_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split an attention mask into (keep bool, additive bias in ``dtype`` or None).
-
-    A bool mask means True = keep and carries no bias. A float mask is additive: entries <= :data:`DROP_THRESHOLD`
-    (including -inf) are dropped; the remaining entries are a bias added to the logits (e.g. ALiBi), with dropped
-    entries' bias set to 0 so that no -inf/finfo.min value reaches later arithmetic.
-    """
-    if attn_mask.dtype == torch.bool:
-        return attn_mask, None
-    m = attn_mask.to(dtype)
-    keep = m > DROP_THRESHOLD
-    bias = torch.where(keep, m, torch.zeros((), dtype=dtype, device=m.device))
-    return keep, bias
-
-
-def keep_mask(
-    s_len,
-    t_len,
-    *,
-    causal: bool,
-    key_padding: torch.Tensor | None,
-    attn_mask: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """The combined keep mask (bool, broadcastable to (B, H, S, T)) or None when nothing is masked.
-
-    ``key_padding`` is (B, T) bool, True = real token. A float ``attn_mask`` contributes its keep part only
-    (see :func:`split_attn_mask` for the bias).
-    """
-    keep: torch.Tensor | None = None
-    if causal:
-        keep = causal_keep(s_len, t_len, device)
-    if key_padding is not None:
-        kp = key_padding.to(torch.bool)[:, None, None, :]
-        keep = kp if keep is None else keep & kp
-    if attn_mask is not None:
-        am = split_attn_mask(attn_mask, torch.float32)[0]
-        keep = am if keep is None else keep & am
-    return keep
+# The mask conventions and helpers are the engine's (one definition of softmax attention and its masks).
+from rewrite.attention_math import (DROP_THRESHOLD, causal_keep, compute_dtype, keep_mask,  # noqa: E402,F401
+                                    split_attn_mask)
 
 
 def visible_counts(keep: torch.Tensor | None, t_len, dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Sigmoid attention (spec/attention.md §4; Ramapuram et al., ICLR 2025).
+"""Sigmoid attention (Ramapuram et al., ICLR 2025).
 
 Y = (σ(τ·(s·QKᵀ + B_mask) + b) ⊙ M) V with no row normalisation. b is a constant fixed at conversion:
-b = −ln n_ref (option ``n_ref``, default 2048; the converting pass sets it from the host's training context). Never
+b = −ln n_ref (option ``n_ref``; unset, the converting pass takes the model's ``max_position_embeddings`` from its
+config, else 2048). Never
 derived from the call-time key length (prefill and cached decode would disagree). τ = 1 unless params give a
 per-head ``log_temp`` (τ = exp(log_temp)); params may also override b per head (``bias``). The keep mask multiplies
 σ, so masked weights are exactly 0 and no −inf/finfo.min value reaches arithmetic (no NaN in fp16/bf16).
@@ -21,8 +22,12 @@ from .masks import compute_dtype, keep_mask, mask_checked, split_attn_mask, visi
 MASK_KINDS = frozenset({"none", "causal", "key_padding", "arbitrary"})
 LENGTH_NORMS = ("none", "n", "sqrt_n")
 
+#: n_ref when neither the option nor the model's config gives one.
+DEFAULT_N_REF = 2048
+
 OPTIONS = (
-    VariantOption("n_ref", 2048, int, "reference (training) context; fixed bias b = −ln n_ref", minimum=1),
+    VariantOption("n_ref", None, int, "reference (training) context; fixed bias b = −ln n_ref (default: the "
+                  "model config's max_position_embeddings, else 2048)", minimum=1),
     VariantOption("length_norm", "none", str, "none, n (×1/n_i) or sqrt_n (×1/√n_i) row scaling",
                   choices=("none", "n", "sqrt_n")),
 )
@@ -45,7 +50,7 @@ def sigmoid_attention(
     key_padding: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     params: dict[str, torch.Tensor] | None = None,
-    n_ref: int = 2048,
+    n_ref: int | None = None,
     length_norm: str = "none",
 ) -> torch.Tensor:
     """Sigmoid attention, (B,H,S,Dv) in q's dtype."""
@@ -65,7 +70,7 @@ def sigmoid_attention(
     if p.get("bias") is not None:
         logits = logits + p["bias"].to(cd).reshape(1, heads, 1, 1)
     else:
-        logits = logits + sigmoid_bias(n_ref)
+        logits = logits + sigmoid_bias(DEFAULT_N_REF if n_ref is None else n_ref)
     w = torch.sigmoid(logits)
     keep = keep_mask(s_len, t_len, causal=causal, key_padding=key_padding, attn_mask=attn_mask, device=q.device)
     if keep is not None:
@@ -78,7 +83,7 @@ def sigmoid_attention(
 
 def init_params(heads: int, head_dim: int, options: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Per-head ``bias`` (H,) = −ln n_ref and ``log_temp`` (H,) = 0: equal to the parameter-free form."""
-    n_ref = int(options.get("n_ref", 2048))
+    n_ref = int(options.get("n_ref") or DEFAULT_N_REF)
     return {
         "bias": torch.full((heads,), sigmoid_bias(n_ref), dtype=torch.float32),
         "log_temp": torch.zeros(heads, dtype=torch.float32),

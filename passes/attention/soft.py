@@ -1,5 +1,5 @@
 """SOFT — softmax-free attention with a Gaussian kernel, Nyström landmarks and a Newton–Schulz inverse
-(spec/attention.md §6; Lu et al., NeurIPS 2021 / IJCV 2024). Encoder-only: no causal, padded or arbitrary masks
+(Lu et al., NeurIPS 2021 / IJCV 2024). Encoder-only: no causal, padded or arbitrary masks
 (landmarks pool over every token).
 
 Untied generalisation for pretrained models (project design): κ(a, b) = exp(−(s/2)‖a − b‖²) with the host scale s

@@ -1,4 +1,4 @@
-"""Softplus attention LSSA and its re-weighting LSSAR (spec/attention.md §5; Gao, Spratling et al.,
+"""Softplus attention LSSA and its re-weighting LSSAR (Gao, Spratling et al.,
 arXiv 2501.13428 — the whole formula is from secondary sources, unverified against the official code).
 
 LSSA: q̂ = q/‖q‖, k̂ = k/‖k‖, A_ij = M_ij Softplus(τ · ln d · ln n_i · q̂_i·k̂_j), A_i ← A_i/‖A_i‖₁, y = AV.

@@ -1,4 +1,4 @@
-"""Attention transfer (spec/attention.md §7–§8): fit the learnable parameters of a softmax replacement, site by
+"""Attention transfer: fit the learnable parameters of a softmax replacement, site by
 site, to the original model's softmax outputs on calibration data, then write them into the rewritten graph.
 
 Public API: :func:`transfer` (orchestration, checkpoint/resume), :func:`load_calibration` /

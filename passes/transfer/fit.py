@@ -1,4 +1,4 @@
-"""Fit one attention site's replacement parameters to its softmax original (spec/attention.md §7, stage 1).
+"""Fit one attention site's replacement parameters to its softmax original.
 
 The teacher is the captured softmax output of the site; the student is the site's
 :class:`rewrite.binding.SiteModule` fed the *captured* q, k, v and mask values (teacher forcing, as LoLCATs stage 1:

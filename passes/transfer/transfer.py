@@ -1,4 +1,4 @@
-"""Layer-wise attention transfer for FX programs and ONNX graphs (spec/attention.md §7 stage 1, §8 hybrid).
+"""Layer-wise attention transfer for FX programs and ONNX graphs.
 
 Flow of :func:`transfer`:
 
@@ -28,7 +28,7 @@ import torch
 
 from rewrite import io as mio
 from rewrite.attention_pass import AttentionRewritePass
-from rewrite.binding import SiteModule, SiteSpec
+from rewrite.binding import site_module
 from rewrite.capture import capture_fx, capture_onnx
 from rewrite.errors import NoSitesError, OptionError, SoftswapError
 from rewrite.recognize import recognize
@@ -262,8 +262,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                     init = variant.init_params(site.heads, site.head_dim, resolved)
                 init = init or {}
                 state = ckpt.sites.get(site.name) or SiteState(params={k: v.clone() for k, v in init.items()})
-                spec = SiteSpec.from_site(site, g.dtype(site.output))
-                module = SiteModule(variant, spec, resolved, init)
+                module = site_module(variant, site, g, resolved, init)
                 before = evaluate(module, held[site.name])
                 for k, v in state.params.items():
                     module.params[k].data.copy_(v)
@@ -321,7 +320,7 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         out: write the fitted model here (``.onnx`` or ``.pt2``) when given.
         attention: variant name (``linear``, ``mala``, ``sigmoid``, ``softplus``, ...).
         options: variant options; the transfer defaults are ``feature_map="hedgehog"`` (linear, MALA).
-        hybrid_window: > 0 sets the sliding softmax window ``window`` (spec §8; linear and MALA).
+        hybrid_window: > 0 sets the sliding softmax window ``window`` (linear and MALA).
         data: calibration data (see :func:`passes.transfer.data.load_calibration`); None = synthetic.
         steps: optimizer steps per site (total, counting steps already in the checkpoint).
         minutes: wall-clock budget for capture + fitting (split evenly over the sites still to fit). With neither

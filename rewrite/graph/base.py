@@ -101,27 +101,6 @@ class GraphView(Protocol):
     def key(self, value: Any) -> Hashable: ...
 
 
-def rank(graph: GraphView, value: Any) -> int | None:
-    """The rank of ``value`` if its shape is known."""
-    shape = graph.shape(value)
-    return None if shape is None else len(shape)
-
-
-def single_user(graph: GraphView, value: Any) -> Any | None:
-    """The only user of ``value``, or None if it has zero or several users or is a graph output."""
-    users = graph.users(value)
-    if len(users) != 1 or graph.is_graph_output(value):
-        return None
-    return users[0]
-
-
-def swap_last_two(rank_: int) -> tuple[int, ...]:
-    """The permutation that swaps the last two axes of a tensor of rank ``rank_``."""
-    perm = list(range(rank_))
-    perm[-1], perm[-2] = perm[-2], perm[-1]
-    return tuple(perm)
-
-
 def normalize_axis(axis: int, rank_: int | None) -> int:
     """A non-negative axis (``axis`` may be negative); returns ``axis`` unchanged if the rank is unknown."""
     if axis < 0 and rank_ is not None:

@@ -196,6 +196,7 @@ class _Down:
     covered: list[Any]
     done: tuple[Any, Any] | None = None
     scores_users: set = field(default_factory=set)  # guard nodes that also read the scores
+    row_guards: list = field(default_factory=list)  # keep masks p is multiplied by (checked against the scores)
     merged: bool = False  # the probabilities went through a batch-merging view
 
 
@@ -266,6 +267,40 @@ def _down_dropout(st: _Down, user: Any, canon: Any) -> None:
     _down_pass(st, user, canon)
 
 
+def _down_row_guard(st: _Down, user: Any, canon: Any) -> None:
+    """``p × keep`` (the canonical form's zero for fully masked rows): ``keep`` (a bool, maybe cast) must be the
+    mask applied to the scores, which :func:`check_row_guards` verifies once the scores are walked."""
+    g = st.g
+    a, b = canon.inputs[:2]
+    other = b if a is st.p else (a if b is st.p else None)
+    keep = other
+    inner = g.canon(g.producer(other)) if other is not None and not isinstance(other, (int, float)) else None
+    if inner is not None and inner.kind == "cast":
+        keep = inner.inputs[0]
+    if other is None or isinstance(other, (int, float)) or g.dtype(keep) != "bool":
+        raise fail(g, st.softmax, "softmax feeding a matmul with V (P·V)",
+                   f"it feeds {g.node_name(user)} ({g.op_name(user)})")
+    st.row_guards.append(keep)
+    if inner is not None and inner.kind == "cast":
+        st.covered.append(g.producer(other))
+    _down_pass(st, user, canon)
+
+
+def check_row_guards(g: GraphView, softmax: Any, guards: list[Any], terms: list[MaskTerm]) -> None:
+    """Each row guard's keep mask is a keep term of the scores, or ``M > c`` (c <= -1e3) of an additive term M:
+    then ``p × keep`` changes nothing but fully masked rows."""
+    for keep in guards:
+        if any(t.mode == "keep" and t.value is keep for t in terms):
+            continue
+        canon = g.canon(g.producer(keep))
+        if canon is not None and canon.kind == "compare" and canon.attrs["op"] in ("gt", "ge"):
+            c = g.scalar(canon.inputs[1])
+            if c is not None and c <= NEG_FILL and any(t.mode == "add" and t.value is canon.inputs[0] for t in terms):
+                continue
+        raise fail(g, softmax, "a row guard p × keep whose keep is the mask applied to the scores",
+                   f"keep {g.value_name(keep)}, not a mask of the scores")
+
+
 def _down_batch_view(st: _Down, user: Any, canon: Any) -> None:
     g = st.g
     out = g.outputs(user)[0]
@@ -306,6 +341,8 @@ PROB_STEPS_TABLE: tuple[Spelling, ...] = (
     Spelling("probs", ("full_like", "where"), "safe-softmax",
              "Where(not(any(not(scores == -inf), -1)), zeros_like(p), p) (core-ATen _safe_softmax)"),
     Spelling("probs", PASS_THROUGH, "pass-through", "cast / identity (e.g. back from an fp32 upcast)", _down_pass),
+    Spelling("probs", ("mul",), "row-guard", "p × keep (cast), keep being the mask applied to the scores "
+             "(softswap's canonical form: fully masked rows give 0)", _down_row_guard),
     Spelling("probs", ("expand", "reshape"), "batch-view", "no-op expand, then a view merging batch axes before a "
              "3-D bmm with V (core-ATen decomposed SDPA); the product is split back to 4-D", _down_batch_view),
     Spelling("probs", ("dropout",), "dropout", "dropout inactive at inference (p = 0 or eval)", _down_dropout),
@@ -404,6 +441,7 @@ def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
     pv, v = down.done
     up = upstream(g, softmax, covered, down.scores_users)
     qk, scale, terms = up.matmul, up.scale, up.terms
+    check_row_guards(g, softmax, down.row_guards, terms)
     qk_canon = g.canon(qk)
     q, k_op = qk_canon.inputs[0], qk_canon.inputs[1]
     if up.merged or down.merged:  # a 3-D bmm between views of 4-D operands
@@ -415,7 +453,7 @@ def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
     tq = trace_layout(g, q, batch + ["T", "F"], "Q", softmax)
     tk = trace_layout(g, kt, batch + ["F", "T"], "K (as Kᵀ in Q·Kᵀ)", softmax)
     tv = trace_layout(g, v, batch + ["T", "F"], "V", softmax)
-    q_shape, v_shape = g.shape(q) or (), g.shape(v) or ()
+    q_shape = g.shape(q) or ()
     head_dim = q_shape[-1] if q_shape and isinstance(q_shape[-1], int) else None
     if r == 4:
         heads = next((d for d in (q_shape[1] if len(q_shape) == 4 else None, shape[1], tq.heads,
@@ -433,4 +471,4 @@ def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
         name=f"attn{index}", spelling=f"explicit-{g.kind}", q=q, k=kt, v=v, output=g.outputs(pv)[0], scale=scale,
         causal=causal, mask=mask, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         layout=layout, k_transposed=True, mask_terms=terms, dtype=g.dtype(q), anchor=softmax,
-        nodes=[g.node_name(n) for n in covered], extra={"value_dim": v_shape[-1] if v_shape else None})
+        nodes=[g.node_name(n) for n in covered])

@@ -62,7 +62,7 @@ def mha_native_site(g: GraphView, node: Any, index: int) -> AttentionSite:
                          v=canon.inputs[2], output=g.outputs(node)[0], scale=(embed // heads) ** -0.5,
                          causal=False, mask="none" if attrs["mask"] is None else "key_padding", heads=heads,
                          kv_heads=heads, head_dim=embed // heads, layout="BSE", anchor=node,
-                         nodes=[g.node_name(node)], extra={"fused": True})
+                         nodes=[g.node_name(node)])
 
 
 def _packed_site(g: GraphView, node: Any, index: int, mask_input: int, hidden: Any) -> AttentionSite:
@@ -73,7 +73,10 @@ def _packed_site(g: GraphView, node: Any, index: int, mask_input: int, hidden: A
     kv_heads = attrs.get("kv_num_heads") or heads
     causal = bool(attrs.get("unidirectional", 0) or attrs.get("is_causal", 0))
     head_dim = hidden // heads if isinstance(hidden, int) and heads else None
-    scale = attrs.get("scale") or (head_dim ** -0.5 if head_dim else float("nan"))
+    scale = attrs.get("scale") or (head_dim ** -0.5 if head_dim else None)
+    if scale is None:
+        raise fail(g, node, "a scale attribute or a static hidden size (for the default scale 1/√head_dim)",
+                   f"no scale and hidden size {hidden!r} for {heads} heads")
     masked = len(canon.inputs) > mask_input and canon.inputs[mask_input] is not None
     mask = ("causal+padding" if causal else "key_padding") if masked else ("causal" if causal else "none")
     return AttentionSite(name=f"attn{index}", spelling=canon.kind, q=canon.inputs[0],
@@ -81,7 +84,7 @@ def _packed_site(g: GraphView, node: Any, index: int, mask_input: int, hidden: A
                          v=canon.inputs[2] if len(canon.inputs) > 2 else None, output=g.outputs(node)[0],
                          scale=float(scale), causal=causal, mask=mask, heads=heads, kv_heads=kv_heads,
                          head_dim=head_dim, layout="BSE", anchor=node, nodes=[g.node_name(node)],
-                         dtype=g.dtype(canon.inputs[0]), extra={"fused": True})
+                         dtype=g.dtype(canon.inputs[0]))
 
 
 def _last_dim(g: GraphView, value: Any) -> Any:

@@ -12,13 +12,35 @@ _BROADCAST = ("expand", "reshape", "cast", "identity", "unsqueeze")
 
 #: How mask kinds are read (documentation rows for ``softswap inspect --spellings``; the logic is below).
 MASK_SPELLINGS: tuple[Spelling, ...] = (
-    Spelling("mask", ("compare",), "causal-compare", "a comparison of two arange-derived operands: causal"),
+    Spelling("mask", ("compare",), "causal-compare", "a comparison of two arange-derived operands (an arange "
+             "folded to a constant 0..n-1 counts): causal"),
     Spelling("mask", ("trilu",), "causal-trilu", "a triangle op (triu / tril / Trilu) in the mask's data: causal"),
     Spelling("mask", ("constant",), "causal-constant", "a constant strictly-upper-triangular drop pattern: causal"),
     Spelling("mask", ("input",), "key-padding", "depends on a graph input of shape (B, T) or (B, .., 1, T)"),
     Spelling("mask", ("input",), "arbitrary", "depends on any other graph input: additive (float) or boolean"),
     Spelling("mask", ("compare",), "all-true", "arange(...) >= 0 or a constant of Trues / zeros: no mask (dropped)"),
 )
+
+
+def _arange_like(g: GraphView, value: Any) -> bool:
+    """``value`` comes from an ``arange``, or is a constant 0, 1, …, n-1 along one axis (an arange an exporter
+    folded at a static length)."""
+    if any(g.canon(n) is not None and g.canon(n).kind == "arange"
+           for n in walk_ancestors(g, [value], limit=ARANGE_SEARCH)):
+        return True
+    v = value
+    for _ in range(ARANGE_SEARCH):  # an arange shifted or reshaped: i + (T - S), unsqueeze(arange)
+        canon = g.canon(g.producer(v))
+        if canon is None or canon.kind not in ("add", "sub", "unsqueeze", "reshape", "cast", "identity", "arange"):
+            break
+        if canon.kind == "arange":
+            return True
+        v = canon.inputs[0]
+    import numpy as np
+    arr = g.const_array(value, 1 << 16)
+    if arr is None or arr.size < 2 or arr.dtype.kind not in "iu" or max(arr.shape) != arr.size:
+        return False
+    return bool(np.array_equal(arr.reshape(-1), np.arange(arr.size)))
 
 
 def data_sources(g: GraphView, value: Any) -> tuple[list[Any], bool]:
@@ -51,8 +73,8 @@ def data_sources(g: GraphView, value: Any) -> tuple[list[Any], bool]:
         if canon is not None and canon.kind == "trilu":
             causal = True
         if canon is not None and canon.kind == "compare":
-            arange_sides = sum(any(g.canon(n) is not None and g.canon(n).kind == "arange"
-                                   for n in walk_ancestors(g, [x], limit=ARANGE_SEARCH)) for x in canon.inputs[:2])
+            arange_sides = sum(_arange_like(g, x) for x in canon.inputs[:2] if x is not None
+                               and not isinstance(x, (int, float, bool)))
             if arange_sides == 2:
                 causal = True
         stack.extend(x for x in g.raw_inputs(node))

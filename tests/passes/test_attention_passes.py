@@ -1,4 +1,4 @@
-"""The attention passes over real graphs (issue 3): FX and ONNX results of the same rewrite agree, the ONNX result
+"""The attention passes over real graphs: FX and ONNX results of the same rewrite agree, the ONNX result
 runs in onnxruntime, the .pt2 reloads and runs, unsupported masks are skipped with a reason, fp16/bf16 work."""
 from __future__ import annotations
 

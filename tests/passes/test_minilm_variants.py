@@ -26,7 +26,7 @@ def minilm_onnx(minilm, tmp_path_factory):
 
 
 def test_minilm_soft_is_refused_with_reason(minilm, tmp_path):
-    """SOFT takes no key-padding mask (spec §6): every MiniLM site is skipped with that reason, nothing written."""
+    """SOFT takes no key-padding mask: every MiniLM site is skipped with that reason, nothing written."""
     with pytest.raises(rewrite.NoSitesError, match="key_padding"):
         rewrite.convert(minilm, tmp_path / "m.pt2", attention="soft")
     assert not (tmp_path / "m.pt2").exists()
@@ -39,7 +39,7 @@ def test_minilm_each_variant(variant, minilm, minilm_onnx, tmp_path):
     assert len(sites) == 6
     assert all(s["status"] == "replaced" for s in sites)
     cosines = [s["fidelity"]["cosine"] for s in sites]
-    assert all(-1.0 <= c <= 1.0 for c in cosines)
+    assert all(0.0 < c < 1.0 for c in cosines), cosines  # each site changed, and still correlated with softmax
     model_cos = report["fidelity"]["min_cosine"]
     assert 0.0 < model_cos < 1.0 - 1e-6  # an untrained swap changes the model, measurably
     onnx_new, onnx_report = rewrite.convert(minilm_onnx, tmp_path / "m.onnx", attention=variant)

@@ -1,4 +1,4 @@
-"""Attention transfer (passes/transfer; spec/attention.md §7–§8) on a tiny random BERT, in FX and in ONNX.
+"""Attention transfer (passes/transfer) on a tiny random BERT, in FX and in ONNX.
 
 The tiny BERT's query/key weights are scaled up so that its attention is peaked (a random BERT's attention is
 almost uniform, which every variant matches trivially). Margins asserted: after fitting, every site's held-out

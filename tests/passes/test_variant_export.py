@@ -1,5 +1,5 @@
 """Every attention variant exports with dynamic sequence lengths (torch.export and torch.onnx dynamo, opset 18) and
-the ONNX model, run in onnxruntime at *other* lengths, matches eager torch (spec/attention.md §9 "Export")."""
+the ONNX model, run in onnxruntime at *other* lengths, matches eager torch."""
 from __future__ import annotations
 
 import logging

