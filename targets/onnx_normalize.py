@@ -1,4 +1,4 @@
-"""Normalize an ONNX model before TVM's ONNX frontend (spec rewriting.md §3 trap 5).
+"""Normalize an ONNX model before TVM's ONNX frontend.
 
 TVM's ONNX frontend looks converters up by ``op_type`` only: ``Attention`` is always converted with
 ``com.microsoft`` semantics (an ``ai.onnx`` opset-23 ``Attention`` would be mis-converted) and
@@ -117,6 +117,10 @@ def _attend(b: _Builder, q: str, k: str, v: str, scale: str, biases: list[str], 
             s_len: int | None = None, l_len: int | None = None) -> str:
     """softmax((q*scale) @ k^T + biases [+ causal]) @ v with q, k, v in (B, H, S, d).
 
+    This expands an ONNX / onnxruntime op, so it keeps that op's semantics rather than the engine's canonical form
+    (:func:`rewrite.attention_math.softmax_attention`): causal is top-left aligned (``causal_align="top_left"``
+    there), and masks are additive (``finfo.min`` or the op's ``mask_filter_value``), so a fully masked row is the
+    uniform average onnxruntime computes, where the canonical form gives 0. Rows with a kept key agree.
     The causal bias is a constant when the sequence lengths are known, else built with Range (dynamic).
     """
     qs = b.op("Mul", [q, scale])

@@ -641,9 +641,7 @@ def _zoo() -> list[ZooModel]:
 #: exporter -> reason, per entry, for exporters observed to fail (filled from probing).
 UNSUPPORTED: dict[str, dict[str, str]] = {
     "sdpa_decomposed": {"legacy": "a core-ATen decomposition is a spelling of exported programs; the TorchScript "
-                        "exporter traces the module, which is sdpa_bool",
-                        "dynamo": "not a spelling yet: the exporter writes the safe-softmax guard as Cast/ReduceMax/"
-                        "Cast and Expand(0, Shape(p)) (reported unmatched, with the reason)"},
+                        "exporter traces the module, which is sdpa_bool"},
     "twin_kv_reshape": {"legacy": "the TorchScript exporter writes repeat_interleave as Tile and leaves the reshapes "
                         "without shapes, so the layout can be proven neither way (a known limit: recognized)"},
 }

@@ -34,7 +34,6 @@ def _num(x):
 
 def snapshot_of(report) -> dict:
     """The JSON-able recognition of one inspect report (sites with their fields, heads, unmatched with reasons)."""
-    from rewrite.graph.fx import FxGraph  # noqa: F401  (import check)
     rec = report.recognition
     sites = []
     for s in rec.attention_sites:

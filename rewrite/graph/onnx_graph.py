@@ -82,6 +82,22 @@ def _gemm(node: ir.Node, g: "OnnxGraph") -> Canon:
                                                    "trans_a": int(_attr(node, "transA", 0))})
 
 
+def _reduce_max(node: ir.Node, g: "OnnxGraph") -> Canon | None:
+    """ReduceMax of a bool cast to numbers over one axis is ``any`` (how exporters write ``torch.any``); other
+    reductions are outside the vocabulary."""
+    x = node.inputs[0]
+    cast = x.producer() if x is not None else None
+    if cast is None or cast.op_type != "Cast" or cast.inputs[0] is None or cast.inputs[0].dtype != ir.DataType.BOOL:
+        return None
+    axes = g.const_array(node.inputs[1], 8) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if axes is None:
+        axes = _attr(node, "axes")
+    if axes is None or len(list(np.asarray(axes).reshape(-1))) != 1:
+        return None
+    axis = normalize_axis(int(np.asarray(axes).reshape(-1)[0]), _rank(x))
+    return Canon("any", (cast.inputs[0],), {"axis": axis, "keepdim": bool(_attr(node, "keepdims", 1))})
+
+
 def _simple(kind: str, n_in: int = 1, **attrs: Any) -> Callable[[ir.Node, "OnnxGraph"], Canon]:
     return lambda node, g: Canon(kind, _inputs(node, *range(n_in)), dict(attrs))
 
@@ -121,6 +137,7 @@ _TABLE: dict[tuple[str, str], Callable[[ir.Node, "OnnxGraph"], Canon | None]] = 
     ("", "GreaterOrEqual"): _simple("compare", 2, op="ge"),
     ("", "Trilu"): lambda node, g: Canon("trilu", (node.inputs[0],), {"upper": bool(_attr(node, "upper", 1))}),
     ("", "Range"): _simple("arange", 0),
+    ("", "ReduceMax"): _reduce_max,
     ("", "Attention"): _fused("onnx_attention"),
     ("com.microsoft", "Attention"): _fused("ort_attention"),
     ("com.microsoft", "MultiHeadAttention"): _fused("ort_mha"),

@@ -217,39 +217,60 @@ def _nan_guard(st: _Down, users: list[Any]) -> bool:
 
 def _guard_condition(g: GraphView, cond: Any, scores: Any) -> list[Any] | None:
     """The nodes of ``not(any(not(scores == -inf), -1))`` (rows with every score masked: the safe softmax of
-    core-ATen decompositions), or None when ``cond`` is something else."""
+    core-ATen decompositions; casts around ``any`` allowed), or None when ``cond`` is something else."""
     nodes = []
     for kind in ("not", "any", "not", "compare"):
         node = g.producer(cond)
         canon = g.canon(node) if node is not None else None
+        while canon is not None and canon.kind == "cast" and kind == "any":  # Cast(ReduceMax(Cast(b))) in ONNX
+            nodes.append(node)
+            cond = canon.inputs[0]
+            node = g.producer(cond)
+            canon = g.canon(node) if node is not None else None
         if canon is None or canon.kind != kind:
             return None
         nodes.append(node)
         cond = canon.inputs[0]
-    any_canon = g.canon(nodes[1])
+    by_kind = {g.canon(n).kind: n for n in nodes}
+    any_canon, cmp = g.canon(by_kind["any"]), g.canon(by_kind["compare"])
     shape = g.shape(scores)
-    cmp = g.canon(nodes[3])
     if shape is None or any_canon.attrs["axis"] != len(shape) - 1 or cmp.attrs["op"] != "eq" \
             or cmp.inputs[0] is not scores or g.scalar(cmp.inputs[1]) != float("-inf"):
         return None
     return nodes
 
 
+def _zeros_like_p(g: GraphView, value: Any, p: Any, users: list[Any]) -> list[Any] | None:
+    """The nodes making ``value`` = zeros shaped like ``p`` from ``users`` of p: ``full_like(p, 0)`` (FX) or
+    ``Expand(0, Shape(p))`` (ONNX). None otherwise."""
+    node = g.producer(value)
+    canon = g.canon(node) if node is not None else None
+    if canon is None:
+        return None
+    if canon.kind == "full_like" and canon.inputs[0] is p and canon.attrs["value"] == 0:
+        return [node]
+    if canon.kind == "expand" and g.scalar(canon.inputs[0]) == 0:
+        shape_of = g.producer(g.raw_inputs(node)[1]) if len(g.raw_inputs(node)) > 1 else None
+        if shape_of is not None and shape_of in users and g.op_name(shape_of) == "Shape":
+            return [node, shape_of]
+    return None
+
+
 def _safe_softmax(st: _Down, users: list[Any]) -> bool:
     """``Where(all_masked_row, zeros_like(p), p)`` (``_safe_softmax`` decomposed): fully masked rows give 0."""
     g = st.g
-    kinds = {kind_of(g, u): u for u in users}
-    if set(kinds) != {"full_like", "where"}:
+    wheres = [u for u in users if kind_of(g, u) == "where" and g.canon(u).inputs[2] is st.p]
+    if len(wheres) != 1:
         return False
-    zeros, where = kinds["full_like"], kinds["where"]
-    zc, wc = g.canon(zeros), g.canon(where)
-    if zc.inputs[0] is not st.p or zc.attrs["value"] != 0 or wc.inputs[2] is not st.p \
-            or g.producer(wc.inputs[1]) is not zeros:
+    where = wheres[0]
+    wc = g.canon(where)
+    zeros = _zeros_like_p(g, wc.inputs[1], st.p, users)
+    if zeros is None or set(map(id, users)) != {id(where), id(zeros[-1])}:
         return False
     guard = _guard_condition(g, wc.inputs[0], g.canon(st.softmax).inputs[0])
     if guard is None:
         return False
-    st.covered += [zeros, where, *guard]
+    st.covered += [*zeros, where, *guard]
     st.scores_users.add(guard[-1])
     st.p = g.outputs(where)[0]
     return True
@@ -339,7 +360,8 @@ def _down_matmul(st: _Down, user: Any, canon: Any) -> None:
 PROB_STEPS_TABLE: tuple[Spelling, ...] = (
     Spelling("probs", ("isnan", "where"), "nan-guard", "Where(IsNaN(p), 0, p) (SDPA exports with bool masks)"),
     Spelling("probs", ("full_like", "where"), "safe-softmax",
-             "Where(not(any(not(scores == -inf), -1)), zeros_like(p), p) (core-ATen _safe_softmax)"),
+             "Where(not(any(not(scores == -inf), -1)), zeros_like(p), p) (core-ATen _safe_softmax; in ONNX "
+             "any = Cast/ReduceMax/Cast and zeros = Expand(0, Shape(p)))"),
     Spelling("probs", PASS_THROUGH, "pass-through", "cast / identity (e.g. back from an fp32 upcast)", _down_pass),
     Spelling("probs", ("mul",), "row-guard", "p × keep (cast), keep being the mask applied to the scores "
              "(softswap's canonical form: fully masked rows give 0)", _down_row_guard),
