@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 
 from . import _env  # noqa: F401
@@ -109,24 +108,20 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
         "tuning": tuning,
         "compile_s": round(t2 - t1, 3),
     }
-    tmp_lib = tmp_meta = None
+    from rewrite.atomic import atomic_output
+    from rewrite.errors import OutputPathError
+
     try:
-        fd, tmp_lib = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=out_dir)
-        os.close(fd)
-        ex.export_library(tmp_lib)
-        fd, tmp_meta = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=1)
-        os.replace(tmp_lib, out_path)
-        tmp_lib = None
-        os.replace(tmp_meta, metadata_path(out_path))
-        tmp_meta = None
+        # the sidecar is moved into place first and the library last, so a reader never pairs a new library with
+        # an old sidecar; on any error neither file changes (rewrite.atomic)
+        with atomic_output(out_path) as tmp_lib:
+            ex.export_library(str(tmp_lib))
+            with atomic_output(metadata_path(out_path)) as tmp_meta:
+                tmp_meta.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    except OutputPathError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise CompileError(f"export failed: {type(exc).__name__}: {exc}", culprit=out_path) from exc
-    finally:
-        for p in (tmp_lib, tmp_meta):
-            if p and os.path.exists(p):
-                os.unlink(p)
     log.info("compiled %s for %s -> %s (%.2fs import, %.2fs compile)", imported.source, tgt, out_path,
              t1 - t0, t2 - t1)
     return meta

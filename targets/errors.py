@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rewrite.errors import SoftswapError
+from rewrite.errors import ModelLoadError, SoftswapError
 
 
 class TargetError(SoftswapError):
@@ -17,8 +17,9 @@ class UnknownTargetError(TargetError):
     """A target name that is not in the table (``targets.table.TARGETS``)."""
 
 
-class ModelLoadError(TargetError):
-    """The model file or object could not be read (missing file, bad protobuf, unknown object type)."""
+class LoweringLoadError(TargetError, ModelLoadError):
+    """The model file or object could not be read for lowering (missing file, bad protobuf, unknown object type);
+    an engine :class:`~rewrite.errors.ModelLoadError` too, with the culprit named."""
 
 
 class UnsupportedOpError(TargetError):

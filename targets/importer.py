@@ -18,7 +18,7 @@ from typing import Any
 from . import _env  # noqa: F401
 import onnx
 
-from .errors import ImportFailedError, ModelLoadError, UnsupportedOpError
+from .errors import ImportFailedError, LoweringLoadError, UnsupportedOpError
 from .onnx_normalize import normalize_onnx
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,11 @@ def load_onnx(model) -> onnx.ModelProto:
         return model
     path = os.fspath(model)
     if not os.path.isfile(path):
-        raise ModelLoadError(f"no such model file: {path}", culprit=path)
+        raise LoweringLoadError(f"no such model file: {path}", culprit=path)
     try:
         return onnx.load(path)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot parse ONNX model: {exc}", culprit=path) from exc
+        raise LoweringLoadError(f"cannot parse ONNX model: {exc}", culprit=path) from exc
 
 
 def _check_supported(model: onnx.ModelProto) -> None:
@@ -138,7 +138,7 @@ def import_onnx(model, shapes: dict | None = None) -> Imported:
     if shapes:
         unknown = set(shapes) - {vi.name for vi in graph_inputs}
         if unknown:
-            raise ModelLoadError(f"shapes given for unknown inputs {sorted(unknown)}", culprit=sorted(unknown)[0])
+            raise LoweringLoadError(f"shapes given for unknown inputs {sorted(unknown)}", culprit=sorted(unknown)[0])
     inputs = _onnx_io(graph_inputs, shapes)
     outputs = _onnx_io(proto.graph.output, None)
     printed = io.StringIO()  # the frontend prints its failing operator to stdout: kept for the debug log only
@@ -230,7 +230,7 @@ def import_exported_program(ep, output_names: list[str] | None = None, shapes: d
 
     unknown = sorted(set(shapes or {}) - set(ep.graph_signature.user_inputs))
     if unknown:
-        raise ModelLoadError(f"--shape names no input of the program: {unknown[0]!r} (inputs: "
+        raise LoweringLoadError(f"--shape names no input of the program: {unknown[0]!r} (inputs: "
                              f"{', '.join(ep.graph_signature.user_inputs)})", culprit=unknown[0])
     try:
         ep = normalize_exported_program(ep, shapes)
@@ -292,6 +292,6 @@ def import_model(model, shapes: dict | None = None, example_inputs: tuple | None
         return import_exported_program(model, output_names, shapes)
     if torch is not None and isinstance(model, torch.nn.Module):
         if example_inputs is None:
-            raise ModelLoadError("an nn.Module needs example_inputs", culprit=type(model).__name__)
+            raise LoweringLoadError("an nn.Module needs example_inputs", culprit=type(model).__name__)
         return import_exported_program(torch.export.export(model.eval(), tuple(example_inputs)))
-    raise ModelLoadError(f"unsupported model object of type {type(model).__name__}", culprit=type(model).__name__)
+    raise LoweringLoadError(f"unsupported model object of type {type(model).__name__}", culprit=type(model).__name__)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from targets import Runner, compile_model
-from targets.errors import CompileError, InputError, ModelLoadError, TargetError
+from targets.errors import CompileError, InputError, LoweringLoadError, TargetError
 
 from tgt_models import ms_attention_model, ort_run
 
@@ -82,7 +82,7 @@ def test_bad_model_leaves_nothing(tmp_path):
     out = tmp_path / "bad.so"
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf")
-    with pytest.raises(ModelLoadError) as ei:
+    with pytest.raises(LoweringLoadError) as ei:
         compile_model(bad, "avx2", out)
     assert ei.value.culprit == str(bad)
     with pytest.raises(TargetError):
