@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -427,10 +428,15 @@ def ort_session(model: ir.Model, optimize: bool = False, source: str | None = No
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         if _initializer_bytes(model) > TWO_GB * 0.9:
+            # protobuf cannot hold > 2 GB: onnxruntime reads it from a temporary folder, removed once the session
+            # has read it (on POSIX a mapped weights file stays valid after its name is gone)
             tmpdir = tempfile.mkdtemp(prefix="softswap-ort-")
-            path = os.path.join(tmpdir, "model.onnx")
-            ir.save(model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            try:
+                path = os.path.join(tmpdir, "model.onnx")
+                ir.save(model, path, external_data="model.onnx.data")
+                return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
         from onnx_ir.external_data import load_to_model
         proto = ir.to_proto(load_to_model(model.clone()))
         from onnx.external_data_helper import uses_external_data

@@ -63,3 +63,27 @@ def test_sigmoid_n_ref_from_the_model_config():
     assert p._options_for(LoadedModel(kind="fx", source="m"))["n_ref"] == 2048
     assert get_pass("attention.sigmoid", options={"n_ref": "64"})._options_for(
         LoadedModel(kind="fx", source="m", extra={"hf": hf}))["n_ref"] == 64
+
+
+def test_ort_session_of_a_large_model_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """Models above protobuf's 2 GB limit go to onnxruntime through a temporary folder; it is removed once the
+    session has read the model (it leaked, once per session, before)."""
+    import tempfile
+
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    import rewrite.io as io
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    monkeypatch.setattr(io, "_initializer_bytes", lambda _m: 3 << 30)  # take the > 2 GB path
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    session = io.ort_session(model)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x)
+    assert list(tmp_path.iterdir()) == []
