@@ -5,7 +5,7 @@
 code requires, tool versions).  Both are written to
 temporary files in the destination directory and renamed into place only after everything succeeded, so an error
 never leaves a half-written artefact.  CUDA artefacts carry the CUDA C source of the device kernels (TVM JIT-compiles
-it at load time, spec pitfall 14); they build here without a GPU.
+it at load time; the broken ``nvptx`` path is never used); they build here without a GPU.
 """
 
 from __future__ import annotations

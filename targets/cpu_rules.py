@@ -1,7 +1,8 @@
 """The project's dlight CPU schedule rules: matmul / batch-matmul, guarded reduction, injective, fallback.
 
-Stock dlight has no CPU matmul rule (spec pitfall 7) and its ``cpu.Reduction`` is O(N^2) on single rows
-(pitfall 5); ``cpu.GEMV`` hangs compilation (pitfall 6) and is never used here.  Rules, tried in order by
+Stock dlight has no CPU matmul rule (unscheduled matmuls run as naive serial loops, 1-2 GFLOP/s) and its
+``cpu.Reduction`` is O(N^2) on single rows (the unit row loop is dropped and N becomes the parallel axis of a
+nested reduction); ``cpu.GEMV`` hangs compilation and is never used here.  Rules, tried in order by
 :func:`cpu_rules`:
 
 1. :class:`MatmulRule` - one multiply-accumulate reduction block ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
@@ -184,7 +185,7 @@ def _alive(sch, block_rv) -> bool:
 
 
 class GuardedReduction(dl.cpu.Reduction):
-    """``dl.cpu.Reduction`` restricted to functions whose fused leading spatial extent is > 1 (pitfall 5)."""
+    """``dl.cpu.Reduction`` restricted to functions whose fused leading spatial extent is > 1 (it is O(N^2) on one row)."""
 
     def apply(self, func, target: Target, tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):

@@ -23,7 +23,7 @@ from .onnx_normalize import normalize_onnx
 
 log = logging.getLogger(__name__)
 
-#: ATen ops known to fail in TVM's torch frontend (spec lowering.md §2); SOFT must use Newton-Schulz instead.
+#: ATen ops TVM 0.27's torch frontend cannot lower; SOFT therefore uses Newton-Schulz iterations, not an inverse.
 UNSUPPORTED_ATEN = frozenset({"linalg_inv", "linalg_inv_ex", "linalg_pinv", "linalg_solve", "linalg_solve_ex",
                               "linalg_lu_factor_ex", "_linalg_check_errors"})
 
@@ -239,7 +239,7 @@ def import_exported_program(ep, output_names: list[str] | None = None, shapes: d
         raise ImportFailedError(f"re-exporting the program{' at the given shapes' if shapes else ''} failed: "
                                 f"{type(exc).__name__}: {first[:300]}", culprit=",".join(sorted(shapes or {}))
                                 or "torch.export") from exc
-    for node in ep.graph.nodes:  # ops the torch frontend cannot lower (spec §2): fail early, naming the node
+    for node in ep.graph.nodes:  # ops the torch frontend cannot lower: fail early, naming the node
         op = getattr(node.target, "__name__", "").split(".")[0] if node.op == "call_function" else ""
         if op in UNSUPPORTED_ATEN:
             raise UnsupportedOpError(f"ATen op {op} is not supported by TVM's torch frontend", culprit=node.name)

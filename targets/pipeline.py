@@ -1,4 +1,4 @@
-"""Relax compilation pipelines: the project's CPU pipeline (spec §1.4) and the CUDA pipeline.
+"""Relax compilation pipelines: the project's CPU pipeline (every loop nest scheduled) and the CUDA pipeline.
 
 CPU, in order (inside ``with target:``, dlight needs ``Target.current()``):
 

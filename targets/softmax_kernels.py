@@ -44,7 +44,7 @@ _C3 = float.fromhex("0x1.555A80p-3")
 _C4 = float.fromhex("0x1.573A1Ap-5")
 _C5 = float.fromhex("0x1.0F9F9Cp-7")
 _MAGIC = float.fromhex("0x1.8000FEp23")  # ulp 1, low 9 mantissa bits == 127
-#: Two-pass input clamp: |x| above this breaks the Cody-Waite range reduction (spec pitfall 16).
+#: Two-pass input clamp: |x| above this breaks the Cody-Waite range reduction (and -inf would give NaN).
 CLAMP = 1.0e5
 _NEG_BIG = -3.0e38  # finite "-inf" for accumulator initialisation
 _FLT_MIN = float.fromhex("0x1p-126")  # smallest normal float32
@@ -56,7 +56,7 @@ _F32 = "float32"
 #: 2 threads: 1 GiB row 221 -> 182 ms (77 % -> 94 % of copy bandwidth), 16M row 13.3 -> 8.2 ms; 512-2048 equal.
 PREFETCH_FLOATS = 1024
 
-# Cache sizes (bytes) used by the rule table; conservative defaults for the spec's Zen 4 (1 MiB L2, 32 MiB L3).
+# Cache sizes (bytes) used by the rule table; conservative defaults for AMD Zen 4 (1 MiB L2, 32 MiB L3).
 _L2_BYTES = 1 << 20
 _L3_BYTES = 32 << 20
 
@@ -181,7 +181,7 @@ def _pick_chunks(n: int, lanes: int, want: int) -> int:
 def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: str = "znver4") -> KernelChoice:
     """Pick a softmax kernel for a (rows, cols) fp32 problem (the rule table).
 
-    Rules, from measurements (spec/lowering.md §4.3-4.5 on Zen 4; ``tools/bench/lowering.py`` on the Intel
+    Rules, from measurements (AMD Zen 4 measurements made before this project; ``tools/bench/lowering.py`` on the Intel
     AVX-512 development host, 2 cores):
 
     ===================  =====================================================  ======================================
@@ -196,10 +196,10 @@ def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: st
 
     Reasoning: three-pass moves 3R+2W per element but evaluates exp once; two-pass moves 2R+1W but evaluates exp
     twice plus ~8 vector ops per element in pass 1, so it only pays off when rows leave the cache between passes.
-    Measured: Zen 4, 16M row 2T: two-pass 5.99 ms vs three-pass 8.56 ms (spec §4.4).  Intel AVX-512 host, 1T:
+    Measured: Zen 4, 16M row 2T: two-pass 5.99 ms vs three-pass 8.56 ms.  Intel AVX-512 host, 1T:
     16M row two-pass 28.5 ms vs three-pass 30.7 ms vs ORT 31.4 ms; 4096x4096 (16 KiB rows, cached) three-pass
     21.0 ms vs two-pass 22.8 ms; without ``vscalefps`` two-pass lost on Intel (34.6 vs 33.8 ms).  AVX2: two-pass is
-    compute bound everywhere (spec §4.5).  ``mcpu`` is accepted for per-CPU rules; none differ at present.
+    compute bound everywhere.  ``mcpu`` is accepted for per-CPU rules; none differ at present.
     """
     lanes = 16 if vector_bits >= 512 else 8
     big_row = cols * 4 > _L2_BYTES
@@ -434,7 +434,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
 
     @T.macro
     def expstore(Xf, Yf, accm, ss, row, start, mx):
-        # accm is reused as the sum accumulator; the stored value is re-read (pitfall 10)
+        # accm is reused as the sum accumulator; the stored value is re-read (``noalias`` is lost in parallel closures, so LLVM would recompute the exp)
         # two-level sum as in the two-pass kernel: rows U..2U-1 of accm collect blocks of BI steps
         for u in T.unroll(U):
             for l in T.vectorized(V):

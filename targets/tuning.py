@@ -9,7 +9,7 @@ A short random search can lose to the hand-written matmul rule (``targets.cpu_ru
 best record is timed against the rule's schedule of the same PrimFunc, on the same random inputs, and only the
 records that win are copied to ``work_dir/selected`` — the database the CPU pipeline applies before its default
 rules (``cpu_pipeline(..., tuning_dir=selected_dir(work_dir))``). A tuned build is therefore never slower per task
-than the untuned one. Tuning costs minutes (spec/lowering.md §1.7): it is for deployment builds, not tests.
+than the untuned one. Tuning costs minutes: it is for deployment builds, not tests.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Lowering benchmarks (issue 5): softmax kernels, attention blocks, a BERT-like encoder.
+"""Lowering benchmarks: softmax kernels, attention blocks, a BERT-like encoder.
 
 (a) softmax micro-benchmark, last axis fp32: (8,128,128), (1,16,1024,1024), (4096,4096), one 16M-element row and
     one row of twice the last-level cache; 1 and 2 threads; TVM two-pass / three-pass / rule-table choice vs

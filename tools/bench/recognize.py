@@ -4,7 +4,7 @@ Builds graphs of about 10k and 100k nodes (``--sizes``), each block an explicit 
 split, a K permutation, a scale, an additive key-padding mask, softmax and the P·V matmul, plus projections and a
 residual. Prints a table and writes JSON (default ``tools/bench/results/recognize.json``).
 
-Acceptance (issue 2): 100k nodes in under 10 s here; time from 10k to 100k grows no more than ~12x.
+Goal: 100k nodes in under 10 s here; time from 10k to 100k grows no more than ~12x.
 """
 from __future__ import annotations
 
