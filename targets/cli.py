@@ -67,14 +67,14 @@ def _check_output(path: str, flag: str = "-o") -> None:
 
 
 def _model_for_lowering(path: str, shapes: dict[str, list[int]] | None = None) -> tuple[Any, list[str] | None]:
-    """(model, output names): an ONNX path as it is, once softswap's loader has checked it (readable, well-formed
-    graph, external data beside the file); anything else (.pt2, Hugging Face folder) through softswap's loader, with
+    """(model, output names): an ONNX model as softswap's loader read and checked it (readable, well-formed graph,
+    external data beside the file); anything else (.pt2, Hugging Face folder) through softswap's loader, with
     the output names it knows (a Hugging Face model's ``last_hidden_state`` ...)."""
     from rewrite.io import load_model
     loaded = load_model(path)
     _check_shapes(loaded, shapes)
     if loaded.kind == "onnx":
-        return path, None
+        return loaded.onnx, None  # read once: the lowering takes the checked graph, not the path again
     return loaded.ep, list(loaded.output_names) or None
 
 

@@ -55,16 +55,35 @@ def _onnx_io(vis, shapes: dict | None) -> list[dict]:
 
 
 def load_onnx(model) -> onnx.ModelProto:
-    """Load a ModelProto from a path (external data resolved next to it) or return the proto itself."""
+    """A ModelProto with its weights in memory, from a ModelProto (returned as is), an ``onnx_ir.Model``, or a path.
+
+    A path is read by the engine's loader (:func:`rewrite.io.load_onnx`: the graph checked, external data resolved
+    against the model file and confined to its folder), so ``softswap compile`` reads a model the way every other
+    command does; its errors become :class:`LoweringLoadError` naming the file.
+    """
+    import onnx_ir as ir
+
     if isinstance(model, onnx.ModelProto):
         return model
+    if isinstance(model, ir.Model):
+        return _proto_with_weights(model)
+    from rewrite.errors import ModelLoadError
+    from rewrite.io import load_onnx as engine_load_onnx
+
     path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise LoweringLoadError(f"no such model file: {path}", culprit=path)
     try:
-        return onnx.load(path)
-    except Exception as exc:  # noqa: BLE001
-        raise LoweringLoadError(f"cannot parse ONNX model: {exc}", culprit=path) from exc
+        loaded = engine_load_onnx(path)
+    except ModelLoadError as exc:
+        raise LoweringLoadError(str(exc), culprit=path) from exc
+    return _proto_with_weights(loaded.onnx)
+
+
+def _proto_with_weights(model) -> onnx.ModelProto:
+    """``model`` (onnx_ir) as a ModelProto whose external weights are read into it."""
+    import onnx_ir as ir
+    from onnx_ir.external_data import load_to_model
+
+    return ir.to_proto(load_to_model(model))
 
 
 def _check_supported(model: onnx.ModelProto) -> None:
@@ -123,7 +142,8 @@ def _fold_small_constant_of_shape(node) -> bool | None:
 
 
 def import_onnx(model, shapes: dict | None = None) -> Imported:
-    """ONNX path or ModelProto -> :class:`Imported` (attention expanded, dropout removed; see onnx_normalize).
+    """ONNX path, ModelProto or onnx_ir Model -> :class:`Imported` (attention expanded, dropout removed; see
+    onnx_normalize).
 
     ``shapes`` ({input name: [dims]}) fixes symbolic input dims; otherwise they stay symbolic where TVM allows.
     """
@@ -282,7 +302,9 @@ def import_model(model, shapes: dict | None = None, example_inputs: tuple | None
                  output_names: list[str] | None = None) -> Imported:
     """Dispatch on the model kind: .onnx path / ModelProto / ExportedProgram / nn.Module (+ example_inputs).
     ``output_names`` names the outputs of a torch program (ONNX models carry their own)."""
-    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+    import onnx_ir as ir
+
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto, ir.Model)):
         return import_onnx(model, shapes)
     try:
         import torch

@@ -34,7 +34,10 @@ def test_minilm_soft_is_refused_with_reason(minilm, tmp_path):
 
 @pytest.mark.parametrize("variant", ["linear", "mala", "sigmoid", "softplus"])
 def test_minilm_each_variant(variant, minilm, minilm_onnx, tmp_path):
-    fx_new, report = rewrite.convert(minilm, tmp_path / "m.pt2", attention=variant)
+    # sigmoid's n_ref defaults to the model config's max_position_embeddings (512 for MiniLM); an ONNX file carries no
+    # config (2048 then), so FX and ONNX are compared at the same explicit n_ref
+    options = {"n_ref": 512} if variant == "sigmoid" else None
+    fx_new, report = rewrite.convert(minilm, tmp_path / "m.pt2", attention=variant, options=options)
     sites = report["passes"][0]["sites"]
     assert len(sites) == 6
     assert all(s["status"] == "replaced" for s in sites)
@@ -42,10 +45,22 @@ def test_minilm_each_variant(variant, minilm, minilm_onnx, tmp_path):
     assert all(0.0 < c < 1.0 for c in cosines), cosines  # each site changed, and still correlated with softmax
     model_cos = report["fidelity"]["min_cosine"]
     assert 0.0 < model_cos < 1.0 - 1e-6  # an untrained swap changes the model, measurably
-    onnx_new, onnx_report = rewrite.convert(minilm_onnx, tmp_path / "m.onnx", attention=variant)
+    onnx_new, onnx_report = rewrite.convert(minilm_onnx, tmp_path / "m.onnx", attention=variant, options=options)
     feeds = {k: v.numpy() for k, v in minilm.example_inputs.items()}
     for out in run(load_model(tmp_path / "m.onnx"), feeds).values():
         assert np.isfinite(out).all()
     a = list(run(fx_new, feeds).values())[0]
     b = list(run(load_model(tmp_path / "m.onnx"), feeds).values())[0]
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+
+
+def test_minilm_sigmoid_n_ref_comes_from_the_config(minilm):
+    """Without an n_ref option, the FX (Hugging Face) path takes the config's max_position_embeddings: the same graph
+    as n_ref=512 given explicitly, and not the one of the 2048 fallback."""
+    feeds = {k: v.numpy() for k, v in minilm.example_inputs.items()}
+    default, _ = rewrite.convert(minilm, attention="sigmoid", verify=False)
+    explicit, _ = rewrite.convert(minilm, attention="sigmoid", options={"n_ref": 512}, verify=False)
+    fallback, _ = rewrite.convert(minilm, attention="sigmoid", options={"n_ref": 2048}, verify=False)
+    a, b, c = (list(run(m, feeds).values())[0] for m in (default, explicit, fallback))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
