@@ -129,6 +129,12 @@ def missing_features(required: Iterable[str], host: Iterable[str] | None = None)
                                           if f in VECTOR_FEATURES else 0, f))
 
 
+def list_features(features: list[str], shown: int = 6) -> str:
+    """``"avx512f, avx512bw, ... and N more"``: the first ``shown`` features of a list, for one-line messages."""
+    more = len(features) - shown
+    return ", ".join(features[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def has_avx512(host: Iterable[str] | None = None) -> bool:
     """True when the host (default: this CPU) executes AVX-512F code."""
     return "avx512f" in frozenset(host_features() if host is None else host)

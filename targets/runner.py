@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _env  # noqa: F401
 from .artifact import load_metadata, requirements
-from .cpu import host_description, missing_features
+from .cpu import host_description, list_features, missing_features
 from .errors import ArtifactError, InputError, UnsupportedHostError
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,9 @@ def check_host(meta: dict, culprit: str, device: str = "cpu") -> None:
     needs = artefact_requirements(meta, culprit)
     lacking = missing_features(needs.get("cpu_features", []))
     if lacking:
-        shown = ", ".join(lacking[:6]) + (f" and {len(lacking) - 6} more" if len(lacking) > 6 else "")
         raise UnsupportedHostError(
             f"this artefact was compiled for {needs.get('cpu') or 'another CPU'} and needs CPU features this host "
-            f"({host_description()}) lacks: {shown}; compile it here with --target host", culprit=culprit)
+            f"({host_description()}) lacks: {list_features(lacking)}; compile it here with --target host", culprit=culprit)
     if device == "cuda":
         import tvm
 

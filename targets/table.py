@@ -95,11 +95,10 @@ def missing_on_host(target) -> list[str]:
 def ensure_executable(target) -> None:
     """Raise :class:`~targets.errors.UnsupportedHostError` naming the missing features when this host cannot run
     CPU code built for ``target`` (name, dict or Target): executing it would die with SIGILL."""
-    from .cpu import host_description
+    from .cpu import host_description, list_features
     from .errors import UnsupportedHostError
 
     lacking = missing_on_host(target)
     if lacking:
-        shown = ", ".join(lacking[:6]) + (f" and {len(lacking) - 6} more" if len(lacking) > 6 else "")
         raise UnsupportedHostError(f"this host ({host_description()}) cannot execute code for target {target!s}: it "
-                                   f"lacks {shown}; use --target host", culprit=str(target))
+                                   f"lacks {list_features(lacking)}; use --target host", culprit=str(target))
