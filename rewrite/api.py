@@ -79,34 +79,98 @@ class ConvertResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+#: Family flags of :func:`convert` (and ``softswap convert``): flag → (pass name template, option carrying the
+#: flag's value or None). ``--head svm`` runs ``head.svm``; ``--soft-nms gaussian`` runs ``detect.soft_nms`` with
+#: ``method=gaussian``.
+FAMILY_FLAGS: dict[str, tuple[str, str | None]] = {
+    "head": ("head.{}", None),
+    "soft_nms": ("detect.soft_nms", "method"),
+    "ood": ("ood.{}", None),
+    "binarize": ("binarize.{}", None),
+}
+#: What each pass family rewrites, for the "nothing was rewritten" error.
+_SITE_NOUNS = {"attention": "attention site", "head": "classifier head", "detect": "NonMaxSuppression node",
+               "ood": "feature tap", "binarize": "attention site to binarize"}
+#: Passes that learn from ``--fit DATA`` (pass-name prefixes); they receive it as ``fit=FitData``.
+FIT_FAMILIES = ("head.", "ood.")
+
+
 def _build_passes(attention: str | None, passes: Sequence[str] | None, options: Mapping[str, Any] | None,
-                  layers: Any, keep_softmax: Any) -> list[Any]:
+                  layers: Any, keep_softmax: Any, families: Mapping[str, str | None] | None = None,
+                  fit: Any = None) -> list[Any]:
+    """The passes to run, in order: ``passes``, the attention variant, then the family flags (``head``, ``soft_nms``,
+    ``ood``, ``binarize``). ``options`` go to the one pass that takes options; ``layers`` selects attention sites, or
+    the OOD feature taps when ``ood`` is given without ``attention``."""
     names = list(passes or [])
+    preset: dict[str, dict[str, Any]] = {}
     if attention:
         names.append(attention if attention.startswith("attention.") else f"attention.{attention}")
+    for flag, value in (families or {}).items():
+        if value is None:
+            continue
+        if flag not in FAMILY_FLAGS:
+            raise OptionError(f"unknown pass family {flag!r}; known: {', '.join(FAMILY_FLAGS)}")
+        template, carried = FAMILY_FLAGS[flag]
+        name = template.format(value)
+        names.append(name)
+        if carried is not None:
+            preset[name] = {carried: value}
     if not names:
-        raise OptionError("nothing to do: give --attention VARIANT or --passes NAME[,NAME]")
+        raise OptionError("nothing to do: give --attention VARIANT, --head, --soft-nms, --ood, --binarize or "
+                          "--passes NAME[,NAME]")
+    if options and len(names) > 1:
+        raise OptionError(f"--option is ambiguous with several passes ({', '.join(names)}); run one pass per convert "
+                          "when giving options")
+    ood_layers = any(n.startswith("ood.") for n in names) and not any(n.startswith("attention.") for n in names)
     built = []
     for name in names:
         kwargs: dict[str, Any] = {}
+        merged = {**preset.get(name, {}), **dict(options or {})}
         if name.startswith("attention."):
-            kwargs = {"options": dict(options or {}), "layers": layers, "keep_softmax": keep_softmax}
-        elif options:
-            kwargs = {"options": dict(options)}
+            kwargs = {"options": merged, "layers": layers, "keep_softmax": keep_softmax}
+        elif merged:
+            kwargs = {"options": merged}
+        if name.startswith(FIT_FAMILIES):
+            kwargs["fit"] = fit
+        if name.startswith("ood.") and ood_layers and layers is not None:
+            kwargs["layers"] = layers
         built.append(get_pass(name, **kwargs))
+    if fit is not None and not any(n.startswith(FIT_FAMILIES) for n in names):
+        raise OptionError(f"--fit is used by --head and --ood passes; none of {', '.join(names)} learns from data")
     return built
+
+
+def input_shapes(model: mio.LoadedModel) -> dict[str, tuple[Any, ...] | None]:
+    """Each user input's shape (ints where fixed, None or a symbol where free)."""
+    if model.kind == "onnx":
+        return {v.name: (tuple(d if isinstance(d, int) else None for d in v.shape) if v.shape is not None else None)
+                for v in model.onnx.graph.inputs}
+    import torch
+    out: dict[str, tuple[Any, ...] | None] = {}
+    user = set(model.input_names)
+    for node in model.ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            out[node.name] = (tuple(d if isinstance(d, int) else None for d in val.shape)
+                              if isinstance(val, torch.Tensor) else None)
+    return out
 
 
 def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention: str | None = None,
             passes: Sequence[str] | None = None, options: Mapping[str, Any] | None = None, layers: Any = None,
             keep_softmax: Any = None, example_inputs: Any = None, verify: bool = True,
             report_path: str | os.PathLike[str] | None = None, dump_dir: str | None = None,
-            trust_remote_code: bool | None = None) -> tuple[mio.LoadedModel, dict[str, Any]]:
+            trust_remote_code: bool | None = None, head: str | None = None, soft_nms: str | None = None,
+            ood: str | None = None, binarize: str | None = None, fit: Any = None
+            ) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Rewrite ``model`` with the given passes; optionally write it to ``out`` (``.onnx`` or ``.pt2``).
 
+    ``head`` (``svm``, ``zloss``, ``fourier``), ``soft_nms`` (``linear``, ``gaussian``, ``hard``), ``ood``
+    (``mahalanobis``) and ``binarize`` (``bivit``) add the passes of those families; ``fit`` is their data: an
+    ``.npz`` path, a mapping of arrays or a :class:`~rewrite.fit_data.FitData` (see :mod:`rewrite.fit_data`).
     Returns (rewritten model, report). The report has the per-site rows of every pass and, with ``verify``, the
-    model-level fidelity against the original. Raises :class:`NoSitesError` (and writes nothing) when no site was
-    replaced.
+    model-level fidelity against the original (outputs a pass adds are listed, not compared). Raises
+    :class:`NoSitesError` (and writes nothing) when no site was replaced.
     """
     out_path = mio.check_output_path(out) if out is not None else None
     if report_path is not None:
@@ -118,14 +182,21 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
         raise OutputPathError(f"{out_path}: output would overwrite the input model")
     if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
         raise OutputPathError(f"{out_path}: an ONNX model can only be written as .onnx")
-    manager = PassManager(_build_passes(attention, passes, options, layers, keep_softmax), dump_dir)
+    fit_data = None
+    if fit is not None:
+        from .fit_data import load_fit_data
+        fit_data = load_fit_data(fit, loaded.input_names, input_shapes(loaded))
+    families = {"head": head, "soft_nms": soft_nms, "ood": ood, "binarize": binarize}
+    manager = PassManager(_build_passes(attention, passes, options, layers, keep_softmax, families, fit_data),
+                          dump_dir)
     rewritten, records = manager.run(loaded)
     report: dict[str, Any] = {"model": loaded.source, "graph": loaded.kind,
                               "passes": [{"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3),
                                           **r.report} for r in records]}
     if not any(r.modified for r in records):
         reasons = [f"{s['name']}: {s['reason']}" for r in records for s in r.report.get("sites", [])]
-        why = "; ".join(reasons) if reasons else "the model has no attention site"
+        nouns = sorted({_SITE_NOUNS.get(r.name.split(".")[0], f"{r.name} site") for r in records})
+        why = "; ".join(reasons) if reasons else f"the model has no {' or '.join(nouns)}"
         raise NoSitesError(f"{loaded.source}: nothing was rewritten ({why}); no output written")
     if verify:
         vr = _verify(loaded, rewritten)

@@ -80,12 +80,17 @@ def print_convert(report: dict[str, Any]) -> None:
             table.add_column(col)
         for s in p.get("sites", []):
             fid = s.get("fidelity") or {}
-            table.add_row(s["name"], s["mask"], s["status"],
+            table.add_row(s["name"], s.get("mask", "-"), s["status"],
                           f"{fid['cosine']:.6f}" if fid else "-", f"{fid['rel_error']:.2e}" if fid else "-",
                           s.get("reason", ""))
         console.print(table)
+        for line in p.get("lines", []):  # a family pass's own summary (e.g. held-out accuracy of a fitted head)
+            console.print(f"  {line}")
     if "fidelity" in report:
         print_verify(report["fidelity"], "model fidelity (original vs rewritten)")
+        if report["fidelity"].get("added_outputs"):
+            console.print("outputs added by the passes (no reference to compare): "
+                          + ", ".join(report["fidelity"]["added_outputs"]))
     if "output" in report:
         console.print(f"wrote {report['output']}")
 
@@ -157,7 +162,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     passes = [p for p in (args.passes or "").split(",") if p]
     _, report = convert(args.model, args.output, attention=args.attention, passes=passes,
                         options=parse_options(args.option), layers=args.layers, keep_softmax=args.keep_softmax,
-                        verify=not args.no_verify, report_path=args.report, dump_dir=args.dump_ir)
+                        verify=not args.no_verify, report_path=args.report, dump_dir=args.dump_ir,
+                        head=args.head, soft_nms=args.soft_nms, ood=args.ood, binarize=args.binarize, fit=args.fit)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -208,8 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output path (.onnx or .pt2)")
     p.add_argument("--attention", help="attention variant (reference, linear, mala, sigmoid, softplus, soft)")
+    p.add_argument("--head", help="replace the softmax classifier head: svm, zloss or fourier (with --fit DATA)")
+    p.add_argument("--soft-nms", help="replace NonMaxSuppression with Soft-NMS: linear, gaussian or hard")
+    p.add_argument("--ood", help="add an out-of-distribution score output: mahalanobis (with --fit DATA)")
+    p.add_argument("--binarize", help="binarize the model: bivit")
+    p.add_argument("--fit", metavar="DATA", help=".npz with the model inputs keyed by input name ('x' for one "
+                                                 "input), integer labels 'y' and optional 'x_ood'")
     p.add_argument("--passes", help="comma-separated pass names (see `softswap passes`)")
-    p.add_argument("--layers", help="only these attention sites (indices, ranges, or attnN names)")
+    p.add_argument("--layers", help="only these attention sites (indices, ranges, or attnN names); with --ood: "
+                                    "the feature layers to score")
     p.add_argument("--keep-softmax", help="keep these attention sites as softmax")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="variant option (repeatable)")
     p.add_argument("--report", help="write the report as JSON here")

@@ -36,6 +36,7 @@ class OutputFidelity:
 class VerifyReport:
     outputs: list[OutputFidelity] = field(default_factory=list)
     inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)  # outputs only the rewritten model has (e.g. ood_score)
 
     @property
     def min_cosine(self) -> float:
@@ -47,7 +48,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"outputs": [asdict(o) for o in self.outputs], "inputs": {k: list(v) for k, v in self.inputs.items()},
-                "min_cosine": self.min_cosine, "max_abs": self.max_abs}
+                "min_cosine": self.min_cosine, "max_abs": self.max_abs, "added_outputs": list(self.added)}
 
 
 def _to_numpy(t: torch.Tensor) -> Any:
@@ -94,10 +95,16 @@ def run(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.nd
     return dict(zip(names, ort_run(session, feeds, model.onnx, model.source)))
 
 
+def added_outputs(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:
+    """Outputs a pass added: the candidate's names beyond the reference's, when it keeps every reference name."""
+    return [n for n in candidate if n not in reference] if set(reference) < set(candidate) else []
+
+
 def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> list[OutputFidelity]:
-    """Per-output fidelity; outputs are matched by name, else by position."""
+    """Per-output fidelity; outputs are matched by name, else by position. Outputs the candidate adds beyond every
+    reference name (:func:`added_outputs`) have no reference and are not compared."""
     pairs = []
-    if set(reference) == set(candidate):
+    if set(reference) <= set(candidate):
         pairs = [(n, reference[n], candidate[n]) for n in reference]
     else:
         if len(reference) != len(candidate):
@@ -123,4 +130,5 @@ def verify(original: LoadedModel, rewritten: LoadedModel, inputs: Mapping[str, n
     feeds = dict(inputs) if inputs is not None else default_inputs(original, seed)
     ref = run(original, feeds)
     cand = run(rewritten, feeds)
-    return VerifyReport(outputs=compare(ref, cand), inputs={k: tuple(v.shape) for k, v in feeds.items()})
+    return VerifyReport(outputs=compare(ref, cand), inputs={k: tuple(v.shape) for k, v in feeds.items()},
+                        added=added_outputs(ref, cand))
