@@ -46,6 +46,7 @@ class InspectReport:
                 "softmax_nodes": rec.softmax_count,
                 "attention_sites": [s.summary() for s in rec.attention_sites],
                 "heads": [h.summary() for h in rec.heads],
+                "feature_taps": [t.summary() for t in rec.taps],
                 "unmatched": [{"softmax": name, **reason.summary()} for name, reason in rec.unmatched],
                 "unknown_ops": rec.unknown_ops}
 

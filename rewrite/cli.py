@@ -60,6 +60,9 @@ def print_inspect(report: dict[str, Any], explain: bool) -> None:
     for h in report["heads"]:
         console.print(f"classifier head {h['name']}: {h['node']} {h['in_features']} → {h['num_classes']} "
                       f"classes ({h['activation']}) → output {h['output']}")
+    if report.get("feature_taps"):
+        console.print("feature taps (--ood --layers): " + ", ".join(
+            f"{t['name']}={t['node']} {t['role']} {t['pool']} D={t['features']}" for t in report["feature_taps"]))
     if report["unmatched"]:
         console.print(f"{len(report['unmatched'])} softmax node(s) not absorbed by a site"
                       + ("" if explain else " (--explain shows why)"))

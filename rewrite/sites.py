@@ -1,4 +1,5 @@
-"""Typed records of what recognizers find: attention sites, classifier heads, and reasons for non-matches."""
+"""Typed records of what recognizers find: attention sites, classifier heads, feature taps, and reasons for
+non-matches."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,30 @@ class ClassifierHead:
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class FeatureTap:
+    """A graph value whose pooled features an OOD detector reads (``passes.ood``).
+
+    ``role``: ``"stage"`` (a CNN stage output: a (B, C, H, W) value right before the spatial size changes),
+    ``"block"`` (a transformer's residual stream entering an attention block: (B, T, E)) or ``"penultimate"`` (the
+    classifier head's input). ``pool``: how a sample's feature vector is read from the value: ``"spatial_mean"``
+    (mean over H, W), ``"token_mean"`` (mean over T), ``"cls"`` (token 0) or ``"none"`` (already (B, D)).
+    ``features``: D, the pooled feature length (None when unknown). ``value`` is the graph handle.
+    """
+
+    name: str
+    node: str
+    role: str
+    pool: str
+    shape: tuple[Any, ...] | None
+    features: int | None
+    value: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "node": self.node, "role": self.role, "pool": self.pool,
+                "shape": list(self.shape) if self.shape is not None else None, "features": self.features}
 
 
 @dataclass

@@ -20,15 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..graph.base import GraphView
-from ..sites import AttentionSite, ClassifierHead, NoMatch, Reason
+from ..sites import AttentionSite, ClassifierHead, FeatureTap, NoMatch, Reason
 from .common import NEG_FILL, Spelling
 from .explicit import PROB_STEPS_TABLE, SCORE_STEPS_TABLE, explicit_site
 from .fused import FUSED_BY_KIND, FUSED_OPS, fused_site
 from .heads import HEAD_SPELLINGS, find_heads
 from .layout import LAYOUT_STEPS_TABLE
 from .masks import MASK_SPELLINGS, classify_mask
+from .taps import TAP_SPELLINGS, find_taps, select_taps
 
-__all__ = ["NEG_FILL", "Recognition", "classify_mask", "find_heads", "recognize", "spellings", "SPELLING_TABLES"]
+__all__ = ["NEG_FILL", "Recognition", "classify_mask", "find_heads", "find_taps", "recognize", "select_taps",
+           "spellings", "SPELLING_TABLES"]
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Recognition:
     unmatched: list[tuple[str, Reason]] = field(default_factory=list)  # (softmax node name, reason)
     softmax_count: int = 0
     unknown_ops: dict[str, int] = field(default_factory=dict)
+    taps: list[FeatureTap] = field(default_factory=list)  # default OOD feature taps (recognize/taps.py)
 
 
 #: Every spelling table, in the order recognition uses them (``softswap inspect --spellings``).
@@ -50,6 +53,7 @@ SPELLING_TABLES: dict[str, tuple[Spelling, ...]] = {
     "fused attention ops": FUSED_OPS,
     "mask kinds": MASK_SPELLINGS,
     "classifier heads": HEAD_SPELLINGS,
+    "feature taps (OOD detectors)": TAP_SPELLINGS,
 }
 
 
@@ -106,4 +110,5 @@ def recognize(g: GraphView, graph_outputs: list[Any] | None = None) -> Recogniti
             result.attention_sites.append(explicit_site(g, node, len(result.attention_sites)))
         except NoMatch as miss:
             result.unmatched.append((g.node_name(node), miss.reason))
+    result.taps = find_taps(g, result.heads, result.attention_sites)
     return result
