@@ -28,3 +28,4 @@ def register() -> None:
                     "record (proves the binding: outputs must not change)")
         register_pass(f"attention.{variant.name}", _factory(variant), desc,
                       {o.name: (o.default, o.help) for o in variant.options})
+    __import__("passes.ood", fromlist=["register"]).register()  # ood.mahalanobis (passes/ood)

@@ -93,15 +93,20 @@ class ScoreModule(nn.Module):
         self.register_buffer("alpha", torch.from_numpy(np.asarray(detector.weights.alpha, dtype=np.float64)))
         self.register_buffer("bias", torch.tensor(float(detector.weights.bias), dtype=torch.float64))
 
+    def distances(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distances d²_c (B, K), float64, of tap ``index``'s value to every class mean."""
+        f = pool_torch(value.to(torch.float64), self.pools[index])
+        z = f @ getattr(self, f"w{index}")
+        diff = z.unsqueeze(1) - getattr(self, f"m{index}").unsqueeze(0)
+        return (diff * diff).sum(-1)
+
     def layer_scores(self, *values: torch.Tensor) -> torch.Tensor:
-        scores = []
-        for i, (x, pool) in enumerate(zip(values, self.pools)):
-            f = pool_torch(x.to(torch.float64), pool)
-            z = f @ getattr(self, f"w{i}")
-            diff = z.unsqueeze(1) - getattr(self, f"m{i}").unsqueeze(0)
-            scores.append(-(diff * diff).sum(-1).amin(-1))
-        return torch.stack(scores, dim=1)
+        """M (B, L): M_ℓ = max_c −d²_c = −min_c d²_c."""
+        return torch.stack([-self.distances(i, x).amin(-1) for i, x in enumerate(values)], dim=1)
+
+    def combine(self, scores: torch.Tensor) -> torch.Tensor:
+        """ood_score (B,) in the model's dtype from layer scores M (B, L)."""
+        return (-(scores @ self.alpha + self.bias)).to(self.out_dtype)
 
     def forward(self, *values: torch.Tensor) -> torch.Tensor:
-        m = self.layer_scores(*values)
-        return (-(m @ self.alpha + self.bias)).to(self.out_dtype)
+        return self.combine(self.layer_scores(*values))
