@@ -74,7 +74,16 @@ class MahalanobisDetector:
         return self.weights.ood_score(self.layer_scores(values))
 
     def module(self) -> "ScoreModule":
-        return ScoreModule(self)
+        """The scoring module, its ``forward`` taking one named argument per tap (``v0, v1, ...``): exporters map
+        positional inputs to dynamic-shape specs one by one, which a ``*values`` signature hides."""
+        return _with_arity(len(self.taps))(self)
+
+
+def _with_arity(n: int) -> type:
+    names = ", ".join(f"v{i}" for i in range(n))
+    namespace: dict[str, Any] = {}
+    exec(f"def forward(self, {names}):\n    return self.score({names})\n", namespace)  # noqa: S102 - fixed text
+    return type(f"ScoreModule{n}", (ScoreModule,), {"forward": namespace["forward"]})
 
 
 class ScoreModule(nn.Module):
@@ -108,5 +117,9 @@ class ScoreModule(nn.Module):
         """ood_score (B,) in the model's dtype from layer scores M (B, L)."""
         return (-(scores @ self.alpha + self.bias)).to(self.out_dtype)
 
-    def forward(self, *values: torch.Tensor) -> torch.Tensor:
+    def score(self, *values: torch.Tensor) -> torch.Tensor:
+        """ood_score (B,) of the tap values, in the model's dtype."""
         return self.combine(self.layer_scores(*values))
+
+    def forward(self, *values: torch.Tensor) -> torch.Tensor:
+        return self.score(*values)
