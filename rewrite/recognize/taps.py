@@ -32,7 +32,8 @@ TOKEN_POOLS = ("mean", "cls")
 
 TAP_SPELLINGS: tuple[Spelling, ...] = (
     Spelling("feature tap", (), "stage", "CNN stage output: a float (B, C, H, W) value, H·W > 1, used by an op whose "
-             "float output has another spatial size or rank; the first per spatial size; pooled by spatial mean"),
+             "float output has another spatial size or rank; the first per spatial size; pooled by spatial mean; "
+             "not an attention operand (made by or used by a matmul, transpose, softmax or fused attention)"),
     Spelling("feature tap", _Q_WALK + ("linear", "matmul"), "block", "transformer residual stream entering an "
              "attention block: the input of the site's Q projection (through reshape, transpose, scale, bias add), "
              "batch-first (B, T, E); pooled by token mean or token 0 (cls)"),
@@ -52,6 +53,15 @@ def _features(shape: tuple[Any, ...] | None, pool: str) -> int | None:
     return int(dim) if isinstance(dim, int) else None
 
 
+#: Canonical kinds that make a rank-4 value an attention operand rather than a CNN feature map.
+_NOT_STAGE = ("matmul", "transpose", "softmax", "sdpa", "mha_native", "ort_attention", "ort_mha", "onnx_attention")
+
+
+def _kind(g: GraphView, node: Any) -> str | None:
+    canon = g.canon(node)
+    return canon.kind if canon is not None else None
+
+
 def _stage_values(g: GraphView) -> list[Any]:
     """CNN stage outputs (see the module docstring), in topological order."""
     found: list[Any] = []
@@ -64,10 +74,13 @@ def _stage_values(g: GraphView) -> list[Any]:
             spatial = tuple(shape[2:])
             if all(isinstance(d, int) for d in spatial) and spatial[0] * spatial[1] <= 1:
                 continue
-            if spatial in seen_sizes:
+            if spatial in seen_sizes or _kind(g, node) in _NOT_STAGE:
+                continue
+            users = g.users(value)
+            if any(_kind(g, user) in _NOT_STAGE for user in users):  # (B, H, T, D) attention operands
                 continue
             changes = False
-            for user in g.users(value):
+            for user in users:
                 for out in g.outputs(user):
                     out_shape = g.shape(out)
                     if out_shape is None or not _float(g, out):
