@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from rewrite.capture import capture_values
+from rewrite.capture import capture_values, static_batch
 from rewrite.emit_region import Region, prepare_onnx, splice_fx, splice_onnx
 from rewrite.errors import OptionError
 from rewrite.fit_data import FitData, FitDataError, check_labels
@@ -180,8 +180,7 @@ class MahalanobisPass(Pass):
         if model.kind == "fx":
             new = splice_fx(model, gm, [(region, module)])
         else:
-            rows_ex = min(3, len(cap_held[0]))
-            examples = [torch.from_numpy(np.ascontiguousarray(v[:rows_ex])) for v in cap_held[:n_taps]]
+            examples = _examples(cap_held[:n_taps], static_batch(model))
             new = splice_onnx(model, onnx_model, [(region, module)], {region.name: examples})
         for i, (tap, layer) in enumerate(zip(taps, layers)):
             rows.append({"name": tap.name, "node": tap.node, "role": tap.role, "pool": tap.pool,
@@ -192,6 +191,13 @@ class MahalanobisPass(Pass):
                   "ensemble": detector.weights.method, "bias": float(detector.weights.bias), "metrics": metrics,
                   "classes": num_classes}
         return PassResult(new, True, report)
+
+
+def _examples(values: list[np.ndarray], fixed: int | None) -> list[torch.Tensor]:
+    """Example rows of the tap values for the ONNX export of the scoring module: the model's fixed batch size, else
+    3 rows (>= 2, so the exporter keeps the batch axis free), repeating rows when there are fewer."""
+    rows = fixed or 3
+    return [torch.from_numpy(np.ascontiguousarray(np.resize(v, (rows, *v.shape[1:])))) for v in values]
 
 
 def _torch_dtype(np_dtype: Any) -> torch.dtype:

@@ -224,3 +224,22 @@ def test_cli_refuses_bad_input_in_one_line(task, onnx_file, tmp_path, capsys, ca
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_static_batch_onnx_from_the_torchscript_exporter(task, tmp_path):
+    """A legacy export with batch fixed to 1 (Flatten / Gemm, '/stage1/...' names): the taps are found, the scoring
+    module is exported at that batch size, and the output is added."""
+    split, fit, ood_test = task
+    path = tmp_path / "static.onnx"
+    torch.onnx.export(trained_digits_cnn(), (torch.from_numpy(split.x_test[:1]),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["logits"])
+    original = mio.load_model(path)
+    new, report = convert(path, ood="mahalanobis", fit=fit)
+    assert report["passes"][0]["replaced"] == 3
+    scores = []
+    for sample in (split.x_test[:5], ood_test[:5]):
+        for row in sample:
+            before, after = run(original, {"x": row[None]}), run(new, {"x": row[None]})
+            assert np.array_equal(before["logits"], after["logits"]) and after["ood_score"].shape == (1,)
+            scores.append(float(after["ood_score"][0]))
+    assert max(scores[:5]) < min(scores[5:])
