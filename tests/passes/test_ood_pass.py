@@ -95,8 +95,9 @@ def test_fx_and_onnx_scores_agree_and_the_onnx_model_runs_in_onnxruntime(task, f
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits", "ood_score"]
     logits, scores = session.run(None, {"x": x})
-    np.testing.assert_allclose(scores, fx_scores, rtol=1e-4, atol=1e-4)
-    # the pass run on the ONNX graph (features captured in onnxruntime, fitted independently) agrees too
+    np.testing.assert_allclose(scores, fx_scores, rtol=1e-6, atol=1e-4)  # the same detector: 1e-4 absolute
+    # the pass run on the ONNX graph (features captured in onnxruntime, fitted independently) agrees to 1e-4
+    # relative: OOD scores reach the hundreds and the two fits see features differing in the last float32 bits
     path2 = export(onnx_result[1], tmp_path / "onnx_rewritten.onnx")
     session2 = ort.InferenceSession(str(path2), providers=["CPUExecutionProvider"])
     logits2, scores2 = session2.run(None, {"x": x})
