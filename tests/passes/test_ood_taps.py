@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +155,32 @@ def test_inspect_lists_the_taps_and_their_spellings(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["feature_taps"][0]["pool"] == "spatial_mean"
     tables = spellings()
     assert [row["tag"] for row in tables["feature taps (OOD detectors)"]] == ["stage", "block", "penultimate"]
+
+
+@pytest.mark.parametrize("kind,pool", [("fx", "mean"), ("onnx", "cls")])
+def test_the_pass_on_a_transformer_scores_far_sequences_higher(tmp_path, kind, pool):
+    """ood.mahalanobis end to end on TinyViT: block taps token-pooled in the graph (ReduceMean / Gather in ONNX),
+    logits bit-identical, far-away sequences score higher than held-out in-distribution ones."""
+    from passes.ood.mahalanobis_pass import MahalanobisPass
+    from rewrite.fit_data import load_fit_data
+    from rewrite.verify import run
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    loaded = _fx(model, torch.randn(2, 5, 4))
+    if kind == "onnx":
+        from rewrite.api import export
+        loaded = mio.load_model(export(loaded, tmp_path / "vit.onnx"))
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 1, 4)) * 2
+    y = np.arange(300) % 3
+    x = (centres[y] + 0.5 * rng.normal(size=(300, 5, 4))).astype(np.float32)
+    result = MahalanobisPass(fit=load_fit_data({"x": x[:240], "y": y[:240]}, ["x"]),
+                             options={"token_pool": pool}).run(loaded)
+    used = [s for s in result.report["sites"] if s["status"] == "replaced"]
+    assert [s["pool"] for s in used] == ["token_mean" if pool == "mean" else "cls"] * 3 + ["none"]
+    far = (8 + 3 * rng.normal(size=(60, 5, 4))).astype(np.float32)
+    probe = np.concatenate([x[240:], far])
+    before, after = run(loaded, {"x": probe}), run(result.model, {"x": probe})
+    first = loaded.output_names[0] if kind == "fx" else list(before)[0]
+    assert np.array_equal(before[first], after[first])
+    assert after["ood_score"][60:].min() > after["ood_score"][:60].max()
