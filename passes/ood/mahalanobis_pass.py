@@ -182,6 +182,7 @@ class MahalanobisPass(Pass):
         else:
             examples = _examples(cap_held[:n_taps], static_batch(model))
             new = splice_onnx(model, onnx_model, [(region, module)], {region.name: examples})
+            _name_batch_axis(new)
         for i, (tap, layer) in enumerate(zip(taps, layers)):
             rows.append({"name": tap.name, "node": tap.node, "role": tap.role, "pool": tap.pool,
                          "features": layer.features, "status": "replaced", "reason": "",
@@ -198,6 +199,16 @@ def _examples(values: list[np.ndarray], fixed: int | None) -> list[torch.Tensor]
     3 rows (>= 2, so the exporter keeps the batch axis free), repeating rows when there are fewer."""
     rows = fixed or 3
     return [torch.from_numpy(np.ascontiguousarray(np.resize(v, (rows, *v.shape[1:])))) for v in values]
+
+
+def _name_batch_axis(model: LoadedModel) -> None:
+    """Give ``ood_score``'s axis the batch dim of the first model input (the exporter names it on its own)."""
+    import onnx_ir as ir
+    graph = model.onnx.graph
+    first = graph.inputs[0] if graph.inputs else None
+    out = next((o for o in graph.outputs if o.name == OUTPUT), None)
+    if first is not None and first.shape is not None and len(first.shape) and out is not None:
+        out.shape = ir.Shape([first.shape[0]])
 
 
 def _torch_dtype(np_dtype: Any) -> torch.dtype:

@@ -244,3 +244,13 @@ def test_static_batch_onnx_from_the_torchscript_exporter(task, tmp_path):
             assert np.array_equal(before["logits"], after["logits"]) and after["ood_score"].shape == (1,)
             scores.append(float(after["ood_score"][0]))
     assert max(scores[:5]) < min(scores[5:])
+
+
+def test_onnx_ood_score_shares_the_input_batch_axis(onnx_result, tmp_path):
+    import onnx
+    path = export(onnx_result[1], tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    dims = proto.graph.output[1].type.tensor_type.shape.dim
+    assert proto.graph.output[1].name == "ood_score" and len(dims) == 1 and dims[0].dim_param == batch
