@@ -130,8 +130,9 @@ class FourierHead(nn.Module):
                         "for ordinal or quantised targets)")
         self.class_order = order
         cos, sin = trig_tables(self.n_freq, bin_centres(self.m_bins, torch.float64))
-        self.register_buffer("cos", cos.float(), persistent=False)
-        self.register_buffer("sin", sin.float(), persistent=False)
+        # float64 tables (cast to the features' dtype where used) so a .double() head keeps full precision
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("order", torch.tensor(order if order is not None else list(range(self.m_bins))),
                              persistent=False)
 
