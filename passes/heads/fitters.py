@@ -80,6 +80,7 @@ class HeadKind:
     options: tuple[VariantOption, ...]
     fit: Callable[..., "Fitted"]
     check: Callable[[int, Mapping[str, Any], str], None] = lambda k, o, where: None
+    all_classes: bool = True  # every class needs samples (one-vs-rest fits); ordinal bins may stay empty
 
 
 @dataclass
@@ -184,8 +185,9 @@ KINDS: dict[str, HeadKind] = {
     "svm": HeadKind("svm", "replace a softmax classifier head with an L2-SVM head (one-vs-rest margins; decision "
                     "argmax of margins) fitted on DATA", SVM_OPTIONS, fit_svm),
     "zloss": HeadKind("zloss", "replace a classifier head with a Z-loss-trained head (logits kept; optional z and "
-                      "confidence outputs) trained on DATA's frozen features", ZLOSS_OPTIONS, fit_zloss, check_zloss),
+                      "confidence outputs) trained on DATA's frozen features", ZLOSS_OPTIONS, fit_zloss, check_zloss,
+                      all_classes=False),
     "fourier": HeadKind("fourier", "replace a classifier head over ordered classes with a Fourier head (logits "
                         "log(q + 1e-5)) trained on DATA's frozen features", FOURIER_OPTIONS, fit_fourier,
-                        check_fourier),
+                        check_fourier, all_classes=False),
 }

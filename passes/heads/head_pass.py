@@ -106,7 +106,11 @@ class HeadPass(Pass):
         where = f"{head.name} ({head.node})"
         k = int(head.num_classes)
         o = self.resolved
-        check_labels(self.fit_data, k, f"head {where}")
+        if self.kind.all_classes:
+            check_labels(self.fit_data, k, f"head {where}")
+        elif int(self.fit_data.y.max()) >= k:
+            raise FitDataError(f"{self.fit_data.source}: label {int(self.fit_data.y.max())} is out of range: head "
+                               f"{where} has {k} classes (labels 0..{k - 1})")
         self.kind.check(k, o, f"{self.name} on {where}")
         fit_part, held = self.fit_data.split(o["held_out"], o["seed"])
         values = [head.feature, head.scores, head.output_value]
