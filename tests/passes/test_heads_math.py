@@ -218,3 +218,23 @@ def test_smoothness_metric_matches_scipy():
                                                             axis=-1) for s in range(1, 101))
     np.testing.assert_allclose(fourier.smoothness(p), ref, rtol=1e-9)
     assert fourier.smoothness(np.full((1, 50), 0.02))[0] == pytest.approx(0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ training loop
+def test_training_is_seeded_and_honours_the_step_and_time_budgets():
+    from passes.heads.training import train_head
+    torch.manual_seed(0)
+    f, y = torch.randn(200, 6, dtype=torch.float64), torch.randint(0, 4, (200,))
+
+    def run(steps, minutes=None):
+        torch.manual_seed(1)
+        head = ZLossHead(torch.randn(4, 6), torch.zeros(4)).double()
+        log = train_head(head, lambda m, fb, yb: losses.zloss(m(fb), yb), f, y, steps=steps, lr=1e-2, batch=32,
+                         seed=3, minutes=minutes)
+        return head, log
+
+    a, log_a = run(25)
+    b, _ = run(25)
+    assert log_a.steps == 25 and log_a.stopped_by == "steps" and torch.equal(a.weight, b.weight)
+    _, log_t = run(10 ** 9, minutes=0.5 / 60)  # half a second
+    assert log_t.stopped_by == "time" and 0 < log_t.steps < 10 ** 9 and log_t.seconds < 5
