@@ -102,8 +102,8 @@ def test_svm_margins_and_predictions_equal_linearsvc(digits, standardize):
     assert report["passes"][0]["sites"][0]["removed_activation"] == "softmax"
 
 
-@pytest.mark.parametrize("kind, opts", [("svm", TIGHT), ("zloss", {"extra_outputs": True}),
-                                        ("fourier", {"class_order": "0,1,2,3,4,5,6,7,8,9"})])
+@pytest.mark.parametrize("kind, opts", [("svm", TIGHT), ("zloss", {"extra_outputs": True, "steps": 200}),
+                                        ("fourier", {"class_order": "0,1,2,3,4,5,6,7,8,9", "steps": 200})])
 def test_fx_and_onnx_agree_and_run_in_onnxruntime(digits, tmp_path, kind, opts):
     model, split, onnx_path = digits
     data = {"x": split.x_train, "y": split.y_train}
