@@ -143,15 +143,18 @@ class HeadPass(Pass):
                 example = torch.from_numpy(np.asarray(feats[:EXAMPLE_ROWS], dtype=np.float32))
             new_model = splice_onnx(model, onnx_model, [(region, module)], {region.name: [example]})
         removed = head.activation if (fitted.removes_activation and head.activation != "none") else None
+        position = next((i for i, v in enumerate(outputs) if v is head.output_value), None)
+        shown = model.output_names[position] if position is not None and position < len(model.output_names) \
+            else head.output
         row = {**head.summary(), "status": "replaced", "reason": "", "head": self.kind.name,
                "fit_samples": len(fit_part), "held_out_samples": len(held),
                "accuracy_original": acc_orig, "accuracy_new": acc_new, "fit": fitted.info,
-               "added_outputs": list(fitted.adds), "removed_activation": removed}
+               "added_outputs": list(fitted.adds), "removed_activation": removed, "graph_output": shown}
         lines = [f"{self.name} on {where}, {head.in_features} -> {k} classes: held-out accuracy "
                  f"{100 * acc_orig:.2f}% (original head) -> {100 * acc_new:.2f}% ({self.kind.name} head) on "
                  f"{len(held)} samples; fitted on {len(fit_part)}"]
         if removed:
-            lines.append(f"{self.name}: the original {removed} was removed; output {head.output!r} now carries "
+            lines.append(f"{self.name}: the original {removed} was removed; output {shown!r} now carries "
                          f"{'margins' if self.kind.name == 'svm' else 'logits'}")
         if fitted.adds:
             lines.append(f"{self.name}: added outputs {', '.join(fitted.adds)}")

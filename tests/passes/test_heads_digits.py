@@ -153,3 +153,22 @@ def test_head_option_selects_and_names_unknown_heads(digits):
                 options={"head": "head3", **QUIET})
     with pytest.raises(OptionError, match="no option 'colour'"):
         convert(export_fx(model), head="svm", fit={"x": split.x_train, "y": split.y_train}, options={"colour": 1})
+
+
+def test_svm_head_on_a_legacy_onnx_gemm_graph(tmp_path):
+    """TorchScript-exported ONNX (opset 17, the head a ``Gemm``): upgraded, the head replaced, margins equal to
+    LinearSVC on the torch model's features."""
+    import onnx
+    from sklearn.svm import LinearSVC
+    model, split = trained_digits_cnn(), digits_split()
+    src = tmp_path / "legacy.onnx"
+    torch.onnx.export(model, (torch.from_numpy(split.x_test[:2]),), src, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "b"}, "logits": {0: "b"}})
+    assert "Gemm" in {n.op_type for n in onnx.load(src).graph.node}
+    out = tmp_path / "legacy_svm.onnx"
+    convert(src, out, head="svm", fit={"x": split.x_train, "y": split.y_train}, options={**TIGHT, **QUIET})
+    names, (margins,) = _ort_outputs(out, split.x_test)
+    fit_part, _ = FitData({"x": split.x_train}, split.y_train).split(0.2, 0)
+    ref = LinearSVC(tol=1e-8, max_iter=50000).fit(_features(model, fit_part.inputs["x"]), fit_part.y)
+    assert names == ["logits"]
+    np.testing.assert_allclose(margins, ref.decision_function(_features(model, split.x_test)), atol=1e-4)
