@@ -51,6 +51,8 @@ SVM_OPTIONS = (
                   "head)"),
     VariantOption("max_iter", 1000, int, "post hoc: LinearSVC max_iter", minimum=1),
     VariantOption("tol", 1e-4, float, "post hoc: LinearSVC tol", minimum=0.0, exclusive=True),
+    VariantOption("decision_output", False, bool, "add a graph output 'decision': the class, argmax of the margins "
+                  "(ONNX ArgMax)"),
 )
 
 ZLOSS_OPTIONS = (
@@ -129,7 +131,8 @@ def fit_svm(f: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor
                                                                       o["preset"]),
                          f, y, description=f"{where} svm fine-tune", **_train_common(o))
         info = {"fit": "finetune", "C": o["C"], "lam": o["lam"], "preset": o["preset"], **run.to_dict()}
-    return Fitted(head.float(), info)
+    head.with_decision = bool(o["decision_output"])
+    return Fitted(head.float(), info, ["decision"] if head.with_decision else [])
 
 
 def check_zloss(k: int, o: Mapping[str, Any], where: str) -> None:

@@ -34,15 +34,18 @@ def svm_predict(margins: torch.Tensor) -> torch.Tensor:
 
 
 class SVMHead(nn.Module):
-    """``Linear(D, K)`` producing one-vs-rest margins; no softmax. ``forward`` returns the margins (N, K)."""
+    """``Linear(D, K)`` producing one-vs-rest margins; no softmax. ``forward`` returns the margins (N, K), or
+    (margins, decision) with ``decision`` (the int64 class, argmax of the margins) when ``with_decision``."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, with_decision: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone())
+        self.with_decision = with_decision
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return svm_margins(features, self.weight.to(features.dtype), self.bias.to(features.dtype))
+    def forward(self, features: torch.Tensor):  # -> Tensor | tuple[Tensor, Tensor]
+        margins = svm_margins(features, self.weight.to(features.dtype), self.bias.to(features.dtype))
+        return (margins, svm_predict(margins)) if self.with_decision else margins
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return svm_predict(self(features))

@@ -102,7 +102,7 @@ def test_svm_margins_and_predictions_equal_linearsvc(digits, standardize):
     assert report["passes"][0]["sites"][0]["removed_activation"] == "softmax"
 
 
-@pytest.mark.parametrize("kind, opts", [("svm", TIGHT), ("zloss", {"extra_outputs": True, "steps": 200}),
+@pytest.mark.parametrize("kind, opts", [("svm", {**TIGHT, "decision_output": True}), ("zloss", {"extra_outputs": True, "steps": 200}),
                                         ("fourier", {"class_order": "0,1,2,3,4,5,6,7,8,9", "steps": 200})])
 def test_fx_and_onnx_agree_and_run_in_onnxruntime(digits, tmp_path, kind, opts):
     model, split, onnx_path = digits
@@ -128,9 +128,11 @@ def test_fx_and_onnx_agree_and_run_in_onnxruntime(digits, tmp_path, kind, opts):
         np.testing.assert_allclose(z, ref_z, atol=1e-4)
         np.testing.assert_allclose(conf, 1 / (1 + np.exp(-z)), atol=1e-5)
         assert (z.argmax(-1) == logits.argmax(-1)).all()
-    if kind == "svm":  # the softmax is gone from the graph
+    if kind == "svm":  # the softmax is gone from the graph; the decision output is argmax of the margins
         import onnx
-        assert "Softmax" not in {n.op_type for n in onnx.load(out).graph.node}
+        ops = {n.op_type for n in onnx.load(out).graph.node}
+        assert "Softmax" not in ops and "ArgMax" in ops and names == ["logits", "decision"]
+        assert ort_out[1].dtype == np.int64 and (ort_out[1] == ort_out[0].argmax(-1)).all()
     if kind == "fourier":  # the original softmax kept after the Fourier logits: rows are distributions
         np.testing.assert_allclose(ort_out[0].sum(-1), 1.0, atol=1e-5)
 
