@@ -28,4 +28,6 @@ def register() -> None:
                     "record (proves the binding: outputs must not change)")
         register_pass(f"attention.{variant.name}", _factory(variant), desc,
                       {o.name: (o.default, o.help) for o in variant.options})
+    from .heads import register as register_heads
+    register_heads()
     __import__("passes.ood", fromlist=["register"]).register()  # ood.mahalanobis (passes/ood)
