@@ -217,6 +217,8 @@ def _torch_dtype(np_dtype: Any) -> torch.dtype:
 
 
 def _head_output(g: Any, outputs: list[Any], head: Any) -> Any | None:
+    if getattr(head, "output_value", None) is not None:
+        return head.output_value
     return next((o for o in outputs if g.value_name(o) == head.output), None)
 
 

@@ -116,6 +116,8 @@ def _projection_input(g: GraphView, value: Any) -> Any | None:
 
 
 def _head_input(g: GraphView, head: ClassifierHead, by_name: dict[str, Any]) -> Any | None:
+    if getattr(head, "feature", None) is not None:
+        return head.feature
     node = by_name.get(head.node)
     canon = g.canon(node) if node is not None else None
     return canon.inputs[0] if canon is not None and canon.inputs else None
