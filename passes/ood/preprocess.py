@@ -67,7 +67,9 @@ def preprocess(model: Any, detector: MahalanobisDetector, x: np.ndarray | torch.
         raise OptionError(f"ood pre-processing: tap nodes {missing} are not in the program (the detector was fitted "
                           "on another export of the model)")
     scorer = detector.module()
-    std = None if input_std is None else torch.as_tensor(input_std, dtype=x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
+    std = None
+    if input_std is not None:
+        std = torch.as_tensor(input_std, dtype=x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
     out = []
     for start in range(0, len(x), batch):
         xb = x[start:start + batch]

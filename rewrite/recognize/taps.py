@@ -31,8 +31,8 @@ _Q_WALK = ("transpose", "reshape", "identity", "cast", "dropout", "mul", "div", 
 TOKEN_POOLS = ("mean", "cls")
 
 TAP_SPELLINGS: tuple[Spelling, ...] = (
-    Spelling("feature tap", ("any",), "stage", "CNN stage output: a float (B, C, H, W) value, H·W > 1, used by an op whose "
-             "float output has another spatial size or rank; the first per spatial size; pooled by spatial mean; "
+    Spelling("feature tap", ("any",), "stage", "CNN stage output: a float (B, C, H, W) value, H·W > 1, used by an op "
+             "whose float output has another spatial size or rank; the first per spatial size; pooled by spatial mean; "
              "not an attention operand (made by or used by a matmul, transpose, softmax or fused attention)"),
     Spelling("feature tap", _Q_WALK + ("linear", "matmul"), "block", "transformer residual stream entering an "
              "attention block: the input of the site's Q projection (through reshape, transpose, scale, bias add), "

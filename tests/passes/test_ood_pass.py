@@ -254,3 +254,17 @@ def test_onnx_ood_score_shares_the_input_batch_axis(onnx_result, tmp_path):
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     dims = proto.graph.output[1].type.tensor_type.shape.dim
     assert proto.graph.output[1].name == "ood_score" and len(dims) == 1 and dims[0].dim_param == batch
+
+
+def test_the_pass_refuses_missing_or_too_little_data(task):
+    split, fit, ood_test = task
+    loaded = export_fx(trained_digits_cnn())
+    with pytest.raises(FitDataError, match="needs fitting data"):
+        MahalanobisPass().run(loaded)
+    few = load_fit_data({**fit, "x_ood": ood_test[:3]}, ["x"])
+    with pytest.raises(FitDataError, match="too few samples for the OOD validation"):
+        MahalanobisPass(fit=few).run(loaded)
+    with pytest.raises(OptionError, match="option held_out=1.5"):
+        MahalanobisPass(fit=few, options={"held_out": 1.5})
+    with pytest.raises(OptionError, match="unknown option"):
+        MahalanobisPass(fit=few, options={"sigma": 1})

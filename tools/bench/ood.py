@@ -41,7 +41,6 @@ from ood_data import lfw_patches, texture_patches  # noqa: E402
 from passes.ood import preprocess  # noqa: E402
 from passes.ood.mahalanobis_pass import MahalanobisPass  # noqa: E402
 from passes.ood.metrics import METRICS, ood_metrics  # noqa: E402
-from rewrite import io as mio  # noqa: E402
 from rewrite.api import graph_view  # noqa: E402
 from rewrite.capture import capture_values  # noqa: E402
 from rewrite.fit_data import load_fit_data  # noqa: E402
