@@ -185,7 +185,9 @@ class MahalanobisPass(Pass):
             _name_batch_axis(new)
         for i, (tap, layer) in enumerate(zip(taps, layers)):
             rows.append({"name": tap.name, "node": tap.node, "role": tap.role, "pool": tap.pool,
-                         "features": layer.features, "status": "replaced", "reason": "",
+                         "features": layer.features, "status": "replaced",
+                         "reason": f"read by ood_score: {tap.role} {tap.node}, {tap.pool}, D={layer.features}, "
+                                   f"weight {detector.weights.alpha[i]:.3g}",
                          "weight": float(detector.weights.alpha[i]), "weight_z": float(detector.weights.beta[i])})
         report = {"pass": self.name, "sites": rows, "replaced": n_taps, "found": len(rows), "lines": lines,
                   "output": OUTPUT, "sign": "higher = more likely out-of-distribution",
