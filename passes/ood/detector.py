@@ -67,7 +67,11 @@ class MahalanobisDetector:
 
     def layer_scores(self, values: Sequence[np.ndarray]) -> np.ndarray:
         """Raw layer scores M_ℓ (N, L), float64, from the captured tap values."""
-        return np.stack([layer.score(pool_numpy(v, p)) for v, p, layer in zip(values, self.pools, self.layers)], 1)
+        return self.feature_scores([pool_numpy(v, p) for v, p in zip(values, self.pools)])
+
+    def feature_scores(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw layer scores M_ℓ (N, L), float64, from already pooled features (N, D_ℓ) per tap."""
+        return np.stack([layer.score(f) for f, layer in zip(features, self.layers)], 1)
 
     def ood_score(self, values: Sequence[np.ndarray]) -> np.ndarray:
         """ood_score (N,), float64; higher = more likely OOD."""

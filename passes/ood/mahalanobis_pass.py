@@ -128,21 +128,19 @@ class MahalanobisPass(Pass):
         head_value = _head_output(g, outputs, head) if head is not None else None
         values = [t.value for t in taps] + ([head_value] if head_value is not None else [])
         batch = self.opts["batch"]
-        cap_fit = capture_values(model, g, values, fit_part.inputs, batch)
-        cap_held = capture_values(model, g, values, held.inputs, batch)
-        cap_ood = capture_values(model, g, values, data.ood, batch) if len(data.ood) else None
+        pools = [t.pool for t in taps] + (["none"] if head_value is not None else [])
+        cap_fit, first_rows = _capture_pooled(model, g, values, pools, fit_part.inputs, batch)
+        cap_held, _ = _capture_pooled(model, g, values, pools, held.inputs, batch)
+        cap_ood = _capture_pooled(model, g, values, pools, data.ood, batch)[0] if len(data.ood) else None
         n_taps = len(taps)
-        layers = []
-        for i, tap in enumerate(taps):
-            feats = pool_numpy(cap_fit[i], tap.pool)
-            layers.append(fit_gaussian(feats, fit_part.y, num_classes, self.opts["ridge"]))
+        layers = [fit_gaussian(cap_fit[i], fit_part.y, num_classes, self.opts["ridge"]) for i in range(n_taps)]
         detector = MahalanobisDetector(taps=[t.node for t in taps], pools=[t.pool for t in taps], layers=layers,
-                                       weights=None, dtype=_torch_dtype(cap_fit[0].dtype))  # type: ignore[arg-type]
-        s_held = detector.layer_scores(cap_held[:n_taps])
+                                       weights=None, dtype=_torch_dtype(first_rows[0].dtype))  # type: ignore[arg-type]
+        s_held = detector.feature_scores(cap_held[:n_taps])
         lines: list[str] = []
         metrics: dict[str, Any] = {}
         if cap_ood is not None:
-            s_ood = detector.layer_scores(cap_ood[:n_taps])
+            s_ood = detector.feature_scores(cap_ood[:n_taps])
             rng = np.random.default_rng(self.opts["seed"])
             in_perm, out_perm = rng.permutation(len(s_held)), rng.permutation(len(s_ood))
             in_val, in_test = in_perm[: len(in_perm) // 2], in_perm[len(in_perm) // 2:]
@@ -180,7 +178,7 @@ class MahalanobisPass(Pass):
         if model.kind == "fx":
             new = splice_fx(model, gm, [(region, module)])
         else:
-            examples = _examples(cap_held[:n_taps], static_batch(model))
+            examples = _examples(first_rows[:n_taps], static_batch(model))
             new = splice_onnx(model, onnx_model, [(region, module)], {region.name: examples})
             _name_batch_axis(new)
         for i, (tap, layer) in enumerate(zip(taps, layers)):
@@ -194,6 +192,28 @@ class MahalanobisPass(Pass):
                   "ensemble": detector.weights.method, "bias": float(detector.weights.bias), "metrics": metrics,
                   "classes": num_classes}
         return PassResult(new, True, report)
+
+
+#: Samples per capture run, in units of ``batch``: tap values are pooled per run, so memory holds one run's
+#: feature maps, not the data set's.
+CAPTURE_RUN_BATCHES = 4
+
+
+def _capture_pooled(model: LoadedModel, g: Any, values: list[Any], pools: list[str], inputs: Mapping[str, np.ndarray],
+                    batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(pooled float64 features (N, D) per value, the first 3 raw rows of each value) over every sample of
+    ``inputs``, captured in runs of :data:`CAPTURE_RUN_BATCHES` × ``batch`` samples."""
+    n = next(iter(inputs.values())).shape[0]
+    step = CAPTURE_RUN_BATCHES * batch
+    pooled: list[list[np.ndarray]] = [[] for _ in values]
+    first: list[np.ndarray] = []
+    for start in range(0, n, step):
+        got = capture_values(model, g, values, {k: v[start:start + step] for k, v in inputs.items()}, batch)
+        if not first:
+            first = [np.array(a[:3]) for a in got]
+        for sink, arr, pool in zip(pooled, got, pools):
+            sink.append(pool_numpy(arr, pool))
+    return [np.concatenate(parts) for parts in pooled], first
 
 
 def _examples(values: list[np.ndarray], fixed: int | None) -> list[torch.Tensor]:
