@@ -168,6 +168,8 @@ def test_input_preprocessing_on_the_torch_path(task, fx_result):
     plain = run(result.model, {"x": x})["ood_score"]
     np.testing.assert_allclose(preprocess(model, p.detector, x, eps=0.0), plain, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(preprocess(loaded, p.detector, x, eps=0.0), plain, rtol=1e-5, atol=1e-4)
+    # the rewritten FX program keeps the tap nodes' names, so it works there too
+    np.testing.assert_allclose(preprocess(result.model, p.detector, x, eps=0.0), plain, rtol=1e-5, atol=1e-4)
     stepped = preprocess(model, p.detector, x, eps=0.01)
     assert np.all(np.isfinite(stepped)) and not np.allclose(stepped, plain)
     # one step against the gradient of the closest class's distance moves each layer's features closer to it
