@@ -167,6 +167,20 @@ _TABLE: dict[Any, Callable[[fx.Node], Canon | None]] = {
 }
 
 
+
+def _torchvision_nms() -> Any | None:
+    """``torch.ops.torchvision.nms.default`` when torchvision is importable (it registers the op), else None."""
+    try:
+        import torchvision  # noqa: F401
+        return torch.ops.torchvision.nms.default
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+if _torchvision_nms() is not None:  # guarded spelling: torchvision is not installable beside every torch
+    _TABLE[_torchvision_nms()] = lambda n: Canon("nms", (n.args[0], n.args[1], None, n.args[2], None),
+                                                 {"box_layout": "xyxy"})
+
 class FxGraph:
     """:class:`GraphView` over an unlifted ``torch.fx.GraphModule`` from ``ExportedProgram.module()``."""
 

@@ -1,0 +1,196 @@
+"""Soft-NMS as a standard ONNX sub-graph (a ``Loop``; no custom op) with ``NonMaxSuppression``'s interface.
+
+Inputs (as ONNX ``NonMaxSuppression``): ``boxes`` (B, N, 4) float, ``scores`` (B, C, N) float,
+``max_output_boxes_per_class`` int64 (scalar or [1]), ``iou_threshold`` float, ``score_threshold`` float.
+``center_point_box`` 0: boxes are [y1, x1, y2, x2] (any diagonal pair: min/max are taken); 1: [xc, yc, w, h].
+Outputs: ``selected_indices`` int64 (M, 3) = (batch, class, box), grouped by batch then class, each group in
+selection order (as onnxruntime orders its NMS output), and ``selected_scores`` (M,) in the scores' dtype: the
+decayed score of each selected box.
+
+Mapping of the NMS inputs (semantics: :mod:`passes.detect.config`): ``iou_threshold`` → N_t (linear gate, hard
+and TF-Gaussian discard), ``score_threshold`` → ``min_score`` (kept when ≥, where ONNX NMS keeps when >; the two
+differ only for a score exactly at the threshold), ``max_output_boxes_per_class`` → ``max_det`` per (batch,
+class), 0 selecting nothing as in ONNX. The caller may feed constants instead (pass options override the node).
+
+Structure: all B·C groups are processed together. One ``Loop`` iteration picks, per group, the live box with the
+largest current score (``ArgMax``), gathers its coordinates (``GatherElements``), computes its IoU row, decays
+(``Mul``/``Exp``/``Where``) and updates the live mask; the per-iteration picks are scan outputs, compacted after
+the loop with ``NonZero``/``Gather``. The trip count is min(max_output_boxes_per_class, N) (at least 1: picks
+past the cap are marked invalid) and the loop stops early once no group has a live box. Arithmetic is float64.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .config import SoftNMSConfig
+
+#: Opset the sub-graph is written for (Split with num_outputs, ReduceSum/Squeeze/Unsqueeze with axes inputs).
+OPSET = 18
+INPUT_NAMES = ("boxes", "scores", "max_output_boxes_per_class", "iou_threshold", "score_threshold")
+OUTPUT_NAMES = ("selected_indices", "selected_scores")
+
+
+class _Builder:
+    """Appends nodes to a list with fresh value names."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: Any) -> Any:
+        names = [f"{self.prefix}{op_type.lower()}_{self.count}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{self.prefix}{op_type}_{self.count}",
+                                           **attrs))
+        self.count += 1
+        return names[0] if n_out == 1 else names
+
+    def const(self, value: Any, dtype: Any) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = f"{self.prefix}const_{self.count}"
+        self.count += 1
+        self.nodes.append(helper.make_node("Constant", [], [name], name=name,
+                                           value=onnx.numpy_helper.from_array(arr, name)))
+        return name
+
+
+def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str]) -> onnx.GraphProto:
+    """One iteration: (i, cond, s, alive) → (cond', s', alive', pick, pick_score, pick_valid)."""
+    b = _Builder("body/")
+    i, cond, s, alive = "body/i", "body/cond_in", "body/s", "body/alive"
+    neg_inf = b.const(-np.inf, np.float64)
+    zero, one = b.const(0.0, np.float64), b.const(1.0, np.float64)
+    masked = b.op("Where", [alive, s, neg_inf])
+    idx = b.op("ArgMax", [masked], axis=1, keepdims=1)                                 # (G, 1)
+    best = b.op("GatherElements", [s, idx], axis=1)
+    valid = b.op("And", [b.op("GatherElements", [alive, idx], axis=1), b.op("Less", [i, outer["max_out"]])])
+    g = {k: b.op("GatherElements", [outer[k], idx], axis=1) for k in ("x1", "y1", "x2", "y2", "area")}
+    off = b.const(float(cfg.iou_offset), np.float64)
+
+    def extent(lo: str, hi: str) -> str:
+        width = b.op("Sub", [b.op("Min", [outer[hi], g[hi]]), b.op("Max", [outer[lo], g[lo]])])
+        return b.op("Max", [b.op("Add", [width, off]), zero])
+
+    inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
+    union = b.op("Sub", [b.op("Add", [outer["area"], g["area"]]), inter])
+    positive = b.op("Greater", [union, zero])
+    iou = b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
+    above = b.op("Greater", [iou, outer["iou"]])
+    if cfg.method == "linear":
+        decayed = b.op("Mul", [s, b.op("Where", [above, b.op("Sub", [one, iou]), one])])
+    elif cfg.method == "gaussian":
+        denom = b.const(cfg.gaussian_denominator, np.float64)
+        decayed = b.op("Mul", [s, b.op("Exp", [b.op("Neg", [b.op("Div", [b.op("Mul", [iou, iou]), denom])])])])
+    else:
+        decayed = s
+    keep = b.op("And", [alive, b.op("Not", [b.op("Equal", [outer["columns"], idx])])])
+    if cfg.discards_above_threshold:
+        keep = b.op("And", [keep, b.op("Not", [above])])
+    keep = b.op("And", [keep, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
+    s_out = b.op("Where", [valid, decayed, s])
+    alive_out = b.op("Or", [b.op("And", [valid, keep]), b.op("And", [b.op("Not", [valid]), alive])])  # no bool Where in ORT
+    live = b.op("ReduceSum", [b.op("Cast", [alive_out], to=TensorProto.INT64)], keepdims=0)
+    cond_out = b.op("Greater", [live, b.const(0, np.int64)])
+    axis1 = b.const([1], np.int64)
+    outs = [b.op("Identity", [cond_out]), b.op("Identity", [s_out]), b.op("Identity", [alive_out]),
+            b.op("Squeeze", [idx, axis1]), b.op("Squeeze", [best, axis1]), b.op("Squeeze", [valid, axis1])]
+    types = [TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT64, TensorProto.DOUBLE,
+             TensorProto.BOOL]
+    return helper.make_graph(
+        b.nodes, "soft_nms_step",
+        [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(s, TensorProto.DOUBLE, ["G", "N1"]),
+         helper.make_tensor_value_info(alive, TensorProto.BOOL, ["G", "N1"])],
+        [helper.make_tensor_value_info(n, t, shape) for n, t, shape in
+         zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G"], ["G"], ["G"]))])
+
+
+def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
+                   prefix: str = "") -> onnx.GraphProto:
+    """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
+    ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
+    graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted)."""
+    b = _Builder(prefix)
+    boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
+    scalar = b.const(np.zeros(0, np.int64), np.int64)
+    max_out = b.op("Reshape", [max_in, scalar])
+    iou_t = b.op("Cast", [b.op("Reshape", [iou_in, scalar])], to=TensorProto.DOUBLE)
+    min_score = b.op("Cast", [b.op("Reshape", [score_in, scalar])], to=TensorProto.DOUBLE)
+    coords = b.op("Split", [b.op("Cast", [boxes], to=TensorProto.DOUBLE)], n_out=4, axis=2, num_outputs=4)
+    if center_point_box == 0:  # [y1, x1, y2, x2], either diagonal
+        ya, xa, yb, xb = coords
+        x1, x2, y1, y2 = b.op("Min", [xa, xb]), b.op("Max", [xa, xb]), b.op("Min", [ya, yb]), b.op("Max", [ya, yb])
+    else:  # [xc, yc, w, h]
+        xc, yc, w, h = coords
+        half = b.const(0.5, np.float64)
+        hw, hh = b.op("Mul", [w, half]), b.op("Mul", [h, half])
+        x1, x2, y1, y2 = b.op("Sub", [xc, hw]), b.op("Add", [xc, hw]), b.op("Sub", [yc, hh]), b.op("Add", [yc, hh])
+    shape = b.op("Shape", [scores])                                                     # [B, C, N]
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    n = b.op("Slice", [shape, i64([2]), i64([3])])
+    n_classes = b.op("Slice", [shape, i64([1]), i64([2])])
+    flat_shape = b.op("Concat", [i64([-1]), n], axis=0)                                  # [-1, N]
+    g_shape = b.op("Slice", [b.op("Shape", [b.op("Reshape", [scores, flat_shape])]), i64([0]), i64([1])])
+    pad_shape = b.op("Concat", [g_shape, i64([1])], axis=0)                              # [G, 1]
+
+    def per_group(v: str) -> str:  # (B, N, 1) → (G, N + 1): one row per (batch, class), a dead column appended
+        bn1 = b.op("Unsqueeze", [b.op("Squeeze", [v, i64([2])]), i64([1])])             # (B, 1, N)
+        gn = b.op("Reshape", [b.op("Expand", [bn1, shape]), flat_shape])
+        return b.op("Concat", [gn, b.op("ConstantOfShape", [pad_shape],
+                                        value=helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0]))], axis=1)
+
+    outer = {"x1": per_group(x1), "y1": per_group(y1), "x2": per_group(x2), "y2": per_group(y2)}
+    off = b.const(float(cfg.iou_offset), np.float64)
+    outer["area"] = b.op("Mul", [b.op("Add", [b.op("Sub", [outer["x2"], outer["x1"]]), off]),
+                                 b.op("Add", [b.op("Sub", [outer["y2"], outer["y1"]]), off])])
+    s0 = b.op("Concat", [b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape]),
+                         b.op("ConstantOfShape", [pad_shape], value=helper.make_tensor(
+                             "z", TensorProto.DOUBLE, [1], [0.0]))], axis=1)
+    real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [b.op("Reshape", [n, scalar]), i64(1)]), i64(1)]),
+                         b.op("Reshape", [n, scalar])])                                  # (N + 1,): last is the pad
+    alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
+    outer["columns"] = b.op("Unsqueeze", [b.op("Range", [i64(0), b.op("Add", [b.op("Reshape", [n, scalar]), i64(1)]),
+                                                          i64(1)]), i64([0])])
+    outer.update(max_out=max_out, iou=iou_t, min_score=min_score)
+    trips = b.op("Max", [b.op("Min", [max_out, b.op("Reshape", [n, scalar])]), i64(1)])
+    body = _loop_body(cfg, outer)
+    _, _, picks, pick_scores, pick_valid = b.op("Loop", [trips, b.const(True, np.bool_), s0, alive0], n_out=5,
+                                                body=body)                              # scans: (T, G)
+    flat = i64([-1])
+    pick_flat = b.op("Reshape", [b.op("Transpose", [picks], perm=[1, 0]), flat])
+    score_flat = b.op("Reshape", [b.op("Transpose", [pick_scores], perm=[1, 0]), flat])
+    valid_flat = b.op("Reshape", [b.op("Transpose", [pick_valid], perm=[1, 0]), flat])
+    pos = b.op("Reshape", [b.op("NonZero", [valid_flat]), flat])                         # (M,)
+    steps = b.op("Slice", [b.op("Shape", [picks]), i64([0]), i64([1])])
+    group = b.op("Div", [pos, steps])
+    batch = b.op("Div", [group, n_classes])
+    klass = b.op("Mod", [group, n_classes])
+    box = b.op("Gather", [pick_flat, pos], axis=0)
+    one = i64([1])
+    b.nodes.append(helper.make_node("Concat", [b.op("Unsqueeze", [batch, one]), b.op("Unsqueeze", [klass, one]),
+                                               b.op("Unsqueeze", [box, one])], [OUTPUT_NAMES[0]], axis=1,
+                                    name=f"{prefix}selected_indices"))
+    b.nodes.append(helper.make_node("Cast", [b.op("Gather", [score_flat, pos], axis=0)], [OUTPUT_NAMES[1]],
+                                    to=score_dtype, name=f"{prefix}selected_scores"))
+    inputs = [helper.make_tensor_value_info(boxes, score_dtype, ["B", "N", 4]),
+              helper.make_tensor_value_info(scores, score_dtype, ["B", "C", "N"]),
+              helper.make_tensor_value_info(max_in, TensorProto.INT64, [1]),
+              helper.make_tensor_value_info(iou_in, TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info(score_in, TensorProto.FLOAT, [1])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.INT64, ["M", 3]),
+               helper.make_tensor_value_info(OUTPUT_NAMES[1], score_dtype, ["M"])]
+    return helper.make_graph(b.nodes, "soft_nms", inputs, outputs)
+
+
+def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT
+                   ) -> onnx.ModelProto:
+    """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
+    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
