@@ -59,45 +59,29 @@ class _Builder:
 
 
 def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str]) -> onnx.GraphProto:
-    """One iteration: (i, cond, s, alive) → (cond', s', alive', pick, pick_score, pick_valid)."""
+    """One iteration: (i, cond, s, alive) → (cond', s', alive', pick, pick_score, pick_valid), picks (G, 1).
+
+    Per group: the live box with the largest current score is picked; its row of the precomputed weight matrix
+    (and, for hard / TF-Gaussian, of the discard matrix) is gathered by (batch, pick); scores are decayed and the
+    live mask updated. A group without live boxes yields an invalid pick and changes nothing that matters (it has
+    no live box left), so no per-group select is needed.
+    """
     b = _Builder("body/")
     i, cond, s, alive = "body/i", "body/cond_in", "body/s", "body/alive"
-    neg_inf = b.const(-np.inf, np.float64)
-    zero, one = b.const(0.0, np.float64), b.const(1.0, np.float64)
-    masked = b.op("Where", [alive, s, neg_inf])
+    masked = b.op("Where", [alive, s, outer["neg_inf"]])
     idx = b.op("ArgMax", [masked], axis=1, keepdims=1)                                 # (G, 1)
     best = b.op("GatherElements", [s, idx], axis=1)
-    valid = b.op("And", [b.op("GatherElements", [alive, idx], axis=1), b.op("Less", [i, outer["max_out"]])])
-    g = {k: b.op("GatherElements", [outer[k], idx], axis=1) for k in ("x1", "y1", "x2", "y2", "area")}
-    off = b.const(float(cfg.iou_offset), np.float64)
-
-    def extent(lo: str, hi: str) -> str:
-        width = b.op("Sub", [b.op("Min", [outer[hi], g[hi]]), b.op("Max", [outer[lo], g[lo]])])
-        return b.op("Max", [b.op("Add", [width, off]), zero])
-
-    inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
-    union = b.op("Sub", [b.op("Add", [outer["area"], g["area"]]), inter])
-    positive = b.op("Greater", [union, zero])
-    iou = b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
-    above = b.op("Greater", [iou, outer["iou"]])
-    if cfg.method == "linear":
-        decayed = b.op("Mul", [s, b.op("Where", [above, b.op("Sub", [one, iou]), one])])
-    elif cfg.method == "gaussian":
-        denom = b.const(cfg.gaussian_denominator, np.float64)
-        decayed = b.op("Mul", [s, b.op("Exp", [b.op("Neg", [b.op("Div", [b.op("Mul", [iou, iou]), denom])])])])
-    else:
-        decayed = s
-    keep = b.op("And", [alive, b.op("Not", [b.op("Equal", [outer["columns"], idx])])])
+    valid = b.op("GatherElements", [alive, idx], axis=1)
+    row = b.op("Concat", [outer["batch_of_group"], idx], axis=1)                         # (G, 2): (batch, pick)
+    decayed = b.op("Mul", [s, b.op("GatherND", [outer["weights"], row])]) if cfg.method != "hard" \
+        else b.op("Identity", [s])
+    keep = b.op("ScatterElements", [alive, idx, outer["false_column"]], axis=1)         # the pick leaves
     if cfg.discards_above_threshold:
-        keep = b.op("And", [keep, b.op("Not", [above])])
-    keep = b.op("And", [keep, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
-    s_out = b.op("Where", [valid, decayed, s])
-    alive_out = b.op("Or", [b.op("And", [valid, keep]), b.op("And", [b.op("Not", [valid]), alive])])  # no bool Where in ORT
+        keep = b.op("And", [keep, b.op("Not", [b.op("GatherND", [outer["discard"], row])])])
+    alive_out = b.op("And", [keep, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
     live = b.op("ReduceSum", [b.op("Cast", [alive_out], to=TensorProto.INT64)], keepdims=0)
-    cond_out = b.op("Greater", [live, b.const(0, np.int64)])
-    axis1 = b.const([1], np.int64)
-    outs = [b.op("Identity", [cond_out]), b.op("Identity", [s_out]), b.op("Identity", [alive_out]),
-            b.op("Squeeze", [idx, axis1]), b.op("Squeeze", [best, axis1]), b.op("Squeeze", [valid, axis1])]
+    cond_out = b.op("Greater", [live, outer["zero_i64"]])
+    outs = [cond_out, decayed, alive_out, idx, best, valid]
     types = [TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT64, TensorProto.DOUBLE,
              TensorProto.BOOL]
     return helper.make_graph(
@@ -106,7 +90,28 @@ def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str]) -> onnx.GraphProto:
          helper.make_tensor_value_info(s, TensorProto.DOUBLE, ["G", "N1"]),
          helper.make_tensor_value_info(alive, TensorProto.BOOL, ["G", "N1"])],
         [helper.make_tensor_value_info(n, t, shape) for n, t, shape in
-         zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G"], ["G"], ["G"]))])
+         zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G", 1], ["G", 1], ["G", 1]))])
+
+
+def _iou_matrix(b: _Builder, x1: str, y1: str, x2: str, y2: str, offset: float) -> str:
+    """Pairwise IoU (B, N, N) of boxes given as (B, N) coordinate tensors (float64); union ≤ 0 gives 0."""
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    rows = {k: b.op("Unsqueeze", [v, i64([2])]) for k, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2))}
+    cols = {k: b.op("Unsqueeze", [v, i64([1])]) for k, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2))}
+    off, zero, one = b.const(offset, np.float64), b.const(0.0, np.float64), b.const(1.0, np.float64)
+
+    def extent(lo: str, hi: str) -> str:
+        width = b.op("Sub", [b.op("Min", [rows[hi], cols[hi]]), b.op("Max", [rows[lo], cols[lo]])])
+        return b.op("Max", [b.op("Add", [width, off]), zero])
+
+    def area(d: dict[str, str]) -> str:
+        return b.op("Mul", [b.op("Add", [b.op("Sub", [d["x2"], d["x1"]]), off]),
+                            b.op("Add", [b.op("Sub", [d["y2"], d["y1"]]), off])])
+
+    inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
+    union = b.op("Sub", [b.op("Add", [area(rows), area(cols)]), inter])
+    positive = b.op("Greater", [union, zero])
+    return b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
 
 
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
@@ -115,12 +120,20 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
     graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted)."""
     b = _Builder(prefix)
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
-    scalar = b.const(np.zeros(0, np.int64), np.int64)
+    scalar = i64(np.zeros(0, np.int64))
     max_out = b.op("Reshape", [max_in, scalar])
     iou_t = b.op("Cast", [b.op("Reshape", [iou_in, scalar])], to=TensorProto.DOUBLE)
     min_score = b.op("Cast", [b.op("Reshape", [score_in, scalar])], to=TensorProto.DOUBLE)
-    coords = b.op("Split", [b.op("Cast", [boxes], to=TensorProto.DOUBLE)], n_out=4, axis=2, num_outputs=4)
+    shape = b.op("Shape", [scores])                                                     # [B, C, N]
+    n = b.op("Slice", [shape, i64([2]), i64([3])])
+    n_scalar = b.op("Reshape", [n, scalar])
+    n_classes = b.op("Slice", [shape, i64([1]), i64([2])])
+    flat_shape = b.op("Concat", [i64([-1]), n], axis=0)                                  # [-1, N]
+    # boxes → (B, N + 1) float64 coordinates, a zero box appended (the padding column: never live)
+    padded = b.op("Pad", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), i64([0, 0, 0, 0, 1, 0])])
+    coords = [b.op("Squeeze", [c, i64([2])]) for c in b.op("Split", [padded], n_out=4, axis=2, num_outputs=4)]
     if center_point_box == 0:  # [y1, x1, y2, x2], either diagonal
         ya, xa, yb, xb = coords
         x1, x2, y1, y2 = b.op("Min", [xa, xb]), b.op("Max", [xa, xb]), b.op("Min", [ya, yb]), b.op("Max", [ya, yb])
@@ -129,50 +142,43 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
         half = b.const(0.5, np.float64)
         hw, hh = b.op("Mul", [w, half]), b.op("Mul", [h, half])
         x1, x2, y1, y2 = b.op("Sub", [xc, hw]), b.op("Add", [xc, hw]), b.op("Sub", [yc, hh]), b.op("Add", [yc, hh])
-    shape = b.op("Shape", [scores])                                                     # [B, C, N]
-    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
-    n = b.op("Slice", [shape, i64([2]), i64([3])])
-    n_classes = b.op("Slice", [shape, i64([1]), i64([2])])
-    flat_shape = b.op("Concat", [i64([-1]), n], axis=0)                                  # [-1, N]
-    g_shape = b.op("Slice", [b.op("Shape", [b.op("Reshape", [scores, flat_shape])]), i64([0]), i64([1])])
-    pad_shape = b.op("Concat", [g_shape, i64([1])], axis=0)                              # [G, 1]
-
-    def per_group(v: str) -> str:  # (B, N, 1) → (G, N + 1): one row per (batch, class), a dead column appended
-        bn1 = b.op("Unsqueeze", [b.op("Squeeze", [v, i64([2])]), i64([1])])             # (B, 1, N)
-        gn = b.op("Reshape", [b.op("Expand", [bn1, shape]), flat_shape])
-        return b.op("Concat", [gn, b.op("ConstantOfShape", [pad_shape],
-                                        value=helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0]))], axis=1)
-
-    outer = {"x1": per_group(x1), "y1": per_group(y1), "x2": per_group(x2), "y2": per_group(y2)}
-    off = b.const(float(cfg.iou_offset), np.float64)
-    outer["area"] = b.op("Mul", [b.op("Add", [b.op("Sub", [outer["x2"], outer["x1"]]), off]),
-                                 b.op("Add", [b.op("Sub", [outer["y2"], outer["y1"]]), off])])
-    s0 = b.op("Concat", [b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape]),
-                         b.op("ConstantOfShape", [pad_shape], value=helper.make_tensor(
-                             "z", TensorProto.DOUBLE, [1], [0.0]))], axis=1)
-    real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [b.op("Reshape", [n, scalar]), i64(1)]), i64(1)]),
-                         b.op("Reshape", [n, scalar])])                                  # (N + 1,): last is the pad
+    iou = _iou_matrix(b, x1, y1, x2, y2, float(cfg.iou_offset))                          # (B, N+1, N+1)
+    outer = {"neg_inf": b.const(-np.inf, np.float64), "zero_i64": i64(0), "min_score": min_score}
+    if cfg.method == "linear":
+        one = b.const(1.0, np.float64)
+        outer["weights"] = b.op("Where", [b.op("Greater", [iou, iou_t]), b.op("Sub", [one, iou]), one])
+    elif cfg.method == "gaussian":
+        denom = b.const(cfg.gaussian_denominator, np.float64)
+        outer["weights"] = b.op("Exp", [b.op("Neg", [b.op("Div", [b.op("Mul", [iou, iou]), denom])])])
+    if cfg.discards_above_threshold:
+        outer["discard"] = b.op("Greater", [iou, iou_t])
+    s_flat = b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape])  # (G, N)
+    s0 = b.op("Pad", [s_flat, i64([0, 0, 0, 1])])                                       # (G, N + 1)
+    groups = b.op("Slice", [b.op("Shape", [s_flat]), i64([0]), i64([1])])
+    real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(1)]), i64(1)]), n_scalar])
     alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
-    outer["columns"] = b.op("Unsqueeze", [b.op("Range", [i64(0), b.op("Add", [b.op("Reshape", [n, scalar]), i64(1)]),
-                                                          i64(1)]), i64([0])])
-    outer.update(max_out=max_out, iou=iou_t, min_score=min_score)
-    trips = b.op("Max", [b.op("Min", [max_out, b.op("Reshape", [n, scalar])]), i64(1)])
+    group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
+    outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, n_classes]), i64([1])])  # (G, 1)
+    outer["false_column"] = b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                 value=helper.make_tensor("f", TensorProto.BOOL, [1], [False]))
+    trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
     body = _loop_body(cfg, outer)
     _, _, picks, pick_scores, pick_valid = b.op("Loop", [trips, b.const(True, np.bool_), s0, alive0], n_out=5,
-                                                body=body)                              # scans: (T, G)
+                                                body=body)                              # scans: (T, G, 1)
     flat = i64([-1])
-    pick_flat = b.op("Reshape", [b.op("Transpose", [picks], perm=[1, 0]), flat])
-    score_flat = b.op("Reshape", [b.op("Transpose", [pick_scores], perm=[1, 0]), flat])
-    valid_flat = b.op("Reshape", [b.op("Transpose", [pick_valid], perm=[1, 0]), flat])
+    pick_flat = b.op("Reshape", [b.op("Transpose", [picks], perm=[1, 0, 2]), flat])
+    score_flat = b.op("Reshape", [b.op("Transpose", [pick_scores], perm=[1, 0, 2]), flat])
+    valid_flat = b.op("And", [b.op("Reshape", [b.op("Transpose", [pick_valid], perm=[1, 0, 2]), flat]),
+                              b.op("Greater", [max_out, i64(0)])])                     # a cap of 0 selects nothing
     pos = b.op("Reshape", [b.op("NonZero", [valid_flat]), flat])                         # (M,)
     steps = b.op("Slice", [b.op("Shape", [picks]), i64([0]), i64([1])])
     group = b.op("Div", [pos, steps])
     batch = b.op("Div", [group, n_classes])
     klass = b.op("Mod", [group, n_classes])
     box = b.op("Gather", [pick_flat, pos], axis=0)
-    one = i64([1])
-    b.nodes.append(helper.make_node("Concat", [b.op("Unsqueeze", [batch, one]), b.op("Unsqueeze", [klass, one]),
-                                               b.op("Unsqueeze", [box, one])], [OUTPUT_NAMES[0]], axis=1,
+    col = i64([1])
+    b.nodes.append(helper.make_node("Concat", [b.op("Unsqueeze", [batch, col]), b.op("Unsqueeze", [klass, col]),
+                                               b.op("Unsqueeze", [box, col])], [OUTPUT_NAMES[0]], axis=1,
                                     name=f"{prefix}selected_indices"))
     b.nodes.append(helper.make_node("Cast", [b.op("Gather", [score_flat, pos], axis=0)], [OUTPUT_NAMES[1]],
                                     to=score_dtype, name=f"{prefix}selected_scores"))
