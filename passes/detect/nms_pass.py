@@ -29,7 +29,7 @@ from rewrite.recognize import recognize
 from rewrite.sites import NMSSite
 
 from .config import DEFAULT_MIN_SCORE, OPTIONS, SoftNMSConfig, resolve_options
-from .onnx_nms import INPUT_NAMES, OPSET, soft_nms_graph
+from .onnx_nms import OPSET, soft_nms_graph, use_matrix
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,14 @@ class SoftNMSPass(Pass):
             readers = [g.node_name(u) for u in g.users(site.output)]
             if g.is_graph_output(site.output):
                 changed.append(g.value_name(site.output))
-            _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
+            matrix = _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
             added.append(scores_name)
             reason = ""
             if cfg.max_det == 0:
                 reason = "max_output_boxes_per_class is 0 or absent: selects no box (as ONNX NMS); give max_det=N"
             row = {**site.summary(), "status": "replaced", "reason": reason, "method": cfg.method,
                    "options": cfg.summary(), "sources": {k: v[0] for k, v in sources.items()},
-                   "scores_output": scores_name}
+                   "scores_output": scores_name, "form": "weight matrix" if matrix else "IoU rows"}
             rows.append(row)
             lines.append(f"{site.name} ({site.node}): NonMaxSuppression → Soft-NMS {cfg.method} (N_t={cfg.iou_threshold:g}"
                          f", σ={cfg.sigma:g} {cfg.sigma_convention}, min_score={cfg.min_score:g}, max_det="
@@ -154,13 +154,17 @@ def _constant(graph: ir.Graph, taken: set[str], name: str, value: Any, dtype: An
 
 
 def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, sources: Mapping[str, Any],
-            scores_name: str, taken: set[str]) -> None:
-    """Insert the Soft-NMS sub-graph before the NMS node, reroute its output and add the scores output."""
+            scores_name: str, taken: set[str]) -> bool:
+    """Insert the Soft-NMS sub-graph before the NMS node, reroute its output and add the scores output. Returns
+    whether the sub-graph precomputes the weight matrix (static N ≤ ``MATRIX_MAX_BOXES``) or computes IoU rows."""
     graph = model.graph
     prefix = f"softswap/{site.name}/"
     dtype = _ONNX_DTYPES.get(g.dtype(site.scores) or "float32", onnx.TensorProto.FLOAT)
     layout = 0 if site.box_layout == "yxyx" else 1
-    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix), opset_imports=[helper.make_opsetid("", OPSET)])
+    box_shape = g.shape(site.boxes)
+    matrix = use_matrix(box_shape[1] if box_shape is not None and len(box_shape) == 3 else None)
+    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
     sub = ir.from_proto(proto).graph
 
     def param(option: str, value: Any, resolved: Any, np_dtype: Any) -> ir.Value:
@@ -168,7 +172,7 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
             return value
         return _constant(graph, taken, f"{prefix}{option}", resolved, np_dtype)
 
-    feeds = [site.boxes, site.scores,  # in the order of INPUT_NAMES
+    feeds = [site.boxes, site.scores,  # in the order of onnx_nms.INPUT_NAMES
              param("max_det", site.max_output, cfg.max_det, np.int64),
              param("iou", site.iou_threshold, cfg.iou_threshold, np.float32),
              param("score_threshold", site.score_threshold, cfg.min_score, np.float32)]
@@ -192,3 +196,4 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
     new_indices.name = old_name  # users and graph outputs keep reading the same name
     new_scores.name = scores_name
     graph.outputs.append(new_scores)
+    return matrix

@@ -32,6 +32,9 @@ from .config import SoftNMSConfig
 OPSET = 18
 INPUT_NAMES = ("boxes", "scores", "max_output_boxes_per_class", "iou_threshold", "score_threshold")
 OUTPUT_NAMES = ("selected_indices", "selected_scores")
+#: Largest static box count for which the sub-graph precomputes the weight matrix (8·N² bytes per image: 0.5 MB);
+#: above it, IoU rows in the loop are faster (tools/bench/soft_nms.py) and memory stays O(B·C·N).
+MATRIX_MAX_BOXES = 256
 
 
 class _Builder:
@@ -58,13 +61,67 @@ class _Builder:
         return name
 
 
-def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str]) -> onnx.GraphProto:
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """Values ``node`` reads, its sub-graphs' outer-scope reads included."""
+    names = set(node.input)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            for inner in attr.g.node:
+                names |= _names_read(inner)
+    return names
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: tuple[str, ...]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (e.g. a threshold a method does not use)."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed |= _names_read(node)
+    return keep[::-1]
+
+
+def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str) -> str:
+    """IoU of boxes ``r`` against boxes ``c`` (coordinate and ``area`` tensors that broadcast, float64); a union
+    ≤ 0 gives 0. The same ops in the same order as :mod:`passes.detect.soft_nms`, so both pick the same boxes."""
+    zero, one = b.const(0.0, np.float64), b.const(1.0, np.float64)
+
+    def extent(lo: str, hi: str) -> str:
+        width = b.op("Sub", [b.op("Min", [c[hi], r[hi]]), b.op("Max", [c[lo], r[lo]])])
+        return b.op("Max", [b.op("Add", [width, offset]), zero])
+
+    inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
+    union = b.op("Sub", [b.op("Add", [c["area"], r["area"]]), inter])
+    positive = b.op("Greater", [union, zero])
+    return b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
+
+
+def _area(b: _Builder, d: dict[str, str], offset: str) -> str:
+    return b.op("Mul", [b.op("Add", [b.op("Sub", [d["x2"], d["x1"]]), offset]),
+                        b.op("Add", [b.op("Sub", [d["y2"], d["y1"]]), offset])])
+
+
+def _weights(b: _Builder, cfg: SoftNMSConfig, iou: str, iou_t: str) -> tuple[str | None, str | None]:
+    """(score multiplier, discard mask) for an IoU tensor: None where the method has none."""
+    weights = discard = None
+    if cfg.method == "linear":
+        one = b.const(1.0, np.float64)
+        weights = b.op("Where", [b.op("Greater", [iou, iou_t]), b.op("Sub", [one, iou]), one])
+    elif cfg.method == "gaussian":
+        denom = b.const(cfg.gaussian_denominator, np.float64)
+        weights = b.op("Exp", [b.op("Neg", [b.op("Div", [b.op("Mul", [iou, iou]), denom])])])
+    if cfg.discards_above_threshold:
+        discard = b.op("Greater", [iou, iou_t])
+    return weights, discard
+
+
+def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool) -> onnx.GraphProto:
     """One iteration: (i, cond, s, alive) → (cond', s', alive', pick, pick_score, pick_valid), picks (G, 1).
 
-    Per group: the live box with the largest current score is picked; its row of the precomputed weight matrix
-    (and, for hard / TF-Gaussian, of the discard matrix) is gathered by (batch, pick); scores are decayed and the
-    live mask updated. A group without live boxes yields an invalid pick and changes nothing that matters (it has
-    no live box left), so no per-group select is needed.
+    Per group: the live box with the largest current score is picked; its weights against every box are either
+    gathered from the precomputed matrices by (batch, pick) (``matrix``) or computed from its IoU row. Scores are
+    decayed and the live mask updated. A group without live boxes yields an invalid pick and changes nothing that
+    matters (it has no live box left), so no per-group select is needed.
     """
     b = _Builder("body/")
     i, cond, s, alive = "body/i", "body/cond_in", "body/s", "body/alive"
@@ -72,12 +129,21 @@ def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str]) -> onnx.GraphProto:
     idx = b.op("ArgMax", [masked], axis=1, keepdims=1)                                 # (G, 1)
     best = b.op("GatherElements", [s, idx], axis=1)
     valid = b.op("GatherElements", [alive, idx], axis=1)
-    row = b.op("Concat", [outer["batch_of_group"], idx], axis=1)                         # (G, 2): (batch, pick)
-    decayed = b.op("Mul", [s, b.op("GatherND", [outer["weights"], row])]) if cfg.method != "hard" \
-        else b.op("Identity", [s])
+    if matrix:
+        row = b.op("Concat", [outer["batch_of_group"], idx], axis=1)                     # (G, 2): (batch, pick)
+        weights = b.op("GatherND", [outer["weights"], row]) if "weights" in outer else None
+        discard = b.op("GatherND", [outer["discard"], row]) if "discard" in outer else None
+    else:
+        pick = b.op("Split", [b.op("GatherND", [outer["packed"], idx], batch_dims=1)], n_out=5, axis=1,
+                    num_outputs=5)                                                      # 5 × (G, 1)
+        keys = ("x1", "y1", "x2", "y2", "area")
+        r = dict(zip(keys, pick))
+        iou = _iou(b, r, {k: outer[k] for k in keys}, outer["offset"])
+        weights, discard = _weights(b, cfg, iou, outer["iou"])
+    decayed = b.op("Mul", [s, weights]) if weights is not None else b.op("Identity", [s])
     keep = b.op("ScatterElements", [alive, idx, outer["false_column"]], axis=1)         # the pick leaves
-    if cfg.discards_above_threshold:
-        keep = b.op("And", [keep, b.op("Not", [b.op("GatherND", [outer["discard"], row])])])
+    if discard is not None:
+        keep = b.op("And", [keep, b.op("Not", [discard])])
     alive_out = b.op("And", [keep, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
     live = b.op("ReduceSum", [b.op("Cast", [alive_out], to=TensorProto.INT64)], keepdims=0)
     cond_out = b.op("Greater", [live, outer["zero_i64"]])
@@ -93,32 +159,15 @@ def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str]) -> onnx.GraphProto:
          zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G", 1], ["G", 1], ["G", 1]))])
 
 
-def _iou_matrix(b: _Builder, x1: str, y1: str, x2: str, y2: str, offset: float) -> str:
-    """Pairwise IoU (B, N, N) of boxes given as (B, N) coordinate tensors (float64); union ≤ 0 gives 0."""
-    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
-    rows = {k: b.op("Unsqueeze", [v, i64([2])]) for k, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2))}
-    cols = {k: b.op("Unsqueeze", [v, i64([1])]) for k, v in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2))}
-    off, zero, one = b.const(offset, np.float64), b.const(0.0, np.float64), b.const(1.0, np.float64)
-
-    def extent(lo: str, hi: str) -> str:
-        width = b.op("Sub", [b.op("Min", [rows[hi], cols[hi]]), b.op("Max", [rows[lo], cols[lo]])])
-        return b.op("Max", [b.op("Add", [width, off]), zero])
-
-    def area(d: dict[str, str]) -> str:
-        return b.op("Mul", [b.op("Add", [b.op("Sub", [d["x2"], d["x1"]]), off]),
-                            b.op("Add", [b.op("Sub", [d["y2"], d["y1"]]), off])])
-
-    inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
-    union = b.op("Sub", [b.op("Add", [area(rows), area(cols)]), inter])
-    positive = b.op("Greater", [union, zero])
-    return b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
-
-
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   prefix: str = "") -> onnx.GraphProto:
+                   prefix: str = "", matrix: bool = True) -> onnx.GraphProto:
     """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
     ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
-    graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted)."""
+    graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted).
+
+    ``matrix``: precompute the (B, N+1, N+1) weight matrix once (fewest ops per iteration: fastest for small N;
+    memory 8·B·N² bytes per matrix); otherwise compute each pick's IoU row in the loop (memory O(B·C·N)).
+    Both give identical results (:func:`use_matrix` picks one from N)."""
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
@@ -130,9 +179,13 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     n = b.op("Slice", [shape, i64([2]), i64([3])])
     n_scalar = b.op("Reshape", [n, scalar])
     n_classes = b.op("Slice", [shape, i64([1]), i64([2])])
-    flat_shape = b.op("Concat", [i64([-1]), n], axis=0)                                  # [-1, N]
+    groups = b.op("Mul", [b.op("Slice", [shape, i64([0]), i64([1])]), n_classes])        # [G] = [B·C]
+    flat_shape = b.op("Concat", [groups, n], axis=0)                                    # [G, N] (N may be 0)
     # boxes → (B, N + 1) float64 coordinates, a zero box appended (the padding column: never live)
-    padded = b.op("Pad", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), i64([0, 0, 0, 0, 1, 0])])
+    zeros = helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0])
+    pad_box = b.op("ConstantOfShape", [b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([1])]), i64([1, 4])],
+                                                 axis=0)], value=zeros)
+    padded = b.op("Concat", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), pad_box], axis=1)  # (Pad fails on N = 0)
     coords = [b.op("Squeeze", [c, i64([2])]) for c in b.op("Split", [padded], n_out=4, axis=2, num_outputs=4)]
     if center_point_box == 0:  # [y1, x1, y2, x2], either diagonal
         ya, xa, yb, xb = coords
@@ -142,27 +195,36 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
         half = b.const(0.5, np.float64)
         hw, hh = b.op("Mul", [w, half]), b.op("Mul", [h, half])
         x1, x2, y1, y2 = b.op("Sub", [xc, hw]), b.op("Add", [xc, hw]), b.op("Sub", [yc, hh]), b.op("Add", [yc, hh])
-    iou = _iou_matrix(b, x1, y1, x2, y2, float(cfg.iou_offset))                          # (B, N+1, N+1)
-    outer = {"neg_inf": b.const(-np.inf, np.float64), "zero_i64": i64(0), "min_score": min_score}
-    if cfg.method == "linear":
-        one = b.const(1.0, np.float64)
-        outer["weights"] = b.op("Where", [b.op("Greater", [iou, iou_t]), b.op("Sub", [one, iou]), one])
-    elif cfg.method == "gaussian":
-        denom = b.const(cfg.gaussian_denominator, np.float64)
-        outer["weights"] = b.op("Exp", [b.op("Neg", [b.op("Div", [b.op("Mul", [iou, iou]), denom])])])
-    if cfg.discards_above_threshold:
-        outer["discard"] = b.op("Greater", [iou, iou_t])
-    s_flat = b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape])  # (G, N)
-    s0 = b.op("Pad", [s_flat, i64([0, 0, 0, 1])])                                       # (G, N + 1)
-    groups = b.op("Slice", [b.op("Shape", [s_flat]), i64([0]), i64([1])])
+    offset = b.const(float(cfg.iou_offset), np.float64)
+    outer = {"neg_inf": b.const(-np.inf, np.float64), "zero_i64": i64(0), "min_score": min_score, "iou": iou_t,
+             "offset": offset}
+    box = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
+    box["area"] = _area(b, box, offset)                                                 # (B, N + 1) each
+    if matrix:
+        r = {k: b.op("Unsqueeze", [v, i64([2])]) for k, v in box.items()}               # (B, N+1, 1): the pick
+        c = {k: b.op("Unsqueeze", [v, i64([1])]) for k, v in box.items()}               # (B, 1, N+1)
+        weights, discard = _weights(b, cfg, _iou(b, r, c, offset), iou_t)               # (B, N+1, N+1)
+        outer.update({k: v for k, v in (("weights", weights), ("discard", discard)) if v is not None})
+    s_flat = b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape], allowzero=1)  # (G, N)
+    s0 = b.op("Concat", [s_flat, b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                      value=zeros)], axis=1)                            # (G, N + 1)
     real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(1)]), i64(1)]), n_scalar])
     alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
-    group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
-    outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, n_classes]), i64([1])])  # (G, 1)
+    if matrix:
+        group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
+        outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, n_classes]), i64([1])])  # (G, 1)
     outer["false_column"] = b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
                                  value=helper.make_tensor("f", TensorProto.BOOL, [1], [False]))
     trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
-    body = _loop_body(cfg, outer)
+    if not matrix:  # every group's boxes, (G, N + 1) each, and packed (G, 5, N + 1) to gather the pick's row
+        per_group_shape = b.op("Concat", [groups, b.op("Add", [n, i64([1])])], axis=0)
+        batches = b.op("Slice", [shape, i64([0]), i64([1])])
+        expand_shape = b.op("Concat", [batches, n_classes, b.op("Add", [n, i64([1])])], axis=0)
+        for k, v in box.items():
+            outer[k] = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [v, i64([1])]), expand_shape]),
+                                        per_group_shape], allowzero=1)
+        outer["packed"] = b.op("Concat", [b.op("Unsqueeze", [outer[k], i64([2])]) for k in box], axis=2)  # (G, N+1, 5)
+    body = _loop_body(cfg, outer, matrix)
     _, _, picks, pick_scores, pick_valid = b.op("Loop", [trips, b.const(True, np.bool_), s0, alive0], n_out=5,
                                                 body=body)                              # scans: (T, G, 1)
     flat = i64([-1])
@@ -189,13 +251,19 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
               helper.make_tensor_value_info(score_in, TensorProto.FLOAT, [1])]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.INT64, ["M", 3]),
                helper.make_tensor_value_info(OUTPUT_NAMES[1], score_dtype, ["M"])]
-    return helper.make_graph(b.nodes, "soft_nms", inputs, outputs)
+    return helper.make_graph(_live_nodes(b.nodes, OUTPUT_NAMES), "soft_nms", inputs, outputs)
 
 
-def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT
-                   ) -> onnx.ModelProto:
+def use_matrix(n_boxes: int | None) -> bool:
+    """The weight matrix for a static box count up to :data:`MATRIX_MAX_BOXES`; IoU rows otherwise (unknown N
+    included: a matrix of an unbounded N could exhaust memory)."""
+    return isinstance(n_boxes, int) and n_boxes <= MATRIX_MAX_BOXES
+
+
+def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
+                   matrix: bool = True) -> onnx.ModelProto:
     """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
-    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype),
+    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -227,9 +227,10 @@ def test_append_soft_nms_adds_two_outputs_to_a_program():
 # the ONNX sub-graph in onnxruntime
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def session(method, sigma, convention, offset, layout):
+def session(method, sigma, convention, offset, layout, matrix):
     cfg = SoftNMSConfig(method=method, sigma=sigma, sigma_convention=convention, iou_offset=offset)
-    return ort.InferenceSession(soft_nms_model(cfg, layout).SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(soft_nms_model(cfg, layout, matrix=matrix).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
 
 
 def to_layout(boxes_xyxy, layout, rng):
@@ -241,8 +242,9 @@ def to_layout(boxes_xyxy, layout, rng):
                     -1)
 
 
-def run_onnx(cfg, boxes_bn, scores_bcn, layout, rng):
-    sess = session(cfg["method"], cfg["sigma"], cfg["sigma_convention"], cfg["iou_offset"], layout)
+def run_onnx(cfg, boxes_bn, scores_bcn, layout, rng, matrix=True):
+    """Our sub-graph in onnxruntime (``matrix``: precomputed weight matrix, else IoU rows in the loop)."""
+    sess = session(cfg["method"], cfg["sigma"], cfg["sigma_convention"], cfg["iou_offset"], layout, matrix)
     feeds = {"boxes": to_layout(boxes_bn, layout, rng).astype(np.float32), "scores": scores_bcn.astype(np.float32),
              "max_output_boxes_per_class": np.array([cfg["max_det"]], np.int64),
              "iou_threshold": np.array([cfg["iou_threshold"]], np.float32),
@@ -265,14 +267,14 @@ def ref_onnx(cfg, boxes_bn, scores_bcn):
 
 @FAST
 @given(cfg=configs, seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 30), layout=st.sampled_from([0, 1]),
-       batch=st.integers(1, 3), classes=st.integers(1, 4))
-def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes):
+       batch=st.integers(1, 3), classes=st.integers(1, 4), matrix=st.booleans())
+def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, matrix):
     cfg = {**cfg, "iou_threshold": float(np.float32(cfg["iou_threshold"])), "min_score": float(np.float32(cfg["min_score"]))}
     boxes, _ = random_sets(seed, batch, n)
     _, scores = random_sets(seed + 1, batch * classes, n)
     scores = scores.reshape(batch, classes, n)
     rng = np.random.default_rng(seed)
-    sel, sc = run_onnx(cfg, boxes, scores, layout, rng)
+    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix)
     rows, kept = ref_onnx(cfg, boxes, scores)
     assert sel.dtype == np.int64 and sel.shape == (len(rows), 3)
     assert [tuple(r) for r in sel.tolist()] == rows
@@ -281,8 +283,9 @@ def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes):
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 40), layout=st.sampled_from([0, 1]),
-       nt=st.sampled_from([0.0, 0.3, 0.5, 0.7]), thr=st.sampled_from([0.0, 0.2]), max_det=st.integers(0, 50))
-def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr, max_det):
+       nt=st.sampled_from([0.0, 0.3, 0.5, 0.7]), thr=st.sampled_from([0.0, 0.2]), max_det=st.integers(0, 50),
+       matrix=st.booleans())
+def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr, max_det, matrix):
     """Our ``hard`` sub-graph selects what onnxruntime's own NonMaxSuppression selects (scores are distinct and
     never exactly at the threshold, where ≥ and > would differ)."""
     boxes, _ = random_sets(seed, 2, n)
@@ -291,7 +294,7 @@ def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr
     rng = np.random.default_rng(seed)
     cfg = dict(method="hard", sigma=0.5, sigma_convention="bodla", iou_offset=0, max_det=max_det,
                iou_threshold=nt, min_score=thr)
-    sel, sc = run_onnx(cfg, boxes, scores, layout, rng)
+    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix)
     node = helper.make_node("NonMaxSuppression", ["b", "s", "m", "i", "t"], ["o"], center_point_box=layout)
     graph = helper.make_graph([node], "nms", [helper.make_tensor_value_info(x, t, None) for x, t in
                                               zip("bsmit", [1, 1, 7, 1, 1])],
@@ -367,7 +370,7 @@ def test_tf_convention_half_sigma_equals_bodla(seed, sigma):
     np.testing.assert_allclose(s1.numpy(), s2.numpy(), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-rows"])
 def test_threshold_edges_keep_scores_equal_to_min_score(backend):
     """A score equal to min_score is kept (>=), a duplicate box decays to exactly 0 under linear and is kept at
     min_score 0, and an IoU equal to N_t does not trigger the gate (strict >)."""
@@ -386,7 +389,7 @@ def test_threshold_edges_keep_scores_equal_to_min_score(backend):
             keep, kept = keep.tolist(), kept.tolist()
         else:
             sel, sc = run_onnx({**cfg, "iou_threshold": float(np.float32(nt))}, boxes[None], scores[None, None], 0,
-                               np.random.default_rng(0))
+                               np.random.default_rng(0), matrix=backend == "onnx")
             keep, kept = sel[:, 2].tolist(), sc.tolist()  # N_t as float32(1/3) > 1/3: the gate stays shut too
         assert keep == expected_keep
         assert kept == pytest.approx(expected_scores, abs=1e-6)
@@ -407,7 +410,7 @@ def test_iou_offset_changes_integer_boxes_as_documented():
 N_BOXES, FEATURES, CLASSES, BATCH = 48, 6, 3, 2
 
 
-def detector(path, layout, runtime_params=False, with_reader=False, opset=13):
+def detector(path, layout, runtime_params=False, with_reader=False, opset=13, dynamic=False):
     """A tiny detector head: boxes and class scores from features, then NonMaxSuppression (outputs: boxes, scores,
     selected_indices; with_reader: also the scores a Gather reads through selected_indices)."""
     rng = np.random.default_rng(layout)
@@ -421,7 +424,8 @@ def detector(path, layout, runtime_params=False, with_reader=False, opset=13):
              helper.make_node("Transpose", ["probs"], ["scores"], perm=[0, 2, 1])]
     inits = [numpy_helper.from_array(wb, "wb"), numpy_helper.from_array(wc, "wc"),
              numpy_helper.from_array(np.array([4, 4, 8, 8], np.float32), "scale"), numpy_helper.from_array(lift, "lift")]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, N_BOXES, FEATURES])]
+    n_dim = "N" if dynamic else N_BOXES  # a box count unknown when converting: IoU rows in the loop
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, n_dim, FEATURES])]
     params = [("max_out", np.array([10], np.int64)), ("iou_thr", np.array([0.4], np.float32)),
               ("score_thr", np.array([0.05], np.float32))]
     for name, value in params:
@@ -432,8 +436,8 @@ def detector(path, layout, runtime_params=False, with_reader=False, opset=13):
             inits.append(numpy_helper.from_array(value, name))
     nodes.append(helper.make_node("NonMaxSuppression", ["boxes", "scores", "max_out", "iou_thr", "score_thr"],
                                   ["selected_indices"], center_point_box=layout, name="nms"))
-    outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [BATCH, N_BOXES, 4]),
-               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [BATCH, CLASSES, N_BOXES]),
+    outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [BATCH, n_dim, 4]),
+               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [BATCH, CLASSES, n_dim]),
                helper.make_tensor_value_info("selected_indices", TensorProto.INT64, ["M", 3])]
     if with_reader:
         nodes.append(helper.make_node("GatherND", ["scores", "selected_indices"], ["picked"]))
@@ -454,11 +458,12 @@ def xyxy_from(boxes, layout):
     return np.stack([np.minimum(x1, x2), np.minimum(y1, y2), np.maximum(x1, x2), np.maximum(y1, y2)], -1)
 
 
-@pytest.mark.parametrize("layout,method,runtime", [(0, "linear", False), (1, "gaussian", False), (0, "hard", True),
-                                                   (1, "linear", True)])
-def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout, method, runtime):
+@pytest.mark.parametrize("layout,method,runtime,dynamic", [(0, "linear", False, False), (1, "gaussian", False, False),
+                                                           (0, "hard", True, False), (1, "linear", True, True),
+                                                           (0, "gaussian", False, True)])
+def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout, method, runtime, dynamic):
     src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
-    params = detector(src, layout, runtime_params=runtime, with_reader=(method == "linear"))
+    params = detector(src, layout, runtime_params=runtime, with_reader=(method == "linear"), dynamic=dynamic)
     assert main(["inspect", str(src), "--json"]) == 0
     import json
     inspected = json.loads(capsys.readouterr().out)
@@ -469,6 +474,7 @@ def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout,
     report = json.loads(capsys.readouterr().out)
     site = report["passes"][0]["sites"][0]
     assert site["status"] == "replaced" and site["scores_output"] == "selected_indices_scores"
+    assert site["form"] == ("IoU rows" if dynamic else "weight matrix")
     rewritten = onnx.load(out)
     assert not any(n.op_type == "NonMaxSuppression" for n in rewritten.graph.node)
     assert [o.name for o in rewritten.graph.output][-1] == "selected_indices_scores"
