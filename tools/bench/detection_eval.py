@@ -34,11 +34,12 @@ class DetectorModel:
     other_class: float = 0.04       # scale of the scores a detection gets for the other classes
 
 
-def scene(seed: int, size: int = 128, max_shapes: int = 14) -> tuple[np.ndarray, np.ndarray]:
-    """Ground truth of one ``random_shapes`` scene: boxes (G, 4) xyxy float64 and class ids (G,)."""
+def scene(seed: int, size: int = 128, max_shapes: int = 14, overlap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth of one ``random_shapes`` scene: boxes (G, 4) xyxy float64 and class ids (G,). ``overlap``
+    False is the control (shapes placed without overlap: few objects, nothing for Soft-NMS to rescue)."""
     from skimage.draw import random_shapes
     _, labels = random_shapes((size, size), max_shapes=max_shapes, min_shapes=max_shapes // 2, min_size=16,
-                              max_size=size // 2, allow_overlap=True, rng=seed)
+                              max_size=size // 2, allow_overlap=overlap, rng=seed)
     boxes, classes = [], []
     for category, ((r0, r1), (c0, c1)) in labels:
         box = np.clip([c0, r0, c1, r1], 0, size).astype(np.float64)
