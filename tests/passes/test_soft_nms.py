@@ -543,3 +543,21 @@ def test_bad_input_is_one_line_exit_two_nothing_written(tmp_path, capsys, case, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("softswap: error:")
     assert not out.exists()
+
+
+def test_inspect_lists_nms_sites_in_text(tmp_path, capsys):
+    src = tmp_path / "det.onnx"
+    detector(src, 1, runtime_params=True)
+    assert main(["inspect", str(src)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "NMS site nms0: nms (onnx NonMaxSuppression, boxes cxcywh" in out
+    assert "max_output_boxes_per_class=max_out" in out  # a run-time input is named, not evaluated
+
+
+def test_fx_program_without_nms_is_refused(tmp_path, capsys):
+    from rewrite.io import save_pt2
+    src, out = tmp_path / "m.pt2", tmp_path / "out.pt2"
+    save_pt2(torch.export.export(torch.nn.Linear(4, 2), (torch.randn(3, 4),)), src)
+    assert main(["convert", str(src), "-o", str(out), "--soft-nms", "gaussian"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NonMaxSuppression" in err and not out.exists()
