@@ -13,10 +13,13 @@ differ only for a score exactly at the threshold), ``max_output_boxes_per_class`
 class), 0 selecting nothing as in ONNX. The caller may feed constants instead (pass options override the node).
 
 Structure: all B·C groups are processed together. One ``Loop`` iteration picks, per group, the live box with the
-largest current score (``ArgMax``), gathers its coordinates (``GatherElements``), computes its IoU row, decays
-(``Mul``/``Exp``/``Where``) and updates the live mask; the per-iteration picks are scan outputs, compacted after
-the loop with ``NonZero``/``Gather``. The trip count is min(max_output_boxes_per_class, N) (at least 1: picks
-past the cap are marked invalid) and the loop stops early once no group has a live box. Arithmetic is float64.
+largest current score (``ArgMax``), takes its weights against every box, decays (``Mul``), removes the pick
+(``ScatterElements``) and the boxes below ``min_score`` from the live mask; the picks are scan outputs, compacted
+after the loop with ``NonZero``/``Gather``. The weights are either gathered (``GatherND``) from a (B, N+1, N+1)
+matrix computed once before the loop (``matrix=True``: fewest ops per iteration) or computed from the pick's IoU
+row inside the loop (memory O(B·C·N)); :func:`use_matrix` chooses from the static box count. The trip count is
+min(max_output_boxes_per_class, N) (at least 1; a cap of 0 marks every pick invalid) and the loop stops early once
+no group has a live box. A zero box appended to every image (never live) makes N = 0 work. Arithmetic is float64.
 """
 from __future__ import annotations
 

@@ -173,7 +173,7 @@ def _torchvision_nms() -> Any | None:
     try:
         import torchvision  # noqa: F401
         return torch.ops.torchvision.nms.default
-    except (ImportError, AttributeError, RuntimeError):
+    except (ImportError, AttributeError, RuntimeError, OSError):  # absent, or built for another torch
         return None
 
 
