@@ -223,6 +223,27 @@ def test_append_soft_nms_adds_two_outputs_to_a_program():
         append_soft_nms(program, boxes=0, scores=0)
 
 
+def test_append_soft_nms_per_class_via_labels():
+    class Detector(torch.nn.Module):
+        def forward(self, x):
+            boxes = torch.cat([x[:, :2] * 20, x[:, :2] * 20 + x[:, 2:4].abs() * 10 + 1], 1)
+            return boxes, torch.sigmoid(x[:, 4]), (x[:, 5].abs() * 3).long().clamp(max=2)
+
+    torch.manual_seed(1)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    program = torch.export.export(Detector(), (x,))
+    out = append_soft_nms(program, labels=2, method="linear", iou_threshold=0.2, max_det=25, min_score=0.01)
+    boxes, scores, labels, keep, kept = out.module()(x)
+    merged = []
+    for c in range(3):
+        members = np.flatnonzero(labels.numpy() == c)
+        k, s = ref_soft_nms(boxes.numpy()[members], scores.numpy()[members], "linear", 0.5, 0.2, 0.01, 10 ** 6)
+        merged += [(sc, int(members[i])) for i, sc in zip(k, s)]
+    merged = sorted(merged, key=lambda t: (-t[0], t[1]))[:25]
+    assert len(set(labels.numpy()[keep.numpy()])) == 3
+    assert_same(keep.numpy(), kept.numpy(), [i for _, i in merged], [s for s, _ in merged])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the ONNX sub-graph in onnxruntime
 # --------------------------------------------------------------------------------------------------------------
@@ -458,12 +479,13 @@ def xyxy_from(boxes, layout):
     return np.stack([np.minimum(x1, x2), np.minimum(y1, y2), np.maximum(x1, x2), np.maximum(y1, y2)], -1)
 
 
-@pytest.mark.parametrize("layout,method,runtime,dynamic", [(0, "linear", False, False), (1, "gaussian", False, False),
-                                                           (0, "hard", True, False), (1, "linear", True, True),
-                                                           (0, "gaussian", False, True)])
-def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout, method, runtime, dynamic):
+@pytest.mark.parametrize("layout,method,runtime,dynamic,opset", [
+    (0, "linear", False, False, 13), (1, "gaussian", False, False, 13), (0, "hard", True, False, 18),
+    (1, "linear", True, True, 13), (0, "gaussian", False, True, 21)])
+def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout, method, runtime, dynamic, opset):
     src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
-    params = detector(src, layout, runtime_params=runtime, with_reader=(method == "linear"), dynamic=dynamic)
+    params = detector(src, layout, runtime_params=runtime, with_reader=(method == "linear"), dynamic=dynamic,
+                      opset=opset)
     assert main(["inspect", str(src), "--json"]) == 0
     import json
     inspected = json.loads(capsys.readouterr().out)
