@@ -583,3 +583,44 @@ def test_fx_program_without_nms_is_refused(tmp_path, capsys):
     assert main(["convert", str(src), "-o", str(out), "--soft-nms", "gaussian"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "NonMaxSuppression" in err and not out.exists()
+
+
+def test_torchvision_nms_spelling_is_recognized_and_skipped(monkeypatch):
+    """The guarded FX spelling, exercised with a stand-in ``torchvision::nms`` op (torchvision itself is not
+    installable here): recognized as an NMS site, reported as skipped by the pass (its callers read the original
+    scores), so convert refuses the model."""
+    import importlib.util
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: its own op is registered")
+    from rewrite.graph import fx as fx_adapter
+    from rewrite.graph.fx import FxGraph
+    from rewrite.recognize import recognize
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    if not hasattr(torch.ops.torchvision, "nms"):
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+        def kernel(dets, scores, iou_threshold):
+            keep = ref_hard_nms(dets.double().numpy(), scores.double().numpy(), iou_threshold)
+            return torch.tensor(keep, dtype=torch.int64)
+
+        def fake(dets, scores, iou_threshold):
+            return dets.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+        lib.impl("nms", kernel, "CPU")
+        torch.library.register_fake("torchvision::nms", fake, lib=lib)
+    op = torch.ops.torchvision.nms.default
+    monkeypatch.setitem(fx_adapter._TABLE, op, fx_adapter._nms)
+
+    class Head(torch.nn.Module):
+        def forward(self, boxes, scores):
+            return torch.ops.torchvision.nms(boxes, scores, 0.5)
+
+    boxes, scores = random_sets(0, 1, 20)
+    ep = torch.export.export(Head(), (torch.from_numpy(boxes[0]).float(), torch.from_numpy(scores[0]).float()))
+    sites = recognize(FxGraph(ep.module())).nms_sites
+    assert [(s.spelling, s.box_layout, s.params["iou_threshold"]) for s in sites] == [("torchvision::nms", "xyxy", 0.5)]
+    from passes.detect.nms_pass import SoftNMSPass
+    from rewrite.io import from_exported_program
+    result = SoftNMSPass({"method": "gaussian"}).run(from_exported_program(ep))
+    assert not result.modified and result.report["sites"][0]["status"] == "skipped"
+    assert "append_soft_nms" in result.report["sites"][0]["reason"]
