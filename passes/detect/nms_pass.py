@@ -161,8 +161,11 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
     prefix = f"softswap/{site.name}/"
     dtype = _ONNX_DTYPES.get(g.dtype(site.scores) or "float32", onnx.TensorProto.FLOAT)
     layout = 0 if site.box_layout == "yxyx" else 1
-    box_shape = g.shape(site.boxes)
-    matrix = use_matrix(box_shape[1] if box_shape is not None and len(box_shape) == 3 else None)
+    box_shape, score_shape = g.shape(site.boxes), g.shape(site.scores)
+    matrix = use_matrix(box_shape[1] if box_shape is not None and len(box_shape) == 3 else None,
+                        score_shape[1] if score_shape is not None and len(score_shape) == 3 else None,
+                        cfg.max_det if sources["max_det"][0] != "node" or not isinstance(sources["max_det"][1], str)
+                        else None)
     proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     sub = ir.from_proto(proto).graph

@@ -35,9 +35,10 @@ from .config import SoftNMSConfig
 OPSET = 18
 INPUT_NAMES = ("boxes", "scores", "max_output_boxes_per_class", "iou_threshold", "score_threshold")
 OUTPUT_NAMES = ("selected_indices", "selected_scores")
-#: Largest static box count for which the sub-graph precomputes the weight matrix (8·N² bytes per image: 0.5 MB);
-#: above it, IoU rows in the loop are faster (tools/bench/soft_nms.py) and memory stays O(B·C·N).
-MATRIX_MAX_BOXES = 256
+#: Box counts up to which the weight matrix is always used (few ops per iteration win on small inputs), and beyond
+#: which it never is (8·N² bytes per image and matrix: 32 MB at 2048). See :func:`use_matrix`.
+MATRIX_ALWAYS_BOXES = 256
+MATRIX_MAX_BOXES = 2048
 
 
 class _Builder:
@@ -257,10 +258,20 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     return helper.make_graph(_live_nodes(b.nodes, OUTPUT_NAMES), "soft_nms", inputs, outputs)
 
 
-def use_matrix(n_boxes: int | None) -> bool:
-    """The weight matrix for a static box count up to :data:`MATRIX_MAX_BOXES`; IoU rows otherwise (unknown N
-    included: a matrix of an unbounded N could exhaust memory)."""
-    return isinstance(n_boxes, int) and n_boxes <= MATRIX_MAX_BOXES
+def use_matrix(n_boxes: int | None, n_classes: int | None = None, max_det: int | None = None) -> bool:
+    """Whether to precompute the weight matrix, from what is static (None: unknown).
+
+    The matrix costs ~20 elementwise ops on B·N² values once; IoU rows cost ~24 more ops per iteration on B·C·N
+    values, for T = min(max_det, N) iterations. So: the matrix when N ≤ :data:`MATRIX_ALWAYS_BOXES`, or when
+    N ≤ :data:`MATRIX_MAX_BOXES` and C·T ≥ N (many classes or picks); rows otherwise, and always for an unknown N
+    (a matrix of an unbounded N could exhaust memory). Measured in tools/bench/soft_nms.py (docs/soft_nms.md).
+    """
+    if not isinstance(n_boxes, int) or n_boxes > MATRIX_MAX_BOXES:
+        return False
+    if n_boxes <= MATRIX_ALWAYS_BOXES:
+        return True
+    steps = n_boxes if not isinstance(max_det, int) else min(max_det, n_boxes)
+    return isinstance(n_classes, int) and n_classes * steps >= n_boxes
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,

@@ -624,3 +624,11 @@ def test_torchvision_nms_spelling_is_recognized_and_skipped(monkeypatch):
     result = SoftNMSPass({"method": "gaussian"}).run(from_exported_program(ep))
     assert not result.modified and result.report["sites"][0]["status"] == "skipped"
     assert "append_soft_nms" in result.report["sites"][0]["reason"]
+
+
+def test_form_choice():
+    from passes.detect.onnx_nms import use_matrix
+    assert use_matrix(48) and use_matrix(256, None, None)
+    assert not use_matrix(None) and not use_matrix("N") and not use_matrix(4096, 80, 100)
+    assert use_matrix(300, 20, 100) and not use_matrix(1000, 1, 100) and not use_matrix(1000, 4, 100)
+    assert use_matrix(1000, 20, 100) and not use_matrix(1000, None, 100)
