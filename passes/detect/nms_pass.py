@@ -106,10 +106,11 @@ class SoftNMSPass(Pass):
                    "options": cfg.summary(), "sources": {k: v[0] for k, v in sources.items()},
                    "scores_output": scores_name, "form": "weight matrix" if matrix else "IoU rows"}
             rows.append(row)
-            lines.append(f"{site.name} ({site.node}): NonMaxSuppression → Soft-NMS {cfg.method} (N_t={cfg.iou_threshold:g}"
-                         f", σ={cfg.sigma:g} {cfg.sigma_convention}, min_score={cfg.min_score:g}, max_det="
-                         f"{_describe(sources['max_det'])}, iou_offset={cfg.iou_offset}); decayed scores → output "
-                         f"'{scores_name}'")
+            lines.append(f"{site.name} ({site.node}): NonMaxSuppression → Soft-NMS {cfg.method} (N_t="
+                         f"{_describe(sources['iou'])}, σ={cfg.sigma:g} {cfg.sigma_convention}, min_score="
+                         f"{_describe(sources['score_threshold'])}, max_det={_describe(sources['max_det'])}, "
+                         f"iou_offset={cfg.iou_offset}, {'weight matrix' if matrix else 'IoU rows'}); decayed "
+                         f"scores → output '{scores_name}'")
             if readers:
                 lines.append(f"  note: {', '.join(readers)} read {g.value_name(site.output)}; scores they gather "
                              f"from the original score tensor are not decayed (read '{scores_name}')")
@@ -134,8 +135,11 @@ class SoftNMSPass(Pass):
 
 
 def _describe(source: tuple[str, Any]) -> str:
+    """A parameter for the report line: its number, or the run-time input that feeds it."""
     kind, value = source
-    return f"{value}" if kind != "node" or not isinstance(value, str) else f"input {value!r}"
+    if kind == "node" and isinstance(value, str):
+        return f"input {value!r}"
+    return f"{value:.6g}" if isinstance(value, float) else f"{value}"
 
 
 def _unique(taken: set[str], base: str) -> str:
