@@ -286,7 +286,7 @@ def ref_onnx(cfg, boxes_bn, scores_bcn):
     return rows, kept
 
 
-@FAST
+@settings(FAST, max_examples=200)
 @given(cfg=configs, seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 30), layout=st.sampled_from([0, 1]),
        batch=st.integers(1, 3), classes=st.integers(1, 4), matrix=st.booleans())
 def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, matrix):
