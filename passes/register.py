@@ -30,3 +30,5 @@ def register() -> None:
                       {o.name: (o.default, o.help) for o in variant.options})
     from .heads import register as register_heads
     register_heads()
+    from .detect import register as register_detect
+    register_detect()
