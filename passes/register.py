@@ -30,4 +30,6 @@ def register() -> None:
                       {o.name: (o.default, o.help) for o in variant.options})
     from .heads import register as register_heads
     register_heads()
+    from .detect import register as register_detect
+    register_detect()
     __import__("passes.ood", fromlist=["register"]).register()  # ood.mahalanobis (passes/ood)

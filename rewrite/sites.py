@@ -1,5 +1,5 @@
-"""Typed records of what recognizers find: attention sites, classifier heads, feature taps, and reasons for
-non-matches."""
+"""Typed records of what recognizers find: attention sites, classifier heads, NMS sites, feature taps, and reasons
+for non-matches."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -80,14 +80,43 @@ class ClassifierHead:
 
 
 @dataclass
+class NMSSite:
+    """One non-maximum suppression call: ONNX ``NonMaxSuppression`` or (FX) ``torchvision::nms``.
+
+    ``boxes``, ``scores``, ``output`` and the optional parameters (``max_output``, ``iou_threshold``,
+    ``score_threshold``: values, or None when the node omits them) are graph handles. ``box_layout``: ``"yxyx"``
+    (ONNX ``center_point_box`` 0), ``"cxcywh"`` (1) or ``"xyxy"`` (torchvision). ``params`` holds what can be read
+    statically (constants as numbers, runtime inputs by name) for reports.
+    """
+
+    name: str
+    node: str
+    spelling: str
+    boxes: Any
+    scores: Any
+    output: Any
+    box_layout: str
+    max_output: Any = None
+    iou_threshold: Any = None
+    score_threshold: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    anchor: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "node": self.node, "spelling": self.spelling, "box_layout": self.box_layout,
+                **self.params}
+
+
+@dataclass
 class FeatureTap:
     """A graph value whose pooled features an OOD detector reads (``passes.ood``).
 
     ``role``: ``"stage"`` (a CNN stage output: a (B, C, H, W) value right before the spatial size changes),
-    ``"block"`` (a transformer's residual stream entering an attention block: (B, T, E)) or ``"penultimate"`` (the
-    classifier head's input). ``pool``: how a sample's feature vector is read from the value: ``"spatial_mean"``
-    (mean over H, W), ``"token_mean"`` (mean over T), ``"cls"`` (token 0) or ``"none"`` (already (B, D)).
-    ``features``: D, the pooled feature length (None when unknown). ``value`` is the graph handle.
+    ``"block"`` (a transformer's residual stream entering an attention block: (B, T, E)), ``"penultimate"`` (the
+    classifier head's input) or ``"chosen"`` (named with ``--layers``). ``pool``: how a sample's feature vector is
+    read from the value: ``"spatial_mean"`` (mean over H, W), ``"token_mean"`` (mean over T), ``"cls"`` (token 0) or
+    ``"none"`` (already (B, D)). ``features``: D, the pooled feature length (None when unknown). ``value`` is the
+    graph handle.
     """
 
     name: str
