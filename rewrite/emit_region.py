@@ -149,10 +149,13 @@ def _export(module: torch.nn.Module, region: Region, examples: Sequence[torch.Te
         axes = {a: torch.export.Dim.AUTO for a in free if example.shape[a] != 1}
         dynamic.append(axes or None)
     names = [f"in{i}" for i in range(len(examples))]
+    spec: Any = tuple(dynamic) if any(dynamic) else None
+    if spec is not None and _takes_varargs(module):  # forward(*values): one dynamic-shape entry for the tuple
+        spec = (spec,)
     try:
         with quiet_stdout():
             program = torch.onnx.export(module.eval(), tuple(examples), dynamo=True, opset_version=opset,
-                                        dynamic_shapes=tuple(dynamic) if any(dynamic) else None, input_names=names,
+                                        dynamic_shapes=spec, input_names=names,
                                         output_names=[f"out{i}" for i in range(region.n_outputs)], optimize=True,
                                         verbose=False)
     except Exception as exc:
@@ -163,6 +166,12 @@ def _export(module: torch.nn.Module, region: Region, examples: Sequence[torch.Te
                                     f"({first_line(exc)}) [culprit: {region.name}]") from exc
     # a proto round trip gives the sub-graph values of its own (no sharing with the exporter's program)
     return ir.from_proto(onnx.ModelProto.FromString(ir.to_proto(program.model).SerializeToString()))
+
+
+def _takes_varargs(module: torch.nn.Module) -> bool:
+    import inspect
+    params = list(inspect.signature(module.forward).parameters.values())
+    return len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL
 
 
 def _unique(taken: set[str], base: str) -> str:

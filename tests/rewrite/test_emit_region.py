@@ -119,6 +119,29 @@ def test_add_only_leaves_outputs_bit_identical(tmp_path, kind):
                                    rtol=1e-5)
 
 
+class _SumOfNorms(nn.Module):
+    """A module taking its inputs as ``*values`` (the exporter needs one dynamic-shape entry for the tuple)."""
+
+    def forward(self, *values: torch.Tensor) -> torch.Tensor:
+        return sum(v.flatten(1).norm(dim=-1) for v in values)
+
+
+def test_varargs_module_exports_with_dynamic_batch(tmp_path):
+    model = trained_digits_cnn()
+    loaded = mio.load_model(export_onnx(model, tmp_path / "m.onnx"))
+    onnx_model = prepare_onnx(loaded)
+    g = OnnxGraph(onnx_model)
+    feature, logits = _head_values(g, list(onnx_model.graph.outputs))
+    x = digits_split().x_test[:9]
+    ex = [torch.from_numpy(v) for v in capture_values(loaded, g, [feature, logits], {"x": x[:3]})]
+    new = splice_onnx(loaded, onnx_model, [(Region("s", [feature, logits], (), ["s"]), _SumOfNorms())], {"s": ex})
+    got = run(new, {"x": x})["s"]
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        expect = model.features(t).norm(dim=-1) + model(t).norm(dim=-1)
+    np.testing.assert_allclose(got, expect.numpy(), rtol=1e-5)
+
+
 class _Norm(nn.Module):
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return f.norm(dim=-1)
