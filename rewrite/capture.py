@@ -7,7 +7,7 @@ and attention transfer.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -15,6 +15,9 @@ import torch
 import torch.fx as fx
 
 from .sites import AttentionSite
+
+if TYPE_CHECKING:
+    from .io import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,6 @@ def capture_values(model: "LoadedModel", graph: Any, values: Sequence[Any], feed
     the last one padded by repeating its final sample (the padding rows are dropped). FX runs in torch eager
     (``torch.no_grad``), ONNX in onnxruntime with the values exposed as extra outputs.
     """
-    from .io import LoadedModel  # noqa: F401 - type only
     names = list(model.input_names)
     n = next(iter(feeds.values())).shape[0]
     fixed = static_batch(model)

@@ -61,6 +61,37 @@ def _unpack(outputs: Any, n: int, region: Region) -> list[Any]:
     return list(outputs)
 
 
+@dataclass
+class EditView:
+    """A model opened for regions: the graph view whose values regions name, the graph outputs, and what the
+    splice edits (``gm`` for FX, ``onnx_model`` for ONNX; the other is None)."""
+
+    graph: Any
+    outputs: list[Any]
+    gm: fx.GraphModule | None = None
+    onnx_model: ir.Model | None = None
+
+    def splice(self, model: LoadedModel, parts: Sequence[tuple[Region, torch.nn.Module]],
+               examples: Mapping[str, Sequence[torch.Tensor]] | None = None) -> LoadedModel:
+        """:func:`splice_fx` or :func:`splice_onnx` (which needs ``examples``) on this view."""
+        if self.gm is not None:
+            return splice_fx(model, self.gm, parts)
+        return splice_onnx(model, self.onnx_model, parts, examples or {})
+
+
+def open_for_regions(model: LoadedModel) -> EditView:
+    """An :class:`EditView` of ``model``: FX — the unlifted module and its graph outputs; ONNX — a clone at opset ≥
+    :data:`REGION_OPSET` (:func:`prepare_onnx`) and its graph outputs. The input model is not changed."""
+    if model.kind == "fx":
+        from .graph.fx import FxGraph
+        gm = model.ep.module()
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        return EditView(FxGraph(gm), list(torch.utils._pytree.tree_leaves(out_node.args[0])), gm=gm)
+    from .graph.onnx_graph import OnnxGraph
+    onnx_model = prepare_onnx(model)
+    return EditView(OnnxGraph(onnx_model), list(onnx_model.graph.outputs), onnx_model=onnx_model)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # FX
 # ------------------------------------------------------------------------------------------------------------
@@ -174,7 +205,8 @@ def _takes_varargs(module: torch.nn.Module) -> bool:
     return len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL
 
 
-def _unique(taken: set[str], base: str) -> str:
+def unique_name(taken: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name not in ``taken`` (added to it)."""
     name, i = base, 1
     while name in taken:
         name, i = f"{base}_{i}", i + 1
@@ -206,7 +238,7 @@ def splice_onnx(model: LoadedModel, onnx_model: ir.Model, parts: Sequence[tuple[
             sub_in.replace_all_uses_with(main_in)
         for name in list(sub_graph.initializers):
             value = sub_graph.initializers.pop(name)
-            value.name = _unique(taken, prefix + name)
+            value.name = unique_name(taken, prefix + name)
             graph.register_initializer(value)
         new_outs = list(sub_graph.outputs)
         sub_graph.outputs.clear()
@@ -217,7 +249,7 @@ def splice_onnx(model: LoadedModel, onnx_model: ir.Model, parts: Sequence[tuple[
             node.metadata_props["rw.rule"] = region.rule or f"region:{region.name}"
             for out in node.outputs:
                 if out.name:
-                    out.name = _unique(taken, prefix + out.name)
+                    out.name = unique_name(taken, prefix + out.name)
         graph.extend(nodes)
         for domain, version in sub.opset_imports.items():
             onnx_model.opset_imports.setdefault(domain, version)
@@ -233,13 +265,13 @@ def splice_onnx(model: LoadedModel, onnx_model: ir.Model, parts: Sequence[tuple[
             new.type = old.type if new.type is None else new.type
             if is_output:
                 old_name = old.name
-                old.name = _unique(taken, old_name + "_replaced")
+                old.name = unique_name(taken, old_name + "_replaced")
                 new.name = old_name
         for value, name in zip(new_outs[len(region.replaces):], region.adds):
             if name in taken:
                 clash = next((v for n in graph for v in n.outputs if v.name == name), None)
                 if clash is not None:
-                    clash.name = _unique(taken, name + "_inner")
+                    clash.name = unique_name(taken, name + "_inner")
             value.name = name
             taken.add(name)
             graph.outputs.append(value)

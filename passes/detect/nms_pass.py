@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnx import helper
 
 from rewrite.emit_onnx import finish, upgrade_opset
+from rewrite.emit_region import unique_name
 from rewrite.graph.onnx_graph import OnnxGraph
 from rewrite.io import LoadedModel
 from rewrite.passes import Pass, PassResult
@@ -93,7 +94,7 @@ class SoftNMSPass(Pass):
             | {v.name for v in onnx_model.graph.inputs}
         for site in rec.nms_sites:
             cfg, sources = self.site_config(g, site)
-            scores_name = _unique(taken, f"{g.value_name(site.output)}_scores")
+            scores_name = unique_name(taken, f"{g.value_name(site.output)}_scores")
             readers = [g.node_name(u) for u in g.users(site.output)]
             if g.is_graph_output(site.output):
                 changed.append(g.value_name(site.output))
@@ -142,16 +143,8 @@ def _describe(source: tuple[str, Any]) -> str:
     return f"{value:.6g}" if isinstance(value, float) else f"{value}"
 
 
-def _unique(taken: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
-
-
 def _constant(graph: ir.Graph, taken: set[str], name: str, value: Any, dtype: Any) -> ir.Value:
-    tensor = ir.tensor(np.asarray(value, dtype=dtype).reshape(1), name=_unique(taken, name))
+    tensor = ir.tensor(np.asarray(value, dtype=dtype).reshape(1), name=unique_name(taken, name))
     v = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape([1]), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(v)
     return v
@@ -193,13 +186,13 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
         node.metadata_props["rw.rule"] = f"soft_nms:{site.name}"
         for out in node.outputs:
             if out.name and out not in (new_indices, new_scores):
-                out.name = _unique(taken, out.name)
+                out.name = unique_name(taken, out.name)
     graph.insert_before(site.anchor, nodes)
     old = site.output
     new_indices.type, new_indices.shape = old.type, old.shape
     old.replace_all_uses_with(new_indices, replace_graph_outputs=True)
     old_name = old.name or f"{prefix}selected_indices"
-    old.name = _unique(taken, f"{old_name}_hard_nms")
+    old.name = unique_name(taken, f"{old_name}_hard_nms")
     new_indices.name = old_name  # users and graph outputs keep reading the same name
     new_scores.name = scores_name
     graph.outputs.append(new_scores)

@@ -14,11 +14,9 @@ import numpy as np
 import torch
 
 from rewrite.capture import capture_values
-from rewrite.emit_region import Region, prepare_onnx, splice_fx, splice_onnx
+from rewrite.emit_region import Region, open_for_regions
 from rewrite.errors import OptionError
 from rewrite.fit_data import FitData, FitDataError, check_labels
-from rewrite.graph.fx import FxGraph
-from rewrite.graph.onnx_graph import OnnxGraph
 from rewrite.io import LoadedModel
 from rewrite.passes import Pass, PassResult
 from rewrite.recognize import recognize
@@ -86,16 +84,8 @@ class HeadPass(Pass):
         return next(h for h in heads if h.name == wanted), rows
 
     def run(self, model: LoadedModel) -> PassResult:
-        if model.kind == "fx":
-            gm = model.ep.module()
-            g: Any = FxGraph(gm)
-            out_node = next(n for n in gm.graph.nodes if n.op == "output")
-            outputs = list(torch.utils._pytree.tree_leaves(out_node.args[0]))
-            onnx_model = None
-        else:
-            onnx_model = prepare_onnx(model)
-            g = OnnxGraph(onnx_model)
-            outputs = list(onnx_model.graph.outputs)
+        view = open_for_regions(model)
+        g, outputs = view.graph, view.outputs
         heads = recognize(g, outputs).heads
         if not heads:
             return PassResult(model, False, {"pass": self.name, "sites": [], "replaced": 0, "found": 0,
@@ -135,13 +125,10 @@ class HeadPass(Pass):
         acc_new = float((new_out.argmax(-1) == held.y).mean())
         region = Region(name=f"{self.kind.name}_{head.name}", inputs=[head.feature], replaces=[head.output_value],
                         adds=list(fitted.adds), rule=self.name)
-        if model.kind == "fx":
-            new_model = splice_fx(model, gm, [(region, module)])
-        else:
-            example = torch.from_numpy(np.asarray(held_feats[:EXAMPLE_ROWS], dtype=np.float32))
-            if example.shape[0] < 2:
-                example = torch.from_numpy(np.asarray(feats[:EXAMPLE_ROWS], dtype=np.float32))
-            new_model = splice_onnx(model, onnx_model, [(region, module)], {region.name: [example]})
+        example = torch.from_numpy(np.asarray(held_feats[:EXAMPLE_ROWS], dtype=np.float32))
+        if example.shape[0] < 2:
+            example = torch.from_numpy(np.asarray(feats[:EXAMPLE_ROWS], dtype=np.float32))
+        new_model = view.splice(model, [(region, module)], {region.name: [example]})
         removed = head.activation if (fitted.removes_activation and head.activation != "none") else None
         position = next((i for i, v in enumerate(outputs) if v is head.output_value), None)
         shown = model.output_names[position] if position is not None and position < len(model.output_names) \

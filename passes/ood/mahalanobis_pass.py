@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rewrite.capture import capture_values, static_batch
-from rewrite.emit_region import Region, prepare_onnx, splice_fx, splice_onnx
+from rewrite.emit_region import Region, open_for_regions
 from rewrite.errors import OptionError
 from rewrite.fit_data import FitData, FitDataError, check_labels
 from rewrite.io import LoadedModel
@@ -95,18 +95,8 @@ class MahalanobisPass(Pass):
             raise FitDataError("ood.mahalanobis needs fitting data: give --fit DATA (.npz with the inputs, labels 'y' "
                                "and optional 'x_ood')")
         data = self.fit
-        if model.kind == "fx":
-            from rewrite.graph.fx import FxGraph
-            gm = model.ep.module()
-            g: Any = FxGraph(gm)
-            out_node = next(n for n in gm.graph.nodes if n.op == "output")
-            outputs = list(torch.utils._pytree.tree_leaves(out_node.args[0]))
-            onnx_model = None
-        else:
-            from rewrite.graph.onnx_graph import OnnxGraph
-            onnx_model = prepare_onnx(model)
-            g = OnnxGraph(onnx_model)
-            outputs = list(onnx_model.graph.outputs)
+        view = open_for_regions(model)
+        g, outputs = view.graph, view.outputs
         rec = recognize(g, outputs)
         defaults = rec.taps if self.opts["token_pool"] == "mean" else find_taps(g, rec.heads, rec.attention_sites,
                                                                                 self.opts["token_pool"])
@@ -175,11 +165,9 @@ class MahalanobisPass(Pass):
         self.detector = detector
         region = Region(name="ood_mahalanobis", inputs=[t.value for t in taps], adds=[OUTPUT], rule=self.name)
         module = detector.module()
-        if model.kind == "fx":
-            new = splice_fx(model, gm, [(region, module)])
-        else:
-            examples = _examples(first_rows[:n_taps], static_batch(model))
-            new = splice_onnx(model, onnx_model, [(region, module)], {region.name: examples})
+        examples = None if model.kind == "fx" else {region.name: _examples(first_rows[:n_taps], static_batch(model))}
+        new = view.splice(model, [(region, module)], examples)
+        if model.kind == "onnx":
             _name_batch_axis(new)
         for i, (tap, layer) in enumerate(zip(taps, layers)):
             rows.append({"name": tap.name, "node": tap.node, "role": tap.role, "pool": tap.pool,
