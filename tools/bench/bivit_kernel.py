@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""BiViT kernel benchmark: a ViT-Base-sized binary linear (768 -> 3072, 197 tokens, batch 1) on the 1-bit kernel.
+
+Rows (the same input, every TVM build through the project's CPU pipeline, on the best target this host runs):
+
+* ``tvm 1-bit``: the contract's frozen binary linear ``(where(x >= 0, 1, -1) @ W±1) * α + b``, routed to the
+  bit-packed XNOR/popcount kernels (``targets.bitlinear``); its two kernels (run-time packing of the activations,
+  the product) are also timed alone;
+* ``tvm float``: the float linear ``x @ W + b`` with float32 weights (what the binary linear replaces);
+* ``tvm ±1 as float``: the binary graph with the routing switched off (TVM's float matmul on ±1 weights);
+* ``ort float`` / ``ort ±1 as float``: the same two graphs in onnxruntime (MLAS sgemm).
+
+Times are medians over alternating rounds (every implementation runs in each round, so a slow phase of a shared
+machine hits them alike), at 1 and 2 threads.  The 1-bit output is checked against onnxruntime on the binary graph
+before timing.
+
+Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/bivit_kernel.py [--budget SECONDS] [--tokens 197]``.
+Prints a table, writes ``tools/bench/results/bivit_kernel.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+sys.path.insert(0, _HERE)
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import targets  # noqa: E402,F401
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+from machine import describe  # noqa: E402  (tools/bench/machine.py)
+from targets.bench import ort_session, set_tvm_threads  # noqa: E402
+from targets.bitlinear import (choose_bit_kernel, make_bgemm_kernel, make_pack_kernel, pack_weights,  # noqa: E402
+                               padded_outputs, words_of)
+from targets.cpu import required_features  # noqa: E402
+from targets.importer import import_onnx  # noqa: E402
+from targets.pipeline import cpu_pipeline, scheduled_module  # noqa: E402
+from targets.softmax_kernels import mcpu_of, vector_bits_of  # noqa: E402
+from targets.table import ensure_executable, get_target  # noqa: E402
+
+RESULTS = os.path.join(_HERE, "results", "bivit_kernel.json")
+
+
+def _linear_onnx(tokens: int, n_in: int, n_out: int, binary: bool, seed: int = 0) -> onnx.ModelProto:
+    """``x (1, tokens, n_in) -> y (1, tokens, n_out)``: the binary linear of the contract, or the float linear."""
+    rng = np.random.default_rng(seed)
+    bias = numpy_helper.from_array(rng.standard_normal(n_out).astype(np.float32) * 0.1, "b")
+    if binary:
+        w = np.where(rng.random((n_in, n_out)) < 0.5, 1.0, -1.0).astype(np.float32)
+        inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                 numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                 numpy_helper.from_array(np.array(-1.0, np.float32), "minus_one"),
+                 numpy_helper.from_array(w, "w"),
+                 numpy_helper.from_array((rng.random(n_out) * 0.05).astype(np.float32), "alpha"), bias]
+        nodes = [helper.make_node("GreaterOrEqual", ["x", "zero"], ["c"]),
+                 helper.make_node("Where", ["c", "one", "minus_one"], ["s"]),
+                 helper.make_node("MatMul", ["s", "w"], ["mm"]),
+                 helper.make_node("Mul", ["mm", "alpha"], ["sc"]),
+                 helper.make_node("Add", ["sc", "b"], ["y"])]
+    else:
+        w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        inits = [numpy_helper.from_array(w, "w"), bias]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    g = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, n_in])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, n_out])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _tvm_fn(proto: onnx.ModelProto, target, x: np.ndarray, route: bool):
+    mod = import_onnx(proto).mod
+    ex = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, route_bitlinear=route))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    f, arg = vm["main"], tvm.runtime.tensor(x)
+    return lambda: f(arg)
+
+
+def _kernel_fns(tokens: int, n_in: int, n_out: int, target, x: np.ndarray, w: np.ndarray) -> dict:
+    bits = vector_bits_of(target)
+    ch = choose_bit_kernel(tokens, n_out, bits)
+    mod = tvm.IRModule({"pack": make_pack_kernel(tokens, n_in, bits).with_attr("global_symbol", "pack"),
+                        "bgemm": make_bgemm_kernel(tokens, n_in, n_out, ch).with_attr("global_symbol", "bgemm")})
+    lib = tvm.compile(mod, target=target)
+    xt = tvm.runtime.tensor(x.reshape(tokens, n_in))
+    xp = tvm.runtime.tensor(np.zeros((tokens, words_of(n_in)), np.uint64))
+    wp = tvm.runtime.tensor(pack_weights(w, ch.panel))
+    y = tvm.runtime.tensor(np.zeros((tokens, padded_outputs(n_out, ch)), np.float32))
+    pack, gemm = lib["pack"], lib["bgemm"]
+    asm = lib.mod.inspect_source("asm")
+    return {"pack": lambda: pack(xt, xp), "bgemm": lambda: gemm(xp, wp, y)}, ch, "vpopcntq" in asm
+
+
+def _time_interleaved(fns: dict, budget_s: float, rounds: int) -> dict:
+    """Median ms of each callable over ``rounds`` alternating rounds of about ``budget_s / rounds`` each."""
+    per_call = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        t = time.perf_counter()
+        fn()
+        per_call[name] = max(time.perf_counter() - t, 1e-6)
+    samples: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()  # re-warm caches after the others ran
+            for _ in range(int(min(2000, max(3, budget_s / rounds / per_call[name])))):
+                t = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t)
+    return {name: {"median_ms": float(np.median(v)) * 1e3, "min_ms": float(np.min(v)) * 1e3, "runs": len(v)}
+            for name, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=197)
+    ap.add_argument("--n-in", type=int, default=768)
+    ap.add_argument("--n-out", type=int, default=3072)
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per implementation and thread count")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+
+    target = get_target("host")  # this CPU's own model, every ISA feature it lacks switched off: the best it runs
+    ensure_executable(target)
+    feats = set(required_features(target))
+    isa = ("AVX-512 + VPOPCNTDQ" if "avx512vpopcntdq" in feats else "AVX-512" if "avx512f" in feats
+           else "AVX2" if "avx2" in feats else "SSE")
+    t, k, n = args.tokens, args.n_in, args.n_out
+    x = np.random.default_rng(1).standard_normal((1, t, k)).astype(np.float32)
+    binary, floating = _linear_onnx(t, k, n, True), _linear_onnx(t, k, n, False)
+
+    routed = [gv.name_hint for gv, _ in scheduled_module(import_onnx(binary).mod, target).functions_items()
+              if gv.name_hint.startswith("bitlinear_gemm")]
+    if not routed:
+        print("the binary linear was not routed to the 1-bit kernel", file=sys.stderr)
+        return 1
+    ref = ort_session(binary, 1).run(None, {"x": x})[0]
+    f1 = _tvm_fn(binary, target, x, route=True)
+    out = f1().numpy()
+    err = float(np.abs(out - ref).max())
+    if err > 1e-4:
+        print(f"1-bit output differs from onnxruntime by {err}", file=sys.stderr)
+        return 1
+    w = numpy_helper.to_array(next(i for i in binary.graph.initializer if i.name == "w"))
+    kfns, ch, vpopcnt = _kernel_fns(t, k, n, target, x, w)
+    fns = {"tvm 1-bit": f1, "  pack (kernel alone)": kfns["pack"], "  bgemm (kernel alone)": kfns["bgemm"],
+           "tvm float": _tvm_fn(floating, target, x, route=True),
+           "tvm ±1 as float": _tvm_fn(binary, target, x, route=False)}
+    threads = [int(v) for v in args.threads.split(",") if v.strip()]
+    results: dict = {"cpu": describe(), "target": str(target), "mcpu": mcpu_of(target), "isa": isa,
+                     "vpopcntq_emitted": vpopcnt, "shape": {"tokens": t, "n_in": k, "n_out": n, "batch": 1},
+                     "kernel_choice": ch.__dict__, "max_abs_err_vs_ort": err, "rows": {}}
+    for th in threads:
+        set_tvm_threads(th)
+        sessions = {"ort float": ort_session(floating, th), "ort ±1 as float": ort_session(binary, th)}
+        all_fns = dict(fns)
+        for name, sess in sessions.items():
+            all_fns[name] = (lambda s=sess: s.run(None, {"x": x}))
+        results["rows"][th] = _time_interleaved(all_fns, args.budget, args.rounds)
+
+    print(f"# BiViT binary linear {k} -> {n}, {t} tokens, batch 1 - {describe()}")
+    print(f"# TVM target: {target} ({isa}; vpopcntq {'emitted' if vpopcnt else 'not emitted'}); "
+          f"kernel tile {ch.rows} rows x {ch.panel} outputs, {ch.lanes} x uint64 lanes")
+    print("# shared 2-core machine: medians of alternating rounds, still noisy")
+    head = f"{'implementation':<24}" + "".join(f"{f'{th} thr ms':>12}{'/ 1-bit':>10}" for th in threads)
+    print(head)
+    print("-" * len(head))
+    for name in list(fns) + ["ort float", "ort ±1 as float"]:
+        line = f"{name:<24}"
+        for th in threads:
+            ms = results["rows"][th][name]["median_ms"]
+            ratio = "" if name.startswith(" ") else f"{ms / results['rows'][th]['tvm 1-bit']['median_ms']:.1f}x"
+            line += f"{ms:>12.3f}{ratio:>10}"
+        print(line)
+    for th in threads:
+        r = results["rows"][th]
+        results.setdefault("speedup_vs_tvm_float", {})[th] = r["tvm float"]["median_ms"] / r["tvm 1-bit"]["median_ms"]
+        results.setdefault("speedup_vs_ort_float", {})[th] = r["ort float"]["median_ms"] / r["tvm 1-bit"]["median_ms"]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
