@@ -17,7 +17,7 @@ from targets.artifact import build
 from targets.bitlinear import (choose_bit_kernel, make_bgemm_kernel, make_pack_kernel, pack_signs_np, pack_weights,
                                padded_outputs, words_of)
 from targets.importer import import_exported_program, import_onnx
-from targets.pipeline import scheduled_module
+from targets.pipeline import loop_report, scheduled_module
 from targets.softmax_kernels import vector_bits_of
 from targets.table import get_target
 
@@ -148,8 +148,16 @@ def _binary_onnx(w_in_out: np.ndarray, alpha: np.ndarray, bias: np.ndarray | Non
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _routed(mod, target) -> list[str]:
-    names = [gv.name_hint for gv, _ in scheduled_module(mod, get_target(target)).functions_items()]
+def _routed(mod, target) -> tuple[list[str], list[str]]:
+    """(names of the routed product kernels, names of every function) of the scheduled module; every bit-packed
+    kernel is a parallel loop nest with vector code (explicit vectors: the pack kernel has no vectorized loop)."""
+    sched = scheduled_module(mod, get_target(target))
+    report = loop_report(sched)
+    names = [gv.name_hint for gv, _ in sched.functions_items()]
+    for gv, f in sched.functions_items():
+        if gv.name_hint.startswith("bitlinear_"):
+            assert report[gv.name_hint]["parallel"], gv.name_hint
+            assert report[gv.name_hint]["vectorized"] or "T.Ramp(" in f.script(), gv.name_hint
     return sorted(n for n in names if n.startswith("bitlinear_gemm")), names
 
 
@@ -243,3 +251,22 @@ def test_torch_export_binary_linear(half):
     out = _run(imported, "host", x)
     with torch.no_grad():
         np.testing.assert_allclose(out, model(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=1e-5)
+
+
+class _SabBlock(torch.nn.Module):
+    """BiViT's softmax-aware binarisation as exported (``P >= r * amax(P)``), plus an all-axes ``amax``: TVM's torch
+    frontend has no ``aten.amax``; the importer's normalization spells it as ``max.dim`` reductions."""
+
+    def forward(self, p):
+        sab = (p >= p.amax(dim=-1, keepdim=True) * 0.5).to(p.dtype)
+        return sab * p.amax(dim=(0, 2)).unsqueeze(-1) + torch.amax(p)
+
+
+def test_torch_amax_imports_and_matches():
+    p = torch.softmax(torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)), dim=-1)
+    ep = torch.export.export(_SabBlock().eval(), (p,))
+    assert any("amax" in str(n.target) for n in ep.graph.nodes)
+    out = _run(import_exported_program(ep), "host", p.numpy())
+    with torch.no_grad():
+        ref = _SabBlock()(p).numpy()
+    np.testing.assert_array_equal(out, ref)
