@@ -46,7 +46,7 @@ from targets.cpu import required_features  # noqa: E402
 from targets.importer import import_onnx  # noqa: E402
 from targets.pipeline import cpu_pipeline, scheduled_module  # noqa: E402
 from targets.softmax_kernels import mcpu_of, vector_bits_of  # noqa: E402
-from targets.table import ensure_executable, get_target  # noqa: E402
+from targets.table import ensure_executable, get_target, missing_on_host  # noqa: E402
 
 RESULTS = os.path.join(_HERE, "results", "bivit_kernel.json")
 
@@ -74,6 +74,12 @@ def _linear_onnx(tokens: int, n_in: int, n_out: int, binary: bool, seed: int = 0
     g = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, n_in])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, n_out])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _isa(target) -> str:
+    feats = set(required_features(target))
+    return ("AVX-512 + VPOPCNTDQ" if "avx512vpopcntdq" in feats else "AVX-512" if "avx512f" in feats
+            else "AVX2" if "avx2" in feats else "SSE")
 
 
 def _tvm_fn(proto: onnx.ModelProto, target, x: np.ndarray, route: bool):
@@ -128,39 +134,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per implementation and thread count")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--also", default="avx2", help="comma-separated extra targets to time (those this CPU runs)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
     target = get_target("host")  # this CPU's own model, every ISA feature it lacks switched off: the best it runs
     ensure_executable(target)
-    feats = set(required_features(target))
-    isa = ("AVX-512 + VPOPCNTDQ" if "avx512vpopcntdq" in feats else "AVX-512" if "avx512f" in feats
-           else "AVX2" if "avx2" in feats else "SSE")
+    isa = _isa(target)
     t, k, n = args.tokens, args.n_in, args.n_out
     x = np.random.default_rng(1).standard_normal((1, t, k)).astype(np.float32)
     binary, floating = _linear_onnx(t, k, n, True), _linear_onnx(t, k, n, False)
-
-    routed = [gv.name_hint for gv, _ in scheduled_module(import_onnx(binary).mod, target).functions_items()
-              if gv.name_hint.startswith("bitlinear_gemm")]
-    if not routed:
-        print("the binary linear was not routed to the 1-bit kernel", file=sys.stderr)
-        return 1
-    ref = ort_session(binary, 1).run(None, {"x": x})[0]
-    f1 = _tvm_fn(binary, target, x, route=True)
-    out = f1().numpy()
-    err = float(np.abs(out - ref).max())
-    if err > 1e-4:
-        print(f"1-bit output differs from onnxruntime by {err}", file=sys.stderr)
-        return 1
     w = numpy_helper.to_array(next(i for i in binary.graph.initializer if i.name == "w"))
-    kfns, ch, vpopcnt = _kernel_fns(t, k, n, target, x, w)
-    fns = {"tvm 1-bit": f1, "  pack (kernel alone)": kfns["pack"], "  bgemm (kernel alone)": kfns["bgemm"],
-           "tvm float": _tvm_fn(floating, target, x, route=True),
-           "tvm ±1 as float": _tvm_fn(binary, target, x, route=False)}
+    ref = ort_session(binary, 1).run(None, {"x": x})[0]
+
+    fns: dict = {}
+    extra = [name for name in args.also.split(",") if name.strip() and not missing_on_host(name.strip())]
+    for label, tgt in [("", target)] + [(f" [{name}]", get_target(name)) for name in extra]:
+        routed = [gv.name_hint for gv, _ in scheduled_module(import_onnx(binary).mod, tgt).functions_items()
+                  if gv.name_hint.startswith("bitlinear_gemm")]
+        if not routed:
+            print(f"the binary linear was not routed to the 1-bit kernel for {tgt}", file=sys.stderr)
+            return 1
+        f1 = _tvm_fn(binary, tgt, x, route=True)
+        err = float(np.abs(f1().numpy() - ref).max())
+        if err > 1e-4:
+            print(f"1-bit output differs from onnxruntime by {err} for {tgt}", file=sys.stderr)
+            return 1
+        kfns, ch_t, vpop_t = _kernel_fns(t, k, n, tgt, x, w)
+        if not label:
+            ch, vpopcnt, max_err = ch_t, vpop_t, err
+        fns[f"tvm 1-bit{label}"] = f1
+        fns[f"  pack alone{label}"] = kfns["pack"]
+        fns[f"  bgemm alone{label}"] = kfns["bgemm"]
+        fns[f"tvm float{label}"] = _tvm_fn(floating, tgt, x, route=True)
+        if not label:
+            fns["tvm ±1 as float"] = _tvm_fn(binary, tgt, x, route=False)
     threads = [int(v) for v in args.threads.split(",") if v.strip()]
     results: dict = {"cpu": describe(), "target": str(target), "mcpu": mcpu_of(target), "isa": isa,
-                     "vpopcntq_emitted": vpopcnt, "shape": {"tokens": t, "n_in": k, "n_out": n, "batch": 1},
-                     "kernel_choice": ch.__dict__, "max_abs_err_vs_ort": err, "rows": {}}
+                     "also": extra, "vpopcntq_emitted": vpopcnt,
+                     "shape": {"tokens": t, "n_in": k, "n_out": n, "batch": 1},
+                     "kernel_choice": ch.__dict__, "max_abs_err_vs_ort": max_err, "rows": {}}
     for th in threads:
         set_tvm_threads(th)
         sessions = {"ort float": ort_session(floating, th), "ort ±1 as float": ort_session(binary, th)}
@@ -171,22 +184,31 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# BiViT binary linear {k} -> {n}, {t} tokens, batch 1 - {describe()}")
     print(f"# TVM target: {target} ({isa}; vpopcntq {'emitted' if vpopcnt else 'not emitted'}); "
-          f"kernel tile {ch.rows} rows x {ch.panel} outputs, {ch.lanes} x uint64 lanes")
+          f"kernel tile {ch.rows} rows x {ch.panel} outputs, {ch.lanes} x uint64 lanes"
+          + (f"; also {', '.join(extra)}" if extra else ""))
     print("# shared 2-core machine: medians of alternating rounds, still noisy")
-    head = f"{'implementation':<24}" + "".join(f"{f'{th} thr ms':>12}{'/ 1-bit':>10}" for th in threads)
+    head = f"{'implementation':<28}" + "".join(f"{f'{th} thr ms':>12}{'/ 1-bit':>10}" for th in threads)
     print(head)
     print("-" * len(head))
     for name in list(fns) + ["ort float", "ort ±1 as float"]:
-        line = f"{name:<24}"
+        line = f"{name:<28}"
         for th in threads:
             ms = results["rows"][th][name]["median_ms"]
-            ratio = "" if name.startswith(" ") else f"{ms / results['rows'][th]['tvm 1-bit']['median_ms']:.1f}x"
+            label = name[name.index(" ["):] if " [" in name else ""
+            base = results["rows"][th][f"tvm 1-bit{label}"]["median_ms"]
+            ratio = "" if name.startswith(" ") else f"{ms / base:.1f}x"
             line += f"{ms:>12.3f}{ratio:>10}"
         print(line)
     for th in threads:
         r = results["rows"][th]
-        results.setdefault("speedup_vs_tvm_float", {})[th] = r["tvm float"]["median_ms"] / r["tvm 1-bit"]["median_ms"]
-        results.setdefault("speedup_vs_ort_float", {})[th] = r["ort float"]["median_ms"] / r["tvm 1-bit"]["median_ms"]
+        for label in [""] + [f" [{name}]" for name in extra]:
+            one_bit = r[f"tvm 1-bit{label}"]["median_ms"]
+            results.setdefault("speedup_vs_tvm_float", {}).setdefault(th, {})[label.strip(" []") or "host"] = \
+                r[f"tvm float{label}"]["median_ms"] / one_bit
+            results.setdefault("speedup_vs_ort_float", {}).setdefault(th, {})[label.strip(" []") or "host"] = \
+                r["ort float"]["median_ms"] / one_bit
+    print("goal (>= 4x faster than the float linear in TVM): " + ", ".join(
+        f"{th} thr {tgt} {v:.1f}x" for th, d in results["speedup_vs_tvm_float"].items() for tgt, v in d.items()))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)
