@@ -230,7 +230,10 @@ def RouteBitLinear(target: tvm.target.Target):  # noqa: N802 - pass constructor 
             out = relax.transform.DeadCodeElimination()(out)
             log.info("routed %d binary linear(s) to bit-packed kernels", router.routed)
         if router.skipped:
-            log.info("%d binary linear(s) left to TVM's matmul (debug log says why)", len(router.skipped))
+            reasons = sorted({r.split(" (")[0] for r in router.skipped})
+            log.info("%d sign-input matmul(s) left to TVM's matmul: %s%s", len(router.skipped), "; ".join(reasons),
+                     " (fix the input shapes, e.g. --shape, to route them)" if "shapes are not static" in reasons
+                     else "")
         return out
 
     return _pass
