@@ -134,8 +134,9 @@ def _sign_bits(X, row, start, lanes: int, dtype: str):
     return _or_reduce(sel, lanes)
 
 
-def make_pack_kernel(m: int, k_in: int, vector_bits: int = 512) -> tvm.tirx.PrimFunc:
-    """``f(X: (m, k_in) float32, XP: (m, KW) uint64)``: the packed signs of every row of X (module docstring).
+def make_pack_kernel(m: int | None, k_in: int, vector_bits: int = 512) -> tvm.tirx.PrimFunc:
+    """``f(X: (m, k_in) float32, XP: (m, KW) uint64)``: the packed signs of every row of X (module docstring);
+    ``m=None``: a symbolic ``int64`` row count.
 
     A full word is one 64-lane compare and select reduced by OR (AVX-512: ``vcmpps`` into mask registers and masked
     moves), or, for narrower vectors, two 32-lane halves in uint32 (half the shuffle work on AVX2: 0.08 vs 0.11 ms
@@ -146,6 +147,8 @@ def make_pack_kernel(m: int, k_in: int, vector_bits: int = 512) -> tvm.tirx.Prim
     full = k_in // WORD_BITS
     tail = k_in - full * WORD_BITS
     wide = vector_bits >= 512
+    if m is None:
+        m = tvm.tirx.Var("m", "int64")
 
     def word(X, r, k):
         if wide:
@@ -173,24 +176,37 @@ def make_pack_kernel(m: int, k_in: int, vector_bits: int = 512) -> tvm.tirx.Prim
     return pack
 
 
-def make_bgemm_kernel(m: int, k_in: int, n_out: int, ch: BitChoice) -> tvm.tirx.PrimFunc:
+def make_bgemm_kernel(m: int | None, k_in: int, n_out: int, ch: BitChoice) -> tvm.tirx.PrimFunc:
     """``f(XP: (m, KW) uint64, WP: (NT, KW, NB) uint64, Y: (m, NT*NB) float32)`` with ``Y[r, c] = k_in - 2 *
-    popcount(XP[r] xor W[c])`` (the ±1 dot product; columns past ``n_out`` are padding).
+    popcount(XP[r] xor W[c])`` (the ±1 dot product; columns past ``n_out`` are padding).  ``m=None``: the row
+    count is a symbolic ``int64`` bound from the buffers at run time (a dynamic batch).
 
     Raises ValueError for an empty problem or ``k_in >= 2^24`` (the result would not be exact in float32).
     """
-    if m < 1 or k_in < 1 or n_out < 1:
+    if (m is not None and m < 1) or k_in < 1 or n_out < 1:
         raise ValueError(f"binary product needs non-empty (m, k_in, n_out), got ({m}, {k_in}, {n_out})")
     if k_in >= MAX_INPUTS:
         raise ValueError(f"k_in={k_in} inputs: a ±1 dot product over >= 2^24 inputs is not exact in float32")
     kw = words_of(k_in)
     NB, MB = ch.panel, ch.rows
     nt = (n_out + NB - 1) // NB
-    mt = (m + MB - 1) // MB
     # split the row tiles into chunks so that there are about ch.tasks parallel tasks
-    chunks = max(1, min(mt, (ch.tasks + nt - 1) // nt))
-    per = (mt + chunks - 1) // chunks
-    chunks = (mt + per - 1) // per
+    chunks = max(1, (ch.tasks + nt - 1) // nt)
+    if m is None:
+        m = tvm.tirx.Var("m", "int64")
+        mt = (m + MB - 1) // MB
+        per = (mt + chunks - 1) // chunks
+
+        def wide(e):
+            return T.Cast("int64", e)
+    else:
+        mt = (m + MB - 1) // MB
+        chunks = min(mt, chunks)
+        per = (mt + chunks - 1) // chunks
+        chunks = (mt + per - 1) // per
+
+        def wide(e):
+            return e
     kf = T.float32(float(k_in))
 
     @T.prim_func(s_tir=True)
@@ -200,7 +216,7 @@ def make_bgemm_kernel(m: int, k_in: int, n_out: int, ch: BitChoice) -> tvm.tirx.
             for task in T.parallel(nt * chunks):
                 acc = T.alloc_buffer((MB, NB), _U64, scope="local")
                 for tt in range(per):
-                    if (task % chunks) * per + tt < mt:
+                    if wide(task % chunks) * per + tt < mt:
                         for i in T.unroll(MB):
                             for j in T.vectorized(NB):
                                 acc[i, j] = T.uint64(0)
@@ -209,11 +225,11 @@ def make_bgemm_kernel(m: int, k_in: int, n_out: int, ch: BitChoice) -> tvm.tirx.
                                 for j in T.vectorized(NB):
                                     # rows past m re-read (and below re-write) the last row: same value, no branch
                                     acc[i, j] = acc[i, j] + T.popcount(T.bitwise_xor(
-                                        XP[T.min(((task % chunks) * per + tt) * MB + i, m - 1), k],
+                                        XP[T.min((wide(task % chunks) * per + tt) * MB + i, m - 1), k],
                                         WP[task // chunks, k, j]))
                         for i in T.unroll(MB):
                             for j in T.vectorized(NB):
-                                Y[T.min(((task % chunks) * per + tt) * MB + i, m - 1), (task // chunks) * NB + j] = \
+                                Y[T.min((wide(task % chunks) * per + tt) * MB + i, m - 1), (task // chunks) * NB + j] = \
                                     kf - T.float32(2.0) * T.Cast(_F32, T.Cast("int32", acc[i, j]))
 
     return bgemm

@@ -2,7 +2,7 @@
 
 The pattern (the contract between the BiViT pass and this kernel), as TVM's ONNX and torch importers write it::
 
-    c = greater_equal(x, 0)                 # x: float32, static shape (..., K); 0 a scalar or all-zero constant
+    c = greater_equal(x, 0)                 # x: float32 (..., K), K static; 0 a scalar or all-zero constant
     s = where(c, 1, -1)                     # 1 / -1: float32 constants (scalars or broadcast tensors), maybe bound
     s' = reshape(s, ...)                    # zero or more reshape / expand_dims / squeeze (torch: (B, T, K) -> (BT, K))
     y = matmul(s', B)                       # B: a float32 constant (K, N), or permute_dims(constant (N, K)); every
@@ -12,8 +12,9 @@ becomes ``reshape(x, (M, K)) -> call_tir(pack) -> call_tir(bgemm, packed constan
 with the weight packed here, at compile time.  The ``where`` / ``greater_equal`` bindings are removed by dead-code
 elimination when nothing else reads them.  What follows (the α multiply, the bias) is left as it is.
 
-A matmul whose left operand is such a sign but whose weight is not a constant, not exactly ±1, not 2-D, or whose
-shapes are not static is left alone, and the reason is logged at debug level.  The kernels are generic TIR; LLVM
+Leading dims may be symbolic (a dynamic batch): the kernels then take the row count at run time.  A matmul whose
+left operand is such a sign but whose weight is not a constant, not exactly ±1, not 2-D, or whose feature dim is
+not static is left alone, and the reason is logged at debug level.  The kernels are generic TIR; LLVM
 picks the instructions of the target (``vpopcntq`` only where the target has AVX512-VPOPCNTDQ), so the routed
 module runs wherever the unrouted one does.
 """
@@ -28,6 +29,7 @@ from . import _env  # noqa: F401
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.sym.analyzer import Analyzer
 
 from .bitlinear import (MAX_INPUTS, choose_bit_kernel, make_bgemm_kernel, make_pack_kernel, pack_weights,
                         padded_outputs, words_of)
@@ -38,19 +40,27 @@ log = logging.getLogger(__name__)
 _ORDER_KEEPING = frozenset({"relax.reshape", "relax.expand_dims", "relax.squeeze"})
 #: Longest chain of bindings followed from a matmul operand back to its definition.
 _MAX_WALK = 32
+#: Row count assumed when choosing a schedule for a symbolic one.
+_DYNAMIC_ROWS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class BinaryLinear:
     """A matched binary linear: ``y = sign(x) @ w`` with ``w`` (k, n) ±1; ``x`` is the Var (of the original
-    function) whose signs are taken; ``m`` rows of ``k`` inputs; ``out_shape`` the matmul's output shape."""
+    function) whose signs are taken; ``m`` rows (an int, or a TIR expression of the function's symbolic dims) of
+    ``k`` inputs; ``out_shape`` the matmul's output dims (ints or expressions)."""
 
     x: relax.Expr
     w: np.ndarray
-    m: int
+    m: object
     k: int
     n: int
-    out_shape: tuple[int, ...]
+    out_shape: tuple
+
+    @property
+    def dynamic(self) -> bool:
+        """True when the row count is symbolic (e.g. a dynamic batch)."""
+        return not isinstance(self.m, int)
 
 
 def _op_name(expr) -> str:
@@ -84,13 +94,18 @@ def _is_const_all(expr, var2val: dict, target: float) -> bool:
     return arr is not None and arr.dtype == np.float32 and arr.size > 0 and bool(np.all(arr == target))
 
 
-def _static(ty) -> tuple[int, ...] | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+def _dims(ty) -> tuple | None:
+    """A tensor type's dims: ints where static, TIR expressions where symbolic; None when the shape is unknown."""
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
         return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        return None
+    return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in ty.shape.values)
+
+
+def _prod(dims) -> object:
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
 
 
 def _dtype(ty) -> str:
@@ -150,19 +165,24 @@ def match_binary_linear(call: relax.Call, var2val: dict) -> BinaryLinear | str |
     if bad.size:
         i, j = (int(v) for v in bad[0])
         return f"weight has {len(bad)} of {w.size} entries other than ±1 (e.g. {float(w[i, j])!r} at [{i}, {j}] of (in, out))"
-    x_shape, lhs_shape, out_shape = _static(x.ty), _static(call.args[0].ty), _static(call.ty)
+    x_shape, lhs_shape, out_shape = _dims(x.ty), _dims(call.args[0].ty), _dims(call.ty)
     if x_shape is None or lhs_shape is None or out_shape is None:
-        return "shapes are not static"
+        return "shapes are unknown"
     if _dtype(x.ty) != "float32" or _dtype(call.ty) != "float32":
         return f"dtypes {_dtype(x.ty)} -> {_dtype(call.ty)}, not float32"
     k, n = (int(d) for d in w.shape)
-    if not lhs_shape or lhs_shape[-1] != k:
-        return f"left operand shape {lhs_shape} does not end in {k}"
+    if not lhs_shape or not isinstance(lhs_shape[-1], int) or lhs_shape[-1] != k:
+        return f"left operand shape {list(lhs_shape)} does not end in {k} (the features must be static)"
     if k >= MAX_INPUTS:
         return f"{k} inputs: the ±1 dot product is not exact in float32"
-    m = math.prod(lhs_shape[:-1]) if len(lhs_shape) > 1 else 1
-    if math.prod(x_shape) != m * k or m == 0 or n == 0:
-        return f"sign input {x_shape} does not flatten to ({m}, {k})"
+    m = _prod(lhs_shape[:-1])
+    if isinstance(m, int):
+        if not all(isinstance(d, int) for d in x_shape) or math.prod(x_shape) != m * k:
+            return f"sign input {list(x_shape)} does not flatten to ({m}, {k})"
+        if m == 0 or n == 0:
+            return "empty product"
+    elif not Analyzer().can_prove_equal(_prod(x_shape), m * k):
+        return f"sign input {list(x_shape)} does not provably flatten to ({m}, {k})"
     return BinaryLinear(x, np.ascontiguousarray(w), m, k, n, out_shape)
 
 
@@ -194,12 +214,14 @@ class _BitLinearRouter(relax.PyExprMutator):
             self.skipped.append(match)
             return new
         b = match
-        ch = choose_bit_kernel(b.m, b.n, self.bits)
+        rows = None if b.dynamic else b.m  # None: the kernels take a symbolic row count
+        ch = choose_bit_kernel(_DYNAMIC_ROWS if rows is None else rows, b.n, self.bits)
         npad, kw = padded_outputs(b.n, ch), words_of(b.k)
-        pack = self._kernel(("pack", b.m, b.k), f"bitlinear_pack_{b.m}x{b.k}",
-                            lambda: make_pack_kernel(b.m, b.k, self.bits))
-        gemm = self._kernel(("gemm", b.m, b.k, b.n, ch), f"bitlinear_gemm_{b.m}x{b.k}x{b.n}",
-                            lambda: make_bgemm_kernel(b.m, b.k, b.n, ch))
+        tag = "dyn" if rows is None else str(rows)
+        pack = self._kernel(("pack", rows, b.k), f"bitlinear_pack_{tag}x{b.k}",
+                            lambda: make_pack_kernel(rows, b.k, self.bits))
+        gemm = self._kernel(("gemm", rows, b.k, b.n, ch), f"bitlinear_gemm_{tag}x{b.k}x{b.n}",
+                            lambda: make_bgemm_kernel(rows, b.k, b.n, ch))
         x2 = self.builder_.emit(relax.op.reshape(self.visit_expr(b.x), (b.m, b.k)))
         xp = self.builder_.emit(relax.call_tir(pack, [x2], relax.TensorType((b.m, kw), "uint64")))
         y = self.builder_.emit(relax.call_tir(gemm, [xp, relax.const(pack_weights(b.w, ch.panel))],
@@ -207,8 +229,10 @@ class _BitLinearRouter(relax.PyExprMutator):
         if npad != b.n:
             y = self.builder_.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[b.n]))
         self.routed += 1
-        log.debug("binary linear (%d x %d) @ (%d x %d) routed to the bit-packed kernel %s", b.m, b.k, b.k, b.n, ch)
-        return y if tuple(b.out_shape) == (b.m, b.n) else relax.op.reshape(y, b.out_shape)
+        log.debug("binary linear (%s x %d) @ (%d x %d) routed to the bit-packed kernel %s", b.m, b.k, b.k, b.n, ch)
+        if not b.dynamic and tuple(b.out_shape) == (b.m, b.n):
+            return y
+        return relax.op.reshape(y, b.out_shape)
 
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
@@ -231,9 +255,7 @@ def RouteBitLinear(target: tvm.target.Target):  # noqa: N802 - pass constructor 
             log.info("routed %d binary linear(s) to bit-packed kernels", router.routed)
         if router.skipped:
             reasons = sorted({r.split(" (")[0] for r in router.skipped})
-            log.info("%d sign-input matmul(s) left to TVM's matmul: %s%s", len(router.skipped), "; ".join(reasons),
-                     " (fix the input shapes, e.g. --shape, to route them)" if "shapes are not static" in reasons
-                     else "")
+            log.info("%d sign-input matmul(s) left to TVM's matmul: %s", len(router.skipped), "; ".join(reasons))
         return out
 
     return _pass

@@ -213,13 +213,28 @@ def test_onnx_half_weight_is_left_alone(caplog):
     np.testing.assert_allclose(_run(imported, "host", x), ort_run(proto, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_symbolic_batch_is_left_alone(caplog):
+def test_onnx_symbolic_batch_routed():
+    """A dynamic batch: the kernels take the row count at run time; two batch sizes match onnxruntime."""
     rng = np.random.default_rng(6)
-    proto = _binary_onnx(_pm1(rng, (64, 8)), rng.random(8).astype(np.float32), None, ["batch", 64])
+    proto = _binary_onnx(_pm1(rng, (130, 37)), rng.random(37).astype(np.float32),
+                         rng.standard_normal(37).astype(np.float32), ["batch", 3, 130])
+    imported = import_onnx(proto)
+    gemms, _ = _routed(imported.mod, "host")
+    assert gemms == ["bitlinear_gemm_dynx130x37"]
+    vm = relax.VirtualMachine(build(imported, "host"), tvm.cpu())
+    for batch in (1, 7):
+        x = _activations(rng, (batch, 3, 130))
+        out = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(out, ort_run(proto, {"x": x})[0], rtol=1e-6, atol=1e-5)
+
+
+def test_onnx_symbolic_features_left_alone(caplog):
+    rng = np.random.default_rng(8)
+    proto = _binary_onnx(_pm1(rng, (64, 8)), rng.random(8).astype(np.float32), None, [4, "features"])
     imported = import_onnx(proto)
     with caplog.at_level(logging.DEBUG, logger="targets.bitlinear_route"):
         gemms, _ = _routed(imported.mod, "host")
-    assert gemms == [] and "shapes are not static" in caplog.text
+    assert gemms == [] and "the features must be static" in caplog.text, caplog.text
 
 
 class _TorchBinaryLinear(torch.nn.Module):
