@@ -285,3 +285,20 @@ def test_torch_amax_imports_and_matches():
     with torch.no_grad():
         ref = _SabBlock()(p).numpy()
     np.testing.assert_array_equal(out, ref)
+
+
+def test_artifact_round_trip(tmp_path, caplog):
+    """``compile_model`` exports the packed uint64 weights inside the library; the Runner's output matches ORT."""
+    from targets.artifact import compile_model
+    from targets.runner import Runner
+
+    rng = np.random.default_rng(9)
+    proto = _binary_onnx(_pm1(rng, (100, 20)), rng.random(20).astype(np.float32),
+                         rng.standard_normal(20).astype(np.float32), ["batch", 100])
+    lib = tmp_path / "bin.so"
+    with caplog.at_level(logging.INFO, logger="targets.bitlinear_route"):
+        compile_model(proto, "host", lib)
+    assert "routed 1 binary linear(s)" in caplog.text
+    x = _activations(rng, (3, 100))
+    out = Runner(lib).run({"x": x})
+    np.testing.assert_allclose(out["y"], ort_run(proto, {"x": x})[0], rtol=1e-6, atol=1e-5)
