@@ -229,7 +229,8 @@ def make_bgemm_kernel(m: int | None, k_in: int, n_out: int, ch: BitChoice) -> tv
                                         WP[task // chunks, k, j]))
                         for i in T.unroll(MB):
                             for j in T.vectorized(NB):
-                                Y[T.min((wide(task % chunks) * per + tt) * MB + i, m - 1), (task // chunks) * NB + j] = \
+                                Y[T.min((wide(task % chunks) * per + tt) * MB + i, m - 1),
+                                  (task // chunks) * NB + j] = \
                                     kf - T.float32(2.0) * T.Cast(_F32, T.Cast("int32", acc[i, j]))
 
     return bgemm

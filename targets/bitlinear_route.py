@@ -164,7 +164,8 @@ def match_binary_linear(call: relax.Call, var2val: dict) -> BinaryLinear | str |
     bad = np.argwhere(np.abs(w) != 1.0)
     if bad.size:
         i, j = (int(v) for v in bad[0])
-        return f"weight has {len(bad)} of {w.size} entries other than ±1 (e.g. {float(w[i, j])!r} at [{i}, {j}] of (in, out))"
+        return (f"weight has {len(bad)} of {w.size} entries other than ±1 (e.g. {float(w[i, j])!r} at [{i}, {j}] of "
+                "(in, out))")
     x_shape, lhs_shape, out_shape = _dims(x.ty), _dims(call.args[0].ty), _dims(call.ty)
     if x_shape is None or lhs_shape is None or out_shape is None:
         return "shapes are unknown"

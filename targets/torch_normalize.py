@@ -5,8 +5,8 @@ TVM's SDPA converter ignores ``scale`` and ``enable_gqa``, accepts float masks o
 engine's softmax attention, :func:`rewrite.attention_math.softmax_attention`, with SDPA's conventions: GQA heads
 repeated with ``repeat_interleave``, ``is_causal`` upper-left aligned, fully masked rows 0 as torch's safe softmax,
 dropout dropped), removes ``aten.dropout`` nodes and spells ``aten.amax`` (which the frontend lacks; BiViT's
-softmax-aware binarisation reads the row maximum with it) as ``aten.max.dim`` reductions, then re-exports the module with static example inputs taken
-from the program's input metadata.  The input program is not modified.
+softmax-aware binarisation reads the row maximum with it) as ``aten.max.dim`` reductions, then re-exports the
+module with static example inputs taken from the program's input metadata.  The input program is not modified.
 """
 
 from __future__ import annotations
