@@ -28,3 +28,5 @@ def register() -> None:
                     "record (proves the binding: outputs must not change)")
         register_pass(f"attention.{variant.name}", _factory(variant), desc,
                       {o.name: (o.default, o.help) for o in variant.options})
+    from .heads import register as register_heads
+    register_heads()

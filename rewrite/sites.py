@@ -67,9 +67,15 @@ class ClassifierHead:
     num_classes: int | None
     activation: str  # "none" | "softmax" | "log_softmax"
     output: str
+    # graph handles (fx.Node / onnx_ir.Value) for passes that replace the head; not part of the summary
+    feature: Any = field(default=None, repr=False)       # the (N, D) value the head linear reads
+    scores: Any = field(default=None, repr=False)        # the (N, K) value the linear (+ bias) produces
+    output_value: Any = field(default=None, repr=False)  # the graph output the head feeds (after any softmax)
+    activation_node: Any = field(default=None, repr=False)  # the absorbed (Log)Softmax node, or None
 
     def summary(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"name": self.name, "node": self.node, "in_features": self.in_features,
+                "num_classes": self.num_classes, "activation": self.activation, "output": self.output}
 
 
 @dataclass
