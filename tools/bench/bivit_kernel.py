@@ -14,8 +14,9 @@ Times are medians over alternating rounds (every implementation runs in each rou
 machine hits them alike), at 1 and 2 threads.  The 1-bit output is checked against onnxruntime on the binary graph
 before timing.
 
-Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/bivit_kernel.py [--budget SECONDS] [--tokens 197]``.
-Prints a table, writes ``tools/bench/results/bivit_kernel.json``.
+Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/bivit_kernel.py [--budget SECONDS] [--threads 1,2]
+[--also avx2]``.  Prints a table, writes ``tools/bench/results/bivit_kernel.json``.  From another bench:
+``measure(...)`` returns the results, ``table_lines(results)`` the table.
 """
 
 from __future__ import annotations
@@ -126,6 +127,93 @@ def _time_interleaved(fns: dict, budget_s: float, rounds: int) -> dict:
             for name, v in samples.items()}
 
 
+class BenchError(RuntimeError):
+    """The 1-bit build was not routed, or its output disagrees with onnxruntime (nothing is timed then)."""
+
+
+def measure(tokens: int = 197, n_in: int = 768, n_out: int = 3072, threads: tuple[int, ...] = (1, 2),
+            budget_s: float = 2.0, rounds: int = 5, also: tuple[str, ...] = ("avx2",)) -> dict:
+    """Time the rows of the module docstring; returns the result dict (also what the JSON holds): ``rows[threads]
+    [implementation] = {median_ms, min_ms, runs}``, ``speedup_vs_tvm_float[threads][target]``, the CPU, the target
+    and its ISA, the kernel's tile.  ``also``: extra targets timed where this CPU runs them.  Raises BenchError."""
+    target = get_target("host")  # this CPU's own model, every ISA feature it lacks switched off: the best it runs
+    ensure_executable(target)
+    t, k, n = tokens, n_in, n_out
+    x = np.random.default_rng(1).standard_normal((1, t, k)).astype(np.float32)
+    binary, floating = _linear_onnx(t, k, n, True), _linear_onnx(t, k, n, False)
+    w = numpy_helper.to_array(next(i for i in binary.graph.initializer if i.name == "w"))
+    ref = ort_session(binary, 1).run(None, {"x": x})[0]
+
+    fns: dict = {}
+    extra = [name.strip() for name in also if name.strip() and not missing_on_host(name.strip())]
+    for label, tgt in [("", target)] + [(f" [{name}]", get_target(name)) for name in extra]:
+        routed = [gv.name_hint for gv, _ in scheduled_module(import_onnx(binary).mod, tgt).functions_items()
+                  if gv.name_hint.startswith("bitlinear_gemm")]
+        if not routed:
+            raise BenchError(f"the binary linear was not routed to the 1-bit kernel for {tgt}")
+        f1 = _tvm_fn(binary, tgt, x, route=True)
+        err = float(np.abs(f1().numpy() - ref).max())
+        if err > 1e-4:
+            raise BenchError(f"1-bit output differs from onnxruntime by {err} for {tgt}")
+        kfns, ch_t, vpop_t = _kernel_fns(t, k, n, tgt, x, w)
+        if not label:
+            ch, vpopcnt, max_err = ch_t, vpop_t, err
+        fns[f"tvm 1-bit{label}"] = f1
+        fns[f"  pack alone{label}"] = kfns["pack"]
+        fns[f"  bgemm alone{label}"] = kfns["bgemm"]
+        fns[f"tvm float{label}"] = _tvm_fn(floating, tgt, x, route=True)
+        if not label:
+            fns["tvm ±1 as float"] = _tvm_fn(binary, tgt, x, route=False)
+    results: dict = {"cpu": describe(), "target": str(target), "mcpu": mcpu_of(target), "isa": _isa(target),
+                     "also": extra, "vpopcntq_emitted": vpopcnt,
+                     "shape": {"tokens": t, "n_in": k, "n_out": n, "batch": 1},
+                     "kernel_choice": ch.__dict__, "max_abs_err_vs_ort": max_err,
+                     "order": list(fns) + ["ort float", "ort ±1 as float"], "rows": {}}
+    for th in threads:
+        set_tvm_threads(th)
+        sessions = {"ort float": ort_session(floating, th), "ort ±1 as float": ort_session(binary, th)}
+        all_fns = dict(fns)
+        for name, sess in sessions.items():
+            all_fns[name] = (lambda s=sess: s.run(None, {"x": x}))
+        results["rows"][th] = _time_interleaved(all_fns, budget_s, rounds)
+        for label in [""] + [f" [{name}]" for name in extra]:
+            one_bit = results["rows"][th][f"tvm 1-bit{label}"]["median_ms"]
+            key = label.strip(" []") or "host"
+            results.setdefault("speedup_vs_tvm_float", {}).setdefault(th, {})[key] = \
+                results["rows"][th][f"tvm float{label}"]["median_ms"] / one_bit
+            results.setdefault("speedup_vs_ort_float", {}).setdefault(th, {})[key] = \
+                results["rows"][th]["ort float"]["median_ms"] / one_bit
+    return results
+
+
+def table_lines(results: dict) -> list[str]:
+    """The printed table of :func:`measure`'s results (CPU and target named in the header)."""
+    threads = list(results["rows"])
+    ch = results["kernel_choice"]
+    shape = results["shape"]
+    lines = [f"# BiViT binary linear {shape['n_in']} -> {shape['n_out']}, {shape['tokens']} tokens, batch 1 - "
+             f"{results['cpu']}",
+             f"# TVM target: {results['target']} ({results['isa']}; vpopcntq "
+             f"{'emitted' if results['vpopcntq_emitted'] else 'not emitted'}); kernel tile {ch['rows']} rows x "
+             f"{ch['lanes'] * ch['vectors']} outputs, {ch['lanes']} x uint64 lanes"
+             + (f"; also {', '.join(results['also'])}" if results["also"] else ""),
+             "# shared 2-core machine: medians of alternating rounds, still noisy"]
+    head = f"{'implementation':<28}" + "".join(f"{f'{th} thr ms':>12}{'/ 1-bit':>10}" for th in threads)
+    lines += [head, "-" * len(head)]
+    for name in results["order"]:
+        line = f"{name:<28}"
+        for th in threads:
+            ms = results["rows"][th][name]["median_ms"]
+            label = name[name.index(" ["):] if " [" in name else ""
+            base = results["rows"][th][f"tvm 1-bit{label}"]["median_ms"]
+            ratio = "" if name.startswith(" ") else f"{ms / base:.1f}x"
+            line += f"{ms:>12.3f}{ratio:>10}"
+        lines.append(line)
+    lines.append("goal (>= 4x faster than the float linear in TVM): " + ", ".join(
+        f"{th} thr {tgt} {v:.1f}x" for th, d in results["speedup_vs_tvm_float"].items() for tgt, v in d.items()))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=197)
@@ -137,79 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--also", default="avx2", help="comma-separated extra targets to time (those this CPU runs)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
-
-    target = get_target("host")  # this CPU's own model, every ISA feature it lacks switched off: the best it runs
-    ensure_executable(target)
-    isa = _isa(target)
-    t, k, n = args.tokens, args.n_in, args.n_out
-    x = np.random.default_rng(1).standard_normal((1, t, k)).astype(np.float32)
-    binary, floating = _linear_onnx(t, k, n, True), _linear_onnx(t, k, n, False)
-    w = numpy_helper.to_array(next(i for i in binary.graph.initializer if i.name == "w"))
-    ref = ort_session(binary, 1).run(None, {"x": x})[0]
-
-    fns: dict = {}
-    extra = [name for name in args.also.split(",") if name.strip() and not missing_on_host(name.strip())]
-    for label, tgt in [("", target)] + [(f" [{name}]", get_target(name)) for name in extra]:
-        routed = [gv.name_hint for gv, _ in scheduled_module(import_onnx(binary).mod, tgt).functions_items()
-                  if gv.name_hint.startswith("bitlinear_gemm")]
-        if not routed:
-            print(f"the binary linear was not routed to the 1-bit kernel for {tgt}", file=sys.stderr)
-            return 1
-        f1 = _tvm_fn(binary, tgt, x, route=True)
-        err = float(np.abs(f1().numpy() - ref).max())
-        if err > 1e-4:
-            print(f"1-bit output differs from onnxruntime by {err} for {tgt}", file=sys.stderr)
-            return 1
-        kfns, ch_t, vpop_t = _kernel_fns(t, k, n, tgt, x, w)
-        if not label:
-            ch, vpopcnt, max_err = ch_t, vpop_t, err
-        fns[f"tvm 1-bit{label}"] = f1
-        fns[f"  pack alone{label}"] = kfns["pack"]
-        fns[f"  bgemm alone{label}"] = kfns["bgemm"]
-        fns[f"tvm float{label}"] = _tvm_fn(floating, tgt, x, route=True)
-        if not label:
-            fns["tvm ±1 as float"] = _tvm_fn(binary, tgt, x, route=False)
-    threads = [int(v) for v in args.threads.split(",") if v.strip()]
-    results: dict = {"cpu": describe(), "target": str(target), "mcpu": mcpu_of(target), "isa": isa,
-                     "also": extra, "vpopcntq_emitted": vpopcnt,
-                     "shape": {"tokens": t, "n_in": k, "n_out": n, "batch": 1},
-                     "kernel_choice": ch.__dict__, "max_abs_err_vs_ort": max_err, "rows": {}}
-    for th in threads:
-        set_tvm_threads(th)
-        sessions = {"ort float": ort_session(floating, th), "ort ±1 as float": ort_session(binary, th)}
-        all_fns = dict(fns)
-        for name, sess in sessions.items():
-            all_fns[name] = (lambda s=sess: s.run(None, {"x": x}))
-        results["rows"][th] = _time_interleaved(all_fns, args.budget, args.rounds)
-
-    print(f"# BiViT binary linear {k} -> {n}, {t} tokens, batch 1 - {describe()}")
-    print(f"# TVM target: {target} ({isa}; vpopcntq {'emitted' if vpopcnt else 'not emitted'}); "
-          f"kernel tile {ch.rows} rows x {ch.panel} outputs, {ch.lanes} x uint64 lanes"
-          + (f"; also {', '.join(extra)}" if extra else ""))
-    print("# shared 2-core machine: medians of alternating rounds, still noisy")
-    head = f"{'implementation':<28}" + "".join(f"{f'{th} thr ms':>12}{'/ 1-bit':>10}" for th in threads)
-    print(head)
-    print("-" * len(head))
-    for name in list(fns) + ["ort float", "ort ±1 as float"]:
-        line = f"{name:<28}"
-        for th in threads:
-            ms = results["rows"][th][name]["median_ms"]
-            label = name[name.index(" ["):] if " [" in name else ""
-            base = results["rows"][th][f"tvm 1-bit{label}"]["median_ms"]
-            ratio = "" if name.startswith(" ") else f"{ms / base:.1f}x"
-            line += f"{ms:>12.3f}{ratio:>10}"
-        print(line)
-    for th in threads:
-        r = results["rows"][th]
-        for label in [""] + [f" [{name}]" for name in extra]:
-            one_bit = r[f"tvm 1-bit{label}"]["median_ms"]
-            results.setdefault("speedup_vs_tvm_float", {}).setdefault(th, {})[label.strip(" []") or "host"] = \
-                r[f"tvm float{label}"]["median_ms"] / one_bit
-            results.setdefault("speedup_vs_ort_float", {}).setdefault(th, {})[label.strip(" []") or "host"] = \
-                r["ort float"]["median_ms"] / one_bit
-    print("goal (>= 4x faster than the float linear in TVM): " + ", ".join(
-        f"{th} thr {tgt} {v:.1f}x" for th, d in results["speedup_vs_tvm_float"].items() for tgt, v in d.items()))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    try:
+        results = measure(args.tokens, args.n_in, args.n_out,
+                          tuple(int(v) for v in args.threads.split(",") if v.strip()), args.budget, args.rounds,
+                          tuple(args.also.split(",")))
+    except BenchError as exc:
+        print(f"bivit_kernel: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(table_lines(results)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)
     print(f"wrote {args.out}")
