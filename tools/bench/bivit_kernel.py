@@ -214,6 +214,110 @@ def table_lines(results: dict) -> list[str]:
     return lines
 
 
+def _encoder_layer(binary: bool, dim: int, heads: int, mlp: int, seed: int = 0):
+    """A ViT encoder layer (pre-norm, softmax attention, GELU MLP) whose six linears are either float or the
+    contract's frozen binary linears (``where(x >= 0, 1, -1)`` -> ``linear(·, W±1) * α + b``); attention stays float.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.ln1, self.ln2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+            for name, (n_in, n_out) in {"q": (dim, dim), "k": (dim, dim), "v": (dim, dim), "o": (dim, dim),
+                                        "fc1": (dim, mlp), "fc2": (mlp, dim)}.items():
+                w = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+                self.register_buffer(f"{name}_w", torch.where(w >= 0, 1.0, -1.0) if binary else w)
+                self.register_buffer(f"{name}_a", w.abs().mean(1))
+                self.register_buffer(f"{name}_b", torch.randn(n_out, generator=g) * 0.02)
+
+        def lin(self, name, x):
+            w, a, b = (getattr(self, f"{name}_{p}") for p in "wab")
+            if binary:
+                return F.linear(torch.where(x >= 0, 1.0, -1.0), w) * a + b
+            return F.linear(x, w, b)
+
+        def forward(self, x):
+            bsz, t, _ = x.shape
+            h = self.ln1(x)
+            q, k, v = (self.lin(n, h).view(bsz, t, heads, dim // heads).transpose(1, 2) for n in "qkv")
+            p = torch.softmax(q @ k.transpose(-1, -2) * (dim // heads) ** -0.5, dim=-1)
+            x = x + self.lin("o", (p @ v).transpose(1, 2).reshape(bsz, t, dim))
+            return x + self.lin("fc2", F.gelu(self.lin("fc1", self.ln2(x))))
+
+    return Layer().eval()
+
+
+def measure_layer(tokens: int = 197, dim: int = 768, heads: int = 12, mlp: int = 3072,
+                  threads: tuple[int, ...] = (1,), budget_s: float = 2.0, rounds: int = 5) -> dict:
+    """A ViT-Base encoder layer (batch 1) with float vs binary linears, in TVM (``host``, project pipeline) and
+    onnxruntime; ``rows[threads][implementation] = {median_ms, ...}``, ``routed`` = binary linears on the kernel."""
+    import logging
+
+    import torch
+
+    from rewrite.io import quiet_stdout
+
+    target = get_target("host")
+    x = np.random.default_rng(2).standard_normal((1, tokens, dim)).astype(np.float32)
+    fns: dict = {}
+    sessions: dict = {}
+    routed = 0
+    for kind in ("float", "binary"):
+        model = _encoder_layer(kind == "binary", dim, heads, mlp)
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with quiet_stdout():
+            proto = torch.onnx.export(model, (torch.from_numpy(x),), dynamo=True, input_names=["x"],
+                                      verbose=False).model_proto
+        sessions[f"ort {kind} layer"] = proto
+        # TVM compiles the same ONNX graph onnxruntime runs
+        mod = import_onnx(proto).mod
+        if kind == "binary":
+            routed = sum(gv.name_hint.startswith("bitlinear_gemm") for gv, _ in
+                         scheduled_module(mod, target).functions_items())
+        vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+        f, arg = vm["main"], tvm.runtime.tensor(x)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        out = f(arg)
+        out = (out if hasattr(out, "numpy") else out[0]).numpy()
+        err = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-6))
+        if err > 1e-3:
+            raise BenchError(f"TVM {kind} layer differs from torch by {err} (relative to max |y|)")
+        fns[f"tvm {kind} layer"] = (lambda f=f, arg=arg: f(arg))
+    results: dict = {"cpu": describe(), "target": str(target), "shape": {"tokens": tokens, "dim": dim,
+                                                                          "heads": heads, "mlp": mlp},
+                     "routed_binary_linears": routed, "rows": {}}
+    for th in threads:
+        set_tvm_threads(th)
+        all_fns = dict(fns)
+        for name, proto in sessions.items():
+            sess = ort_session(proto, th)
+            all_fns[name] = (lambda s=sess: s.run(None, {"x": x}))
+        results["rows"][th] = _time_interleaved(all_fns, budget_s, rounds)
+    return results
+
+
+def layer_lines(results: dict) -> list[str]:
+    """The printed table of :func:`measure_layer`."""
+    sh = results["shape"]
+    lines = [f"# ViT encoder layer ({sh['tokens']} tokens, dim {sh['dim']}, {sh['heads']} heads, MLP {sh['mlp']}), "
+             f"batch 1 - {results['cpu']}; {results['routed_binary_linears']} distinct binary linear shapes routed "
+             "(attention stays float)"]
+    threads = list(results["rows"])
+    head = f"{'implementation':<28}" + "".join(f"{f'{th} thr ms':>12}{'/ tvm bin':>10}" for th in threads)
+    lines += [head, "-" * len(head)]
+    for name in ("tvm binary layer", "tvm float layer", "ort binary layer", "ort float layer"):
+        line = f"{name:<28}"
+        for th in threads:
+            ms = results["rows"][th][name]["median_ms"]
+            line += f"{ms:>12.3f}{ms / results['rows'][th]['tvm binary layer']['median_ms']:>9.1f}x"
+        lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=197)
@@ -223,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--also", default="avx2", help="comma-separated extra targets to time (those this CPU runs)")
+    ap.add_argument("--layer", action="store_true", help="also time a whole ViT-Base encoder layer, float vs binary")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     try:
@@ -233,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bivit_kernel: {exc}", file=sys.stderr)
         return 1
     print("\n".join(table_lines(results)))
+    if args.layer:
+        try:
+            results["layer"] = measure_layer(args.tokens, args.n_in, 12, args.n_out, (1,), args.budget, args.rounds)
+        except BenchError as exc:
+            print(f"bivit_kernel: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(layer_lines(results["layer"])))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)
