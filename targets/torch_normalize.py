@@ -67,7 +67,7 @@ def _example_inputs(ep: torch.export.ExportedProgram, shapes: dict | None = None
 
 def normalize_exported_program(ep: torch.export.ExportedProgram,
                                shapes: dict | None = None) -> torch.export.ExportedProgram:
-    """Return an ExportedProgram without SDPA / dropout nodes (see module docstring); unchanged if none and no
+    """Return an ExportedProgram without SDPA / dropout / amax nodes (see module docstring); unchanged if none and no
     ``shapes`` ({input name: dims}) are given — with shapes, the program is re-exported specialized to them."""
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
     if not targets & (_SDPA | _DROPOUT | _AMAX) and not shapes:
