@@ -2,6 +2,8 @@
 
 CPU, in order (inside ``with target:``, dlight needs ``Target.current()``):
 
+0. :func:`targets.bitlinear_route.RouteBitLinear` - ``matmul(where(x >= 0, 1, -1), ±1 constant)`` becomes the
+   bit-packed XNOR/popcount kernels of :mod:`targets.bitlinear`;
 1. :func:`RouteSoftmax` - last-axis float32 ``R.nn.softmax`` with a static shape becomes ``reshape -> call_tir(hand
    kernel of targets.softmax_kernels) -> reshape``;
 2. ``FastMathTransform`` for the rest (softmax -> fast_softmax, exp -> fast_exp: no libm ``expf`` calls);
@@ -23,6 +25,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cg
 from tvm.s_tir import dlight as dl
 
+from .bitlinear_route import RouteBitLinear
 from .cpu_rules import cpu_rules
 from .softmax_kernels import choose_kernel, make_softmax_kernel, mcpu_of, rows_cols, vector_bits_of
 
@@ -128,10 +131,11 @@ def _guarded_fuse_transpose_matmul() -> tvm.transform.Pass:
 
 
 def schedule_passes(target: tvm.target.Target, route_softmax: bool = True,
-                    tuning_dir: str | None = None) -> list:
+                    tuning_dir: str | None = None, route_bitlinear: bool = True) -> list:
     """Steps 1-4 of the CPU pipeline (routing, fast math, fusion, legalization, schedules), shared by
     :func:`cpu_pipeline` and :func:`scheduled_module`; call inside ``with target:``."""
-    passes = [RouteSoftmax(target)] if route_softmax else []
+    passes = [RouteBitLinear(target)] if route_bitlinear else []
+    passes += [RouteSoftmax(target)] if route_softmax else []
     passes.append(relax.transform.FastMathTransform())
     # matmul(a, permute_dims(b)) -> one matmul reading b transposed: no materialized transpose
     passes.append(_guarded_fuse_transpose_matmul())
@@ -143,17 +147,18 @@ def schedule_passes(target: tvm.target.Target, route_softmax: bool = True,
 
 
 def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
-                 tuning_dir: str | None = None) -> tvm.transform.Pass:
+                 tuning_dir: str | None = None, route_bitlinear: bool = True) -> tvm.transform.Pass:
     """The project's CPU Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
 
     ``tuning_dir``: a MetaSchedule database (see :mod:`targets.tuning`); its best schedules are applied before the
-    default rules, which then only schedule what the database does not cover.
+    default rules, which then only schedule what the database does not cover.  ``route_bitlinear=False`` leaves
+    binary linears to TVM's float matmul (for comparisons).
     """
 
     @tvm.transform.module_pass(opt_level=0, name="SoftswapCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            passes = schedule_passes(target, route_softmax, tuning_dir)
+            passes = schedule_passes(target, route_softmax, tuning_dir, route_bitlinear)
             passes += [
                 relax.transform.RewriteDataflowReshape(),
                 relax.transform.ToNonDataflow(),

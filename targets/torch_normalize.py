@@ -4,8 +4,9 @@ TVM's SDPA converter ignores ``scale`` and ``enable_gqa``, accepts float masks o
 :func:`normalize_exported_program` replaces every ``aten.scaled_dot_product_attention`` call by explicit math (the
 engine's softmax attention, :func:`rewrite.attention_math.softmax_attention`, with SDPA's conventions: GQA heads
 repeated with ``repeat_interleave``, ``is_causal`` upper-left aligned, fully masked rows 0 as torch's safe softmax,
-dropout dropped) and removes ``aten.dropout`` nodes, then re-exports the module with static example inputs taken
-from the program's input metadata.  The input program is not modified.
+dropout dropped), removes ``aten.dropout`` nodes and spells ``aten.amax`` (which the frontend lacks; BiViT's
+softmax-aware binarisation reads the row maximum with it) as ``aten.max.dim`` reductions, then re-exports the
+module with static example inputs taken from the program's input metadata.  The input program is not modified.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 _SDPA = {torch.ops.aten.scaled_dot_product_attention.default}
 _DROPOUT = {torch.ops.aten.dropout.default}
+_AMAX = {torch.ops.aten.amax.default}
+
+
+def amax_as_max(x, dim=(), keepdim=False):
+    """``torch.amax`` as one ``torch.max(x, d, keepdim)`` per reduced axis (all axes for an empty ``dim``)."""
+    axes = sorted({int(d) % x.dim() for d in dim} if len(dim) else range(x.dim()), reverse=True)
+    for d in axes:
+        x = torch.max(x, d, keepdim).values
+    return x
 
 
 def sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -57,10 +67,10 @@ def _example_inputs(ep: torch.export.ExportedProgram, shapes: dict | None = None
 
 def normalize_exported_program(ep: torch.export.ExportedProgram,
                                shapes: dict | None = None) -> torch.export.ExportedProgram:
-    """Return an ExportedProgram without SDPA / dropout nodes (see module docstring); unchanged if none and no
+    """Return an ExportedProgram without SDPA / dropout / amax nodes (see module docstring); unchanged if none and no
     ``shapes`` ({input name: dims}) are given — with shapes, the program is re-exported specialized to them."""
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
-    if not targets & (_SDPA | _DROPOUT) and not shapes:
+    if not targets & (_SDPA | _DROPOUT | _AMAX) and not shapes:
         return ep
     gm = ep.module()
     count = 0
@@ -70,13 +80,16 @@ def normalize_exported_program(ep: torch.export.ExportedProgram,
         if node.target in _SDPA:
             node.target = sdpa_math
             count += 1
+        elif node.target in _AMAX:
+            node.target = amax_as_max
+            count += 1
         elif node.target in _DROPOUT:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             count += 1
     gm.graph.lint()
     gm.recompile()
-    log.info("torch normalize: %d SDPA/dropout node(s) rewritten", count)
+    log.info("torch normalize: %d SDPA/dropout/amax node(s) rewritten", count)
     # the program's own calling convention: a Hugging Face model exported with keyword inputs must be re-exported
     # with the same keywords (positional tensors fail the unlifted module's input check)
     args, kwargs = torch.utils._pytree.tree_unflatten(list(_example_inputs(ep, shapes)), ep.call_spec.in_spec)
