@@ -11,6 +11,7 @@ from rewrite.attention_pass import AttentionRewritePass
 from rewrite.passes import register_pass
 
 from .attention import VARIANTS
+from .binarize import register as register_binarize
 
 
 def _factory(variant: Any):
@@ -28,3 +29,4 @@ def register() -> None:
                     "record (proves the binding: outputs must not change)")
         register_pass(f"attention.{variant.name}", _factory(variant), desc,
                       {o.name: (o.default, o.help) for o in variant.options})
+    register_binarize()

@@ -1,0 +1,196 @@
+"""The ``binarize.bivit`` pass: binarise the attention and MLP Linears of ViT-like FX programs (BiViT).
+
+Options (``--option stage=..,parts=..,ratio=..``):
+
+- ``stage``: ``w1a1`` (default; binary weights, binary activations entering every binarised Linear, sign(Q),
+  sign(K), sign(V) and SAB probabilities) or ``1w32a`` (binary weights only; activations and attention stay float);
+- ``parts``: ``attention``, ``mlp`` or ``attention+mlp`` (default; ``,`` also separates when given from Python);
+- ``ratio``: the SAB threshold ratio r in (0, 1] (default 0.25).
+
+The pass writes the deploy form (:mod:`.modules` ``Frozen*``: constant ±1 weights, constant α) into the program and
+re-exports it. Without quantisation-aware training the binarised model is near chance: the report's fidelity
+says how far it is from the float model and is expected to be low; ``softswap transfer --binarize bivit`` trains it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from rewrite import emit_fx, metrics
+from rewrite.capture import capture_values
+from rewrite.errors import OptionError, UnsupportedModelError
+from rewrite.graph.fx import FxGraph
+from rewrite.io import LoadedModel
+from rewrite.passes import Pass, PassResult
+from rewrite.recognize import recognize
+
+from .fx_rewrite import PARTS, STAGES, SitePlan, freeze, install, plan
+from .size import size_lines, size_report
+
+log = logging.getLogger(__name__)
+
+NAME = "binarize.bivit"
+DEFAULTS = {"stage": "w1a1", "parts": "attention+mlp", "ratio": 0.25}
+OPTIONS = {
+    "stage": (DEFAULTS["stage"], "w1a1 (binary weights and activations, SAB attention) or 1w32a (binary weights, "
+                                 "float activations)"),
+    "parts": (DEFAULTS["parts"], "which Linears to binarise: attention, mlp or attention+mlp"),
+    "ratio": (DEFAULTS["ratio"], "SAB threshold ratio r in (0, 1]: keep P >= r * max_row P"),
+}
+BEFORE_QAT_NOTE = ("fidelity before quantization-aware training is expected to be low (near-chance accuracy); "
+                   "train with `softswap transfer --binarize bivit`")
+
+
+def resolve_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Checked options: ``stage`` in :data:`STAGES`, ``parts`` a tuple of :data:`PARTS`, ``ratio`` in (0, 1].
+    Raises :class:`OptionError` naming the option."""
+    opts = dict(DEFAULTS)
+    for key, value in dict(options or {}).items():
+        if key not in OPTIONS:
+            raise OptionError(f"{NAME}: unknown option {key!r}; known: {', '.join(OPTIONS)}")
+        opts[key] = value
+    stage = str(opts["stage"]).lower()
+    if stage not in STAGES:
+        raise OptionError(f"{NAME}: option stage={opts['stage']!r}; expected one of {', '.join(STAGES)}")
+    raw = opts["parts"]
+    items = list(raw) if isinstance(raw, (list, tuple)) else str(raw).replace("+", ",").split(",")
+    parts = tuple(p.strip().lower() for p in items if str(p).strip())
+    if not parts or any(p not in PARTS for p in parts):
+        raise OptionError(f"{NAME}: option parts={raw!r}; expected attention, mlp or attention+mlp")
+    try:
+        ratio = float(opts["ratio"])
+    except (TypeError, ValueError):
+        raise OptionError(f"{NAME}: option ratio={opts['ratio']!r} is not a number") from None
+    if not (0.0 < ratio <= 1.0) or not np.isfinite(ratio):
+        raise OptionError(f"{NAME}: option ratio={ratio!r} must lie in (0, 1]")
+    return {"stage": stage, "parts": tuple(p for p in PARTS if p in parts), "ratio": ratio}
+
+
+def require_fx(model: LoadedModel) -> None:
+    """BiViT rewrites FX programs; an ONNX model is refused with a one-line error."""
+    if model.kind != "fx":
+        raise UnsupportedModelError(f"{model.source}: {NAME} binarises torch.export programs (.pt2, Hugging Face "
+                                    "folders, nn.Module); ONNX input is not supported yet — convert the source "
+                                    "model, then export the result to .onnx")
+
+
+def site_rows(plans: Sequence[SitePlan], fid: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The pass report's per-site rows."""
+    rows = []
+    for sp in plans:
+        reasons = [f"{part}: {why}" for part, why in sp.parts.items() if why != "binarized"]
+        if not sp.core and sp.core_reason:
+            reasons.append(f"attention core float ({sp.core_reason})")
+        rows.append({"name": sp.site.name, "status": "replaced" if sp.replaced else "skipped",
+                     "reason": "; ".join(reasons), "parts": dict(sp.parts),
+                     "linears": {role: node.name for role, node in sp.linears.items()},
+                     "core": sp.core, "fidelity": {k: v for k, v in fid.items() if k.startswith(sp.site.name + ":")}})
+    return rows
+
+
+def _capture_local(model: LoadedModel, g: FxGraph, plans: Sequence[SitePlan]
+                   ) -> dict[str, list[torch.Tensor]]:
+    """Inputs and output of every planned op of the float program on its example inputs (keys ``site:role``);
+    must run before :func:`~.fx_rewrite.install` edits the graph."""
+    if not model.example_inputs:
+        return {}
+    values, keys = [], []
+    for sp in plans:
+        for role, node in sp.linears.items():
+            values += [node.args[0], node]
+            keys.append((f"{sp.site.name}:{role}", 2))
+        if sp.core:
+            values += [sp.site.q, sp.site.k, sp.site.v, sp.site.output]
+            keys.append((f"{sp.site.name}:core", 4))
+    if not values:
+        return {}
+    feeds = {k: v.detach().numpy() for k, v in model.example_inputs.items() if isinstance(v, torch.Tensor)}
+    arrays = capture_values(model, g, values, feeds)
+    out, pos = {}, 0
+    for key, count in keys:
+        out[key] = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays[pos:pos + count]]
+        pos += count
+    return out
+
+
+def _local_fidelity(captured: Mapping[str, list[torch.Tensor]], installed: Mapping[str, Any]
+                    ) -> dict[str, dict[str, float]]:
+    """Per binarised op: its deploy module on the float model's own input vs the float output (keys
+    ``site:role``; cosine and relative error)."""
+    modules = {f"{site}:{role}": module for site, role, module in installed.values()}
+    out = {}
+    for key, tensors in captured.items():
+        with torch.no_grad():
+            candidate = modules[key].freeze()(*tensors[:-1])
+        full = metrics.fidelity(tensors[-1], candidate)
+        out[key] = {k: round(full[k], 5) for k in ("cosine", "rel_error")}
+    return out
+
+
+def binarize_program(model: LoadedModel, options: Mapping[str, Any], enabled_parts: Sequence[str] | None = None,
+                     measure: bool = True) -> tuple[Any, dict[str, Any], list[SitePlan], dict[str, Any]]:
+    """Recognise, plan and install trainable BiViT modules into a fresh ``model.ep.module()``.
+
+    Returns (graph module with trainable modules, installed modules, plans, partial report: sites, size, local
+    fidelity). ``enabled_parts`` (default: the option's parts) are binarised from the start; the others start
+    float (the staged schedule of :mod:`passes.transfer.bivit`)."""
+    require_fx(model)
+    opts = resolve_options(options)
+    gm = model.ep.module()
+    g = FxGraph(gm)
+    sites = recognize(g).attention_sites
+    plans = plan(sites, opts["stage"], opts["parts"])
+    float_tensors = list(gm.state_dict().values())
+    captured = _capture_local(model, g, plans) if measure else {}
+    installed = install(gm, plans, opts["stage"], opts["ratio"],
+                        enabled_parts=opts["parts"] if enabled_parts is None else enabled_parts)
+    shapes = [tuple(m.weight.shape) for _, role, m in installed.values() if role != "core"]
+    fid = _local_fidelity(captured, installed)
+    report = {"pass": NAME, "options": {**opts, "parts": "+".join(opts["parts"])}, "sites": site_rows(plans, fid),
+              "found": len(plans), "replaced": sum(sp.replaced for sp in plans),
+              "size": size_report(float_tensors, shapes)}
+    return gm, installed, plans, report
+
+
+def report_lines(report: Mapping[str, Any], note: str | None = BEFORE_QAT_NOTE) -> list[str]:
+    """Human summary lines: per site what was binarised / kept and why, the size, and the before-QAT note."""
+    lines = []
+    for row in report["sites"]:
+        what = ", ".join(row["linears"]) or "nothing"
+        core = "binary attention core (sign Q/K/V, SAB)" if row["core"] else "float attention core"
+        fids = [v["cosine"] for v in row["fidelity"].values()]
+        fid = f"; local cosine min {min(fids):.3f}" if fids else ""
+        lines.append(f"{row['name']}: {row['status']} [{what}; {core}]{fid}"
+                     + (f" — {row['reason']}" if row["reason"] else ""))
+    lines += size_lines(report["size"])
+    if note:
+        lines.append(note)
+    return lines
+
+
+class BiViTPass(Pass):
+    """``binarize.bivit``: binary q/k/v/o and MLP Linears with learnable per-channel scales, sign activations and
+    SAB attention (stage ``w1a1``), or binary weights only (stage ``1w32a``); deploy form written."""
+
+    name = NAME
+    description = ("BiViT: binarise the attention (q/k/v/output) and MLP Linears of ViT-like models (binary weights "
+                   "with per-channel scales, sign activations, softmax-aware binary attention); needs QAT")
+    options = OPTIONS
+    requires = ("graph:fx",)
+
+    def __init__(self, options: Mapping[str, Any] | None = None, **_: Any) -> None:
+        self.opts = resolve_options(options)
+
+    def run(self, model: LoadedModel) -> PassResult:
+        gm, installed, plans, report = binarize_program(model, self.opts)
+        report["lines"] = report_lines(report)
+        if not installed:
+            return PassResult(model, False, report)
+        freeze(gm, installed)
+        ep = emit_fx.reexport(model, gm)
+        new = LoadedModel(kind="fx", source=model.source, ep=ep, example_inputs=model.example_inputs,
+                          input_names=model.input_names, output_names=model.output_names, extra=dict(model.extra))
+        return PassResult(new, True, report)
