@@ -13,6 +13,7 @@ says how far it is from the float model and is expected to be low; ``softswap tr
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -131,15 +132,18 @@ def _local_fidelity(captured: Mapping[str, list[torch.Tensor]], installed: Mappi
 
 
 def binarize_program(model: LoadedModel, options: Mapping[str, Any], enabled_parts: Sequence[str] | None = None,
-                     measure: bool = True) -> tuple[Any, dict[str, Any], list[SitePlan], dict[str, Any]]:
+                     measure: bool = True, own_params: bool = False
+                     ) -> tuple[Any, dict[str, Any], list[SitePlan], dict[str, Any]]:
     """Recognise, plan and install trainable BiViT modules into a fresh ``model.ep.module()``.
 
     Returns (graph module with trainable modules, installed modules, plans, partial report: sites, size, local
     fidelity). ``enabled_parts`` (default: the option's parts) are binarised from the start; the others start
-    float (the staged schedule of :mod:`passes.transfer.bivit`)."""
+    float (the staged schedule of :mod:`passes.transfer.bivit`). ``own_params``: deep-copy the program first
+    (``ep.module()`` shares its parameter tensors with the program, so a module that will be trained must own
+    them)."""
     require_fx(model)
     opts = resolve_options(options)
-    gm = model.ep.module()
+    gm = copy.deepcopy(model.ep.module()) if own_params else model.ep.module()
     g = FxGraph(gm)
     sites = recognize(g).attention_sites
     plans = plan(sites, opts["stage"], opts["parts"])
