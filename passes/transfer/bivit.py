@@ -298,6 +298,6 @@ def qat_line(report: Mapping[str, Any]) -> str:
     b, a = report["before"], report["after"]
     if "accuracy" in a:
         return (f"held-out accuracy: float {report['teacher']['accuracy']:.3f}, binarised before QAT "
-                f"{b["accuracy"]:.3f} (before training: low expected), after {report['steps']} QAT steps {a['accuracy']:.3f}")
+                f"{b['accuracy']:.3f} (before training: low expected), after {report['steps']} QAT steps {a['accuracy']:.3f}")
     return (f"held-out top-1 agreement with the float model: before QAT {b['agreement']:.3f}, after "
             f"{report['steps']} QAT steps {a['agreement']:.3f} (no labels in the data)")
