@@ -41,8 +41,8 @@ OPTIONS = {
     "parts": (DEFAULTS["parts"], "which Linears to binarise: attention, mlp or attention+mlp"),
     "ratio": (DEFAULTS["ratio"], "SAB threshold ratio r in (0, 1]: keep P >= r * max_row P"),
 }
-BEFORE_QAT_NOTE = ("fidelity before quantization-aware training is expected to be low (near-chance accuracy); "
-                   "train with `softswap transfer --binarize bivit`")
+BEFORE_QAT_NOTE = ("fidelity before quantization-aware training is expected to be low (W1A1: accuracy near "
+                   "chance); this is not a result: train with `softswap transfer --binarize bivit`")
 
 
 def resolve_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -79,7 +79,9 @@ def require_fx(model: LoadedModel) -> None:
 
 
 def site_rows(plans: Sequence[SitePlan], fid: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The pass report's per-site rows."""
+    """The pass report's per-site rows: name, status, reason, parts (part → "binarized" or why not), linears
+    (role → FX node), core (attention core binarised), fidelity (the worst binarised op of the site: its deploy
+    module on the float model's own input against the float output) and local_fidelity (per role)."""
     rows = []
     for sp in plans:
         reasons = [f"{part}: {why}" for part, why in sp.parts.items() if why != "binarized"]
@@ -88,7 +90,12 @@ def site_rows(plans: Sequence[SitePlan], fid: Mapping[str, Mapping[str, Any]]) -
         rows.append({"name": sp.site.name, "status": "replaced" if sp.replaced else "skipped",
                      "reason": "; ".join(reasons), "parts": dict(sp.parts),
                      "linears": {role: node.name for role, node in sp.linears.items()},
-                     "core": sp.core, "fidelity": {k: v for k, v in fid.items() if k.startswith(sp.site.name + ":")}})
+                     "core": sp.core})
+        local = {k.split(":", 1)[1]: v for k, v in fid.items() if k.startswith(sp.site.name + ":")}
+        if local:  # the worst op of the site, and every op
+            rows[-1]["fidelity"] = {"cosine": min(v["cosine"] for v in local.values()),
+                                    "rel_error": max(v["rel_error"] for v in local.values())}
+            rows[-1]["local_fidelity"] = local
     return rows
 
 
@@ -165,9 +172,8 @@ def report_lines(report: Mapping[str, Any], note: str | None = BEFORE_QAT_NOTE) 
     for row in report["sites"]:
         what = ", ".join(row["linears"]) or "nothing"
         core = "binary attention core (sign Q/K/V, SAB)" if row["core"] else "float attention core"
-        fids = [v["cosine"] for v in row["fidelity"].values()]
-        fid = f"; local cosine min {min(fids):.3f}" if fids else ""
-        lines.append(f"{row['name']}: {row['status']} [{what}; {core}]{fid}"
+        fid = f"; local cosine min {row['fidelity']['cosine']:.3f}" if row.get("fidelity") else ""
+        lines.append(f"{row['name']}: {row['status']} ({what}; {core}){fid}"
                      + (f" — {row['reason']}" if row["reason"] else ""))
     lines += size_lines(report["size"])
     if note:
