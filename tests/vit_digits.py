@@ -1,5 +1,5 @@
 """A tiny Hugging Face ViT trained on scikit-learn's digits (8×8, one channel, patch 2 → 16 patches + CLS), for the
-BiViT tests and benchmark: trained in-process (deterministic, cached per process, ~10 s on one core).
+BiViT tests and benchmark: trained in-process (deterministic, cached per process, ~15 s on one core; ~92% test accuracy).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tests.digits_models import NUM_CLASSES, digits_split
 
 
-def vit_config(hidden: int = 48, layers: int = 2, heads: int = 4) -> Any:
+def vit_config(hidden: int = 32, layers: int = 2, heads: int = 4) -> Any:
     from transformers import ViTConfig
     return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=heads, intermediate_size=2 * hidden, num_labels=NUM_CLASSES,
@@ -38,7 +38,7 @@ def _trained_state(seed: int, epochs: int, hidden: int, layers: int) -> dict[str
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def trained_digits_vit(seed: int = 0, epochs: int = 25, hidden: int = 48, layers: int = 2) -> Any:
+def trained_digits_vit(seed: int = 0, epochs: int = 20, hidden: int = 32, layers: int = 2) -> Any:
     """A fresh ``ViTForImageClassification`` (eval) with the cached weights of one training run on the train split."""
     from transformers import ViTForImageClassification
     model = ViTForImageClassification(vit_config(hidden, layers))
