@@ -68,3 +68,28 @@ def write_digits_npz(path: Path, labels: bool = True, name: str = "pixel_values"
         arrays["y"] = split.y_train
     np.savez(path, **arrays)
     return Path(path)
+
+
+#: A dynamic batch axis for exports of the ViT.
+DYNAMIC_BATCH = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=4096)}}
+
+
+def export_vit(model: Any) -> Any:
+    """An HF ViT as a softswap FX LoadedModel (input ``pixel_values``, dynamic batch)."""
+    from rewrite.io import export_module
+    x = torch.from_numpy(digits_split().x_test[:4])
+    return export_module(model.eval(), {"pixel_values": x}, dynamic_shapes=DYNAMIC_BATCH, source="<digits-vit>")
+
+
+def untrained_vit(seed: int = 0, hidden: int = 32, layers: int = 2) -> Any:
+    from transformers import ViTForImageClassification
+    torch.manual_seed(seed)
+    return ViTForImageClassification(vit_config(hidden=hidden, layers=layers)).eval()
+
+
+def fx_logits(loaded: Any, x: np.ndarray) -> np.ndarray:
+    """Logits of an FX LoadedModel of the ViT on images ``x`` (N, 1, 8, 8)."""
+    with torch.no_grad():
+        out = loaded.ep.module()(pixel_values=torch.from_numpy(x))
+    out = out.logits if hasattr(out, "logits") else out
+    return (out[0] if isinstance(out, (tuple, list)) else out).numpy()

@@ -189,7 +189,6 @@ class BiViTPass(Pass):
     description = ("BiViT: binarise the attention (q/k/v/output) and MLP Linears of ViT-like models (binary weights "
                    "with per-channel scales, sign activations, softmax-aware binary attention); needs QAT")
     options = OPTIONS
-    requires = ("graph:fx",)
 
     def __init__(self, options: Mapping[str, Any] | None = None, **_: Any) -> None:
         self.opts = resolve_options(options)

@@ -77,7 +77,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     _, report = qat(args.model, args.output, options=_options(args.option), data=args.data, steps=args.steps,
                     minutes=args.minutes, seed=args.seed, checkpoint=args.checkpoint,
                     progress=not args.no_progress, batch_size=args.batch_size if args.batch_size is not None else 64,
-                    lr=args.lr if args.lr is not None else 2e-3, temperature=args.temperature, report_path=args.report)
+                    lr=args.lr if args.lr is not None else 1e-3, temperature=args.temperature, report_path=args.report)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -125,7 +125,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output path (.onnx or .pt2)")
     p.add_argument("--attention", help="variant: linear, mala, sigmoid, softplus, ...")
     p.add_argument("--binarize", help="bivit: binarise (BiViT) and train with distillation from the original")
-    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (--binarize)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (--binarize)")
     p.add_argument("--hybrid-window", type=int, default=0, metavar="W",
                    help="sliding softmax window of W tokens (linear, mala); 0 = off")
     p.add_argument("--data", default=None, help=".npz (arrays by input name; with --binarize: rewrite/fit_data.py format, labels 'y' optional), a text file (one sample per line, "
@@ -142,7 +142,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder for text --data (default: the model folder's tokenizer)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (64 with --binarize)")
     p.add_argument("--max-samples", type=int, default=512, help="cap on text lines read")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (2e-3 with --binarize)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (1e-3 with --binarize)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_transfer)
