@@ -252,8 +252,9 @@ def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mappi
                 loss.backward()
                 optimizer.step()
                 step += 1
-                losses.append(float(loss))
-                bar.update(task, completed=step, loss=f"{float(loss):.4g}")
+                value = float(loss.detach())
+                losses.append(value)
+                bar.update(task, completed=step, loss=f"{value:.4g}")
                 if save_every and step % save_every == 0:
                     _save_checkpoint(ckpt_path, meta, step, student, optimizer, losses, mlp_on)
         _save_checkpoint(ckpt_path, meta, step, student, optimizer, losses, mlp_on)

@@ -144,3 +144,18 @@ def test_size_report_counts_packed_bits_and_scales(tiny_vit):
     assert size["binarized_bytes"] == total - 4 * weights + size["binary_linears"]["packed_bytes"] \
         + size["binary_linears"]["scale_bytes"]
     assert size["ratio"] > 4
+
+
+def test_deit_folder_through_the_same_sites(tmp_path):
+    """A Hugging Face DeiT folder (CLS + distillation tokens, two heads): same rule, both heads stay float."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+    cfg = DeiTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, num_labels=10)
+    torch.manual_seed(0)
+    DeiTForImageClassificationWithTeacher(cfg).eval().save_pretrained(tmp_path / "deit")
+    new, report = api.convert(tmp_path / "deit", binarize="bivit", options={"stage": "1w32a"})
+    rows = report["passes"][0]["sites"]
+    assert len(rows) == 2 and all(set(r["linears"]) == {"q", "k", "v", "o", "fc1", "fc2"} for r in rows)
+    linears = _targets(new.ep, aten.linear.default)
+    assert sum("signs" not in str(n.args[1]) for n in linears) == 2  # the class head and the distillation head
+    assert {o["name"] for o in report["fidelity"]["outputs"]} >= {"logits"}
