@@ -13,7 +13,8 @@ Flow of :func:`qat`:
    staged schedule (cross-layer binarisation): the attention part is binarised from step 0, the MLP part joins
    after ``attention_fraction`` of the steps (or of the time budget), its α re-initialised from its weight at the
    switch; with one part selected there is one stage;
-4. Adam on every parameter of the student (latent weights, α, norms, embeddings, classifier) with the loss
+4. Adam on every parameter of the student (latent weights and α at ``binary_lr``, norms, embeddings, classifier,
+   biases at ``lr``) with the loss
    T² · KL(softmax(teacher/T) ‖ softmax(student/T)) (+ ``label_weight`` · cross-entropy);
    minibatches drawn from a generator seeded by (seed, step), so a resumed run sees the batches a straight run sees;
 5. checkpoint (``torch.save``: student state, optimizer state, step) every ``save_every`` steps and at the end,
@@ -165,7 +166,8 @@ def _save_checkpoint(path: Path | None, meta: Mapping[str, Any], step: int, stud
 def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mapping[str, Any] | None = None,
         data: Any = None, steps: int | None = None, minutes: float | None = None, seed: int = 0,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, batch_size: int = 64,
-        lr: float = 1e-3, temperature: float = 4.0, label_weight: float = 0.0, attention_fraction: float = 0.5,
+        lr: float = 1e-3, binary_lr: float | None = None, temperature: float = 4.0, label_weight: float = 0.0,
+        attention_fraction: float = 0.5,
         held_out: float = 0.2, save_every: int = 100, example_inputs: Any = None, threads: int | None = 1,
         report_path: str | os.PathLike[str] | None = None) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Binarise ``model`` with BiViT (``options``: stage, parts, ratio as for ``binarize.bivit``) and train it with
@@ -173,6 +175,9 @@ def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mappi
 
     ``steps`` (default :data:`DEFAULT_STEPS` when neither is given) or ``minutes`` bound the training; ``seed``
     fixes initial batches and order (equal seeds give equal results); ``checkpoint`` is resumed when it exists.
+    ``lr``: Adam learning rate of the float parameters (norms, embeddings, classifier, biases); ``binary_lr``
+    (default ``lr / 10``): of the latent binary weights and their scales α, which are ~0.05 in size, so a step of
+    ``lr`` would flip signs and rescale α by several percent per step.
     ``report["before"]`` / ``report["after"]`` hold held-out accuracy (with labels), agreement with the teacher and
     logit fidelity right after binarisation and after training; ``report["teacher"]`` the float model's accuracy.
     Raises OptionError, FitDataError, QATError, UnsupportedModelError (ONNX input), OutputPathError.
@@ -184,6 +189,9 @@ def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mappi
 
     t0 = time.time()
     _check(steps, minutes, lr, temperature, attention_fraction, batch_size, label_weight)
+    if binary_lr is None:
+        binary_lr = lr / 10
+    _check(None, None, binary_lr, temperature, attention_fraction, batch_size, label_weight)
     out_path = mio.check_output_path(out) if out is not None else None
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))
@@ -217,8 +225,11 @@ def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mappi
             from rewrite.errors import NoSitesError
             reasons = "; ".join(f"{r['name']}: {r['reason']}" for r in pass_report["sites"])
             raise NoSitesError(f"{loaded.source}: nothing to binarize ({reasons or 'no attention site'})")
-        params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr)
+        binary = {id(p) for _, role, m in installed.values() if role != "core" for p in (m.weight, m.alpha)}
+        rest = [p for p in student.parameters() if p.requires_grad and id(p) not in binary]
+        optimizer = torch.optim.Adam([{"params": [p for p in student.parameters() if id(p) in binary],
+                                       "lr": binary_lr},
+                                      {"params": rest, "lr": lr}])
         meta = {"options": {**opts, "parts": "+".join(opts["parts"])}, "seed": seed, "steps": steps,
                 "attention_fraction": attention_fraction}
         step, losses, mlp_on = 0, [], not staged
@@ -274,6 +285,7 @@ def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mappi
         "model": loaded.source, "graph": loaded.kind, "pass": "binarize.bivit", "options": meta["options"],
         "seed": seed, "steps": step, "minutes": minutes, "train_seconds": round(time.time() - started, 2),
         "data": source, "temperature": temperature, "label_weight": label_weight, "lr": lr,
+        "binary_lr": binary_lr,
         "schedule": ({"attention_from": 0, "mlp_from_fraction": attention_fraction} if staged
                      else {opts["parts"][0] + "_from": 0}),
         "teacher": teacher, "before": before, "after": after, "losses": [round(v, 5) for v in losses[-20:]],

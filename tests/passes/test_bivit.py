@@ -159,3 +159,14 @@ def test_deit_folder_through_the_same_sites(tmp_path):
     linears = _targets(new.ep, aten.linear.default)
     assert sum("signs" not in str(n.args[1]) for n in linears) == 2  # the class head and the distillation head
     assert {o["name"] for o in report["fidelity"]["outputs"]} >= {"logits"}
+
+
+def test_pt2_program_through_the_cli(tiny_vit, tmp_path, capsys):
+    src = api.export(export_vit(tiny_vit), tmp_path / "vit.pt2")
+    out = tmp_path / "bin.pt2"
+    assert cli_main(["convert", str(src), "-o", str(out), "--binarize", "bivit", "--option", "stage=w1a1"]) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and "packed" in text and "not a result" in text
+    reloaded = mio.load_model(out)
+    sd = {**reloaded.ep.state_dict, **reloaded.ep.constants}
+    assert sum(k.endswith(".signs") for k in sd) == 12
