@@ -166,7 +166,7 @@ def _save_checkpoint(path: Path | None, meta: Mapping[str, Any], step: int, stud
 def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mapping[str, Any] | None = None,
         data: Any = None, steps: int | None = None, minutes: float | None = None, seed: int = 0,
         checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, batch_size: int = 64,
-        lr: float = 1e-3, binary_lr: float | None = None, temperature: float = 4.0, label_weight: float = 0.0,
+        lr: float = 1e-3, binary_lr: float | None = None, temperature: float = 2.0, label_weight: float = 0.0,
         attention_fraction: float = 0.5,
         held_out: float = 0.2, save_every: int = 100, example_inputs: Any = None, threads: int | None = 1,
         report_path: str | os.PathLike[str] | None = None) -> tuple[mio.LoadedModel, dict[str, Any]]:

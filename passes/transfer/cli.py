@@ -125,7 +125,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output path (.onnx or .pt2)")
     p.add_argument("--attention", help="variant: linear, mala, sigmoid, softplus, ...")
     p.add_argument("--binarize", help="bivit: binarise (BiViT) and train with distillation from the original")
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (--binarize)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (--binarize)")
     p.add_argument("--hybrid-window", type=int, default=0, metavar="W",
                    help="sliding softmax window of W tokens (linear, mala); 0 = off")
     p.add_argument("--data", default=None, help=".npz (arrays by input name; with --binarize: rewrite/fit_data.py format, labels 'y' optional), a text file (one sample per line, "
