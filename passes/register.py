@@ -11,7 +11,6 @@ from rewrite.attention_pass import AttentionRewritePass
 from rewrite.passes import register_pass
 
 from .attention import VARIANTS
-from .binarize import register as register_binarize
 
 
 def _factory(variant: Any):
@@ -29,4 +28,9 @@ def register() -> None:
                     "record (proves the binding: outputs must not change)")
         register_pass(f"attention.{variant.name}", _factory(variant), desc,
                       {o.name: (o.default, o.help) for o in variant.options})
+    from .heads import register as register_heads
+    register_heads()
+    from .detect import register as register_detect
+    register_detect()
+    from .binarize import register as register_binarize
     register_binarize()

@@ -47,7 +47,9 @@ class InspectReport:
                 "attention_sites": [s.summary() for s in rec.attention_sites],
                 "heads": [h.summary() for h in rec.heads],
                 "unmatched": [{"softmax": name, **reason.summary()} for name, reason in rec.unmatched],
-                "unknown_ops": rec.unknown_ops}
+                "unknown_ops": rec.unknown_ops,
+                "nms_sites": [s.summary() for s in rec.nms_sites],
+                "nms_unmatched": [{"nms": name, **reason.summary()} for name, reason in rec.nms_unmatched]}
 
 
 def graph_view(model: mio.LoadedModel) -> tuple[Any, list[Any]]:
@@ -199,7 +201,9 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
         why = "; ".join(reasons) if reasons else f"the model has no {' or '.join(nouns)}"
         raise NoSitesError(f"{loaded.source}: nothing was rewritten ({why}); no output written")
     if verify:
-        vr = _verify(loaded, rewritten)
+        # outputs a pass changes on purpose (e.g. Soft-NMS keeps a different set of boxes) are listed, not compared
+        changed = [name for r in records for name in r.report.get("changed_outputs", [])]
+        vr = _verify(loaded, rewritten, changed=changed)
         report["fidelity"] = vr.to_dict()
     if out_path is not None:
         export(rewritten, out_path)

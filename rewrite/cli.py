@@ -67,6 +67,13 @@ def print_inspect(report: dict[str, Any], explain: bool) -> None:
             for u in report["unmatched"]:
                 console.print(f"  {u['softmax']}: at {u['node']} ({u['op']}) expected {u['expected']}; "
                               f"found {u['found']}")
+    for s in report.get("nms_sites", []):
+        params = ", ".join(f"{k}={s[k]:.6g}" if isinstance(s[k], float) else f"{k}={s[k]}" for k in ("max_output_boxes_per_class", "iou_threshold", "score_threshold")
+                           if k in s)
+        console.print(f"NMS site {s['name']}: {s['node']} ({s['spelling']}, boxes {s['box_layout']}"
+                      + (f", {params}" if params else "") + f") → {s['output']}")
+    for u in report.get("nms_unmatched", []):
+        console.print(f"NMS node {u['nms']} not rewritable: expected {u['expected']}; found {u['found']}")
     if report["unknown_ops"]:
         console.print("custom ops (not understood, left alone): " +
                       ", ".join(f"{k}×{v}" for k, v in report["unknown_ops"].items()))
@@ -91,6 +98,9 @@ def print_convert(report: dict[str, Any]) -> None:
         if report["fidelity"].get("added_outputs"):
             console.print("outputs added by the passes (no reference to compare): "
                           + ", ".join(report["fidelity"]["added_outputs"]))
+        if report["fidelity"].get("changed_outputs"):
+            console.print("outputs changed on purpose by the passes (not compared): "
+                          + ", ".join(report["fidelity"]["changed_outputs"]))
     if "output" in report:
         console.print(f"wrote {report['output']}")
 

@@ -1,4 +1,4 @@
-"""Typed records of what recognizers find: attention sites, classifier heads, and reasons for non-matches."""
+"""Typed records of what recognizers find: attention sites, classifier heads, NMS sites, and reasons for non-matches."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -67,9 +67,43 @@ class ClassifierHead:
     num_classes: int | None
     activation: str  # "none" | "softmax" | "log_softmax"
     output: str
+    # graph handles (fx.Node / onnx_ir.Value) for passes that replace the head; not part of the summary
+    feature: Any = field(default=None, repr=False)       # the (N, D) value the head linear reads
+    scores: Any = field(default=None, repr=False)        # the (N, K) value the linear (+ bias) produces
+    output_value: Any = field(default=None, repr=False)  # the graph output the head feeds (after any softmax)
+    activation_node: Any = field(default=None, repr=False)  # the absorbed (Log)Softmax node, or None
 
     def summary(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"name": self.name, "node": self.node, "in_features": self.in_features,
+                "num_classes": self.num_classes, "activation": self.activation, "output": self.output}
+
+
+@dataclass
+class NMSSite:
+    """One non-maximum suppression call: ONNX ``NonMaxSuppression`` or (FX) ``torchvision::nms``.
+
+    ``boxes``, ``scores``, ``output`` and the optional parameters (``max_output``, ``iou_threshold``,
+    ``score_threshold``: values, or None when the node omits them) are graph handles. ``box_layout``: ``"yxyx"``
+    (ONNX ``center_point_box`` 0), ``"cxcywh"`` (1) or ``"xyxy"`` (torchvision). ``params`` holds what can be read
+    statically (constants as numbers, runtime inputs by name) for reports.
+    """
+
+    name: str
+    node: str
+    spelling: str
+    boxes: Any
+    scores: Any
+    output: Any
+    box_layout: str
+    max_output: Any = None
+    iou_threshold: Any = None
+    score_threshold: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    anchor: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "node": self.node, "spelling": self.spelling, "box_layout": self.box_layout,
+                **self.params}
 
 
 @dataclass

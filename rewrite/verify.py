@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class VerifyReport:
     outputs: list[OutputFidelity] = field(default_factory=list)
     inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     added: list[str] = field(default_factory=list)  # outputs only the rewritten model has (e.g. ood_score)
+    changed: list[str] = field(default_factory=list)  # outputs a pass changes on purpose: not compared
 
     @property
     def min_cosine(self) -> float:
@@ -48,7 +49,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"outputs": [asdict(o) for o in self.outputs], "inputs": {k: list(v) for k, v in self.inputs.items()},
-                "min_cosine": self.min_cosine, "max_abs": self.max_abs, "added_outputs": list(self.added)}
+                "min_cosine": self.min_cosine, "max_abs": self.max_abs, "added_outputs": list(self.added),
+                "changed_outputs": list(self.changed)}
 
 
 def _to_numpy(t: torch.Tensor) -> Any:
@@ -125,10 +127,14 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
 
 
 def verify(original: LoadedModel, rewritten: LoadedModel, inputs: Mapping[str, np.ndarray] | None = None,
-           seed: int = 0) -> VerifyReport:
-    """Run both models on the same inputs (the original's examples by default) and compare outputs."""
+           seed: int = 0, changed: Sequence[str] = ()) -> VerifyReport:
+    """Run both models on the same inputs (the original's examples by default) and compare outputs. Outputs named
+    in ``changed`` (changed on purpose by a pass, e.g. the boxes Soft-NMS keeps) are listed, not compared."""
     feeds = dict(inputs) if inputs is not None else default_inputs(original, seed)
     ref = run(original, feeds)
     cand = run(rewritten, feeds)
-    return VerifyReport(outputs=compare(ref, cand), inputs={k: tuple(v.shape) for k, v in feeds.items()},
-                        added=added_outputs(ref, cand))
+    skip = [n for n in changed if n in ref and n in cand]
+    ref_cmp = {k: v for k, v in ref.items() if k not in skip}
+    cand_cmp = {k: v for k, v in cand.items() if k not in skip}
+    return VerifyReport(outputs=compare(ref_cmp, cand_cmp), inputs={k: tuple(v.shape) for k, v in feeds.items()},
+                        added=added_outputs(ref, cand), changed=skip)

@@ -19,6 +19,7 @@ from . import _env  # noqa: F401
 import onnx
 
 from .errors import ImportFailedError, LoweringLoadError, UnsupportedOpError
+from . import onnx_converters
 from .onnx_normalize import normalize_onnx
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def _check_supported(model: onnx.ModelProto) -> None:
 
 
 def specialize_onnx(proto: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
-    """Fix the named inputs' dims and fold what became constant (shape arithmetic, casts of constants).
+    """Fix the named inputs' dims (none when ``shapes`` is empty) and fold what became constant (shape arithmetic,
+    casts of constants).
 
     TVM's ONNX frontend fails on much of the shape arithmetic exporters emit for dynamic dims (``Shape`` feeding
     ``Pad``/``Reshape``/``Range``, float64 scalars from ``Shape``); with static inputs onnxscript's optimizer folds
@@ -150,8 +152,9 @@ def import_onnx(model, shapes: dict | None = None) -> Imported:
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = normalize_onnx(load_onnx(model))
-    if shapes:
-        proto = specialize_onnx(proto, shapes)
+    # fold what the fixed dims (or, without them, the graph alone) make constant: with symbolic dims this still
+    # removes the exporters' shape arithmetic that TVM's frontend cannot import
+    proto = specialize_onnx(proto, shapes or {})
     _check_supported(proto)
     init_names = {i.name for i in proto.graph.initializer}
     graph_inputs = [vi for vi in proto.graph.input if vi.name not in init_names]
@@ -165,7 +168,7 @@ def import_onnx(model, shapes: dict | None = None) -> Imported:
     failure = None
     with _native_stderr_to_log():
         try:
-            with contextlib.redirect_stdout(printed):
+            with contextlib.redirect_stdout(printed), onnx_converters.overrides():
                 mod = from_onnx(proto, shape_dict=dict(shapes) if shapes else None, keep_params_in_input=False)
         except Exception as exc:  # noqa: BLE001 - frontend errors are wrapped, never leaked raw
             failure = (type(exc).__name__, str(exc), _culprit_onnx(proto, exc))

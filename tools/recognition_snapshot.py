@@ -41,10 +41,14 @@ def snapshot_of(report) -> dict:
         row["k_transposed"] = s.k_transposed
         row["mask_terms"] = [t.mode for t in s.mask_terms]
         sites.append(row)
-    return {"softmax_count": rec.softmax_count, "sites": sites,
-            "heads": [h.summary() for h in rec.heads],
-            "unmatched": [{"softmax": n, **r.summary()} for n, r in rec.unmatched],
-            "unknown_ops": dict(sorted(rec.unknown_ops.items()))}
+    out = {"softmax_count": rec.softmax_count, "sites": sites,
+           "heads": [h.summary() for h in rec.heads],
+           "unmatched": [{"softmax": n, **r.summary()} for n, r in rec.unmatched],
+           "unknown_ops": dict(sorted(rec.unknown_ops.items()))}
+    if getattr(rec, "nms_sites", None) or getattr(rec, "nms_unmatched", None):  # only where there are any
+        out["nms_sites"] = [s.summary() for s in rec.nms_sites]
+        out["nms_unmatched"] = [{"nms": n, **r.summary()} for n, r in rec.nms_unmatched]
+    return out
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,8 @@ prove the chunk reshape's divisibility guards once S and T are unified to one sy
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,18 @@ def noncausal_normalized(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, ep
 def _prefix_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     states = torch.cumsum(fk.unsqueeze(-1) * v.unsqueeze(-2), dim=-3)  # (B,H,N,F,E)
     return (fq.unsqueeze(-2) @ states).squeeze(-2)
+
+
+def _zero_rows(x: torch.Tensor, before: Any, after: Any) -> torch.Tensor:
+    """``x`` with ``before`` zero rows prepended and ``after`` appended on axis -2 (lengths may be symbolic).
+    Written as a concatenation with zeros rather than a pad: with symbolic widths an exported Pad carries computed
+    pad widths, which TVM's ONNX importer rejects, while ConstantOfShape + Concat import with symbolic extents."""
+    parts = [x]
+    if not (isinstance(before, int) and before == 0):
+        parts.insert(0, x.new_zeros(*x.shape[:-2], before, x.shape[-1]))
+    if not (isinstance(after, int) and after == 0):
+        parts.append(x.new_zeros(*x.shape[:-2], after, x.shape[-1]))
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else x
 
 
 def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -107,9 +121,9 @@ def _apply_offset(fq, fk, v, a, b, rq, rk, *, chunk: int, form: str) -> torch.Te
     contribute nothing).
     """
     s_len = fq.shape[-2]
-    fq_p = F.pad(fq, (0, 0, b, rq))
-    fk_p = F.pad(fk, (0, 0, a, rk))
-    v_p = F.pad(v, (0, 0, a, rk))
+    fq_p = _zero_rows(fq, b, rq)
+    fk_p = _zero_rows(fk, a, rk)
+    v_p = _zero_rows(v, a, rk)
     out = _causal_equal(fq_p, fk_p, v_p, chunk=chunk, form=form)
     return out[:, :, b:b + s_len]
 

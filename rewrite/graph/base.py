@@ -36,6 +36,7 @@ mha_native      query, key, value, in_w, in_b, out_w, out_b    heads, mask_type,
 ort_attention   (com.microsoft Attention inputs)               node attributes
 ort_mha         (com.microsoft MultiHeadAttention inputs)      node attributes
 onnx_attention  (ai.onnx opset-23 Attention inputs)            node attributes
+nms             boxes, scores, max_out, iou_thr, score_thr    center_point_box (ONNX) | box_layout (FX)
 =============== ============================================= ========================================
 
 ``inputs`` holds values (or ``None`` for an absent optional input); Python scalars in FX arguments are kept as

@@ -167,6 +167,24 @@ _TABLE: dict[Any, Callable[[fx.Node], Canon | None]] = {
 }
 
 
+
+def _torchvision_nms() -> Any | None:
+    """``torch.ops.torchvision.nms.default`` when torchvision is importable (it registers the op), else None."""
+    try:
+        import torchvision  # noqa: F401
+        return torch.ops.torchvision.nms.default
+    except (ImportError, AttributeError, RuntimeError, OSError):  # absent, or built for another torch
+        return None
+
+
+def _nms(n: fx.Node) -> Canon:
+    """``torchvision::nms(boxes, scores, iou_threshold)`` in the NMS vocabulary (no cap, no score threshold)."""
+    return Canon("nms", (n.args[0], n.args[1], None, n.args[2], None), {"box_layout": "xyxy"})
+
+
+if _torchvision_nms() is not None:  # guarded spelling: torchvision is not installable beside every torch
+    _TABLE[_torchvision_nms()] = _nms
+
 class FxGraph:
     """:class:`GraphView` over an unlifted ``torch.fx.GraphModule`` from ``ExportedProgram.module()``."""
 

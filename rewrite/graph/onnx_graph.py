@@ -138,6 +138,8 @@ _TABLE: dict[tuple[str, str], Callable[[ir.Node, "OnnxGraph"], Canon | None]] = 
     ("", "Trilu"): lambda node, g: Canon("trilu", (node.inputs[0],), {"upper": bool(_attr(node, "upper", 1))}),
     ("", "Range"): _simple("arange", 0),
     ("", "ReduceMax"): _reduce_max,
+    ("", "NonMaxSuppression"): lambda node, g: Canon("nms", _inputs(node, 0, 1, 2, 3, 4),
+                                                     {"center_point_box": int(_attr(node, "center_point_box", 0))}),
     ("", "Attention"): _fused("onnx_attention"),
     ("com.microsoft", "Attention"): _fused("ort_attention"),
     ("com.microsoft", "MultiHeadAttention"): _fused("ort_mha"),

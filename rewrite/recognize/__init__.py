@@ -7,7 +7,8 @@ Written once against :mod:`rewrite.graph.base` and run on both graph kinds, spli
 - :mod:`.masks`: mask kinds from provenance;
 - :mod:`.explicit`: matmul → softmax → matmul chains, anchored at each softmax;
 - :mod:`.fused`: fused attention ops (SDPA, ORT, ONNX-23 Attention);
-- :mod:`.heads`: classifier heads.
+- :mod:`.heads`: classifier heads;
+- :mod:`.nms`: non-maximum suppression (ONNX ``NonMaxSuppression``, FX ``torchvision::nms``).
 
 A new site kind (NMS sites, feature taps) adds a module with its own table and an entry in :data:`ANCHORS`.
 Every accepted spelling is a table row; :func:`spellings` lists them (``softswap inspect --spellings``). A
@@ -20,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..graph.base import GraphView
-from ..sites import AttentionSite, ClassifierHead, NoMatch, Reason
+from ..sites import AttentionSite, ClassifierHead, NMSSite, NoMatch, Reason
 from .common import NEG_FILL, Spelling
 from .explicit import PROB_STEPS_TABLE, SCORE_STEPS_TABLE, explicit_site
 from .fused import FUSED_BY_KIND, FUSED_OPS, fused_site
 from .heads import HEAD_SPELLINGS, find_heads
 from .layout import LAYOUT_STEPS_TABLE
 from .masks import MASK_SPELLINGS, classify_mask
+from .nms import NMS_SPELLINGS, nms_site
 
 __all__ = ["NEG_FILL", "Recognition", "classify_mask", "find_heads", "recognize", "spellings", "SPELLING_TABLES"]
 
@@ -40,6 +42,8 @@ class Recognition:
     unmatched: list[tuple[str, Reason]] = field(default_factory=list)  # (softmax node name, reason)
     softmax_count: int = 0
     unknown_ops: dict[str, int] = field(default_factory=dict)
+    nms_sites: list[NMSSite] = field(default_factory=list)
+    nms_unmatched: list[tuple[str, Reason]] = field(default_factory=list)  # (NMS node name, reason)
 
 
 #: Every spelling table, in the order recognition uses them (``softswap inspect --spellings``).
@@ -50,6 +54,7 @@ SPELLING_TABLES: dict[str, tuple[Spelling, ...]] = {
     "fused attention ops": FUSED_OPS,
     "mask kinds": MASK_SPELLINGS,
     "classifier heads": HEAD_SPELLINGS,
+    "non-maximum suppression": NMS_SPELLINGS,
 }
 
 
@@ -74,7 +79,8 @@ def _unmatched_log_softmax(g: GraphView, node: Any) -> Reason:
 
 
 def recognize(g: GraphView, graph_outputs: list[Any] | None = None) -> Recognition:
-    """Find every attention site, classifier head and unmatched softmax in ``g`` (one pass over the nodes)."""
+    """Find every attention site, classifier head, NMS site and unmatched softmax in ``g`` (one pass over the
+    nodes)."""
     result = Recognition()
     softmaxes = []
     for node in g.nodes():
@@ -91,6 +97,11 @@ def recognize(g: GraphView, graph_outputs: list[Any] | None = None) -> Recogniti
                 result.attention_sites.append(fused_site(g, node, len(result.attention_sites)))
             except NoMatch as miss:
                 result.unmatched.append((g.node_name(node), miss.reason))
+        elif canon.kind == "nms":
+            try:
+                result.nms_sites.append(nms_site(g, node, len(result.nms_sites)))
+            except NoMatch as miss:
+                result.nms_unmatched.append((g.node_name(node), miss.reason))
     result.softmax_count = len(softmaxes)
     if graph_outputs is not None:
         result.heads, absorbed = find_heads(g, graph_outputs)

@@ -41,7 +41,7 @@ def find_heads(g: GraphView, outputs: list[Any]) -> tuple[list[ClassifierHead], 
     heads: list[ClassifierHead] = []
     absorbed: set = set()
     for out in outputs:
-        value, activation, act_node = out, "none", None
+        value, activation, act_node, scores = out, "none", None, None
         for _ in range(HEAD_STEPS):
             node = g.producer(value)
             canon = g.canon(node)
@@ -58,6 +58,7 @@ def find_heads(g: GraphView, outputs: list[Any]) -> tuple[list[ClassifierHead], 
                 a, b = canon.inputs[:2]
                 inner = a if g.is_constant(b) else (b if g.is_constant(a) else None)
                 if inner is not None and linear_weight(g, g.producer(inner)) is not None:
+                    scores = value
                     value = inner
                     continue
             dims = linear_weight(g, node)
@@ -66,7 +67,9 @@ def find_heads(g: GraphView, outputs: list[Any]) -> tuple[list[ClassifierHead], 
             if dims is not None and isinstance(dims[1], int) and dims[1] >= 2 and out_shape is not None \
                     and len(out_shape) == 2 and final_shape is not None and len(final_shape) == 2:
                 heads.append(ClassifierHead(name=f"head{len(heads)}", node=g.node_name(node), in_features=dims[0],
-                                            num_classes=dims[1], activation=activation, output=g.value_name(out)))
+                                            num_classes=dims[1], activation=activation, output=g.value_name(out),
+                                            feature=canon.inputs[0], scores=scores if scores is not None else value,
+                                            output_value=out, activation_node=act_node))
                 if act_node is not None:
                     absorbed.add(id(act_node))
             break

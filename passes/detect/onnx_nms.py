@@ -1,0 +1,284 @@
+"""Soft-NMS as a standard ONNX sub-graph (a ``Loop``; no custom op) with ``NonMaxSuppression``'s interface.
+
+Inputs (as ONNX ``NonMaxSuppression``): ``boxes`` (B, N, 4) float, ``scores`` (B, C, N) float,
+``max_output_boxes_per_class`` int64 (scalar or [1]), ``iou_threshold`` float, ``score_threshold`` float.
+``center_point_box`` 0: boxes are [y1, x1, y2, x2] (any diagonal pair: min/max are taken); 1: [xc, yc, w, h].
+Outputs: ``selected_indices`` int64 (M, 3) = (batch, class, box), grouped by batch then class, each group in
+selection order (as onnxruntime orders its NMS output), and ``selected_scores`` (M,) in the scores' dtype: the
+decayed score of each selected box.
+
+Mapping of the NMS inputs (semantics: :mod:`passes.detect.config`): ``iou_threshold`` → N_t (linear gate, hard
+and TF-Gaussian discard), ``score_threshold`` → ``min_score`` (kept when ≥, where ONNX NMS keeps when >; the two
+differ only for a score exactly at the threshold), ``max_output_boxes_per_class`` → ``max_det`` per (batch,
+class), 0 selecting nothing as in ONNX. The caller may feed constants instead (pass options override the node).
+
+Structure: all B·C groups are processed together. One ``Loop`` iteration picks, per group, the live box with the
+largest current score (``ArgMax``), takes its weights against every box, decays (``Mul``), removes the pick
+(``ScatterElements``) and the boxes below ``min_score`` from the live mask; the picks are scan outputs, compacted
+after the loop with ``NonZero``/``Gather``. The weights are either gathered (``GatherND``) from a (B, N+1, N+1)
+matrix computed once before the loop (``matrix=True``: fewest ops per iteration) or computed from the pick's IoU
+row inside the loop (memory O(B·C·N)); :func:`use_matrix` chooses from the static box count. The trip count is
+min(max_output_boxes_per_class, N) (at least 1; a cap of 0 marks every pick invalid) and the loop stops early once
+no group has a live box. A zero box appended to every image (never live) makes N = 0 work. Arithmetic is float64.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .config import SoftNMSConfig
+
+#: Opset the sub-graph is written for (Split with num_outputs, ReduceSum/Squeeze/Unsqueeze with axes inputs).
+OPSET = 18
+INPUT_NAMES = ("boxes", "scores", "max_output_boxes_per_class", "iou_threshold", "score_threshold")
+OUTPUT_NAMES = ("selected_indices", "selected_scores")
+#: Box counts up to which the weight matrix is always used (few ops per iteration win on small inputs), and beyond
+#: which it never is (8·N² bytes per image and matrix: 32 MB at 2048). See :func:`use_matrix`.
+MATRIX_ALWAYS_BOXES = 256
+MATRIX_MAX_BOXES = 2048
+
+
+class _Builder:
+    """Appends nodes to a list with fresh value names."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs: Any) -> Any:
+        names = [f"{self.prefix}{op_type.lower()}_{self.count}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{self.prefix}{op_type}_{self.count}",
+                                           **attrs))
+        self.count += 1
+        return names[0] if n_out == 1 else names
+
+    def const(self, value: Any, dtype: Any) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = f"{self.prefix}const_{self.count}"
+        self.count += 1
+        self.nodes.append(helper.make_node("Constant", [], [name], name=name,
+                                           value=onnx.numpy_helper.from_array(arr, name)))
+        return name
+
+
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """Values ``node`` reads, its sub-graphs' outer-scope reads included."""
+    names = set(node.input)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            for inner in attr.g.node:
+                names |= _names_read(inner)
+    return names
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: tuple[str, ...]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (e.g. a threshold a method does not use)."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed |= _names_read(node)
+    return keep[::-1]
+
+
+def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str) -> str:
+    """IoU of boxes ``r`` against boxes ``c`` (coordinate and ``area`` tensors that broadcast, float64); a union
+    ≤ 0 gives 0. The same ops in the same order as :mod:`passes.detect.soft_nms`, so both pick the same boxes."""
+    zero, one = b.const(0.0, np.float64), b.const(1.0, np.float64)
+
+    def extent(lo: str, hi: str) -> str:
+        width = b.op("Sub", [b.op("Min", [c[hi], r[hi]]), b.op("Max", [c[lo], r[lo]])])
+        return b.op("Max", [b.op("Add", [width, offset]), zero])
+
+    inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
+    union = b.op("Sub", [b.op("Add", [c["area"], r["area"]]), inter])
+    positive = b.op("Greater", [union, zero])
+    return b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
+
+
+def _area(b: _Builder, d: dict[str, str], offset: str) -> str:
+    return b.op("Mul", [b.op("Add", [b.op("Sub", [d["x2"], d["x1"]]), offset]),
+                        b.op("Add", [b.op("Sub", [d["y2"], d["y1"]]), offset])])
+
+
+def _weights(b: _Builder, cfg: SoftNMSConfig, iou: str, iou_t: str) -> tuple[str | None, str | None]:
+    """(score multiplier, discard mask) for an IoU tensor: None where the method has none."""
+    weights = discard = None
+    if cfg.method == "linear":
+        one = b.const(1.0, np.float64)
+        weights = b.op("Where", [b.op("Greater", [iou, iou_t]), b.op("Sub", [one, iou]), one])
+    elif cfg.method == "gaussian":
+        denom = b.const(cfg.gaussian_denominator, np.float64)
+        weights = b.op("Exp", [b.op("Neg", [b.op("Div", [b.op("Mul", [iou, iou]), denom])])])
+    if cfg.discards_above_threshold:
+        discard = b.op("Greater", [iou, iou_t])
+    return weights, discard
+
+
+def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool) -> onnx.GraphProto:
+    """One iteration: (i, cond, s, alive) → (cond', s', alive', pick, pick_score, pick_valid), picks (G, 1).
+
+    Per group: the live box with the largest current score is picked; its weights against every box are either
+    gathered from the precomputed matrices by (batch, pick) (``matrix``) or computed from its IoU row. Scores are
+    decayed and the live mask updated. A group without live boxes yields an invalid pick and changes nothing that
+    matters (it has no live box left), so no per-group select is needed.
+    """
+    b = _Builder("body/")
+    i, cond, s, alive = "body/i", "body/cond_in", "body/s", "body/alive"
+    masked = b.op("Where", [alive, s, outer["neg_inf"]])
+    idx = b.op("ArgMax", [masked], axis=1, keepdims=1)                                 # (G, 1)
+    best = b.op("GatherElements", [s, idx], axis=1)
+    valid = b.op("GatherElements", [alive, idx], axis=1)
+    if matrix:
+        row = b.op("Concat", [outer["batch_of_group"], idx], axis=1)                     # (G, 2): (batch, pick)
+        weights = b.op("GatherND", [outer["weights"], row]) if "weights" in outer else None
+        discard = b.op("GatherND", [outer["discard"], row]) if "discard" in outer else None
+    else:
+        pick = b.op("Split", [b.op("GatherND", [outer["packed"], idx], batch_dims=1)], n_out=5, axis=1,
+                    num_outputs=5)                                                      # 5 × (G, 1)
+        keys = ("x1", "y1", "x2", "y2", "area")
+        r = dict(zip(keys, pick))
+        iou = _iou(b, r, {k: outer[k] for k in keys}, outer["offset"])
+        weights, discard = _weights(b, cfg, iou, outer["iou"])
+    decayed = b.op("Mul", [s, weights]) if weights is not None else b.op("Identity", [s])
+    keep = b.op("ScatterElements", [alive, idx, outer["false_column"]], axis=1)         # the pick leaves
+    if discard is not None:
+        keep = b.op("And", [keep, b.op("Not", [discard])])
+    alive_out = b.op("And", [keep, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
+    live = b.op("ReduceSum", [b.op("Cast", [alive_out], to=TensorProto.INT64)], keepdims=0)
+    cond_out = b.op("Greater", [live, outer["zero_i64"]])
+    outs = [cond_out, decayed, alive_out, idx, best, valid]
+    types = [TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT64, TensorProto.DOUBLE,
+             TensorProto.BOOL]
+    return helper.make_graph(
+        b.nodes, "soft_nms_step",
+        [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(s, TensorProto.DOUBLE, ["G", "N1"]),
+         helper.make_tensor_value_info(alive, TensorProto.BOOL, ["G", "N1"])],
+        [helper.make_tensor_value_info(n, t, shape) for n, t, shape in
+         zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G", 1], ["G", 1], ["G", 1]))])
+
+
+def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
+                   prefix: str = "", matrix: bool = True) -> onnx.GraphProto:
+    """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
+    ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
+    graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted).
+
+    ``matrix``: precompute the (B, N+1, N+1) weight matrix once (fewest ops per iteration: fastest for small N;
+    memory 8·B·N² bytes per matrix); otherwise compute each pick's IoU row in the loop (memory O(B·C·N)).
+    Both give identical results (:func:`use_matrix` picks one from N)."""
+    b = _Builder(prefix)
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
+    scalar = i64(np.zeros(0, np.int64))
+    max_out = b.op("Reshape", [max_in, scalar])
+    iou_t = b.op("Cast", [b.op("Reshape", [iou_in, scalar])], to=TensorProto.DOUBLE)
+    min_score = b.op("Cast", [b.op("Reshape", [score_in, scalar])], to=TensorProto.DOUBLE)
+    shape = b.op("Shape", [scores])                                                     # [B, C, N]
+    n = b.op("Slice", [shape, i64([2]), i64([3])])
+    n_scalar = b.op("Reshape", [n, scalar])
+    n_classes = b.op("Slice", [shape, i64([1]), i64([2])])
+    groups = b.op("Mul", [b.op("Slice", [shape, i64([0]), i64([1])]), n_classes])        # [G] = [B·C]
+    flat_shape = b.op("Concat", [groups, n], axis=0)                                    # [G, N] (N may be 0)
+    # boxes → (B, N + 1) float64 coordinates, a zero box appended (the padding column: never live)
+    zeros = helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0])
+    pad_box = b.op("ConstantOfShape", [b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([1])]), i64([1, 4])],
+                                                 axis=0)], value=zeros)
+    padded = b.op("Concat", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), pad_box], axis=1)  # (Pad fails on N = 0)
+    coords = [b.op("Squeeze", [c, i64([2])]) for c in b.op("Split", [padded], n_out=4, axis=2, num_outputs=4)]
+    if center_point_box == 0:  # [y1, x1, y2, x2], either diagonal
+        ya, xa, yb, xb = coords
+        x1, x2, y1, y2 = b.op("Min", [xa, xb]), b.op("Max", [xa, xb]), b.op("Min", [ya, yb]), b.op("Max", [ya, yb])
+    else:  # [xc, yc, w, h]
+        xc, yc, w, h = coords
+        half = b.const(0.5, np.float64)
+        hw, hh = b.op("Mul", [w, half]), b.op("Mul", [h, half])
+        x1, x2, y1, y2 = b.op("Sub", [xc, hw]), b.op("Add", [xc, hw]), b.op("Sub", [yc, hh]), b.op("Add", [yc, hh])
+    offset = b.const(float(cfg.iou_offset), np.float64)
+    outer = {"neg_inf": b.const(-np.inf, np.float64), "zero_i64": i64(0), "min_score": min_score, "iou": iou_t,
+             "offset": offset}
+    box = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
+    box["area"] = _area(b, box, offset)                                                 # (B, N + 1) each
+    if matrix:
+        r = {k: b.op("Unsqueeze", [v, i64([2])]) for k, v in box.items()}               # (B, N+1, 1): the pick
+        c = {k: b.op("Unsqueeze", [v, i64([1])]) for k, v in box.items()}               # (B, 1, N+1)
+        weights, discard = _weights(b, cfg, _iou(b, r, c, offset), iou_t)               # (B, N+1, N+1)
+        outer.update({k: v for k, v in (("weights", weights), ("discard", discard)) if v is not None})
+    s_flat = b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape], allowzero=1)  # (G, N)
+    s0 = b.op("Concat", [s_flat, b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                      value=zeros)], axis=1)                            # (G, N + 1)
+    real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(1)]), i64(1)]), n_scalar])
+    alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
+    if matrix:
+        group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
+        outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, n_classes]), i64([1])])  # (G, 1)
+    outer["false_column"] = b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                 value=helper.make_tensor("f", TensorProto.BOOL, [1], [False]))
+    trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
+    if not matrix:  # every group's boxes, (G, N + 1) each, and packed (G, 5, N + 1) to gather the pick's row
+        per_group_shape = b.op("Concat", [groups, b.op("Add", [n, i64([1])])], axis=0)
+        batches = b.op("Slice", [shape, i64([0]), i64([1])])
+        expand_shape = b.op("Concat", [batches, n_classes, b.op("Add", [n, i64([1])])], axis=0)
+        for k, v in box.items():
+            outer[k] = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [v, i64([1])]), expand_shape]),
+                                        per_group_shape], allowzero=1)
+        outer["packed"] = b.op("Concat", [b.op("Unsqueeze", [outer[k], i64([2])]) for k in box], axis=2)  # (G, N+1, 5)
+    body = _loop_body(cfg, outer, matrix)
+    _, _, picks, pick_scores, pick_valid = b.op("Loop", [trips, b.const(True, np.bool_), s0, alive0], n_out=5,
+                                                body=body)                              # scans: (T, G, 1)
+    flat = i64([-1])
+    pick_flat = b.op("Reshape", [b.op("Transpose", [picks], perm=[1, 0, 2]), flat])
+    score_flat = b.op("Reshape", [b.op("Transpose", [pick_scores], perm=[1, 0, 2]), flat])
+    valid_flat = b.op("And", [b.op("Reshape", [b.op("Transpose", [pick_valid], perm=[1, 0, 2]), flat]),
+                              b.op("Greater", [max_out, i64(0)])])                     # a cap of 0 selects nothing
+    pos = b.op("Reshape", [b.op("NonZero", [valid_flat]), flat])                         # (M,)
+    steps = b.op("Slice", [b.op("Shape", [picks]), i64([0]), i64([1])])
+    group = b.op("Div", [pos, steps])
+    batch = b.op("Div", [group, n_classes])
+    klass = b.op("Mod", [group, n_classes])
+    box = b.op("Gather", [pick_flat, pos], axis=0)
+    col = i64([1])
+    b.nodes.append(helper.make_node("Concat", [b.op("Unsqueeze", [batch, col]), b.op("Unsqueeze", [klass, col]),
+                                               b.op("Unsqueeze", [box, col])], [OUTPUT_NAMES[0]], axis=1,
+                                    name=f"{prefix}selected_indices"))
+    b.nodes.append(helper.make_node("Cast", [b.op("Gather", [score_flat, pos], axis=0)], [OUTPUT_NAMES[1]],
+                                    to=score_dtype, name=f"{prefix}selected_scores"))
+    inputs = [helper.make_tensor_value_info(boxes, score_dtype, ["B", "N", 4]),
+              helper.make_tensor_value_info(scores, score_dtype, ["B", "C", "N"]),
+              helper.make_tensor_value_info(max_in, TensorProto.INT64, [1]),
+              helper.make_tensor_value_info(iou_in, TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info(score_in, TensorProto.FLOAT, [1])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.INT64, ["M", 3]),
+               helper.make_tensor_value_info(OUTPUT_NAMES[1], score_dtype, ["M"])]
+    return helper.make_graph(_live_nodes(b.nodes, OUTPUT_NAMES), "soft_nms", inputs, outputs)
+
+
+def use_matrix(n_boxes: int | None, n_classes: int | None = None, max_det: int | None = None) -> bool:
+    """Whether to precompute the weight matrix, from what is static (None: unknown).
+
+    The matrix costs ~20 elementwise ops on B·N² values once; IoU rows cost ~24 more ops per iteration on B·C·N
+    values, for T = min(max_det, N) iterations. So: the matrix when N ≤ :data:`MATRIX_ALWAYS_BOXES`, or when
+    N ≤ :data:`MATRIX_MAX_BOXES` and C·T ≥ N (many classes or picks); rows otherwise, and always for an unknown N
+    (a matrix of an unbounded N could exhaust memory). Measured in tools/bench/soft_nms.py (docs/soft_nms.md).
+    """
+    if not isinstance(n_boxes, int) or n_boxes > MATRIX_MAX_BOXES:
+        return False
+    if n_boxes <= MATRIX_ALWAYS_BOXES:
+        return True
+    steps = n_boxes if not isinstance(max_det, int) else min(max_det, n_boxes)
+    return isinstance(n_classes, int) and n_classes * steps >= n_boxes
+
+
+def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
+                   matrix: bool = True) -> onnx.ModelProto:
+    """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
+    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
