@@ -45,11 +45,34 @@ BEFORE_QAT_NOTE = ("fidelity before quantization-aware training is expected to b
                    "chance); this is not a result: train with `softswap transfer --binarize bivit`")
 
 
+def _expand(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Options as given, with ``--option stage=w1a1,parts=attention,mlp,ratio=0.3`` (one CLI item carrying several
+    options) split into its options: a comma-separated segment ``k=v`` whose ``k`` is an option of this pass
+    starts a new option; any other segment continues the current value."""
+    out: dict[str, Any] = {}
+    for key, value in dict(options or {}).items():
+        if not isinstance(value, str) or "," not in value:
+            out[key] = value
+            continue
+        current = key
+        out[current] = ""
+        for segment in value.split(","):
+            head, sep, tail = segment.partition("=")
+            if sep and head.strip() in OPTIONS:
+                current = head.strip()
+                if current in out:
+                    raise OptionError(f"{NAME}: option {current} given twice")
+                out[current] = tail.strip()
+            else:
+                out[current] = f"{out[current]},{segment}" if out[current] else segment
+    return out
+
+
 def resolve_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Checked options: ``stage`` in :data:`STAGES`, ``parts`` a tuple of :data:`PARTS`, ``ratio`` in (0, 1].
     Raises :class:`OptionError` naming the option."""
     opts = dict(DEFAULTS)
-    for key, value in dict(options or {}).items():
+    for key, value in _expand(options).items():
         if key not in OPTIONS:
             raise OptionError(f"{NAME}: unknown option {key!r}; known: {', '.join(OPTIONS)}")
         opts[key] = value

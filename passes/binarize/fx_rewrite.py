@@ -56,12 +56,15 @@ def plan(sites: Sequence[AttentionSite], stage: str, parts: Sequence[str]) -> li
                 sp.parts[part] = "not selected (parts option)"
                 continue
             found = block.attention if part == "attention" else block.mlp
-            reason = block.attention_reason if part == "attention" else (block.mlp_reason or block.attention_reason)
+            if part == "attention" or block.mlp_reason is not None:
+                reason = block.attention_reason if part == "attention" else block.mlp_reason
+            else:  # the MLP is found from the output projection, which did not match
+                reason = f"the MLP is found from the output projection, which did not match ({block.attention_reason})"
             if found and all(r in found for r in ROLES[part]):
                 sp.linears.update({r: found[r] for r in ROLES[part]})
                 sp.parts[part] = "binarized"
             else:
-                sp.parts[part] = f"not matched: {reason}" if reason else "not matched"
+                sp.parts[part] = f"not matched: {reason}"
         if stage != "w1a1":
             sp.core_reason = "stage 1w32a keeps float activations and softmax probabilities"
         elif sp.parts.get("attention") != "binarized":

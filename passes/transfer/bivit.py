@@ -191,7 +191,9 @@ def qat(model: Any, out: str | os.PathLike[str] | None = None, *, options: Mappi
     _check(steps, minutes, lr, temperature, attention_fraction, batch_size, label_weight)
     if binary_lr is None:
         binary_lr = lr / 10
-    _check(None, None, binary_lr, temperature, attention_fraction, batch_size, label_weight)
+    if isinstance(binary_lr, bool) or not isinstance(binary_lr, (int, float)) or not np.isfinite(binary_lr) \
+            or binary_lr <= 0:
+        raise OptionError(f"--binary-lr must be a finite number > 0, got {binary_lr!r}")
     out_path = mio.check_output_path(out) if out is not None else None
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))

@@ -71,13 +71,15 @@ def cmd_qat(args: argparse.Namespace) -> int:
     if args.binarize != "bivit":
         raise OptionError(f"--binarize {args.binarize!r}: known: bivit")
     for flag, value in (("--hybrid-window", args.hybrid_window), ("--layers", args.layers),
-                        ("--keep-softmax", args.keep_softmax), ("--tokenizer", args.tokenizer)):
+                        ("--keep-softmax", args.keep_softmax), ("--tokenizer", args.tokenizer),
+                        ("--max-samples", args.max_samples if args.max_samples != 512 else None)):
         if value:
             raise OptionError(f"{flag} is an attention-transfer option; --binarize bivit does not take it")
     _, report = qat(args.model, args.output, options=_options(args.option), data=args.data, steps=args.steps,
                     minutes=args.minutes, seed=args.seed, checkpoint=args.checkpoint,
                     progress=not args.no_progress, batch_size=args.batch_size if args.batch_size is not None else 64,
-                    lr=args.lr if args.lr is not None else 1e-3, temperature=args.temperature, report_path=args.report)
+                    lr=args.lr if args.lr is not None else 1e-3, binary_lr=args.binary_lr,
+                    temperature=args.temperature, report_path=args.report)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -102,6 +104,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         raise OptionError("give --attention VARIANT (attention transfer) or --binarize bivit (binarization QAT)")
     if args.binarize:
         return cmd_qat(args)
+    if args.binary_lr is not None:
+        raise OptionError("--binary-lr is a --binarize option")
     _, report = transfer(args.model, args.output, attention=args.attention, options=parse_options(args.option),
                          hybrid_window=args.hybrid_window, data=args.data, steps=args.steps, minutes=args.minutes,
                          seed=args.seed, layers=args.layers, keep_softmax=args.keep_softmax,
@@ -125,6 +129,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output path (.onnx or .pt2)")
     p.add_argument("--attention", help="variant: linear, mala, sigmoid, softplus, ...")
     p.add_argument("--binarize", help="bivit: binarise (BiViT) and train with distillation from the original")
+    p.add_argument("--binary-lr", type=float, default=None,
+                   help="learning rate of the latent binary weights and scales (--binarize; default --lr / 10)")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (--binarize)")
     p.add_argument("--hybrid-window", type=int, default=0, metavar="W",
                    help="sliding softmax window of W tokens (linear, mala); 0 = off")

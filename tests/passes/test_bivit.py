@@ -170,3 +170,12 @@ def test_pt2_program_through_the_cli(tiny_vit, tmp_path, capsys):
     reloaded = mio.load_model(out)
     sd = {**reloaded.ep.state_dict, **reloaded.ep.constants}
     assert sum(k.endswith(".signs") for k in sd) == 12
+
+
+def test_one_option_item_may_carry_several_options():
+    from passes.binarize.bivit import resolve_options
+    got = resolve_options({"stage": "1w32a,parts=attention,mlp,ratio=0.3"})
+    assert got == {"stage": "1w32a", "parts": ("attention", "mlp"), "ratio": 0.3}
+    assert resolve_options({"parts": "mlp"})["parts"] == ("mlp",)
+    with pytest.raises(OptionError, match="given twice"):
+        resolve_options({"stage": "w1a1,stage=1w32a"})

@@ -122,6 +122,10 @@ def test_transfer_cli_binarize_bivit(tmp_path, capsys):
     assert cli_main(["transfer", str(folder), "-o", str(bad), "--binarize", "bivit", "--option", "stage=w9",
                      "--no-progress"]) == 2
     assert cli_main(["transfer", str(folder), "-o", str(bad), "--no-progress"]) == 2
+    assert cli_main(["transfer", str(folder), "-o", str(bad), "--binarize", "bivit", "--binary-lr", "-1",
+                     "--no-progress"]) == 2
+    assert cli_main(["transfer", str(folder), "-o", str(bad), "--binarize", "bivit", "--data",
+                     str(tmp_path / "missing.npz"), "--no-progress"]) == 2
     assert not bad.exists()
 
 
