@@ -94,11 +94,11 @@ def resolve_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def require_fx(model: LoadedModel) -> None:
-    """BiViT rewrites FX programs; an ONNX model is refused with a one-line error."""
+    """QAT trains FX programs; an ONNX model is refused with a one-line error."""
     if model.kind != "fx":
-        raise UnsupportedModelError(f"{model.source}: {NAME} binarises torch.export programs (.pt2, Hugging Face "
-                                    "folders, nn.Module); ONNX input is not supported yet — convert the source "
-                                    "model, then export the result to .onnx")
+        raise UnsupportedModelError(f"{model.source}: BiViT quantization-aware training trains torch.export programs "
+                                    "(.pt2, Hugging Face folders, nn.Module), not ONNX; train the source model and "
+                                    "export the result to .onnx")
 
 
 def site_rows(plans: Sequence[SitePlan], fid: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -217,6 +217,8 @@ class BiViTPass(Pass):
         self.opts = resolve_options(options)
 
     def run(self, model: LoadedModel) -> PassResult:
+        if model.kind == "onnx":
+            return self._run_onnx(model)
         gm, installed, plans, report = binarize_program(model, self.opts)
         report["lines"] = report_lines(report)
         if not installed:
@@ -224,5 +226,38 @@ class BiViTPass(Pass):
         freeze(gm, installed)
         ep = emit_fx.reexport(model, gm)
         new = LoadedModel(kind="fx", source=model.source, ep=ep, example_inputs=model.example_inputs,
+                          input_names=model.input_names, output_names=model.output_names, extra=dict(model.extra))
+        return PassResult(new, True, report)
+
+    def _run_onnx(self, model: LoadedModel) -> PassResult:
+        """ONNX input: the same rule read on the ONNX graph, the deploy form written as ONNX nodes (no local
+        fidelity: the model-level fidelity of ``convert`` applies)."""
+        from rewrite import emit_onnx
+        from rewrite.graph.onnx_graph import OnnxGraph
+
+        from .onnx_rewrite import OnnxEmitter, block_linears_onnx
+        onnx_model = model.onnx.clone()
+        if onnx_model.opset_imports.get("", 17) < 18:
+            onnx_model = emit_onnx.upgrade_opset(onnx_model, 18)
+        g = OnnxGraph(onnx_model)
+        float_tensors = [v.const_value for v in onnx_model.graph.initializers.values()
+                         if v.const_value is not None and v.const_value.dtype.is_floating_point()]
+        plans = plan(recognize(g).attention_sites, self.opts["stage"], self.opts["parts"], block_linears_onnx)
+        emitter = OnnxEmitter(onnx_model)
+        shapes = []
+        for sp in plans:
+            for role, lin in sp.linears.items():
+                shapes.append(emitter.linear(lin, f"{sp.site.name}/{role}", self.opts["stage"] == "w1a1"))
+        for sp in plans:
+            if sp.core:
+                emitter.core(sp.site, self.opts["ratio"])
+        emit_onnx.finish(onnx_model)
+        report = {"pass": NAME, "options": {**self.opts, "parts": "+".join(self.opts["parts"])},
+                  "sites": site_rows(plans, {}), "found": len(plans), "replaced": sum(sp.replaced for sp in plans),
+                  "size": size_report(float_tensors, shapes)}
+        report["lines"] = report_lines(report)
+        if not shapes:
+            return PassResult(model, False, report)
+        new = LoadedModel(kind="onnx", source=model.source, onnx=onnx_model, example_inputs=model.example_inputs,
                           input_names=model.input_names, output_names=model.output_names, extra=dict(model.extra))
         return PassResult(new, True, report)

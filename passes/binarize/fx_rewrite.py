@@ -44,12 +44,15 @@ class SitePlan:
         return bool(self.linears) or self.core
 
 
-def plan(sites: Sequence[AttentionSite], stage: str, parts: Sequence[str]) -> list[SitePlan]:
+def plan(sites: Sequence[AttentionSite], stage: str, parts: Sequence[str], finder: Any = block_linears
+         ) -> list[SitePlan]:
     """Per site: the Linears of the selected ``parts`` that match the recognition rule (:mod:`.locate`), and the
-    attention core (stage ``w1a1``, part ``attention``, sites without a mask whose q/k/v/o matched)."""
+    attention core (stage ``w1a1``, part ``attention``, sites without a mask whose q/k/v/o matched). ``finder``
+    maps a site to its :class:`~.locate.BlockLinears` (FX: :func:`~.locate.block_linears`; ONNX:
+    :func:`~.onnx_rewrite.block_linears_onnx`)."""
     out = []
     for site in sites:
-        block: BlockLinears = block_linears(site)
+        block: BlockLinears = finder(site)
         sp = SitePlan(site)
         for part in PARTS:
             if part not in parts:

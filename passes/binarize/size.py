@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 
 
@@ -17,10 +18,12 @@ def packed_bytes(out_features: int, in_features: int) -> int:
 
 
 def size_report(float_tensors: Iterable[torch.Tensor], binary_shapes: Iterable[tuple[int, int]]) -> dict[str, Any]:
-    """``float_tensors``: every parameter/constant of the float model; ``binary_shapes``: (out, in) of each
+    """``float_tensors``: every parameter/constant of the float model (torch tensors, or anything with a
+    ``shape``: ONNX initializers); ``binary_shapes``: (out, in) of each
     binarised weight. Returns bytes of the float model, of the binarised model (float tensors less the binarised
     weights, plus packed signs and scales) and their ratio, and the same for the binary linears alone."""
-    float_bytes = sum(int(t.numel()) * 4 for t in float_tensors)
+    float_bytes = sum((int(t.numel()) if hasattr(t, "numel") else int(np.prod(tuple(t.shape), dtype=np.int64))) * 4
+                      for t in float_tensors)
     shapes = list(binary_shapes)
     weights = sum(o * i for o, i in shapes)
     packed = sum(packed_bytes(o, i) for o, i in shapes)

@@ -2,6 +2,7 @@
 reasons, the size report."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -76,11 +77,35 @@ def test_bad_options_are_refused(options):
         get_pass("binarize.bivit", options=options)
 
 
-def test_onnx_input_is_refused_with_one_line(tiny_vit, tmp_path):
+@pytest.mark.parametrize("stage", ["w1a1", "1w32a"])
+def test_onnx_input_through_the_same_sites_equals_the_fx_path(tiny_vit, tmp_path, stage):
+    """An ONNX model is binarised by the same rule read on the ONNX graph; its output equals that of the FX
+    program binarised and exported (onnxruntime, digits test images)."""
+    import onnxruntime as ort
+
+    from tests.digits_models import digits_split
+    loaded = export_vit(tiny_vit)
+    onnx_path = api.export(loaded, tmp_path / "vit.onnx")
+    via_onnx, rep_onnx = api.convert(onnx_path, tmp_path / "a.onnx", binarize="bivit", options={"stage": stage})
+    via_fx, rep_fx = api.convert(loaded, tmp_path / "b.onnx", binarize="bivit", options={"stage": stage},
+                                 verify=False)
+    rows_onnx, rows_fx = rep_onnx["passes"][0]["sites"], rep_fx["passes"][0]["sites"]
+    assert [(r["name"], r["status"], sorted(r["linears"]), r["core"]) for r in rows_onnx] == \
+        [(r["name"], r["status"], sorted(r["linears"]), r["core"]) for r in rows_fx]
+    assert rep_onnx["passes"][0]["size"]["binary_linears"] == rep_fx["passes"][0]["size"]["binary_linears"]
+    x = digits_split().x_test
+    a = ort.InferenceSession(str(tmp_path / "a.onnx")).run(None, {"pixel_values": x})[0]
+    b = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"pixel_values": x})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_qat_refuses_onnx_with_one_line(tiny_vit, tmp_path):
+    from passes.transfer.bivit import qat
     onnx_path = api.export(export_vit(tiny_vit), tmp_path / "vit.onnx")
-    with pytest.raises(UnsupportedModelError, match="ONNX input is not supported"):
-        api.convert(onnx_path, binarize="bivit", verify=False)
-    assert cli_main(["convert", str(onnx_path), "-o", str(tmp_path / "o.onnx"), "--binarize", "bivit"]) == 2
+    with pytest.raises(UnsupportedModelError, match="not ONNX"):
+        qat(onnx_path, steps=1, progress=False)
+    assert cli_main(["transfer", str(onnx_path), "-o", str(tmp_path / "o.onnx"), "--binarize", "bivit",
+                     "--steps", "1", "--no-progress"]) == 2
     assert not (tmp_path / "o.onnx").exists()
 
 
