@@ -28,8 +28,7 @@ def register() -> None:
                     "record (proves the binding: outputs must not change)")
         register_pass(f"attention.{variant.name}", _factory(variant), desc,
                       {o.name: (o.default, o.help) for o in variant.options})
-    from .heads import register as register_heads
-    register_heads()
-    from .detect import register as register_detect
-    register_detect()
-    __import__("passes.ood", fromlist=["register"]).register()  # ood.mahalanobis (passes/ood)
+    # the other families: each package's register() adds its passes
+    from . import binarize, detect, heads, ood
+    for family in (heads, detect, ood, binarize):
+        family.register()

@@ -1,5 +1,7 @@
 """The ``softswap transfer`` subcommand. ``rewrite/cli.py`` registers it by calling :func:`add_commands`.
 
+    softswap transfer ORIGINAL -o OUT --binarize bivit [--data FILE.npz] [--steps N | --minutes M] [--seed S]
+        [--option stage=w1a1,parts=attention+mlp,ratio=0.25] [--temperature T] [--checkpoint FILE] [--report r.json]
     softswap transfer ORIGINAL -o OUT --attention VARIANT [--hybrid-window 64] [--data FILE|stdlib]
         [--steps N | --minutes M] [--seed S] [--layers ..] [--keep-softmax ..] [--option k=v ...]
         [--checkpoint FILE] [--report r.json] [--tokenizer DIR] [--batch-size B] [--max-samples N] [--lr LR] [--no-progress]
@@ -51,16 +53,66 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"wrote {report['output']} ({report['seconds']:.1f}s)")
 
 
+def _options(items: Any) -> dict[str, str]:
+    """``--option`` items; an item may carry several ``k=v`` separated by commas (``stage=w1a1,ratio=0.3``)."""
+    split = []
+    for item in items or []:
+        parts = item.split(",")
+        if all("=" in p for p in parts):
+            split.extend(parts)
+        else:
+            split.append(item)
+    return parse_options(split)
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    """``--binarize bivit``: BiViT quantization-aware training (:func:`passes.transfer.bivit.qat`)."""
+    from .bivit import qat
+    if args.binarize != "bivit":
+        raise OptionError(f"--binarize {args.binarize!r}: known: bivit")
+    for flag, value in (("--hybrid-window", args.hybrid_window), ("--layers", args.layers),
+                        ("--keep-softmax", args.keep_softmax), ("--tokenizer", args.tokenizer),
+                        ("--max-samples", args.max_samples if args.max_samples != 512 else None)):
+        if value:
+            raise OptionError(f"{flag} is an attention-transfer option; --binarize bivit does not take it")
+    _, report = qat(args.model, args.output, options=_options(args.option), data=args.data, steps=args.steps,
+                    minutes=args.minutes, seed=args.seed, checkpoint=args.checkpoint,
+                    progress=not args.no_progress, batch_size=args.batch_size if args.batch_size is not None else 64,
+                    lr=args.lr if args.lr is not None else 1e-3, binary_lr=args.binary_lr,
+                    temperature=args.temperature, report_path=args.report)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        from rich.console import Console
+        console = Console(highlight=False)
+        console.print(f"BiViT QAT of {report['model']} on {report['data']}: {report['steps']} steps "
+                      f"({report['train_seconds']:.1f}s), options {report['options']}")
+        for line in report["lines"]:
+            console.print(f"  {line}")
+        if "output" in report:
+            console.print(f"wrote {report['output']} ({report['seconds']:.1f}s)")
+    return 0
+
+
 def cmd_transfer(args: argparse.Namespace) -> int:
-    """Run :func:`passes.transfer.transfer` from parsed arguments; returns the exit status."""
+    """Run :func:`passes.transfer.transfer` (or, with ``--binarize``, BiViT QAT) from parsed arguments; returns the
+    exit status."""
     from .transfer import transfer
     if args.steps is not None and args.minutes is not None:
         raise OptionError("give --steps or --minutes, not both")
+    if bool(args.attention) == bool(args.binarize):
+        raise OptionError("give --attention VARIANT (attention transfer) or --binarize bivit (binarization QAT)")
+    if args.binarize:
+        return cmd_qat(args)
+    if args.binary_lr is not None:
+        raise OptionError("--binary-lr is a --binarize option")
     _, report = transfer(args.model, args.output, attention=args.attention, options=parse_options(args.option),
                          hybrid_window=args.hybrid_window, data=args.data, steps=args.steps, minutes=args.minutes,
                          seed=args.seed, layers=args.layers, keep_softmax=args.keep_softmax,
-                         checkpoint=args.checkpoint, progress=not args.no_progress, batch_size=args.batch_size,
-                         max_samples=args.max_samples, lr=args.lr, report_path=args.report,
+                         checkpoint=args.checkpoint, progress=not args.no_progress,
+                         batch_size=args.batch_size if args.batch_size is not None else 16,
+                         max_samples=args.max_samples, lr=args.lr if args.lr is not None else 1e-2,
+                         report_path=args.report,
                          tokenizer=args.tokenizer)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
@@ -75,10 +127,14 @@ def add_commands(subparsers: Any) -> None:
                                                "(layer-wise attention transfer)")
     p.add_argument("model", help="original model: .onnx, .pt2 or a Hugging Face model folder")
     p.add_argument("-o", "--output", required=True, help="output path (.onnx or .pt2)")
-    p.add_argument("--attention", required=True, help="variant: linear, mala, sigmoid, softplus, ...")
+    p.add_argument("--attention", help="variant: linear, mala, sigmoid, softplus, ...")
+    p.add_argument("--binarize", help="bivit: binarise (BiViT) and train with distillation from the original")
+    p.add_argument("--binary-lr", type=float, default=None,
+                   help="learning rate of the latent binary weights and scales (--binarize; default --lr / 10)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (--binarize)")
     p.add_argument("--hybrid-window", type=int, default=0, metavar="W",
                    help="sliding softmax window of W tokens (linear, mala); 0 = off")
-    p.add_argument("--data", default=None, help=".npz (arrays by input name), a text file (one sample per line, "
+    p.add_argument("--data", default=None, help=".npz (arrays by input name; with --binarize: rewrite/fit_data.py format, labels 'y' optional), a text file (one sample per line, "
                                                 "tokenized with the model's tokenizer) or 'stdlib'; default "
                                                 "synthetic inputs")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per site (default 300)")
@@ -90,9 +146,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--checkpoint", help="checkpoint file (torch.save); resumed when it exists")
     p.add_argument("--report", help="write the report as JSON here")
     p.add_argument("--tokenizer", help="tokenizer folder for text --data (default: the model folder's tokenizer)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 (64 with --binarize)")
     p.add_argument("--max-samples", type=int, default=512, help="cap on text lines read")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (1e-3 with --binarize)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_transfer)
