@@ -1,4 +1,5 @@
-"""Registers one ``attention.<variant>`` pass per attention variant with the engine's pass registry.
+"""Registers the catalogue's passes with the engine's pass registry: one ``attention.<variant>`` per attention
+variant, then the other families (``head.*``, ``detect.soft_nms``, ``ood.mahalanobis``, ``binarize.bivit``).
 
 :func:`register` is this package's ``softswap.passes`` entry point (pyproject.toml); the engine calls it when it
 first looks a pass up.
@@ -20,7 +21,7 @@ def _factory(variant: Any):
 
 
 def register() -> None:
-    """Register ``attention.<name>`` for every variant of :data:`passes.attention.VARIANTS`."""
+    """Register ``attention.<name>`` for every variant of :data:`passes.attention.VARIANTS`, then every family."""
     for variant in VARIANTS.values():
         desc = variant.description or f"replace softmax attention with {variant.name} attention"
         if variant.name == "reference":

@@ -66,6 +66,23 @@ def _largest_divisor(n: int, candidates) -> int:
     return 1
 
 
+#: Most padding a guarded column tail may add (a fraction of the width) before a divisor tile is preferred.
+RAGGED_MAX_WASTE = 0.25
+
+
+def _ragged_or_divisor_tile(nj: int, lanes: int) -> int:
+    """Column tile of a matmul of width ``nj``: the largest of 2·lanes, lanes, lanes/2, 4 dividing ``nj``; where
+    none of at least ``lanes`` does (197 = q·kᵀ of a ViT-Base, 100, ...), a full-vector tile whose last tile is
+    guarded (split with a predicate), provided the guarded part wastes at most :data:`RAGGED_MAX_WASTE`."""
+    divisor = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
+    if divisor >= lanes or nj < lanes:
+        return divisor
+    for tile in (2 * lanes, lanes):
+        if nj >= tile and (-nj % tile) / nj <= RAGGED_MAX_WASTE:
+            return tile
+    return divisor
+
+
 class MatmulRule(CPUScheduleRule):
     """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc with static shapes."""
 
@@ -103,7 +120,7 @@ class MatmulRule(CPUScheduleRule):
         lanes = vector_lanes(target)
         sp, rd = loops[:nspatial], loops[nspatial:]
         ni, nj = exts[nspatial - 2], exts[nspatial - 1]
-        nj_tile = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
+        nj_tile = _ragged_or_divisor_tile(nj, lanes)
         ni_tile = _largest_divisor(ni, (4, 3, 2))
         if nj_tile < 4:
             return None
