@@ -66,21 +66,45 @@ def _largest_divisor(n: int, candidates) -> int:
     return 1
 
 
-#: Most padding a guarded column tail may add (a fraction of the width) before a divisor tile is preferred.
-RAGGED_MAX_WASTE = 0.25
+#: Most a padded matmul extent may grow (as a fraction) before the rule prefers the small divisor tile.
+MAX_PAD_FRACTION = 0.25
 
 
-def _ragged_or_divisor_tile(nj: int, lanes: int) -> int:
-    """Column tile of a matmul of width ``nj``: the largest of 2·lanes, lanes, lanes/2, 4 dividing ``nj``; where
-    none of at least ``lanes`` does (197 = q·kᵀ of a ViT-Base, 100, ...), a full-vector tile whose last tile is
-    guarded (split with a predicate), provided the guarded part wastes at most :data:`RAGGED_MAX_WASTE`."""
-    divisor = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
-    if divisor >= lanes or nj < lanes:
-        return divisor
-    for tile in (2 * lanes, lanes):
-        if nj >= tile and (-nj % tile) / nj <= RAGGED_MAX_WASTE:
-            return tile
-    return divisor
+def _padded_extents(ni: int, nj: int, lanes: int) -> tuple[int, int]:
+    """(rows, columns) a matmul is computed at: unchanged where a row tile of 2-4 and a column tile of at least one
+    vector divide them; otherwise rounded up to a multiple of 4 rows / one vector of columns when that adds at most
+    :data:`MAX_PAD_FRACTION`."""
+    cols = nj
+    if nj >= 2 * lanes and _largest_divisor(nj, (2 * lanes, lanes)) < lanes:
+        cols = -(-nj // lanes) * lanes
+    rows = ni
+    if ni >= 8 and _largest_divisor(ni, (4, 3, 2)) == 1:
+        rows = -(-ni // 4) * 4
+    if (cols - nj) / nj > MAX_PAD_FRACTION or (rows - ni) / ni > MAX_PAD_FRACTION:
+        return ni, nj
+    return rows, cols
+
+
+def _flat_vector_loop(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A copy block (pad or crop) as one fused loop, vectorized by ``lanes`` where it divides the innermost extent
+    (else the innermost loop stays scalar) and parallel over the outer part when large."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner_ext = _extent(sch, loops[-1]) or 0
+    if inner_ext % lanes == 0:
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        outer, vec = sch.split(fused, factors=[None, lanes])
+        sch.vectorize(vec)
+    else:
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 1 else None
+        if outer is None:
+            return
+    total = 1
+    for lp in sch.get_loops(block):
+        total *= _extent(sch, lp) or 1
+    if total >= SMALL_WORK:
+        sch.parallel(outer)
 
 
 class MatmulRule(CPUScheduleRule):
@@ -118,9 +142,25 @@ class MatmulRule(CPUScheduleRule):
         if any(e is None for e in exts):
             return None
         lanes = vector_lanes(target)
+        copies: list = []
+        widths = _padded_extents(exts[nspatial - 2], exts[nspatial - 1], lanes)
+        if widths != (exts[nspatial - 2], exts[nspatial - 1]):
+            # no register tile divides the row / column extent (197 columns of a ViT-Base q·kᵀ, ...): compute on
+            # zero-padded operands instead of falling back to the unscheduled rule; the pad and crop copies are
+            # scheduled as flat vector loops below
+            blocks_before = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+            try:
+                sch.pad_einsum(rb.block_rv, [1] * (nspatial - 2) + list(widths) + [1] * (len(dk) - nspatial))
+            except Exception as exc:  # noqa: BLE001 - padding is an optimization; leave the block to other rules
+                log.debug("matmul padding to %s skipped: %s", widths, exc)
+                return None
+            copies = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                      if sch.get(b).name_hint not in blocks_before]
+            loops = sch.get_loops(rb.block_rv)
+            exts = [_extent(sch, lp) for lp in loops]
         sp, rd = loops[:nspatial], loops[nspatial:]
         ni, nj = exts[nspatial - 2], exts[nspatial - 1]
-        nj_tile = _ragged_or_divisor_tile(nj, lanes)
+        nj_tile = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
         ni_tile = _largest_divisor(ni, (4, 3, 2))
         if nj_tile < 4:
             return None
@@ -171,12 +211,17 @@ class MatmulRule(CPUScheduleRule):
         iloops = sch.get_loops(init)
         sch.vectorize(iloops[-1])
         for blk in [acc] + [e.block_rv for e in infos[idx + 1 :] if _alive(sch, e.block_rv)]:
+            if any(sch.get(blk).same_as(sch.get(c)) for c in copies if _alive(sch, c)):
+                continue
             bl = sch.get_loops(blk)
             if len(bl) > 1:
                 inner = bl[-1]
                 e = _extent(sch, inner)
                 if e is not None and e > 1:
                     sch.vectorize(inner)
+        for blk in copies:
+            if _alive(sch, blk):
+                _flat_vector_loop(sch, blk, lanes)
         return sch
 
 

@@ -104,3 +104,40 @@ def test_softmax_routing_leaves_int32_overflowing_tensors_to_tvm():
     mod = RouteSoftmax(get_target("avx512"))(bb.get())
     text = mod.script()
     assert text.count("R.nn.softmax") == 1 and "softmax_three_pass_fused_4x128" in text
+
+
+def _matmul_bias_model(a_shape, b_shape, bias_len):
+    out = list(a_shape[:-1]) + [b_shape[-1]]
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["m"]),
+                           helper.make_node("Add", ["m", "bias"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a_shape)),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b_shape)),
+                           helper.make_tensor_value_info("bias", TensorProto.FLOAT, [bias_len])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", exec_targets())
+@pytest.mark.parametrize("a_shape,b_shape", [((3, 197, 64), (3, 64, 197)),   # ViT-Base q·kᵀ: 197 is prime
+                                             ((2, 101, 40), (2, 40, 100)),   # rows and columns both padded
+                                             ((50, 72), (72, 37))])          # too much padding: divisor tile
+def test_matmuls_without_a_dividing_tile_match_numpy(target, a_shape, b_shape, rng):
+    """Row / column extents no register tile divides are computed on zero-padded operands (MatmulRule pads, then
+    crops): the numbers must be the plain product, bias epilogue included."""
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    bias = rng.standard_normal(b_shape[-1]).astype(np.float32)
+    out = tvm_callable(_matmul_bias_model(a_shape, b_shape, b_shape[-1]), target, {"a": a, "b": b, "bias": bias})()
+    got = (out if hasattr(out, "numpy") else out[0]).numpy()
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_prime_width_matmul_is_padded_parallel_and_vectorized():
+    from targets.cpu_rules import _padded_extents
+    assert _padded_extents(197, 197, 16) == (200, 208) and _padded_extents(192, 192, 16) == (192, 192)
+    mod = scheduled_module(import_onnx(_matmul_bias_model((3, 197, 64), (3, 64, 197), 197)).mod,
+                           get_target("avx512"))
+    text = "\n".join(f.script() for _, f in mod.functions_items())
+    assert "208" in text and "200" in text  # the padded extents
+    report = loop_report(mod)
+    assert any(r["parallel"] and r["vectorized"] for r in report.values())

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kernel", action="store_true",
+                        help="also time the ViT-Base binary linear on the 1-bit kernel (tools/bench/bivit_kernel.py)")
     parser.add_argument("--out", default=str(ROOT / "tools/bench/results/bivit.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -117,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"W1A1 export: onnxruntime vs FX on the test split: max abs {agreement['max_abs']:.2e}, "
                   f"{agreement['samples_over_1e-4']} samples over 1e-4, argmax agreement "
                   f"{agreement['argmax_agreement']:.4f}")
+    kernel = None
+    if args.kernel:  # the 1-bit kernel against the float linear (TVM and onnxruntime), ViT-Base size
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bivit_kernel
+        kernel = bivit_kernel.measure()
+        for line in bivit_kernel.table_lines(kernel):
+            console.print(line)
     result = {"benchmark": "bivit", "machine": platform.platform(), "cpu": describe(), "config": vars(args),
-              "rows": rows, "size": size, "onnx_vs_fx": agreement, "seconds": round(time.time() - t0, 1)}
+              "rows": rows, "size": size, "onnx_vs_fx": agreement, "kernel": kernel,
+              "seconds": round(time.time() - t0, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
