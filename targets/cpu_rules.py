@@ -108,7 +108,8 @@ def _flat_vector_loop(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 
 class MatmulRule(CPUScheduleRule):
-    """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc with static shapes."""
+    """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc: static shapes, or symbolic batch /
+    row extents (guarded row tiles) with static columns and reduction."""
 
     def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -139,11 +140,15 @@ class MatmulRule(CPUScheduleRule):
         if len(loops) != len(dk):
             return None
         exts = [_extent(sch, lp) for lp in loops]
-        if any(e is None for e in exts):
+        # batch and row extents may be symbolic (one artefact for every batch and length): the row tile then gets a
+        # guarded tail; the column and reduction extents must be constants (vector tile, unrolled reduction)
+        if any(e is None for e in exts[nspatial - 1:]):
             return None
+        symbolic = any(e is None for e in exts[: nspatial - 1])
         lanes = vector_lanes(target)
         copies: list = []
-        widths = _padded_extents(exts[nspatial - 2], exts[nspatial - 1], lanes)
+        widths = (exts[nspatial - 2], exts[nspatial - 1]) if symbolic else \
+            _padded_extents(exts[nspatial - 2], exts[nspatial - 1], lanes)
         if widths != (exts[nspatial - 2], exts[nspatial - 1]):
             # no register tile divides the row / column extent (197 columns of a ViT-Base q·kᵀ, ...): compute on
             # zero-padded operands instead of falling back to the unscheduled rule; the pad and crop copies are
@@ -161,7 +166,7 @@ class MatmulRule(CPUScheduleRule):
         sp, rd = loops[:nspatial], loops[nspatial:]
         ni, nj = exts[nspatial - 2], exts[nspatial - 1]
         nj_tile = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
-        ni_tile = _largest_divisor(ni, (4, 3, 2))
+        ni_tile = 4 if ni is None else _largest_divisor(ni, (4, 3, 2))  # symbolic rows: guarded 4-row tiles
         if nj_tile < 4:
             return None
         b_read = _column_operand(sch.get(rb.block_rv), nspatial)
@@ -173,7 +178,8 @@ class MatmulRule(CPUScheduleRule):
         for e in exts[nspatial:]:
             nk *= e
         # packing reorders loops so A is re-read once per column panel: only when A (per batch) stays cached
-        pack = b_read is not None and ni > ni_tile and nk >= PACK_MIN_K and ni * nk * 4 <= PACK_MAX_A_BYTES
+        pack = b_read is not None and ni is not None and ni > ni_tile and nk >= PACK_MIN_K \
+            and ni * nk * 4 <= PACK_MAX_A_BYTES
         if pack:
             # column panels outermost: one packed (K x NJ) panel of B per parallel task, reused by all row tiles
             sch.reorder(*batch, j_o, i_o, k, i_i, j_i)
@@ -202,7 +208,7 @@ class MatmulRule(CPUScheduleRule):
                 log.debug("B panel packing skipped: %s", exc)
         total = 1
         for e in exts:
-            total *= e
+            total *= e if e is not None else SMALL_WORK  # a symbolic extent counts as large
         if total >= SMALL_WORK:
             sch.parallel(outer)
         sch.unroll(i_i)
