@@ -40,6 +40,8 @@ OUTPUT_NAMES = ("selected_indices", "selected_scores")
 MATRIX_ALWAYS_BOXES = 256
 #: Candidates per Loop iteration of the multi-select step (0: one ArgMax pick per iteration). See soft_nms_graph.
 WINDOW = 8
+#: Static box count from which :func:`use_window` turns the multi-select step on (linear and hard).
+WINDOW_MIN_BOXES = 100
 MATRIX_MAX_BOXES = 2048
 
 
@@ -386,6 +388,21 @@ def use_matrix(n_boxes: int | None, n_classes: int | None = None, max_det: int |
         return True
     steps = n_boxes if not isinstance(max_det, int) else min(max_det, n_boxes)
     return isinstance(n_classes, int) and n_classes * steps >= n_boxes
+
+
+def use_window(method: str, n_boxes: int | None) -> int:
+    """Candidates per Loop iteration the pass uses (0: one ``ArgMax`` pick per iteration), from the method and the
+    static box count (None: unknown).
+
+    The multi-select body has ~4× the ops of the one-pick body, so it pays only when it cuts the iteration count
+    by more than that. Measured (tools/bench/soft_nms.py, docs/soft_nms.md): linear/hard on ≥ 100 static boxes
+    gain (random boxes: most top-scoring candidates do not overlap); the ~30-box scenes of the benchmark lose
+    (2–2.5× fewer iterations, each costlier), and Bodla's Gaussian, which decays every box with IoU > 0, ends the
+    prefix at the first overlap of any size, so it keeps the one-pick body. Unknown N: the one-pick body.
+    """
+    if method == "gaussian" or not isinstance(n_boxes, int) or n_boxes < WINDOW_MIN_BOXES:
+        return 0
+    return WINDOW
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,

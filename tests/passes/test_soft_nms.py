@@ -718,3 +718,31 @@ def test_pass_graph_has_no_iteration_output_and_window_is_documented():
     assert [o.name for o in graph.output] == list(OUTPUT_NAMES)
     with pytest.raises(ValueError, match="window"):
         soft_nms_graph(SoftNMSConfig(method="linear"), window=-1)
+
+
+def test_window_choice():
+    from passes.detect.onnx_nms import WINDOW, use_window
+    assert use_window("linear", 1000) == use_window("hard", 100) == WINDOW > 0
+    assert use_window("linear", 48) == use_window("linear", None) == use_window("gaussian", 1000) == 0
+
+
+@pytest.mark.parametrize("method", ["linear", "hard"])
+def test_convert_uses_the_multi_select_step_on_many_static_boxes(tmp_path, capsys, monkeypatch, method):
+    import json
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "N_BOXES", 160)
+    src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
+    detector(src, 0)
+    assert main(["convert", str(src), "-o", str(out), "--soft-nms", method, "--option", "max_det=40", "--json"]) == 0
+    site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
+    assert site["window"] > 0 and site["form"] == "weight matrix"
+    feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 160, FEATURES)).astype(np.float32)}
+    rewritten = onnx.load(out)
+    names = [o.name for o in rewritten.graph.output]
+    got = dict(zip(names, ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)))
+    cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
+               max_det=40, iou_offset=0, sigma_convention="bodla")
+    rows, kept = ref_onnx(cfg, xyxy_from(got["boxes"].astype(np.float64), 0), got["scores"].astype(np.float64))
+    assert len(rows) > BATCH * CLASSES
+    assert [tuple(r) for r in got["selected_indices"].tolist()] == rows
+    np.testing.assert_allclose(got["selected_indices_scores"], kept, rtol=1e-6, atol=1e-6)
