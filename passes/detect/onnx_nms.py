@@ -168,8 +168,9 @@ def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool) -> onnx.
 
 
 def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, window: int) -> onnx.GraphProto:
-    """One multi-select iteration: (i, cond, s, alive, count) → (cond', s', alive', count', picks, pick_scores,
-    pick_valid), picks (G, ``window``), ``count`` (G, 1) the boxes selected so far per group.
+    """One multi-select iteration: (i, cond, s, alive, budget) → (cond', s', alive', budget', picks, pick_scores,
+    pick_valid), picks (G, ``window``), ``budget`` (G, 1) the boxes each group may still select (``max_det`` −
+    selected so far).
 
     Per group: the ``window`` live boxes with the largest current scores, sorted (``TopK``: ties to the lowest
     index, as ``ArgMax``), are candidates b_0 … b_{W−1}. The selected ones are the longest prefix in which every b_j
@@ -181,7 +182,7 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
     same float64 number the one-pick-per-iteration loop computes.
     """
     b = _Builder("body/")
-    i, cond, s, alive, count = "body/i", "body/cond_in", "body/s", "body/alive", "body/count"
+    i, cond, s, alive, budget = "body/i", "body/cond_in", "body/s", "body/alive", "body/budget"
     masked = b.op("Where", [alive, s, outer["neg_inf"]])
     values, cand = b.op("TopK", [masked, outer["window"]], n_out=2, axis=1, largest=1, sorted=1)  # (G, W)
     cand_valid = b.op("GatherElements", [alive, cand], axis=1)
@@ -195,26 +196,22 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
         keys = ("x1", "y1", "x2", "y2", "area")
         iou = _iou(b, dict(zip(keys, pick)), {k: outer[f"{k}_3d"] for k in keys}, outer["offset"])  # (G, W, N')
         weights, discard = _weights(b, cfg, iou, outer["iou"])
-    # conflicts among the candidates: [g, i, j] = candidate i changes candidate j (only i < j matters)
+    # [g, i, j]: the factor candidate i applies to candidate j, 0 where i discards j (weights are in [0, 1])
     cand_cols = b.op("Expand", [b.op("Unsqueeze", [cand, outer["axis1"]]), outer["cand_shape"]])  # (G, W, W)
-    conflict = None
-    if weights is not None:
-        conflict = b.op("Not", [b.op("Equal", [b.op("GatherElements", [weights, cand_cols], axis=2),
-                                               outer["one"]])])
+    factor = b.op("GatherElements", [weights, cand_cols], axis=2) if weights is not None else outer["one"]
     if discard is not None:
-        hit = b.op("GatherElements", [discard, cand_cols], axis=2)
-        conflict = hit if conflict is None else b.op("Or", [conflict, hit])
-    blocked = b.op("Greater", [b.op("ReduceSum", [b.op("Cast", [b.op("And", [conflict, outer["upper"]])],
-                                                         to=TensorProto.INT64), outer["axis1"]], keepdims=0),
-                               outer["zero_i64"]])                                     # (G, W)
-    not_positive = b.op("And", [b.op("Not", [b.op("Greater", [values, outer["zero_f64"]])]), outer["not_first"]])
-    capped = b.op("GreaterOrEqual", [b.op("Add", [count, outer["positions"]]), outer["max_out"]])
-    bad = b.op("Or", [b.op("Or", [blocked, b.op("Not", [cand_valid])]), b.op("Or", [not_positive, capped])])
-    sel = b.op("Equal", [b.op("CumSum", [b.op("Cast", [bad], to=TensorProto.INT64), outer["axis1_scalar"]]),
-                         outer["zero_i64"]])                                           # the prefix, (G, W)
-    count_out = b.op("Add", [count, b.op("ReduceSum", [b.op("Cast", [sel], to=TensorProto.INT64), outer["axis1"]],
-                                         keepdims=1)])
-    kept = b.op("ScatterElements", [alive, cand, b.op("And", [cand_valid, b.op("Not", [sel])])], axis=1)
+        factor = b.op("Where", [b.op("GatherElements", [discard, cand_cols], axis=2), outer["zero_f64"], factor])
+    # j is untouched by every earlier candidate i < j: the least factor over i < j (1 put at i >= j) is exactly 1
+    untouched = b.op("Equal", [b.op("ReduceMin", [b.op("Max", [factor, outer["not_upper"]]), outer["axis1"]],
+                                    keepdims=0), outer["one"]])                        # (G, W)
+    ok = b.op("And", [b.op("And", [cand_valid, untouched]),
+                      b.op("And", [b.op("Or", [b.op("Greater", [values, outer["zero_f64"]]), outer["first"]]),
+                                   b.op("Less", [outer["positions"], budget])])])
+    sel = b.op("Equal", [b.op("CumSum", [b.op("Cast", [ok], to=TensorProto.INT64), outer["axis1_scalar"]]),
+                         outer["positions_1"]])                                        # the prefix, (G, W)
+    budget_out = b.op("Sub", [budget, b.op("ReduceSum", [b.op("Cast", [sel], to=TensorProto.INT64),
+                                                         outer["axis1"]], keepdims=1)])
+    kept = b.op("ScatterElements", [alive, cand, b.op("Xor", [cand_valid, sel])], axis=1)  # picks leave
     sel3 = b.op("Unsqueeze", [sel, outer["axis2"]])                                    # (G, W, 1)
     if discard is not None:
         hits = b.op("ReduceSum", [b.op("Cast", [b.op("And", [discard, sel3])], to=TensorProto.INT64),
@@ -233,10 +230,10 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
     else:
         decayed = b.op("Identity", [s])
         kept = b.op("And", [kept, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
-    under_cap = b.op("Less", [count_out, outer["max_out"]])
+    under_cap = b.op("Greater", [budget_out, outer["zero_i64"]])
     live = b.op("ReduceSum", [b.op("Cast", [b.op("And", [kept, under_cap])], to=TensorProto.INT64)], keepdims=0)
     cond_out = b.op("Greater", [live, outer["zero_i64"]])
-    outs = [cond_out, decayed, kept, count_out, cand, values, sel]
+    outs = [cond_out, decayed, kept, budget_out, cand, values, sel]
     types = [TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT64, TensorProto.INT64,
              TensorProto.DOUBLE, TensorProto.BOOL]
     return helper.make_graph(
@@ -245,7 +242,7 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
          helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
          helper.make_tensor_value_info(s, TensorProto.DOUBLE, ["G", "N1"]),
          helper.make_tensor_value_info(alive, TensorProto.BOOL, ["G", "N1"]),
-         helper.make_tensor_value_info(count, TensorProto.INT64, ["G", 1])],
+         helper.make_tensor_value_info(budget, TensorProto.INT64, ["G", 1])],
         [helper.make_tensor_value_info(n, t, shape) for n, t, shape in
          zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G", 1], ["G", window], ["G", window], ["G", window]))])
 
@@ -330,9 +327,9 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     else:
         outer.update({"window": i64([window]), "axis0": i64([0]), "axis1": i64([1]), "axis2": i64([2]),
                       "axis1_scalar": i64(1), "one": b.const(1.0, np.float64), "zero_f64": b.const(0.0, np.float64),
-                      "max_out": max_out, "upper": b.const(np.triu(np.ones((window, window), bool), 1), np.bool_),
-                      "not_first": b.const(np.arange(window)[None] > 0, np.bool_),
-                      "positions": i64(np.arange(window)[None]),
+                      "not_upper": b.const(np.tril(np.ones((window, window))), np.float64),   # 1 at i >= j
+                      "first": b.const(np.arange(window)[None] == 0, np.bool_),
+                      "positions": i64(np.arange(window)[None]), "positions_1": i64(np.arange(1, window + 1)[None]),
                       "cand_shape": b.op("Concat", [groups, i64([window, window])], axis=0)})
         if matrix:
             outer["batch_rows"] = b.op("Unsqueeze", [b.op("Expand", [outer["batch_of_group"], b.op(
@@ -340,11 +337,11 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
         else:
             for k in box:
                 outer[f"{k}_3d"] = b.op("Unsqueeze", [outer[k], i64([1])])              # (G, 1, N + pad)
-        count0 = b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
-                      value=helper.make_tensor("c", TensorProto.INT64, [1], [0]))
+        budget0 = b.op("Add", [b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                    value=helper.make_tensor("c", TensorProto.INT64, [1], [0])), max_out])  # (G, 1)
         body = _loop_body_multi(cfg, outer, matrix, window)
         _, _, _, picks, pick_scores, pick_valid = b.op(
-            "Loop", [trips, b.const(True, np.bool_), s0, alive0, count0], n_out=6, body=body)  # scans: (T, G, W)
+            "Loop", [trips, b.const(True, np.bool_), s0, alive0, budget0], n_out=6, body=body)  # scans: (T, G, W)
     flat = i64([-1])
     pick_flat = b.op("Reshape", [b.op("Transpose", [picks], perm=[1, 0, 2]), flat])
     score_flat = b.op("Reshape", [b.op("Transpose", [pick_scores], perm=[1, 0, 2]), flat])
