@@ -20,6 +20,11 @@ matrix computed once before the loop (``matrix=True``: fewest ops per iteration)
 row inside the loop (memory O(B·C·N)); :func:`use_matrix` chooses from the static box count. The trip count is
 min(max_output_boxes_per_class, N) (at least 1; a cap of 0 marks every pick invalid) and the loop stops early once
 no group has a live box. A zero box appended to every image (never live) makes N = 0 work. Arithmetic is float64.
+
+Multi-select step (``window`` W ≥ 1, :func:`_loop_body_multi`): an iteration selects, per group, the longest prefix
+of the W top-scoring live boxes (``TopK``) that sequential Soft-NMS would pick one after the other unchanged, and
+applies their decays in selection order: identical results, fewer iterations when top boxes do not overlap, more
+ops per iteration. W zero boxes are appended instead of one. :func:`use_window` chooses W from the method and N.
 """
 from __future__ import annotations
 
@@ -391,8 +396,8 @@ def use_window(method: str, n_boxes: int | None) -> int:
     """Candidates per Loop iteration the pass uses (0: one ``ArgMax`` pick per iteration), from the method and the
     static box count (None: unknown).
 
-    The multi-select body has ~4× the ops of the one-pick body, so it pays only when it cuts the iteration count
-    by more than that. Measured (tools/bench/soft_nms.py, docs/soft_nms.md): linear/hard on ≥ 100 static boxes
+    The multi-select body has ~4.7× the ops of the one-pick body (61 against 13, matrix form), so it pays only when
+    it cuts the iteration count by more than that. Measured (tools/bench/soft_nms.py, docs/soft_nms.md): linear/hard on ≥ 100 static boxes
     gain (random boxes: most top-scoring candidates do not overlap); the ~30-box scenes of the benchmark lose
     (2–2.5× fewer iterations, each costlier), and Bodla's Gaussian, which decays every box with IoU > 0, ends the
     prefix at the first overlap of any size, so it keeps the one-pick body. Unknown N: the one-pick body.
