@@ -30,7 +30,7 @@ from rewrite.recognize import recognize
 from rewrite.sites import NMSSite
 
 from .config import DEFAULT_MIN_SCORE, OPTIONS, SoftNMSConfig, resolve_options
-from .onnx_nms import OPSET, soft_nms_graph, use_matrix
+from .onnx_nms import OPSET, soft_nms_graph, use_matrix, use_window
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +98,21 @@ class SoftNMSPass(Pass):
             readers = [g.node_name(u) for u in g.users(site.output)]
             if g.is_graph_output(site.output):
                 changed.append(g.value_name(site.output))
-            matrix = _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
+            matrix, window = _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
             added.append(scores_name)
             reason = ""
             if cfg.max_det == 0:
                 reason = "max_output_boxes_per_class is 0 or absent: selects no box (as ONNX NMS); give max_det=N"
             row = {**site.summary(), "status": "replaced", "reason": reason, "method": cfg.method,
                    "options": cfg.summary(), "sources": {k: v[0] for k, v in sources.items()},
-                   "scores_output": scores_name, "form": "weight matrix" if matrix else "IoU rows"}
+                   "scores_output": scores_name, "form": "weight matrix" if matrix else "IoU rows",
+                   "window": window}
             rows.append(row)
             lines.append(f"{site.name} ({site.node}): NonMaxSuppression → Soft-NMS {cfg.method} (N_t="
                          f"{_describe(sources['iou'])}, σ={cfg.sigma:g} {cfg.sigma_convention}, min_score="
                          f"{_describe(sources['score_threshold'])}, max_det={_describe(sources['max_det'])}, "
-                         f"iou_offset={cfg.iou_offset}, {'weight matrix' if matrix else 'IoU rows'}); decayed "
+                         f"iou_offset={cfg.iou_offset}, {'weight matrix' if matrix else 'IoU rows'}, "
+                         f"{f'up to {window} picks' if window else '1 pick'} per iteration); decayed "
                          f"scores → output '{scores_name}'")
             if readers:
                 lines.append(f"  note: {', '.join(readers)} read {g.value_name(site.output)}; scores they gather "
@@ -151,9 +153,10 @@ def _constant(graph: ir.Graph, taken: set[str], name: str, value: Any, dtype: An
 
 
 def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, sources: Mapping[str, Any],
-            scores_name: str, taken: set[str]) -> bool:
+            scores_name: str, taken: set[str]) -> tuple[bool, int]:
     """Insert the Soft-NMS sub-graph before the NMS node, reroute its output and add the scores output. Returns
-    whether the sub-graph precomputes the weight matrix (static N ≤ ``MATRIX_MAX_BOXES``) or computes IoU rows."""
+    whether the sub-graph precomputes the weight matrix (static N ≤ ``MATRIX_MAX_BOXES``) or computes IoU rows, and
+    its multi-select window (:func:`passes.detect.onnx_nms.use_window`; 0: one pick per Loop iteration)."""
     graph = model.graph
     prefix = f"softswap/{site.name}/"
     dtype = _ONNX_DTYPES.get(g.dtype(site.scores) or "float32", onnx.TensorProto.FLOAT)
@@ -163,7 +166,8 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
                         score_shape[1] if score_shape is not None and len(score_shape) == 3 else None,
                         cfg.max_det if sources["max_det"][0] != "node" or not isinstance(sources["max_det"][1], str)
                         else None)
-    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix),
+    window = use_window(cfg.method, box_shape[1] if box_shape is not None and len(box_shape) == 3 else None)
+    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix, window=window),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     sub = ir.from_proto(proto).graph
 
@@ -196,4 +200,4 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
     new_indices.name = old_name  # users and graph outputs keep reading the same name
     new_scores.name = scores_name
     graph.outputs.append(new_scores)
-    return matrix
+    return matrix, window

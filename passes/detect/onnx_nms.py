@@ -20,6 +20,11 @@ matrix computed once before the loop (``matrix=True``: fewest ops per iteration)
 row inside the loop (memory O(B·C·N)); :func:`use_matrix` chooses from the static box count. The trip count is
 min(max_output_boxes_per_class, N) (at least 1; a cap of 0 marks every pick invalid) and the loop stops early once
 no group has a live box. A zero box appended to every image (never live) makes N = 0 work. Arithmetic is float64.
+
+Multi-select step (``window`` W ≥ 1, :func:`_loop_body_multi`): an iteration selects, per group, the longest prefix
+of the W top-scoring live boxes (``TopK``) that sequential Soft-NMS would pick one after the other unchanged, and
+applies their decays in selection order: identical results, fewer iterations when top boxes do not overlap, more
+ops per iteration. W zero boxes are appended instead of one. :func:`use_window` chooses W from the method and N.
 """
 from __future__ import annotations
 
@@ -38,6 +43,10 @@ OUTPUT_NAMES = ("selected_indices", "selected_scores")
 #: Box counts up to which the weight matrix is always used (few ops per iteration win on small inputs), and beyond
 #: which it never is (8·N² bytes per image and matrix: 32 MB at 2048). See :func:`use_matrix`.
 MATRIX_ALWAYS_BOXES = 256
+#: Candidates per Loop iteration of the multi-select step (0: one ArgMax pick per iteration). See soft_nms_graph.
+WINDOW = 8
+#: Static box count from which :func:`use_window` turns the multi-select step on (linear and hard).
+WINDOW_MIN_BOXES = 100
 MATRIX_MAX_BOXES = 2048
 
 
@@ -163,15 +172,103 @@ def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool) -> onnx.
          zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G", 1], ["G", 1], ["G", 1]))])
 
 
+def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, window: int) -> onnx.GraphProto:
+    """One multi-select iteration: (i, cond, s, alive, budget) → (cond', s', alive', budget', picks, pick_scores,
+    pick_valid), picks (G, ``window``), ``budget`` (G, 1) the boxes each group may still select (``max_det`` −
+    selected so far).
+
+    Per group: the ``window`` live boxes with the largest current scores, sorted (``TopK``: ties to the lowest
+    index, as ``ArgMax``), are candidates b_0 … b_{W−1}. The selected ones are the longest prefix in which every b_j
+    is live, has a score > 0 (j ≥ 1), is within the ``max_det`` cap, and is left exactly unchanged by every earlier
+    candidate (weight exactly 1 and not discarded). Sequential Soft-NMS selects that prefix in that order with these
+    scores: b_0 is its pick; b_0 … b_{j−1} do not touch b_j, and every other box's score only moves down (a positive
+    score times a weight ≤ 1) or stays ≤ 0 < s(b_j), so b_j is the next pick. The prefix's weights are then applied
+    one pick after the other, in selection order, each followed by the ``min_score`` check, so every score is the
+    same float64 number the one-pick-per-iteration loop computes.
+    """
+    b = _Builder("body/")
+    i, cond, s, alive, budget = "body/i", "body/cond_in", "body/s", "body/alive", "body/budget"
+    masked = b.op("Where", [alive, s, outer["neg_inf"]])
+    values, cand = b.op("TopK", [masked, outer["window"]], n_out=2, axis=1, largest=1, sorted=1)  # (G, W)
+    cand_valid = b.op("GatherElements", [alive, cand], axis=1)
+    if matrix:
+        rows = b.op("Concat", [outer["batch_rows"], b.op("Unsqueeze", [cand, outer["axis2"]])], axis=2)  # (G, W, 2)
+        weights = b.op("GatherND", [outer["weights"], rows]) if "weights" in outer else None   # (G, W, N')
+        discard = b.op("GatherND", [outer["discard"], rows]) if "discard" in outer else None
+    else:
+        pick = b.op("Split", [b.op("GatherND", [outer["packed"], b.op("Unsqueeze", [cand, outer["axis2"]])],
+                                   batch_dims=1)], n_out=5, axis=2, num_outputs=5)     # 5 × (G, W, 1)
+        keys = ("x1", "y1", "x2", "y2", "area")
+        iou = _iou(b, dict(zip(keys, pick)), {k: outer[f"{k}_3d"] for k in keys}, outer["offset"])  # (G, W, N')
+        weights, discard = _weights(b, cfg, iou, outer["iou"])
+    # [g, i, j]: the factor candidate i applies to candidate j, 0 where i discards j (weights are in [0, 1])
+    cand_cols = b.op("Expand", [b.op("Unsqueeze", [cand, outer["axis1"]]), outer["cand_shape"]])  # (G, W, W)
+    factor = b.op("GatherElements", [weights, cand_cols], axis=2) if weights is not None else outer["one"]
+    if discard is not None:
+        factor = b.op("Where", [b.op("GatherElements", [discard, cand_cols], axis=2), outer["zero_f64"], factor])
+    # j is untouched by every earlier candidate i < j: the least factor over i < j (1 put at i >= j) is exactly 1
+    untouched = b.op("Equal", [b.op("ReduceMin", [b.op("Max", [factor, outer["not_upper"]]), outer["axis1"]],
+                                    keepdims=0), outer["one"]])                        # (G, W)
+    ok = b.op("And", [b.op("And", [cand_valid, untouched]),
+                      b.op("And", [b.op("Or", [b.op("Greater", [values, outer["zero_f64"]]), outer["first"]]),
+                                   b.op("Less", [outer["positions"], budget])])])
+    sel = b.op("Equal", [b.op("CumSum", [b.op("Cast", [ok], to=TensorProto.INT64), outer["axis1_scalar"]]),
+                         outer["positions_1"]])                                        # the prefix, (G, W)
+    budget_out = b.op("Sub", [budget, b.op("ReduceSum", [b.op("Cast", [sel], to=TensorProto.INT64),
+                                                         outer["axis1"]], keepdims=1)])
+    kept = b.op("ScatterElements", [alive, cand, b.op("Xor", [cand_valid, sel])], axis=1)  # picks leave
+    sel3 = b.op("Unsqueeze", [sel, outer["axis2"]])                                    # (G, W, 1)
+    if discard is not None:
+        hits = b.op("ReduceSum", [b.op("Cast", [b.op("And", [discard, sel3])], to=TensorProto.INT64),
+                                  outer["axis1"]], keepdims=0)
+        kept = b.op("And", [kept, b.op("Not", [b.op("Greater", [hits, outer["zero_i64"]])])])
+    decayed = s
+    if weights is not None:  # one pick after the other (float64 rounding as in the sequential loop)
+        steps = b.op("Split", [b.op("Transpose", [b.op("Where", [sel3, weights, outer["one"]])], perm=[1, 0, 2])],
+                     n_out=window, axis=0, num_outputs=window) if window > 1 else \
+            [b.op("Transpose", [b.op("Where", [sel3, weights, outer["one"]])], perm=[1, 0, 2])]
+        for w in steps:                                                                # (1, G, N') each
+            decayed = b.op("Mul", [decayed, w])
+            kept = b.op("And", [kept, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
+        decayed = b.op("Squeeze", [decayed, outer["axis0"]])
+        kept = b.op("Squeeze", [kept, outer["axis0"]])
+    else:
+        decayed = b.op("Identity", [s])
+        kept = b.op("And", [kept, b.op("GreaterOrEqual", [decayed, outer["min_score"]])])
+    under_cap = b.op("Greater", [budget_out, outer["zero_i64"]])
+    live = b.op("ReduceSum", [b.op("Cast", [b.op("And", [kept, under_cap])], to=TensorProto.INT64)], keepdims=0)
+    cond_out = b.op("Greater", [live, outer["zero_i64"]])
+    outs = [cond_out, decayed, kept, budget_out, cand, values, sel]
+    types = [TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT64, TensorProto.INT64,
+             TensorProto.DOUBLE, TensorProto.BOOL]
+    return helper.make_graph(
+        b.nodes, "soft_nms_multi_step",
+        [helper.make_tensor_value_info(i, TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(s, TensorProto.DOUBLE, ["G", "N1"]),
+         helper.make_tensor_value_info(alive, TensorProto.BOOL, ["G", "N1"]),
+         helper.make_tensor_value_info(budget, TensorProto.INT64, ["G", 1])],
+        [helper.make_tensor_value_info(n, t, shape) for n, t, shape in
+         zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G", 1], ["G", window], ["G", window], ["G", window]))])
+
+
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   prefix: str = "", matrix: bool = True) -> onnx.GraphProto:
+                   prefix: str = "", matrix: bool = True, window: int | None = None) -> onnx.GraphProto:
     """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
     ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
     graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted).
 
     ``matrix``: precompute the (B, N+1, N+1) weight matrix once (fewest ops per iteration: fastest for small N;
     memory 8·B·N² bytes per matrix); otherwise compute each pick's IoU row in the loop (memory O(B·C·N)).
-    Both give identical results (:func:`use_matrix` picks one from N)."""
+    Both give identical results (:func:`use_matrix` picks one from N).
+
+    ``window``: candidates per ``Loop`` iteration (default :data:`WINDOW`). 0 picks one box per iteration
+    (``ArgMax``); W ≥ 1 selects up to W boxes per iteration with the exact multi-select step of
+    :func:`_loop_body_multi` (same indices and scores, fewer iterations when the top boxes do not overlap)."""
+    window = WINDOW if window is None else int(window)
+    if window < 0:
+        raise ValueError(f"soft-nms: window={window!r}: must be >= 0")
+    pad = max(1, window)  # never-live zero boxes appended to every image (TopK needs >= window columns)
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
@@ -185,9 +282,9 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     n_classes = b.op("Slice", [shape, i64([1]), i64([2])])
     groups = b.op("Mul", [b.op("Slice", [shape, i64([0]), i64([1])]), n_classes])        # [G] = [B·C]
     flat_shape = b.op("Concat", [groups, n], axis=0)                                    # [G, N] (N may be 0)
-    # boxes → (B, N + 1) float64 coordinates, a zero box appended (the padding column: never live)
+    # boxes → (B, N + pad) float64 coordinates, ``pad`` zero boxes appended (the padding columns: never live)
     zeros = helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0])
-    pad_box = b.op("ConstantOfShape", [b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([1])]), i64([1, 4])],
+    pad_box = b.op("ConstantOfShape", [b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([1])]), i64([pad, 4])],
                                                  axis=0)], value=zeros)
     padded = b.op("Concat", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), pad_box], axis=1)  # (Pad fails on N = 0)
     coords = [b.op("Squeeze", [c, i64([2])]) for c in b.op("Split", [padded], n_out=4, axis=2, num_outputs=4)]
@@ -210,9 +307,9 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
         weights, discard = _weights(b, cfg, _iou(b, r, c, offset), iou_t)               # (B, N+1, N+1)
         outer.update({k: v for k, v in (("weights", weights), ("discard", discard)) if v is not None})
     s_flat = b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape], allowzero=1)  # (G, N)
-    s0 = b.op("Concat", [s_flat, b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
-                                      value=zeros)], axis=1)                            # (G, N + 1)
-    real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(1)]), i64(1)]), n_scalar])
+    s0 = b.op("Concat", [s_flat, b.op("ConstantOfShape", [b.op("Concat", [groups, i64([pad])], axis=0)],
+                                      value=zeros)], axis=1)                            # (G, N + pad)
+    real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(pad)]), i64(1)]), n_scalar])
     alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
     if matrix:
         group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
@@ -221,23 +318,44 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
                                  value=helper.make_tensor("f", TensorProto.BOOL, [1], [False]))
     trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
     if not matrix:  # every group's boxes, (G, N + 1) each, and packed (G, 5, N + 1) to gather the pick's row
-        per_group_shape = b.op("Concat", [groups, b.op("Add", [n, i64([1])])], axis=0)
+        per_group_shape = b.op("Concat", [groups, b.op("Add", [n, i64([pad])])], axis=0)
         batches = b.op("Slice", [shape, i64([0]), i64([1])])
-        expand_shape = b.op("Concat", [batches, n_classes, b.op("Add", [n, i64([1])])], axis=0)
+        expand_shape = b.op("Concat", [batches, n_classes, b.op("Add", [n, i64([pad])])], axis=0)
         for k, v in box.items():
             outer[k] = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [v, i64([1])]), expand_shape]),
                                         per_group_shape], allowzero=1)
         outer["packed"] = b.op("Concat", [b.op("Unsqueeze", [outer[k], i64([2])]) for k in box], axis=2)  # (G, N+1, 5)
-    body = _loop_body(cfg, outer, matrix)
-    _, _, picks, pick_scores, pick_valid = b.op("Loop", [trips, b.const(True, np.bool_), s0, alive0], n_out=5,
-                                                body=body)                              # scans: (T, G, 1)
+    if window == 0:
+        body = _loop_body(cfg, outer, matrix)
+        _, _, picks, pick_scores, pick_valid = b.op("Loop", [trips, b.const(True, np.bool_), s0, alive0], n_out=5,
+                                                    body=body)                          # scans: (T, G, 1)
+    else:
+        outer.update({"window": i64([window]), "axis0": i64([0]), "axis1": i64([1]), "axis2": i64([2]),
+                      "axis1_scalar": i64(1), "one": b.const(1.0, np.float64), "zero_f64": b.const(0.0, np.float64),
+                      "not_upper": b.const(np.tril(np.ones((window, window))), np.float64),   # 1 at i >= j
+                      "first": b.const(np.arange(window)[None] == 0, np.bool_),
+                      "positions": i64(np.arange(window)[None]), "positions_1": i64(np.arange(1, window + 1)[None]),
+                      "cand_shape": b.op("Concat", [groups, i64([window, window])], axis=0)})
+        if matrix:
+            outer["batch_rows"] = b.op("Unsqueeze", [b.op("Expand", [outer["batch_of_group"], b.op(
+                "Concat", [groups, i64([window])], axis=0)]), i64([2])])                # (G, W, 1)
+        else:
+            for k in box:
+                outer[f"{k}_3d"] = b.op("Unsqueeze", [outer[k], i64([1])])              # (G, 1, N + pad)
+        budget0 = b.op("Add", [b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                    value=helper.make_tensor("c", TensorProto.INT64, [1], [0])), max_out])  # (G, 1)
+        body = _loop_body_multi(cfg, outer, matrix, window)
+        _, _, _, picks, pick_scores, pick_valid = b.op(
+            "Loop", [trips, b.const(True, np.bool_), s0, alive0, budget0], n_out=6, body=body)  # scans: (T, G, W)
     flat = i64([-1])
     pick_flat = b.op("Reshape", [b.op("Transpose", [picks], perm=[1, 0, 2]), flat])
     score_flat = b.op("Reshape", [b.op("Transpose", [pick_scores], perm=[1, 0, 2]), flat])
     valid_flat = b.op("And", [b.op("Reshape", [b.op("Transpose", [pick_valid], perm=[1, 0, 2]), flat]),
                               b.op("Greater", [max_out, i64(0)])])                     # a cap of 0 selects nothing
     pos = b.op("Reshape", [b.op("NonZero", [valid_flat]), flat])                         # (M,)
-    steps = b.op("Slice", [b.op("Shape", [picks]), i64([0]), i64([1])])
+    scan_shape = b.op("Shape", [picks])
+    steps = b.op("Mul", [b.op("Slice", [scan_shape, i64([0]), i64([1])]),
+                         b.op("Slice", [scan_shape, i64([2]), i64([3])])])             # picks per group: T · W
     group = b.op("Div", [pos, steps])
     batch = b.op("Div", [group, n_classes])
     klass = b.op("Mod", [group, n_classes])
@@ -274,10 +392,25 @@ def use_matrix(n_boxes: int | None, n_classes: int | None = None, max_det: int |
     return isinstance(n_classes, int) and n_classes * steps >= n_boxes
 
 
+def use_window(method: str, n_boxes: int | None) -> int:
+    """Candidates per Loop iteration the pass uses (0: one ``ArgMax`` pick per iteration), from the method and the
+    static box count (None: unknown).
+
+    The multi-select body has ~4.7× the ops of the one-pick body (61 against 13, matrix form), so it pays only when
+    it cuts the iteration count by more than that. Measured (tools/bench/soft_nms.py, docs/soft_nms.md): linear/hard on ≥ 100 static boxes
+    gain (random boxes: most top-scoring candidates do not overlap); the ~30-box scenes of the benchmark lose
+    (2–2.5× fewer iterations, each costlier), and Bodla's Gaussian, which decays every box with IoU > 0, ends the
+    prefix at the first overlap of any size, so it keeps the one-pick body. Unknown N: the one-pick body.
+    """
+    if method == "gaussian" or not isinstance(n_boxes, int) or n_boxes < WINDOW_MIN_BOXES:
+        return 0
+    return WINDOW
+
+
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   matrix: bool = True) -> onnx.ModelProto:
+                   matrix: bool = True, window: int | None = None) -> onnx.ModelProto:
     """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
-    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix),
+    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix, window=window),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -632,3 +632,117 @@ def test_form_choice():
     assert not use_matrix(None) and not use_matrix("N") and not use_matrix(4096, 80, 100)
     assert use_matrix(300, 20, 100) and not use_matrix(1000, 1, 100) and not use_matrix(1000, 4, 100)
     assert use_matrix(1000, 20, 100) and not use_matrix(1000, None, 100)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the multi-select Loop step (several boxes per iteration): same results as the reference, fewer iterations
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def window_session(method, convention, offset, matrix, window, counted=False):
+    """Our sub-graph with ``window`` candidates per iteration; ``counted`` adds the Loop's scan output (one row per
+    iteration) as a last graph output, to count iterations (a test-only wrapper: the pass never does this)."""
+    cfg = SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention, iou_offset=offset)
+    model = soft_nms_model(cfg, 0, matrix=matrix, window=window)
+    if counted:
+        loop = next(n for n in model.graph.node if n.op_type == "Loop")
+        model.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.BOOL, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def sparse_sets(seed, sets, n, score_values):
+    """Mostly disjoint boxes (one per cell of a grid, in random order) of which ~20% are replaced by a jittered copy
+    of another box (overlap), and scores drawn from ``score_values`` (many exact ties)."""
+    rng = np.random.default_rng(seed)
+    cell = rng.permutation(64)[:n] if n <= 64 else rng.integers(0, 64, n)
+    corner = np.stack([cell % 8, cell // 8], -1) * 20.0
+    boxes = np.concatenate([corner, corner + rng.integers(20, 64, size=(n, 2)) / 4], -1)
+    boxes = np.broadcast_to(boxes, (sets, n, 4)).copy()
+    if n > 1:
+        copy = rng.random((sets, n)) < 0.2
+        src = rng.integers(0, n, size=(sets, n))
+        jitter = rng.integers(-8, 9, size=(sets, n, 4)) / 4
+        boxes = np.where(copy[..., None], np.take_along_axis(boxes, src[..., None].repeat(4, -1), 1) + jitter, boxes)
+    scores = rng.choice(np.asarray(score_values, np.float32), size=(sets, n))
+    return boxes.astype(np.float32).astype(np.float64), scores.astype(np.float64)
+
+
+@settings(FAST, max_examples=120)
+@given(method=st.sampled_from(["linear", "gaussian", "hard"]), convention=st.sampled_from(["bodla", "tf"]),
+       offset=st.sampled_from([0, 1]), matrix=st.booleans(), window=st.sampled_from([0, 1, 2, 3, 8, 16]),
+       seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 40), nt=st.sampled_from([0.0, 0.3, 0.5]),
+       thr=st.sampled_from([0.0, 0.001, 0.3, -1.0]), max_det=st.integers(0, 45),
+       values=st.sampled_from([(0.25, 0.5, 0.75), (0.0, 0.5, 1.0), (-0.5, 0.0, 0.25, 0.5), (0.9,)]))
+def test_multi_select_with_ties_and_disjoint_boxes_equals_reference(method, convention, offset, matrix, window,
+                                                                    seed, n, nt, thr, max_det, values):
+    cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(nt)), min_score=float(np.float32(thr)),
+               max_det=max_det, iou_offset=offset, sigma_convention=convention)
+    batch, classes = 2, 2
+    boxes, _ = sparse_sets(seed, batch, n, values)
+    _, scores = sparse_sets(seed + 1, batch * classes, n, values)
+    scores = scores.reshape(batch, classes, n)
+    sess = window_session(method, convention, offset, matrix, window)
+    sel, sc = sess.run(None, {"boxes": boxes[..., [1, 0, 3, 2]].astype(np.float32),
+                              "scores": scores.astype(np.float32),
+                              "max_output_boxes_per_class": np.array([max_det], np.int64),
+                              "iou_threshold": np.array([cfg["iou_threshold"]], np.float32),
+                              "score_threshold": np.array([cfg["min_score"]], np.float32)})
+    rows, kept = ref_onnx(cfg, boxes, scores)
+    assert [tuple(r) for r in sel.tolist()] == rows
+    np.testing.assert_allclose(sc.astype(np.float64), kept, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("matrix", [True, False])
+@pytest.mark.parametrize("method", ["linear", "gaussian", "hard"])
+def test_multi_select_needs_fewer_iterations_than_picks_on_disjoint_boxes(method, matrix):
+    corner = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2) * 30.0    # 36 disjoint boxes
+    boxes = np.concatenate([corner, corner + 20.0], -1)[None]
+    scores = np.random.default_rng(3).permutation(36).astype(np.float64)[None, None] / 36 + 0.01
+    feeds = {"boxes": boxes[..., [1, 0, 3, 2]].astype(np.float32), "scores": scores.astype(np.float32),
+             "max_output_boxes_per_class": np.array([30], np.int64), "iou_threshold": np.array([0.3], np.float32),
+             "score_threshold": np.array([0.001], np.float32)}
+    rows, _ = ref_onnx(dict(method=method, sigma=0.5, iou_threshold=float(np.float32(0.3)), min_score=float(
+        np.float32(0.001)), max_det=30, iou_offset=0, sigma_convention="bodla"), boxes, scores)
+    assert len(rows) == 30
+    iterations = {}
+    for window in (0, 8):
+        sel, _, scan = window_session(method, "bodla", 0, matrix, window, counted=True).run(None, feeds)
+        assert [tuple(r) for r in sel.tolist()] == rows
+        iterations[window] = scan.shape[0]
+    assert iterations[0] == 30           # one pick per iteration: the counter counts what it should
+    assert iterations[8] == 4            # ⌈30 / 8⌉: every candidate is disjoint from the others
+
+
+def test_pass_graph_has_no_iteration_output_and_window_is_documented():
+    from passes.detect.onnx_nms import OUTPUT_NAMES, WINDOW, soft_nms_graph
+    graph = soft_nms_graph(SoftNMSConfig(method="linear"), window=WINDOW)
+    assert [o.name for o in graph.output] == list(OUTPUT_NAMES)
+    with pytest.raises(ValueError, match="window"):
+        soft_nms_graph(SoftNMSConfig(method="linear"), window=-1)
+
+
+def test_window_choice():
+    from passes.detect.onnx_nms import WINDOW, use_window
+    assert use_window("linear", 1000) == use_window("hard", 100) == WINDOW > 0
+    assert use_window("linear", 48) == use_window("linear", None) == use_window("gaussian", 1000) == 0
+
+
+@pytest.mark.parametrize("method", ["linear", "hard"])
+def test_convert_uses_the_multi_select_step_on_many_static_boxes(tmp_path, capsys, monkeypatch, method):
+    import json
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "N_BOXES", 160)
+    src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
+    detector(src, 0)
+    assert main(["convert", str(src), "-o", str(out), "--soft-nms", method, "--option", "max_det=40", "--json"]) == 0
+    site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
+    assert site["window"] > 0 and site["form"] == "weight matrix"
+    feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 160, FEATURES)).astype(np.float32)}
+    rewritten = onnx.load(out)
+    names = [o.name for o in rewritten.graph.output]
+    got = dict(zip(names, ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)))
+    cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
+               max_det=40, iou_offset=0, sigma_convention="bodla")
+    rows, kept = ref_onnx(cfg, xyxy_from(got["boxes"].astype(np.float64), 0), got["scores"].astype(np.float64))
+    assert len(rows) > BATCH * CLASSES
+    assert [tuple(r) for r in got["selected_indices"].tolist()] == rows
+    np.testing.assert_allclose(got["selected_indices_scores"], kept, rtol=1e-6, atol=1e-6)

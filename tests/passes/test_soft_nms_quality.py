@@ -81,4 +81,10 @@ def test_soft_nms_ap_above_hard_nms_on_fixed_scenes(bench):
         assert ap[("soft-nms hard", nt)] == hard  # our hard sub-graph selects what onnxruntime's NMS selects
         assert ap[("soft-nms gaussian", nt)] > hard + 0.01
         assert ap[("soft-nms linear", nt)] >= hard
+        for method in ("hard", "linear", "gaussian"):  # the multi-select Loop step selects the same boxes
+            multi = next(r for r in rows if r["method"].startswith(f"soft-nms {method} multi-")
+                         and r["iou_threshold"] == nt)
+            assert multi["mAP50"] == ap[(f"soft-nms {method}", nt)]
+            assert multi["boxes_kept_per_image"] == next(r["boxes_kept_per_image"] for r in rows if r["method"] ==
+                                                         f"soft-nms {method}" and r["iou_threshold"] == nt)
     assert ap[("soft-nms linear", 0.3)] > ap[("onnxruntime NMS (hard)", 0.3)] + 0.01
