@@ -109,7 +109,7 @@ def _flat_vector_loop(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 class MatmulRule(CPUScheduleRule):
     """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc: static shapes, or symbolic batch /
-    row extents (guarded row tiles) with static columns and reduction."""
+    row / reduction extents (guarded row tiles, a symbolic reduction bound) with a static column extent."""
 
     def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -140,11 +140,12 @@ class MatmulRule(CPUScheduleRule):
         if len(loops) != len(dk):
             return None
         exts = [_extent(sch, lp) for lp in loops]
-        # batch and row extents may be symbolic (one artefact for every batch and length): the row tile then gets a
-        # guarded tail; the column and reduction extents must be constants (vector tile, unrolled reduction)
-        if any(e is None for e in exts[nspatial - 1:]):
+        # batch, row and reduction extents may be symbolic (one artefact for every batch and length): the row tile
+        # then gets a guarded tail and the reduction loop a symbolic bound; the column extent must be a constant
+        # (the vector tile)
+        if exts[nspatial - 1] is None:
             return None
-        symbolic = any(e is None for e in exts[: nspatial - 1])
+        symbolic = any(e is None for i, e in enumerate(exts) if i != nspatial - 1)
         lanes = vector_lanes(target)
         copies: list = []
         widths = (exts[nspatial - 2], exts[nspatial - 1]) if symbolic else \
@@ -174,11 +175,11 @@ class MatmulRule(CPUScheduleRule):
         j_o, j_i = sch.split(sp[-1], factors=[None, nj_tile])
         k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
         batch = list(sp[:-2])
-        nk = 1
+        nk = None if any(e is None for e in exts[nspatial:]) else 1
         for e in exts[nspatial:]:
-            nk *= e
+            nk = nk * e if nk is not None else None
         # packing reorders loops so A is re-read once per column panel: only when A (per batch) stays cached
-        pack = b_read is not None and ni is not None and ni > ni_tile and nk >= PACK_MIN_K \
+        pack = b_read is not None and ni is not None and nk is not None and ni > ni_tile and nk >= PACK_MIN_K \
             and ni * nk * 4 <= PACK_MAX_A_BYTES
         if pack:
             # column panels outermost: one packed (K x NJ) panel of B per parallel task, reused by all row tiles

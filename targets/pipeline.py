@@ -117,13 +117,14 @@ def RouteSoftmax(target: tvm.target.Target):  # noqa: N802 - pass constructor na
 
 def _guarded_fuse_transpose_matmul() -> tvm.transform.Pass:
     """TVM's ``FuseTransposeMatmul``, skipped (module unchanged, logged) where it raises: its pattern code reads
-    ``.dtype`` of every matched argument and fails on tuple-typed values (SOFT's Newton-Schulz graph)."""
+    ``.dtype`` of every matched argument and fails on tuple-typed values (SOFT's Newton-Schulz graph), and indexes a
+    second argument that a symbolic-length attention graph's matched call does not have."""
 
     @tvm.transform.module_pass(opt_level=0, name="GuardedFuseTransposeMatmul")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         try:
             return relax.transform.FuseTransposeMatmul()(mod)
-        except (AttributeError, tvm.error.InternalError, ValueError) as exc:  # noqa: PERF203
+        except (AttributeError, IndexError, tvm.error.InternalError, ValueError) as exc:  # noqa: PERF203
             log.info("FuseTransposeMatmul skipped: %s", str(exc).splitlines()[0][:200])
             return mod
 
