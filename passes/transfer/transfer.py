@@ -300,6 +300,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
         "data": calib.describe(), "sites": site_rows,
         "skipped": {d.site.name: d.reason for d in decisions if not d.replace},
         "fit_seconds": round(time.time() - t0, 2), "checkpoint": str(checkpoint) if checkpoint else None,
+        "lines": [calib.warning] if calib.warning else [],
     }
     return loaded, calib, fitted, report
 
