@@ -111,3 +111,18 @@ def test_transfer_report_carries_the_synthetic_warning(tiny: LoadedModel) -> Non
                          tokenizer=minilm_path(),
                          progress=False, measure_model=False)
     assert report["lines"] == [] and "warning" not in report["data"]
+
+
+def test_package_docs_corpus_is_a_disjoint_deterministic_second_source() -> None:
+    import hashlib
+
+    from passes.transfer.corpus import package_docs_corpus
+    ood = package_docs_corpus()
+    std = stdlib_corpus()
+    assert len(ood.calibration) + len(ood.held_out) > 50
+    assert not (set(ood.calibration) | set(ood.held_out)) & (set(std.calibration) | set(std.held_out))
+    assert not set(ood.calibration) & set(ood.held_out)
+    h = lambda s: int(hashlib.sha1(s.encode()).hexdigest(), 16)  # noqa: E731
+    assert all(h(s) % 10 == 0 for s in ood.held_out) and all(h(s) % 10 for s in ood.calibration)
+    package_docs_corpus.cache_clear()
+    assert package_docs_corpus() == ood
