@@ -97,3 +97,14 @@ def test_stage2_deterministic_and_typed_errors(setup) -> None:
         lora_stage2(original, original, feeds[:2], targets=("no-such-layer",), steps=1)
     with pytest.raises(TransferError, match="FX program"):
         lora_stage2(load_model(fx_to_onnx(original)), original, feeds[:2], steps=1)
+
+
+def test_transfer_api_runs_stage2(setup) -> None:
+    original, _, _, _ = setup
+    plain, _ = transfer(original, attention="linear", steps=0, batch_size=4, progress=False, measure_model=False)
+    staged, report = transfer(original, attention="linear", steps=0, batch_size=4, progress=False,
+                              stage2_steps=3, stage2_rank=2)
+    assert report["stage2"]["steps"] == 3 and report["stage2"]["rank"] == 2
+    changed = [n for n in report["stage2"]["weights"]
+               if not torch.equal(plain.ep.state_dict[n], staged.ep.state_dict[n])]
+    assert changed == report["stage2"]["weights"]

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock fitting budget per configuration")
     parser.add_argument("--calib", type=int, default=512, help="calibration sentences (default 512)")
     parser.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences per set (default 256)")
+    parser.add_argument("--stage2-steps", type=int, default=0,
+                        help="also measure LoRA stage 2 (passes/transfer/stage2.py) with this many steps (0: off)")
+    parser.add_argument("--stage2-rank", type=int, default=8)
+    parser.add_argument("--stage2-lr", type=float, default=1e-3)
     parser.add_argument("--plain", action="store_true", help="also measure the parameter-free linear/mala swap")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list from {list(CONFIGS)}")
@@ -144,13 +148,21 @@ def main(argv: list[str] | None = None) -> int:
             plain = AttentionRewritePass(variant, options=plain_opts, measure=False).run(loaded).model
             row["plain"] = stats(plain)
         t = time.time()
-        _, _, params, rep = fit_params(loaded, attention=variant_name, options=options, hybrid_window=window,
+        _, calib, params, rep = fit_params(loaded, attention=variant_name, options=options, hybrid_window=window,
                                        data=None, steps=steps, minutes=args.minutes, seed=args.seed,
                                        progress=args.verbose, batch_size=args.batch_size, max_samples=args.calib)
         assert rep["data"]["source"].startswith("default real text"), rep["data"]
         row["transfer_seconds"] = round(time.time() - t, 1)
         fitted = AttentionRewritePass(variant, options=opts, measure=False, params=params).run(loaded).model
         row["after"] = stats(fitted)
+        if args.stage2_steps:
+            from passes.transfer.stage2 import lora_stage2
+            row["stage2"] = lora_stage2(fitted, loaded, calib.train, rank=args.stage2_rank, steps=args.stage2_steps,
+                                        lr=args.stage2_lr, seed=args.seed)
+            row["after_stage2"] = stats(fitted)
+            console.print(f"{name}+stage2: in {row['after_stage2']['in']['mean']:.4f} / ood "
+                          f"{row['after_stage2']['ood']['mean']:.4f} (worst {row['after_stage2']['ood']['min']:.4f}; "
+                          f"{row['stage2']['seconds']}s)")
         row["steps_per_site"] = {k: v["steps"] for k, v in rep["sites"].items()}
         row["site_cosine"] = {k: [round(v["before"]["cosine"], 4), round(v["after"]["cosine"], 4)]
                               for k, v in rep["sites"].items()}
