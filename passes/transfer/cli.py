@@ -136,7 +136,7 @@ def add_commands(subparsers: Any) -> None:
                    help="sliding softmax window of W tokens (linear, mala); 0 = off")
     p.add_argument("--data", default=None, help=".npz (arrays by input name; with --binarize: rewrite/fit_data.py format, labels 'y' optional), a text file (one sample per line, "
                                                 "tokenized with the model's tokenizer) or 'stdlib'; default "
-                                                "synthetic inputs")
+                                                "'stdlib' when a tokenizer exists, else synthetic (warned)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per site (default 300)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for fitting")
     p.add_argument("--seed", type=int, default=0)

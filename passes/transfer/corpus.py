@@ -98,3 +98,53 @@ def write_lines(sentences: tuple[str, ...] | list[str], path: str | os.PathLike[
     out = Path(path)
     out.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     return out
+
+
+def _metadata_body(text: str) -> str:
+    """The description body of a ``METADATA`` / ``PKG-INFO`` file (after the first blank line of headers)."""
+    head, sep, body = text.partition("\n\n")
+    return body if sep else ""
+
+
+@lru_cache(maxsize=2)
+def package_docs_corpus(exclude_stdlib: bool = True) -> Corpus:
+    """A second, disjoint offline corpus: prose of the installed packages' READMEs and licences.
+
+    Sentences come from every installed distribution's ``METADATA`` description (its README as uploaded to the
+    registry) and its ``LICENSE*`` / ``COPYING*`` / ``NOTICE*`` files (found through :mod:`importlib.metadata`;
+    nothing is imported or run), filtered like the docstring corpus and de-duplicated. With ``exclude_stdlib``
+    any sentence that also occurs in :func:`stdlib_corpus` is dropped, so the two sources share no sentence and
+    this one can serve as an *out-of-domain* evaluation set for a calibration on the docstrings. Same ordering and
+    hash split as :func:`stdlib_corpus`.
+    """
+    from importlib import metadata
+
+    seen: set[str] = set()
+    names = []
+    for dist in sorted(metadata.distributions(), key=lambda d: (d.metadata.get("Name") or "").lower()):
+        names.append(dist.metadata.get("Name") or "?")
+        texts = []
+        for meta_name in ("METADATA", "PKG-INFO"):
+            raw = dist.read_text(meta_name)
+            if raw:
+                texts.append(_metadata_body(raw))
+                break
+        for f in sorted(dist.files or [], key=str):
+            base = Path(str(f)).name.upper()
+            if base.startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")) and \
+                    not base.endswith((".PY", ".PYC", ".HTML")):
+                try:
+                    texts.append(Path(dist.locate_file(f)).read_text(encoding="utf-8", errors="replace"))
+                except OSError:
+                    continue
+        for text in texts:
+            seen.update(_sentences(text))
+    if exclude_stdlib:
+        std = stdlib_corpus()
+        seen -= set(std.calibration) | set(std.held_out)
+    ordered = sorted(seen, key=_hash)
+    held = tuple(s for s in ordered if int(_hash(s), 16) % 10 == 0)
+    cal = tuple(s for s in ordered if int(_hash(s), 16) % 10 != 0)
+    log.info("package-docs corpus from %d distributions: %d calibration + %d held-out sentences", len(names),
+             len(cal), len(held))
+    return Corpus(calibration=cal, held_out=held, source=f"README/licence prose of {len(names)} installed packages")

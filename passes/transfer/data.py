@@ -2,8 +2,11 @@
 
 Sources (:func:`load_calibration`):
 
-- ``None``: synthetic inputs from the model's input spec (``HFModel.make_inputs`` for Hugging Face folders,
-  :func:`rewrite.io.synth_inputs` for ONNX graphs, seeded noise shaped like the example inputs otherwise);
+- ``None`` (the default): **real text** whenever a tokenizer exists (the model folder's, or ``tokenizer=``): the
+  offline ``stdlib`` docstring corpus below. Only when there is no tokenizer: synthetic inputs from the model's
+  input spec (``HFModel.make_inputs`` for Hugging Face folders, :func:`rewrite.io.synth_inputs` for ONNX graphs,
+  seeded noise shaped like the example inputs otherwise), with a logged warning and a ``warning`` entry in
+  :meth:`Calibration.describe` saying that fidelity on real inputs is unmeasured;
 - a ``.npz`` file: arrays keyed by the model's input names, batch on axis 0;
 - a text file (any other suffix): one sample per line, tokenized with the model folder's tokenizer
   (``transformers.AutoTokenizer`` from ``HFModel.tokenizer_path``, local files only) or ``tokenizer=``;
@@ -46,10 +49,20 @@ class Calibration:
     source: str
     samples: dict[str, int] = field(default_factory=dict)
 
+    warning: str | None = None
+
     def describe(self) -> dict[str, Any]:
-        """A JSON-able summary: source, batch counts and sample counts."""
-        return {"source": self.source, "train_batches": len(self.train), "held_out_batches": len(self.held_out),
-                **self.samples}
+        """A JSON-able summary: source, batch counts, sample counts and (synthetic default only) a warning."""
+        out = {"source": self.source, "train_batches": len(self.train), "held_out_batches": len(self.held_out),
+               **self.samples}
+        if self.warning:
+            out["warning"] = self.warning
+        return out
+
+
+#: Report line when the default had to fall back to synthetic inputs (no tokenizer).
+SYNTHETIC_WARNING = ("WARNING: calibrated and measured on SYNTHETIC token ids (no tokenizer found): fidelity on real "
+                     "inputs is UNMEASURED; give --data (text/.npz/stdlib) or --tokenizer DIR")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -135,6 +148,13 @@ def _tokenizer_for(loaded: LoadedModel, tokenizer: Any, source: str) -> Any:
         raise CalibrationDataError(f"{path}: cannot load a tokenizer ({exc})") from None
 
 
+def has_tokenizer(loaded: LoadedModel, tokenizer: Any = None) -> bool:
+    """True when text can be tokenized for ``loaded``: ``tokenizer`` is given or the model folder ships one."""
+    if tokenizer is not None:
+        return True
+    return getattr(loaded.extra.get("hf"), "tokenizer_path", None) is not None
+
+
 def tokenize_lines(lines: Sequence[str], loaded: LoadedModel, *, tokenizer: Any = None, batch_size: int = 16,
                    max_length: int = 128, source: str = "<lines>", sort_by_length: bool = True) -> list[Batch]:
     """Tokenize ``lines`` into padded batches of model inputs.
@@ -206,9 +226,17 @@ def load_calibration(loaded: LoadedModel, data: Any = None, *, batch_size: int =
     if isinstance(data, Calibration):
         return data
     if data is None:
+        if has_tokenizer(loaded, tokenizer):
+            calib = load_calibration(loaded, "stdlib", batch_size=batch_size, max_length=max_length,
+                                     max_samples=max_samples, held_out=held_out, tokenizer=tokenizer, seed=seed)
+            calib.source = f"default real text: {calib.source}"
+            log.info("no calibration data given: using real text (%s)", calib.source)
+            return calib
         batches = synthetic_batches(loaded, n_batches, batch_size, seq, seed)
         train, held = _split_batches(batches, held_out)
-        return Calibration(train, held, "synthetic", {"samples": n_batches * batch_size})
+        log.warning("%s: %s", loaded.source, SYNTHETIC_WARNING)
+        return Calibration(train, held, f"synthetic ids -- {SYNTHETIC_WARNING}", {"samples": n_batches * batch_size},
+                           warning=SYNTHETIC_WARNING)
     if isinstance(data, str) and data == "stdlib":
         from .corpus import stdlib_corpus
         corpus = stdlib_corpus()

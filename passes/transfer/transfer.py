@@ -300,6 +300,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
         "data": calib.describe(), "sites": site_rows,
         "skipped": {d.site.name: d.reason for d in decisions if not d.replace},
         "fit_seconds": round(time.time() - t0, 2), "checkpoint": str(checkpoint) if checkpoint else None,
+        "lines": [calib.warning] if calib.warning else [],
     }
     return loaded, calib, fitted, report
 
@@ -311,7 +312,9 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
              example_inputs: Any = None, batch_size: int = 16, max_samples: int | None = 512,
              max_length: int = 128, lr: float = 1e-2, scalar_lr: float = 1e-1,
              sites_per_capture: int | None = None, measure_model: bool = True, tokenizer: Any = None,
-             report_path: str | os.PathLike[str] | None = None, threads: int | None = 1) -> tuple[mio.LoadedModel, dict[str, Any]]:
+             report_path: str | os.PathLike[str] | None = None, threads: int | None = 1,
+             stage2_steps: int = 0, stage2_rank: int = 8,
+             stage2_lr: float = 1e-3) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Replace softmax attention with ``attention`` and fit the replacement's parameters per site.
 
     Args:
@@ -334,6 +337,9 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         lr, scalar_lr: Adam learning rates for matrices and per-head scalars.
         sites_per_capture: capture at most this many sites per pass over the data (bounds memory); None = all.
         threads: torch threads while capturing and fitting (default 1; None = unchanged).
+        stage2_steps, stage2_rank, stage2_lr: LoLCATs stage 2 (:mod:`.stage2`, FX only): that many Adam steps of
+            rank-``stage2_rank`` updates of the attention projections against the original's first output,
+            merged into the weights; 0 (default) = off. ``report["stage2"]`` summarises it.
         measure_model: compute model-level fidelity (one more rewrite + runs on the held-out batches).
         report_path: also write the report as JSON here.
 
@@ -364,6 +370,13 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     variant = get_variant(attention)
     opts = transfer_options(variant, options, hybrid_window)
     new_model, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, fitted)
+    if stage2_steps:
+        from .stage2 import lora_stage2  # LoLCATs stage 2, merged into the weights (the graph stays plain)
+        if new_model.kind != "fx":
+            raise TransferError(f"{loaded.source}: stage2_steps needs an FX program (a .pt2, nn.Module or Hugging "
+                                "Face folder); ONNX graphs are not trained end to end")
+        report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=stage2_steps,
+                                       lr=stage2_lr, seed=seed)
     if measure_model:
         untrained, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, None)
         report["model_fidelity"] = {"before": _model_fidelity(loaded, untrained, calib.held_out),

@@ -8,14 +8,20 @@ For each configuration (variant + options) this measures, on held-out sentences 
 - ``after``: the swap with parameters fitted by :func:`passes.transfer.fit_params` on calibration sentences;
 
 as the mean (and minimum) cosine between the original and converted sentence embeddings — mean pooling of
-``last_hidden_state`` over the tokens with ``attention_mask`` = 1, as sentence-transformers does. Calibration
-sentences are the calibration split of the offline stdlib-docstring corpus (:mod:`passes.transfer.corpus`);
-evaluation sentences are its held-out split (disjoint by construction).
+``last_hidden_state`` over the tokens with ``attention_mask`` = 1, as sentence-transformers does.
+
+Calibration is what ``softswap transfer`` does by default (``data=None``): for MiniLM, whose folder ships a
+tokenizer, the calibration split of the offline stdlib-docstring corpus (:mod:`passes.transfer.corpus`), first
+``--calib`` sentences. Two evaluation sets, side by side:
+
+- **in-domain**: the held-out split of the same docstring corpus (disjoint by hash);
+- **out-of-domain**: README and licence prose of the installed packages (:func:`package_docs_corpus`), a source
+  the calibration never saw (no sentence shared with the docstring corpus).
 
 Usage::
 
     .venv/bin/python tools/bench/fidelity.py [--steps N | --minutes M] [--calib 512] [--eval 256]
-        [--configs linear,mala,...] [--out tools/bench/results/fidelity.json]
+        [--configs linear,mala,...] [--plain] [--out tools/bench/results/fidelity.json]
 
 Prints a table and writes JSON.
 """
@@ -44,6 +50,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from machine import describe  # noqa: E402  (tools/bench/machine.py: the CPU line of every table)
 from passes.attention import get_variant  # noqa: E402
 from passes.transfer import fit_params, stdlib_corpus, transfer_options  # noqa: E402
+from passes.transfer.corpus import package_docs_corpus  # noqa: E402
 from passes.transfer.data import tokenize_lines  # noqa: E402
 from rewrite.attention_pass import AttentionRewritePass  # noqa: E402
 from rewrite.hf import minilm_path  # noqa: E402
@@ -89,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per site (default 400)")
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock fitting budget per configuration")
     parser.add_argument("--calib", type=int, default=512, help="calibration sentences (default 512)")
-    parser.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences (default 256)")
+    parser.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences per set (default 256)")
+    parser.add_argument("--stage2-steps", type=int, default=0,
+                        help="also measure LoRA stage 2 (passes/transfer/stage2.py) with this many steps (0: off)")
+    parser.add_argument("--stage2-rank", type=int, default=8)
+    parser.add_argument("--stage2-lr", type=float, default=1e-3)
+    parser.add_argument("--plain", action="store_true", help="also measure the parameter-free linear/mala swap")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list from {list(CONFIGS)}")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,15 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     loaded = load_model(minilm_path())
     corpus = stdlib_corpus()
+    ood = package_docs_corpus()
     cal_lines = list(corpus.calibration[:args.calib])
-    eval_lines = list(corpus.held_out[:args.eval])
-    assert not set(cal_lines) & set(eval_lines)
-    eval_batches = tokenize_lines(eval_lines, loaded, batch_size=32, max_length=128, source="held-out")
-    ref = embeddings(loaded, eval_batches)
-    n_tokens = int(sum(b["attention_mask"].sum() for b in eval_batches))
+    sets = {"in": list(corpus.held_out[:args.eval]), "ood": list((ood.calibration + ood.held_out)[:args.eval])}
+    assert not set(cal_lines) & (set(sets["in"]) | set(sets["ood"]))
+    eval_batches = {k: tokenize_lines(v, loaded, batch_size=32, max_length=128, source=k) for k, v in sets.items()}
+    ref = {k: embeddings(loaded, v) for k, v in eval_batches.items()}
+    n_tokens = {k: int(sum(b["attention_mask"].sum() for b in v)) for k, v in eval_batches.items()}
+
+    def stats(model: Any) -> dict[str, dict[str, float]]:
+        return {k: _stats(cosines(ref[k], embeddings(model, eval_batches[k]))) for k in sets}
+
     console.print(f"CPU: {describe()}")
-    console.print(f"MiniLM loaded, corpus {len(corpus.calibration)}+{len(corpus.held_out)} sentences, "
-                  f"{len(eval_lines)} eval sentences ({n_tokens} tokens) in {time.time() - t0:.1f}s")
+    console.print(f"MiniLM loaded; in-domain: {len(sets['in'])} stdlib-docstring held-out sentences "
+                  f"({n_tokens['in']} tokens); out-of-domain: {len(sets['ood'])} sentences of {ood.source} "
+                  f"({n_tokens['ood']} tokens); {time.time() - t0:.1f}s")
 
     rows = []
     for name in [c for c in args.configs.split(",") if c]:
@@ -124,35 +142,50 @@ def main(argv: list[str] | None = None) -> int:
         opts = transfer_options(variant, options, window)
         row: dict[str, Any] = {"config": name, "variant": variant_name, "options": opts}
         untrained = AttentionRewritePass(variant, options=opts, measure=False).run(loaded).model
-        row["before"] = _stats(cosines(ref, embeddings(untrained, eval_batches)))
-        if variant_name in ("linear", "mala"):
+        row["before"] = stats(untrained)
+        if args.plain and variant_name in ("linear", "mala"):
             plain_opts = {"window": window} if window else {}
             plain = AttentionRewritePass(variant, options=plain_opts, measure=False).run(loaded).model
-            row["plain"] = _stats(cosines(ref, embeddings(plain, eval_batches)))
+            row["plain"] = stats(plain)
         t = time.time()
-        _, _, params, rep = fit_params(loaded, attention=variant_name, options=options, hybrid_window=window,
-                                       data=cal_lines, steps=steps, minutes=args.minutes, seed=args.seed,
-                                       progress=args.verbose, batch_size=args.batch_size, max_samples=None)
+        _, calib, params, rep = fit_params(loaded, attention=variant_name, options=options, hybrid_window=window,
+                                       data=None, steps=steps, minutes=args.minutes, seed=args.seed,
+                                       progress=args.verbose, batch_size=args.batch_size, max_samples=args.calib)
+        assert rep["data"]["source"].startswith("default real text"), rep["data"]
         row["transfer_seconds"] = round(time.time() - t, 1)
         fitted = AttentionRewritePass(variant, options=opts, measure=False, params=params).run(loaded).model
-        row["after"] = _stats(cosines(ref, embeddings(fitted, eval_batches)))
+        row["after"] = stats(fitted)
+        if args.stage2_steps:
+            from passes.transfer.stage2 import lora_stage2
+            row["stage2"] = lora_stage2(fitted, loaded, calib.train, rank=args.stage2_rank, steps=args.stage2_steps,
+                                        lr=args.stage2_lr, seed=args.seed)
+            row["after_stage2"] = stats(fitted)
+            console.print(f"{name}+stage2: in {row['after_stage2']['in']['mean']:.4f} / ood "
+                          f"{row['after_stage2']['ood']['mean']:.4f} (worst {row['after_stage2']['ood']['min']:.4f}; "
+                          f"{row['stage2']['seconds']}s)")
         row["steps_per_site"] = {k: v["steps"] for k, v in rep["sites"].items()}
         row["site_cosine"] = {k: [round(v["before"]["cosine"], 4), round(v["after"]["cosine"], 4)]
                               for k, v in rep["sites"].items()}
         row["calibration"] = rep["data"]
         rows.append(row)
-        console.print(f"{name}: before {row['before']['mean']:.4f} after {row['after']['mean']:.4f} "
-                      f"({row['transfer_seconds']}s)")
+        console.print(f"{name}: after in-domain {row['after']['in']['mean']:.4f} / out-of-domain "
+                      f"{row['after']['ood']['mean']:.4f} ({row['transfer_seconds']}s)")
 
-    table = Table(title=f"MiniLM sentence-embedding cosine vs original ({len(eval_lines)} held-out sentences)")
-    for col in ("config", "plain swap", "untrained", "after transfer", "min after", "transfer s", "steps/site"):
+    table = Table(title="MiniLM sentence-embedding cosine vs original: in-domain (stdlib docstrings held out) | "
+                        "out-of-domain (package README/licence prose)")
+    for col in ("config", "plain in|ood", "untrained in|ood", "after in (mean/min)", "after ood (mean/min)",
+                "transfer s", "steps/site"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["config"], f"{r['plain']['mean']:.4f}" if "plain" in r else "-", f"{r['before']['mean']:.4f}",
-                      f"{r['after']['mean']:.4f}", f"{r['after']['min']:.4f}", f"{r['transfer_seconds']:.0f}",
-                      str(max(r["steps_per_site"].values())))
+        plain = f"{r['plain']['in']['mean']:.4f} | {r['plain']['ood']['mean']:.4f}" if "plain" in r else "-"
+        table.add_row(r["config"], plain, f"{r['before']['in']['mean']:.4f} | {r['before']['ood']['mean']:.4f}",
+                      f"{r['after']['in']['mean']:.4f} / {r['after']['in']['min']:.4f}",
+                      f"{r['after']['ood']['mean']:.4f} / {r['after']['ood']['min']:.4f}",
+                      f"{r['transfer_seconds']:.0f}", str(max(r["steps_per_site"].values())))
     console.print(table)
-    result = {"model": str(minilm_path()), "eval_sentences": len(eval_lines), "eval_tokens": n_tokens,
+    result = {"model": str(minilm_path()), "eval_sentences": {k: len(v) for k, v in sets.items()},
+              "eval_sources": {"in": f"stdlib docstrings held-out ({corpus.source})", "ood": ood.source},
+              "eval_tokens": n_tokens,
               "calibration_sentences": len(cal_lines), "steps": steps, "minutes": args.minutes, "seed": args.seed,
               "batch_size": args.batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.platform(), "cpu": describe(), "rows": rows, "seconds": round(time.time() - t0, 1)}

