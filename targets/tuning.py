@@ -13,12 +13,13 @@ than the untuned one. Tuning costs minutes: it is for deployment builds, not tes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import tvm
 from tvm import relax
@@ -79,7 +80,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     _import_tensor_intrinsics()
     builder = InProcessBuilder()
     try:
-        with _Progress(work / "database_tuning_record.json", trials):
+        with _Progress(work / "database_tuning_record.json", trials), _unnamed_handlers_detached():
             ms.relax_integration.tune_relax(
                 fused, {}, tgt, str(work), max_trials_global=trials, max_trials_per_task=trials, op_names=["matmul"],
                 num_trials_per_iter=min(16, trials), cost_model="random",
@@ -115,6 +116,25 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     log.info("tuned %d trials in %.1fs into %s", trials, seconds, work)
     return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": trials, "reused": False,
             "seconds": round(seconds, 1), "tasks": tasks, "remote": describe(remote)}
+
+
+@contextlib.contextmanager
+def _unnamed_handlers_detached() -> Iterator[None]:
+    """Detach, for the tuning run, the handlers without a name of MetaSchedule's logger.
+
+    ``tune_relax`` rebuilds its logging with ``logging.config.dictConfig`` listing that logger's current handlers
+    by name, and fails (``'NoneType' object has no attribute 'format'``) on a handler without one, which a second
+    tuning run in one process met (one handler left unnamed by an earlier run's configuration)."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
 
 
 def _runner(remote: RemoteDevice | None, n_workers: int):

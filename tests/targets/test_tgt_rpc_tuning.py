@@ -211,6 +211,9 @@ def test_server_killed_mid_run_costs_only_its_candidates(own_cluster, tmp_path, 
     # the dead server held at most the candidates in flight on it (one connection each): the rest were measured
     # by the surviving server
     assert len(_ok(second)) >= 16 - 2 and len(failed) <= 2
+    # ... and it was killed holding one: its candidate came back failed (MetaSchedule's 1e10), not lost or hung
+    assert len(failed) >= 1, [r[1][1] for r in second]
+    print(f"server killed after {killed['after']} records; {len(failed)} of the second batch's 16 failed")
     assert cluster.servers[0].poll() is None and meta["tuning"]["tasks"]
     x = rng.standard_normal((N, N)).astype(np.float32)
     from targets import Runner
