@@ -195,6 +195,7 @@ def test_server_killed_mid_run_costs_only_its_candidates(own_cluster, tmp_path, 
         while time.monotonic() < end and cluster.sessions(1) == before:
             time.sleep(0.02)
         killed["after"] = len(_records(db))
+        killed["s0"] = cluster.sessions(0)
         cluster.kill(cluster.servers[1])
         killed["at"] = time.monotonic()
 
@@ -211,10 +212,11 @@ def test_server_killed_mid_run_costs_only_its_candidates(own_cluster, tmp_path, 
     # the dead server held at most the candidates in flight on it (one connection each): the rest were measured
     # by the surviving server
     assert len(_ok(second)) >= 16 - 2 and len(failed) <= 2
-    # ... and it was killed holding one: its candidate came back failed (MetaSchedule's 1e10), not lost or hung
-    assert len(failed) >= 1, [r[1][1] for r in second]
+    # (whether the kill lands while the session still measures, so that its candidate comes back failed with
+    # MetaSchedule's 1e10, or just after, depends on timing: a 64x64 measurement takes milliseconds)
     print(f"server killed after {killed['after']} records; {len(failed)} of the second batch's 16 failed")
     assert cluster.servers[0].poll() is None and meta["tuning"]["tasks"]
+    assert cluster.sessions(0) > killed["s0"]  # the survivor measured after the kill
     x = rng.standard_normal((N, N)).astype(np.float32)
     from targets import Runner
     np.testing.assert_allclose(Runner(tmp_path / "mm.so").run({"x": x})["y"], ort_run(model, {"x": x})[0],
