@@ -45,12 +45,17 @@ class Cluster:
         self._start([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                      "--port", str(self.port), "--port-end", str(self.port + 1), "--silent"], env, "tracker")
         self.servers = []
-        for i in range(n):
-            p = _free_port()
-            self.servers.append(self._start(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(p),
-                 "--port-end", str(p + 1), "--tracker", f"127.0.0.1:{self.port}", "--key", KEY], env, f"server{i}"))
-        self._wait_for(n)
+        try:
+            for i in range(n):
+                p = _free_port()
+                self.servers.append(self._start(
+                    [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(p),
+                     "--port-end", str(p + 1), "--tracker", f"127.0.0.1:{self.port}", "--key", KEY], env,
+                    f"server{i}"))
+            self._wait_for(n)
+        except BaseException:
+            self.close()  # a cluster that never came up leaves no process behind
+            raise
 
     def _start(self, cmd, env, name):
         log = open(self.tmp / f"{name}.log", "wb")
