@@ -61,7 +61,8 @@ def build(imported: Imported, target, tuning_dir: str | None = None):
 
 def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | None = None,
                   example_inputs: tuple | None = None, tune_trials: int = 0,
-                  tuning_dir: str | os.PathLike | None = None, output_names: list[str] | None = None) -> dict:
+                  tuning_dir: str | os.PathLike | None = None, output_names: list[str] | None = None,
+                  tune_remote=None) -> dict:
     """Import, compile and export ``model`` for ``target`` to ``out_path``; returns the metadata dict.
 
     model: .onnx path, onnx.ModelProto, torch.export.ExportedProgram, or nn.Module with ``example_inputs``.
@@ -70,6 +71,8 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
     output_names: names of a torch program's outputs (ONNX models carry their own).
     tune_trials: MetaSchedule trials for the matmul tasks (0 = untuned); the database lives in ``tuning_dir``
     (default ``~/.cache/softswap/tuning``) and is reused across runs (:mod:`targets.tuning`).
+    tune_remote: a :class:`targets.rpc_tuning.RemoteDevice` to measure the candidates on RPC workers registered
+    with a TVM tracker (checked before the model is imported).
     Raises a subclass of :class:`targets.errors.TargetError`; on error nothing is left at ``out_path``.
     """
     import tvm
@@ -79,13 +82,16 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
     out_dir = os.path.dirname(os.path.abspath(out_path)) or "."
     if not os.path.isdir(out_dir):
         raise CompileError(f"output directory does not exist: {out_dir}", culprit=out_path)
+    if tune_trials and tune_remote is not None:
+        from .rpc_tuning import check_tracker
+        check_tracker(tune_remote)  # an unreachable tracker fails in seconds, before any import or tuning
     t0 = time.perf_counter()
     imported = import_model(model, shapes=shapes, example_inputs=example_inputs, output_names=output_names)
     tuning = None
     if tune_trials:
         from .tuning import default_tuning_dir, tune, tuning_target
         tgt = tuning_target(tgt)  # the database is keyed by the target the records were tuned for
-        tuning = tune(imported.mod, tgt, tuning_dir or default_tuning_dir(), tune_trials)
+        tuning = tune(imported.mod, tgt, tuning_dir or default_tuning_dir(), tune_trials, remote=tune_remote)
     t1 = time.perf_counter()
     ex = build(imported, tgt, tuning["apply_dir"] if tuning else None)
     t2 = time.perf_counter()

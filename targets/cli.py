@@ -106,11 +106,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune < 0:
         raise InputError(f"--tune must be >= 0, got {args.tune}", culprit="--tune")
     _check_output(args.output)
+    remote = None
+    if args.rpc is not None or args.device_key is not None:
+        from .rpc_tuning import check_tracker, parse_rpc
+        if args.rpc is None:
+            raise InputError("--device-key needs --rpc HOST:PORT (the TVM RPC tracker)", culprit="--device-key")
+        if args.tune <= 0:
+            raise InputError(f"--rpc {args.rpc} needs --tune N > 0 (candidates are measured remotely)",
+                             culprit="--rpc")
+        remote = parse_rpc(args.rpc, args.device_key)
+        check_tracker(remote)  # fails in seconds, before the model is read
     shapes = _parse_shapes(args.shape)
     model, output_names = _model_for_lowering(args.model, shapes)
     with _naming_the_model(args.model):
         meta = compile_model(model, args.target, args.output, shapes=shapes, tune_trials=args.tune,
-                             tuning_dir=args.tuning_dir, output_names=output_names)
+                             tuning_dir=args.tuning_dir, output_names=output_names, tune_remote=remote)
     print(json.dumps({k: meta[k] for k in ("target", "device", "inputs", "outputs", "import_s", "compile_s", "tuning")},
                      indent=1))
     print(f"wrote {args.output} (+ metadata {args.output}.json)")
@@ -184,6 +194,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                    help="MetaSchedule trials for the matmul tasks (CPU; database cached and reused)")
     p.add_argument("--tuning-dir", default=None, help="tuning database folder (default ~/.cache/softswap/tuning)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT",
+                   help="with --tune: measure candidates on RPC servers registered with this TVM tracker")
+    p.add_argument("--device-key", default=None, metavar="KEY", help="the key the RPC servers registered with")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a compiled library on inputs from an .npz")

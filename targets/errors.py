@@ -34,6 +34,10 @@ class CompileError(TargetError):
     """TVM compilation or export failed."""
 
 
+class RemoteTuningError(TargetError):
+    """The RPC tracker of remote tuning is unreachable or has no server under the device key; culprit = HOST:PORT."""
+
+
 class ArtifactError(TargetError):
     """A compiled artefact or its metadata sidecar is missing or inconsistent."""
 

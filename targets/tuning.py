@@ -13,17 +13,19 @@ than the untuned one. Tuning costs minutes: it is for deployment builds, not tes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import tvm
 from tvm import relax
 
-from .errors import CompileError
+from .errors import CompileError, RemoteTuningError
+from .rpc_tuning import RemoteDevice, check_tracker, describe, make_runner, remote_timer
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +50,26 @@ def tuning_target(target: tvm.target.Target) -> tvm.target.Target:
     return tvm.target.Target(config)
 
 
-def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLike, trials: int) -> dict[str, Any]:
-    """Tune ``mod``'s matmul tasks for ``target`` into ``work_dir`` (reused when already tuned); returns a summary."""
+def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLike, trials: int,
+         remote: RemoteDevice | None = None) -> dict[str, Any]:
+    """Tune ``mod``'s matmul tasks for ``target`` into ``work_dir`` (reused when already tuned); returns a summary.
+
+    ``remote``: measure the candidates (and time tuned records against the hand rules) on the RPC servers of a TVM
+    tracker instead of this machine (:mod:`targets.rpc_tuning`); builds stay in this process.  The tracker is
+    checked before any work (:class:`~targets.errors.RemoteTuningError` when unreachable or without a server)."""
     from tvm.s_tir import meta_schedule as ms
 
     if str(target.kind.name) != "llvm":
         raise CompileError("tuning is implemented for CPU targets only", culprit=str(target))
+    n_workers = check_tracker(remote) if remote is not None else 0
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tgt = tuning_target(target)
     with tgt:
         fused = relax.get_pipeline("zero")(mod)
     from tvm_ffi import structural_hash
-    key = f"{structural_hash(fused)}:{tgt}"
+    # records measured on a remote device are not this machine's: the marker keeps them apart
+    key = f"{structural_hash(fused)}:{tgt}" + (f"@rpc:{remote.key}" if remote is not None else "")
     marker = work / MARKER
     done = json.loads(marker.read_text()) if marker.exists() else {}
     if done.get(key, 0) >= trials and os.path.isdir(selected_dir(work)):
@@ -71,7 +80,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     _import_tensor_intrinsics()
     builder = InProcessBuilder()
     try:
-        with _Progress(work / "database_tuning_record.json", trials):
+        with _Progress(work / "database_tuning_record.json", trials), _unnamed_handlers_detached():
             ms.relax_integration.tune_relax(
                 fused, {}, tgt, str(work), max_trials_global=trials, max_trials_per_task=trials, op_names=["matmul"],
                 num_trials_per_iter=min(16, trials), cost_model="random",
@@ -85,15 +94,17 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
                 # sample(s)" after 11 minutes on an AVX2 host); an in-process build of a matmul takes well under 1 s
                 builder=builder,
                 # the runner's worker imports TVM once for the whole tuning run: a generous timeout covers that
-                runner=ms.runner.LocalRunner(timeout_sec=120,
-                                             evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=1,
-                                                                                        min_repeat_ms=0)))
+                runner=_runner(remote, n_workers))
+    except RemoteTuningError:
+        raise
     except Exception as exc:  # noqa: BLE001 - MetaSchedule errors are wrapped with the database named
         raise CompileError(f"MetaSchedule tuning failed: {type(exc).__name__}: {str(exc)[:300]}",
                            culprit=str(work)) from exc
     _raise_if_nothing_measured(work, builder)
     try:
-        tasks = select_records(work, tgt)
+        tasks = select_records(work, tgt, timer=remote_timer(remote) if remote is not None else None)
+    except RemoteTuningError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise CompileError(f"comparing tuned schedules with the default rules failed: {type(exc).__name__}: "
                            f"{str(exc)[:300]}", culprit=str(work)) from exc
@@ -104,7 +115,37 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str | os.PathLi
     os.replace(tmp, marker)
     log.info("tuned %d trials in %.1fs into %s", trials, seconds, work)
     return {"work_dir": str(work), "apply_dir": selected_dir(work), "trials": trials, "reused": False,
-            "seconds": round(seconds, 1), "tasks": tasks}
+            "seconds": round(seconds, 1), "tasks": tasks, "remote": describe(remote)}
+
+
+@contextlib.contextmanager
+def _unnamed_handlers_detached() -> Iterator[None]:
+    """Detach, for the tuning run, the handlers without a name of MetaSchedule's logger.
+
+    ``tune_relax`` rebuilds its logging with ``logging.config.dictConfig`` listing that logger's current handlers
+    by name, and fails (``'NoneType' object has no attribute 'format'``) on a handler without one, which a second
+    tuning run in one process met (one handler left unnamed by an earlier run's configuration)."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+
+
+def _runner(remote: RemoteDevice | None, n_workers: int):
+    """The measuring side: a LocalRunner, or an RPCRunner over the tracker's ``n_workers`` servers."""
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0)
+    if remote is not None:
+        return make_runner(remote, n_workers, evaluator)
+    # the runner's worker imports TVM once for the whole tuning run: a generous timeout covers that
+    return ms.runner.LocalRunner(timeout_sec=120, evaluator_config=evaluator)
 
 
 def _fast_stack(context: int = 1) -> list:
@@ -295,10 +336,11 @@ def _mean_secs(run_secs) -> float:
     return sum(vals) / len(vals) if vals else float("inf")
 
 
-def select_records(work_dir: str | os.PathLike, target: tvm.target.Target) -> list[dict]:
+def select_records(work_dir: str | os.PathLike, target: tvm.target.Target, timer=None) -> list[dict]:
     """Write to ``selected_dir(work_dir)`` a database holding, for each tuned task, its best record if that runs
     faster than the hand rules' schedule of the same PrimFunc; returns one ``{"task", "tuned_ms", "rule_ms",
-    "applied"}`` per task.  The selected files are line copies of the tuning database's own (every workload line,
+    "applied"}`` per task.  ``timer(mod, target) -> seconds`` times both (default :func:`time_primfunc`, this
+    machine; remote tuning passes :func:`targets.rpc_tuning.remote_timer`).  The selected files are line copies of the tuning database's own (every workload line,
     the winning record lines), so their format is MetaSchedule's."""
     from tvm.s_tir import dlight as dl
     from tvm.s_tir import meta_schedule as ms
@@ -333,8 +375,9 @@ def select_records(work_dir: str | os.PathLike, target: tvm.target.Target) -> li
             continue
         with target:
             rule = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
-        tuned_s = time_primfunc(sch.mod, target)
-        rule_s = time_primfunc(rule, target)
+        timed = timer or time_primfunc
+        tuned_s = timed(sch.mod, target)
+        rule_s = timed(rule, target)
         applied = tuned_s < rule_s
         if applied:
             chosen.append(best_line[idx][1])
