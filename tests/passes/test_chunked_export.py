@@ -111,7 +111,6 @@ def test_exported_distinct_lengths_bottom_right(tmp_path):
 
 def _largest_intermediate(ep, n: int) -> int:
     """Elements of the largest tensor in the exported FX graph, its symbolic sizes evaluated at length n."""
-    import sympy
     best = 0
     for node in ep.graph.nodes:
         val = node.meta.get("val")
