@@ -12,10 +12,10 @@ two strided slices, all over N-sized tensors).
 Causal visibility: key j is visible from query i iff j <= i + (T - S) - shift. ``shift`` > 0 excludes the last
 ``shift`` keys of the causal prefix (used by the sliding-window hybrid).
 
-Causal forms (``auto``, the default, is ``chunked`` in eager and ``prefix`` under tracing: torch.export cannot
-prove the chunk reshape's divisibility guards once S and T are unified to one symbol, see the variant tests):
+Causal forms (``auto``, the default, is ``chunked``, in eager and under tracing):
 - ``chunked``: parallel chunk form, chunk C: intra-chunk tril(φQ φKᵀ)V plus φQ times the exclusive
-  cumulative sum of per-chunk states. Memory O(N·C + N/C·F·E); no loops, traceable with dynamic lengths.
+  cumulative sum of per-chunk states. Memory O(N·C + N/C·F·E); no loops. Under tracing the chunks are cut by a
+  gather with an index grid (not a reshape), so torch.export and the ONNX exporter keep the length dynamic.
 - ``prefix``: cumulative sum of φ(k_j) v_jᵀ; materialises an N×F×E tensor (tests/small N only).
 - ``loop``: Python loop over chunks with a running F×E state (recurrent form, O(N) memory); eager only.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 CAUSAL_FORMS = ("auto", "chunked", "prefix", "loop")
 
@@ -66,26 +65,45 @@ def _zero_rows(x: torch.Tensor, before: Any, after: Any) -> torch.Tensor:
     return torch.cat(parts, dim=-2) if len(parts) > 1 else x
 
 
+def _split_chunks(x: torch.Tensor, nc: Any, pad: Any, chunk: int) -> torch.Tensor:
+    """(B,H,N,·) → (B,H,nc,C,·): x with ``pad`` zero rows appended (N + pad = nc·C), cut into chunks.
+
+    Concrete lengths: a reshape. Symbolic lengths: a gather with a (nc, C) index grid, which imposes no divisibility
+    guard on the symbols (a reshape would need torch.export to prove (N + pad) % C == 0 with floor/mod expressions
+    it cannot simplify, and the export fails once S and T are unified)."""
+    xp = _zero_rows(x, 0, pad)
+    if isinstance(nc, int):
+        return xp.reshape(*x.shape[:-2], nc, chunk, x.shape[-1])
+    grid = torch.arange(nc, device=x.device)[:, None] * chunk + torch.arange(chunk, device=x.device)[None, :]
+    return xp[:, :, grid]
+
+
 def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Chunked causal form on equal lengths N: intra-chunk tril(fq fkᵀ) v plus fq times the exclusive prefix of
+    the per-chunk states. Memory O(N·C + N/C·F·E); with symbolic N it exports (torch.export, ONNX) guard-free."""
     b, h, n, f = fq.shape
-    e = v.shape[-1]
-    # Under tracing one extra zero chunk keeps the chunk count >= 2, so no op specialises on a size-1 chunk axis
-    # (torch.export would otherwise pin the length to the example when the example fits in one chunk).
-    nc = (n + chunk - 1) // chunk + (0 if isinstance(n, int) else 1)
-    # pad each tensor from its own (possibly distinct symbolic) length so every padded length is literally nc·C
-    fq, fk, v = (F.pad(x, (0, 0, 0, nc * chunk - x.shape[-2])) for x in (fq, fk, v))
-    fq = fq.reshape(b, h, nc, chunk, f)
-    fk = fk.reshape(b, h, nc, chunk, f)
-    v = v.reshape(b, h, nc, chunk, e)
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
-    scores = (fq @ fk.transpose(-1, -2)) * tril.to(fq.dtype)
-    intra = scores @ v
-    states = fk.transpose(-1, -2) @ v  # (B,H,nc,F,E)
+    if isinstance(n, int):
+        nc = -(-n // chunk)
+        pad = nc * chunk - n
+    else:
+        # k, v (and q) share one length by contract; the checks let export treat their symbols as one
+        torch._check(fk.shape[-2] == n)
+        torch._check(v.shape[-2] == n)
+        # nc >= 2 keeps every op off a size-1 chunk axis (no specialisation to the example); the pad width as
+        # 2C - N mod C has a provable range [C+1, 2C] and N + pad = nc·C
+        nc = n // chunk + 2
+        pad = 2 * chunk - n % chunk
+    q4, k4, v4 = (_split_chunks(x, nc, pad, chunk) for x in (fq, fk, v))
+    tril = torch.ones(chunk, chunk, dtype=fq.dtype, device=fq.device).tril()
+    intra = ((q4 @ k4.transpose(-1, -2)) * tril) @ v4
+    states = k4.transpose(-1, -2) @ v4  # (B,H,nc,F,E)
     # exclusive prefix over chunks without cancellation: shift the inclusive cumsum by one chunk
-    excl = torch.cumsum(F.pad(states, (0, 0, 0, 0, 1, 0)), dim=2)[:, :, :nc]
-    inter = fq @ excl
-    out = (intra + inter).reshape(b, h, nc * chunk, e)
-    return out[:, :, :n]
+    # (prepend a zero chunk and drop the last; no slice of length nc - 1, which could be 1 and specialise)
+    excl = torch.cumsum(torch.cat([torch.zeros_like(states[:, :, :1]), states], dim=2), dim=2).narrow(2, 0, nc)
+    out = (intra + q4 @ excl).flatten(2, 3)
+    if isinstance(n, int):
+        return out[:, :, :n]
+    return out.index_select(2, torch.arange(n, device=fq.device))
 
 
 def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -103,7 +121,7 @@ def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int)
 
 def _causal_equal(fq, fk, v, *, chunk: int, form: str) -> torch.Tensor:
     if form == "auto":
-        form = "chunked" if isinstance(fq.shape[-2], int) else "prefix"
+        form = "chunked"
     if form == "chunked":
         return _chunked_equal(fq, fk, v, chunk)
     if form == "prefix":

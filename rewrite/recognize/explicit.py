@@ -487,7 +487,7 @@ def explicit_site(g: GraphView, softmax: Any, index: int) -> AttentionSite:
     kv_heads = tk.kv_heads or tv.kv_heads or heads
     if math.isnan(scale) or scale <= 0:
         raise fail(g, qk, "a positive scale", f"{scale}")
-    mask, terms = site_mask(g, terms, False)
+    mask, terms = site_mask(g, terms, False, anchor=softmax, lengths=(shape[-2], shape[-1]))
     causal = mask in ("causal", "causal+padding")
     return AttentionSite(
         name=f"attn{index}", spelling=f"explicit-{g.kind}", q=q, k=kt, v=v, output=g.outputs(pv)[0], scale=scale,

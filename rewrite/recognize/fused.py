@@ -28,7 +28,8 @@ def sdpa_site(g: GraphView, node: Any, index: int) -> AttentionSite:
         if head_dim is None:
             raise fail(g, node, "a static head dim (for the default scale)", f"shape {q_shape}")
         scale = head_dim ** -0.5
-    kind, terms = site_mask(g, _mask_term(g, mask), canon.attrs["causal"])
+    kind, terms = site_mask(g, _mask_term(g, mask), canon.attrs["causal"], anchor=node,
+                            lengths=(q_shape[-2], k_shape[-2] if k_shape else None))
     tk = None
     try:
         tk = trace_layout(g, k, ["X0", "X1", "T", "F"], "K", node)
@@ -119,7 +120,8 @@ def onnx_attention_site(g: GraphView, node: Any, index: int) -> AttentionSite:
     kshape = g.shape(canon.inputs[1])
     kv_heads = kshape[1] if kshape else heads
     mask_value = canon.inputs[3] if len(canon.inputs) > 3 else None
-    kind, terms = site_mask(g, _mask_term(g, mask_value), causal)
+    kind, terms = site_mask(g, _mask_term(g, mask_value), causal, anchor=node,
+                            lengths=(q_shape[-2], kshape[-2] if kshape and len(kshape) == 4 else None))
     scale = attrs.get("scale") or (head_dim ** -0.5 if isinstance(head_dim, int) else None)
     if scale is None:
         raise fail(g, node, "a static head dim (for the default scale)", f"shape {q_shape}")

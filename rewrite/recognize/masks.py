@@ -5,7 +5,7 @@ from typing import Any
 
 from ..graph.base import GraphView, walk_ancestors
 from ..sites import MaskTerm
-from .common import ARANGE_SEARCH, BROADCAST_STEPS, MASK_PROVENANCE_STEPS, NEG_FILL, Spelling
+from .common import ARANGE_SEARCH, BROADCAST_STEPS, MASK_PROVENANCE_STEPS, NEG_FILL, Spelling, fail
 
 #: Ops a constant mask may be broadcast through and stay the same constant.
 _BROADCAST = ("expand", "reshape", "cast", "identity", "unsqueeze")
@@ -144,12 +144,15 @@ def drop_no_op_terms(g: GraphView, terms: list[MaskTerm]) -> list[MaskTerm]:
 
 
 def _triangular(arr: Any, mode: str) -> bool:
+    """A constant (…, S, T) mask whose drop pattern is exactly bottom-right aligned causal (key j dropped for
+    query i iff j > i + T - S; S <= T). For S == T this is the strictly upper triangle; a top-left pattern with
+    S != T does not match (the site then keeps its mask as an arbitrary one, never a mis-aligned causal)."""
     import numpy as np
     a = np.asarray(arr)
-    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+    if a.ndim < 2 or a.shape[-2] > a.shape[-1]:
         return False
-    n = a.shape[-1]
-    upper = np.triu(np.ones((n, n), dtype=bool), 1)
+    s_len, t_len = a.shape[-2], a.shape[-1]
+    upper = np.triu(np.ones((s_len, t_len), dtype=bool), 1 + t_len - s_len)
     if mode == "add":
         masked = a < NEG_FILL
     elif mode == "keep":
@@ -195,9 +198,34 @@ def classify_mask(g: GraphView, terms: list[MaskTerm], causal_flag: bool, token_
     return "additive"
 
 
-def site_mask(g: GraphView, terms: list[MaskTerm], causal_flag: bool) -> tuple[str, list[MaskTerm]]:
+def _provenance_causal(g: GraphView, terms: list[MaskTerm], causal_flag: bool) -> bool:
+    """Whether the site's causality comes from an op flag or from arange/triangle ops (not a verified constant),
+    i.e. from something whose alignment is unknown when the query and key lengths differ."""
+    return causal_flag or any(data_sources(g, t.value)[1] for t in terms)
+
+
+def _known_different(s_len: Any, t_len: Any) -> bool:
+    return isinstance(s_len, int) and isinstance(t_len, int) and s_len != t_len
+
+
+def site_mask(g: GraphView, terms: list[MaskTerm], causal_flag: bool, *, anchor: Any = None,
+              lengths: tuple[Any, Any] | None = None, flag_align: str = "top_left") -> tuple[str, list[MaskTerm]]:
     """(mask kind, the terms a rewrite must apply): no-op terms dropped; none left when the kind is exactly
-    ``causal`` (the causal flag then says it all)."""
+    ``causal`` (the causal flag then says it all).
+
+    ``lengths`` = (S, T), the query and key lengths of the site. A causal site with S != T is accepted only when
+    its alignment is known to be bottom-right (the replacements' reading: query i sees key j iff j <= i + T - S):
+    a constant mask with exactly that pattern. A causal flag (``flag_align``: SDPA's ``is_causal`` and ONNX
+    ``Attention`` are top-left) or a mask built from arange comparisons / triangle ops with S != T raises
+    :class:`~rewrite.sites.NoMatch` naming ``anchor`` instead of being silently mis-aligned."""
     terms = drop_no_op_terms(g, terms)
     kind = classify_mask(g, terms, causal_flag)
+    if (kind in ("causal", "causal+padding") and lengths is not None and _known_different(*lengths)
+            and anchor is not None and _provenance_causal(g, terms, causal_flag)):
+        s_len, t_len = lengths
+        source = (f"the op's causal flag ({flag_align.replace('_', '-')} aligned)" if causal_flag
+                  else "arange comparisons / a triangle op, whose alignment cannot be read from the graph")
+        raise fail(g, anchor, "a causal site with query length == key length, or with S != T a constant "
+                   "bottom-right aligned mask (key j visible from query i iff j <= i + T - S)",
+                   f"query length {s_len} != key length {t_len} with causality from {source}")
     return kind, ([] if kind == "causal" else terms)
