@@ -12,7 +12,9 @@ two strided slices, all over N-sized tensors).
 Causal visibility: key j is visible from query i iff j <= i + (T - S) - shift. ``shift`` > 0 excludes the last
 ``shift`` keys of the causal prefix (used by the sliding-window hybrid).
 
-Causal forms (``auto``, the default, is ``chunked``, in eager and under tracing):
+Causal forms (``auto``, the default, is ``chunked`` in eager and ``prefix`` under tracing: the traced chunked form
+exports with a dynamic length and O(N) memory, but TVM's ONNX importer does not take it without fixed shapes yet;
+ask for it with ``causal_form="chunked"``):
 - ``chunked``: parallel chunk form, chunk C: intra-chunk tril(φQ φKᵀ)V plus φQ times the exclusive
   cumulative sum of per-chunk states. Memory O(N·C + N/C·F·E); no loops. Under tracing the chunks are cut by a
   gather with an index grid (not a reshape), so torch.export and the ONNX exporter keep the length dynamic.
@@ -120,8 +122,8 @@ def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int)
 
 
 def _causal_equal(fq, fk, v, *, chunk: int, form: str) -> torch.Tensor:
-    if form == "auto":
-        form = "chunked"
+    if form == "auto":  # traced: prefix, which TVM imports with symbolic lengths (the traced chunked form does not yet)
+        form = "chunked" if isinstance(fq.shape[-2], int) else "prefix"
     if form == "chunked":
         return _chunked_equal(fq, fk, v, chunk)
     if form == "prefix":

@@ -73,7 +73,7 @@ def _export(m, args, same=True):
 @pytest.mark.parametrize("name,window", [("linear", 0), ("mala", 0), ("linear", 3)])
 def test_exported_chunked_matches_recurrent_at_two_lengths(name, window, tmp_path):
     fn = FNS[name]
-    m = _Causal(fn, "auto", window)
+    m = _Causal(fn, "chunked", window)
     ep, onx = _export(m, _qkv(12, 0))
     path = tmp_path / "m.onnx"
     onx.save(str(path))
@@ -94,7 +94,7 @@ def test_exported_chunked_matches_recurrent_at_two_lengths(name, window, tmp_pat
 
 def test_exported_distinct_lengths_bottom_right(tmp_path):
     """Distinct dynamic S and T (S < T: the queries are the last S positions) in the exported chunked graph."""
-    m = _Causal(linear_attention, "auto")
+    m = _Causal(linear_attention, "chunked")
     ep, onx = _export(m, _qkv(12, 0, t=15), same=False)
     path = tmp_path / "m.onnx"
     onx.save(str(path))
