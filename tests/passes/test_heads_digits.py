@@ -70,7 +70,7 @@ def test_held_out_accuracy_of_every_head(digits):
                                                                   held.y))
     print("digits test accuracy:", {"softmax": softmax_acc, **acc})
     assert softmax_acc > 0.95
-    assert abs(acc["svm posthoc"] - softmax_acc) <= 0.01  # within 1.0 point
+    assert acc["svm posthoc"] >= softmax_acc - 0.01  # within 1.0 point of softmax, or better (here it is often better)
     assert acc["svm finetune"] >= softmax_acc - 0.02
     assert acc["zloss"] >= softmax_acc - 0.02
     assert acc["fourier"] >= 0.85  # unordered digits through a smoothness prior: a cost, but a working head
