@@ -7,6 +7,8 @@ relative error is at most ``REL_FACTOR`` × the untrained swap's, and its cosine
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path as _Path
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,9 @@ from passes.transfer import (CalibrationDataError, TransferError, fit_params, lo
                              rewrite_with_params, transfer, transfer_options)
 from passes.transfer.cli import main as cli_main  # noqa: E402
 from rewrite.errors import OptionError  # noqa: E402
-from rewrite.io import LoadedModel, export_module, fx_to_onnx, load_model  # noqa: E402
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+from transfer_models import tiny_bert  # noqa: E402
+from rewrite.io import LoadedModel, fx_to_onnx, load_model  # noqa: E402
 from rewrite.verify import run as run_model  # noqa: E402
 
 #: After fitting, held-out site rel. error <= REL_FACTOR × the untrained swap's (and cosine strictly higher).
@@ -32,22 +36,7 @@ STEPS = {"sigmoid": 150}
 
 
 def _tiny_bert() -> LoadedModel:
-    from transformers import BertConfig, BertModel
-
-    from rewrite.hf import wrap_hf_model
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
-    model = BertModel(cfg)
-    with torch.no_grad():
-        for layer in model.encoder.layer:
-            layer.attention.self.query.weight.mul_(4.0)
-            layer.attention.self.key.weight.mul_(4.0)
-    hf = wrap_hf_model(model, batch=2, seq=16)
-    loaded = export_module(hf.module, hf.example_inputs, dynamic_shapes=hf.dynamic_shapes, source="tiny-bert",
-                           output_names=hf.output_names)
-    loaded.extra["hf"] = hf
-    return loaded
+    return tiny_bert()
 
 
 @pytest.fixture(scope="module")

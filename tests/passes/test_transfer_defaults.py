@@ -10,31 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path as _Path
 
 import numpy as np
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from passes.transfer import load_calibration, stdlib_corpus, transfer  # noqa: E402
 from passes.transfer.data import SYNTHETIC_WARNING  # noqa: E402
-from rewrite.io import LoadedModel, export_module  # noqa: E402
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+from transfer_models import tiny_bert  # noqa: E402
+from rewrite.io import LoadedModel  # noqa: E402
 
 
 def _tiny_bert() -> LoadedModel:
     """A 2-layer random BERT wrapped like a Hugging Face folder but with no tokenizer folder."""
-    from transformers import BertConfig, BertModel
-
-    from rewrite.hf import wrap_hf_model
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
-    hf = wrap_hf_model(BertModel(cfg), batch=2, seq=16)
-    loaded = export_module(hf.module, hf.example_inputs, dynamic_shapes=hf.dynamic_shapes, source="tiny-bert",
-                           output_names=hf.output_names)
-    loaded.extra["hf"] = hf
-    return loaded
+    return tiny_bert(1.0)
 
 
 @pytest.fixture(scope="module")

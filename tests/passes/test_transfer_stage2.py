@@ -7,6 +7,8 @@ running the merged program against the original, and onnxruntime on the merged p
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path as _Path
 
 import numpy as np
 import pytest
@@ -17,27 +19,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from passes.transfer import transfer  # noqa: E402
 from passes.transfer.stage2 import lora_stage2  # noqa: E402
 from passes.transfer.transfer import TransferError  # noqa: E402
-from rewrite.io import LoadedModel, export_module, fx_to_onnx, load_model  # noqa: E402
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+from transfer_models import tiny_bert  # noqa: E402
+from rewrite.io import LoadedModel, fx_to_onnx, load_model  # noqa: E402
 from rewrite.verify import run as run_model  # noqa: E402
 
 
 def _tiny_bert() -> LoadedModel:
-    from transformers import BertConfig, BertModel
-
-    from rewrite.hf import wrap_hf_model
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
-    model = BertModel(cfg)
-    with torch.no_grad():
-        for layer in model.encoder.layer:
-            layer.attention.self.query.weight.mul_(4.0)
-            layer.attention.self.key.weight.mul_(4.0)
-    hf = wrap_hf_model(model, batch=2, seq=16)
-    loaded = export_module(hf.module, hf.example_inputs, dynamic_shapes=hf.dynamic_shapes, source="tiny-bert",
-                           output_names=hf.output_names)
-    loaded.extra["hf"] = hf
-    return loaded
+    return tiny_bert()
 
 
 def _mse(a: LoadedModel, b: LoadedModel, batches: list[dict[str, np.ndarray]]) -> float:
