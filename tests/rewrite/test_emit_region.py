@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from rewrite import io as mio
-from rewrite.api import graph_view
 from rewrite.capture import capture_values
-from rewrite.emit_region import Region, prepare_onnx, splice_fx, splice_onnx
+from rewrite.emit_region import Region, open_for_regions, prepare_onnx, splice_onnx
 from rewrite.errors import UnsupportedModelError
 from rewrite.graph.onnx_graph import OnnxGraph
 from rewrite.recognize import recognize
@@ -61,24 +60,13 @@ def test_replace_and_add(tmp_path, kind, which):
     x = digits_split().x_test[:37]
     module = NewHead() if which == "new_head" else Standardize()
     add = "feature_norm" if which == "new_head" else "row_max"
-    if kind == "fx":
-        gm = loaded.ep.module()
-        g, outs = graph_view(mio.LoadedModel(kind="fx", source="", ep=loaded.ep))
-        from rewrite.graph.fx import FxGraph
-        g = FxGraph(gm)
-        out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        outs = list(torch.utils._pytree.tree_leaves(out_node.args[0]))
-        feature, logits = _head_values(g, outs)
-        region = Region("r0", [feature] if which == "new_head" else [logits], [logits], [add])
-        new = splice_fx(loaded, gm, [(region, module)])
-    else:
-        onnx_model = prepare_onnx(loaded)
-        g = OnnxGraph(onnx_model)
-        feature, logits = _head_values(g, list(onnx_model.graph.outputs))
-        inputs = [feature] if which == "new_head" else [logits]
-        examples = [torch.from_numpy(v) for v in capture_values(loaded, g, inputs, {"x": x[:3]})]
-        region = Region("r0", inputs, [logits], [add])
-        new = splice_onnx(loaded, onnx_model, [(region, module)], {"r0": examples})
+    view = open_for_regions(loaded)  # FX: the unlifted module; ONNX: a clone at opset >= 18
+    feature, logits = _head_values(view.graph, view.outputs)
+    inputs = [feature] if which == "new_head" else [logits]
+    region = Region("r0", inputs, [logits], [add])
+    examples = None if kind == "fx" else \
+        {"r0": [torch.from_numpy(v) for v in capture_values(loaded, view.graph, inputs, {"x": x[:3]})]}
+    new = view.splice(loaded, [(region, module)], examples)
     assert new.output_names[-1] == add and len(new.output_names) == 2
     got = run(new, {"x": x})
     with torch.no_grad():
@@ -98,19 +86,11 @@ def test_add_only_leaves_outputs_bit_identical(tmp_path, kind):
     model = trained_digits_cnn()
     loaded = _loaded(kind, model, tmp_path)
     x = digits_split().x_test[:20]
-    if kind == "fx":
-        from rewrite.graph.fx import FxGraph
-        gm = loaded.ep.module()
-        g = FxGraph(gm)
-        out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        feature, _ = _head_values(g, list(torch.utils._pytree.tree_leaves(out_node.args[0])))
-        new = splice_fx(loaded, gm, [(Region("score", [feature], (), ["score"]), _Norm())])
-    else:
-        onnx_model = prepare_onnx(loaded)
-        g = OnnxGraph(onnx_model)
-        feature, _ = _head_values(g, list(onnx_model.graph.outputs))
-        ex = [torch.from_numpy(capture_values(loaded, g, [feature], {"x": x[:2]})[0])]
-        new = splice_onnx(loaded, onnx_model, [(Region("score", [feature], (), ["score"]), _Norm())], {"score": ex})
+    view = open_for_regions(loaded)
+    feature, _ = _head_values(view.graph, view.outputs)
+    examples = None if kind == "fx" else \
+        {"score": [torch.from_numpy(capture_values(loaded, view.graph, [feature], {"x": x[:2]})[0])]}
+    new = view.splice(loaded, [(Region("score", [feature], (), ["score"]), _Norm())], examples)
     before, after = run(loaded, {"x": x}), run(new, {"x": x})
     first = list(before)[0]
     assert np.array_equal(before[first], after[first])
