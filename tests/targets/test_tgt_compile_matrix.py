@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import rewrite
 import zoo
 from rewrite.io import load_onnx
 from rewrite.verify import run
+from tgt_models import zoo_variant_onnx
 
 FAMILIES = ["sdpa_causal", "timm_vit_block", "hf_bert_sdpa", "hf_bert_eager", "hf_gpt2_sdpa", "hf_llama_sdpa",
             "hf_vit_cls"]
@@ -36,12 +36,7 @@ def test_symbolic_build_serves_two_shapes(name, exporter, variant, zoo_onnx, tmp
                                                                    "(see KNOWN_GAPS)"))
     loaded = load_onnx(zoo_onnx(name, exporter))
     feeds = _feeds(name, loaded)
-    loaded.example_inputs, loaded.extra["feeds"] = feeds, feeds
-    path = tmp_path / "model.onnx"
-    if variant is None:
-        rewrite.export(loaded, path)
-    else:
-        rewrite.convert(loaded, path, attention=variant, verify=False)
+    path = zoo_variant_onnx(zoo_onnx(name, exporter), feeds, variant, tmp_path / "model.onnx")
     compile_model(str(path), "host", tmp_path / "model.so", shapes=None)
     runner = Runner(tmp_path / "model.so")
     second = _feeds(name, loaded, 3, 11) if zoo.get(name).inputs(3, 11) is not None else None

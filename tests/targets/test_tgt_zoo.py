@@ -6,11 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-import rewrite
 import zoo
 from rewrite.io import load_onnx
 from rewrite.verify import run
-from tgt_models import exec_targets
+from tgt_models import exec_targets, zoo_variant_onnx
 
 MODELS = ["sdpa_causal", "timm_vit_block", "hf_bert_sdpa"]
 VARIANTS = [None, "linear", "mala", "sigmoid", "softplus"]
@@ -26,12 +25,7 @@ def test_zoo_lowering_matches_onnxruntime(name, variant, target, zoo_onnx, tmp_p
     _, args, _ = zm.build()
     loaded = load_onnx(zoo_onnx(name, "dynamo"))
     feeds = {n: a.numpy() for n, a in zip(loaded.input_names, args)}
-    loaded.example_inputs, loaded.extra["feeds"] = feeds, feeds
-    path = tmp_path / "model.onnx"
-    if variant is None:
-        rewrite.export(loaded, path)
-    else:
-        rewrite.convert(loaded, path, attention=variant, verify=False)
+    path = zoo_variant_onnx(zoo_onnx(name, "dynamo"), feeds, variant, tmp_path / "model.onnx")
     expected = list(run(load_onnx(path), feeds).values())
     shapes = {n: list(a.shape) for n, a in feeds.items()}
     compile_model(str(path), target, tmp_path / "model.so", shapes=shapes)

@@ -138,3 +138,18 @@ def ort_run(model: onnx.ModelProto, feeds: dict) -> list:
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+def zoo_variant_onnx(onnx_path, feeds: dict, variant: str | None, out_path):
+    """The zoo ONNX at ``onnx_path`` written to ``out_path``: as it is (``variant`` None) or with every attention
+    site rewritten to ``variant``; ``feeds`` (arrays by input name) size the rewrite's site captures."""
+    import rewrite
+    from rewrite.io import load_onnx
+
+    loaded = load_onnx(onnx_path)
+    loaded.example_inputs, loaded.extra["feeds"] = feeds, feeds
+    if variant is None:
+        rewrite.export(loaded, out_path)
+    else:
+        rewrite.convert(loaded, out_path, attention=variant, verify=False)
+    return out_path
