@@ -248,9 +248,9 @@ def test_append_soft_nms_per_class_via_labels():
 # the ONNX sub-graph in onnxruntime
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def session(method, sigma, convention, offset, layout, matrix):
+def session(method, sigma, convention, offset, layout, matrix, window=None):
     cfg = SoftNMSConfig(method=method, sigma=sigma, sigma_convention=convention, iou_offset=offset)
-    return ort.InferenceSession(soft_nms_model(cfg, layout, matrix=matrix).SerializeToString(),
+    return ort.InferenceSession(soft_nms_model(cfg, layout, matrix=matrix, window=window).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -263,9 +263,10 @@ def to_layout(boxes_xyxy, layout, rng):
                     -1)
 
 
-def run_onnx(cfg, boxes_bn, scores_bcn, layout, rng, matrix=True):
-    """Our sub-graph in onnxruntime (``matrix``: precomputed weight matrix, else IoU rows in the loop)."""
-    sess = session(cfg["method"], cfg["sigma"], cfg["sigma_convention"], cfg["iou_offset"], layout, matrix)
+def run_onnx(cfg, boxes_bn, scores_bcn, layout, rng, matrix=True, window=None):
+    """Our sub-graph in onnxruntime (``matrix``: precomputed weight matrix, else IoU rows in the loop; ``window``:
+    0 one pick per Loop iteration, None the default multi-select step)."""
+    sess = session(cfg["method"], cfg["sigma"], cfg["sigma_convention"], cfg["iou_offset"], layout, matrix, window)
     feeds = {"boxes": to_layout(boxes_bn, layout, rng).astype(np.float32), "scores": scores_bcn.astype(np.float32),
              "max_output_boxes_per_class": np.array([cfg["max_det"]], np.int64),
              "iou_threshold": np.array([cfg["iou_threshold"]], np.float32),
@@ -288,14 +289,14 @@ def ref_onnx(cfg, boxes_bn, scores_bcn):
 
 @settings(FAST, max_examples=200)
 @given(cfg=configs, seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 30), layout=st.sampled_from([0, 1]),
-       batch=st.integers(1, 3), classes=st.integers(1, 4), matrix=st.booleans())
-def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, matrix):
+       batch=st.integers(1, 3), classes=st.integers(1, 4), matrix=st.booleans(), window=st.sampled_from([0, None]))
+def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, matrix, window):
     cfg = {**cfg, "iou_threshold": float(np.float32(cfg["iou_threshold"])), "min_score": float(np.float32(cfg["min_score"]))}
     boxes, _ = random_sets(seed, batch, n)
     _, scores = random_sets(seed + 1, batch * classes, n)
     scores = scores.reshape(batch, classes, n)
     rng = np.random.default_rng(seed)
-    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix)
+    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix, window)
     rows, kept = ref_onnx(cfg, boxes, scores)
     assert sel.dtype == np.int64 and sel.shape == (len(rows), 3)
     assert [tuple(r) for r in sel.tolist()] == rows
@@ -305,8 +306,8 @@ def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, ma
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 40), layout=st.sampled_from([0, 1]),
        nt=st.sampled_from([0.0, 0.3, 0.5, 0.7]), thr=st.sampled_from([0.0, 0.2]), max_det=st.integers(0, 50),
-       matrix=st.booleans())
-def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr, max_det, matrix):
+       matrix=st.booleans(), window=st.sampled_from([0, None]))
+def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr, max_det, matrix, window):
     """Our ``hard`` sub-graph selects what onnxruntime's own NonMaxSuppression selects (scores are distinct and
     never exactly at the threshold, where ≥ and > would differ)."""
     boxes, _ = random_sets(seed, 2, n)
@@ -315,7 +316,7 @@ def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr
     rng = np.random.default_rng(seed)
     cfg = dict(method="hard", sigma=0.5, sigma_convention="bodla", iou_offset=0, max_det=max_det,
                iou_threshold=nt, min_score=thr)
-    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix)
+    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix, window)
     node = helper.make_node("NonMaxSuppression", ["b", "s", "m", "i", "t"], ["o"], center_point_box=layout)
     graph = helper.make_graph([node], "nms", [helper.make_tensor_value_info(x, t, None) for x, t in
                                               zip("bsmit", [1, 1, 7, 1, 1])],
@@ -645,7 +646,8 @@ def window_session(method, convention, offset, matrix, window, counted=False):
     model = soft_nms_model(cfg, 0, matrix=matrix, window=window)
     if counted:
         loop = next(n for n in model.graph.node if n.op_type == "Loop")
-        model.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.BOOL, None))
+        kind = TensorProto.DOUBLE if window == 0 else TensorProto.BOOL  # one pick: scores; multi: selected mask
+        model.graph.output.append(helper.make_tensor_value_info(loop.output[-1], kind, None))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
