@@ -128,52 +128,6 @@ def _weights(b: _Builder, cfg: SoftNMSConfig, iou: str, iou_t: str) -> tuple[str
     return weights, discard
 
 
-def _multiplier(b: _Builder, cfg: SoftNMSConfig, iou: str, iou_t: str, nan: str, one: str) -> str:
-    """The factor a pick applies to a box's score, from their IoU: the method's weight, NaN where the pick discards
-    the box (hard; TF-Gaussian). A live score times NaN is NaN, which fails the ``min_score`` test: the box dies."""
-    weights, discard = _weights(b, cfg, iou, iou_t)
-    factor = weights if weights is not None else one
-    if discard is not None:
-        factor = b.op("Where", [discard, nan, factor])
-    return factor
-
-
-def _loop_body(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool) -> onnx.GraphProto:
-    """One iteration: (i, cond, s) → (cond', s', pick, pick_score); ``s`` (B, C, N') the current scores with
-    −∞ for boxes that are not live (dead, selected, padding), picks (B, C, 1).
-
-    Per group: the box with the largest current score is picked (``ArgMax``; ties to the lowest index); it was live
-    iff its score is > −∞. Its factors against every box (:func:`_multiplier`, NaN on the pick itself so it leaves)
-    are gathered from the precomputed (B, N', N') matrix (``matrix``) or computed from its IoU row; then
-    s' = where(s·f ≥ min_score, s·f, −∞). A dead box stays −∞ (−∞·f is −∞ or NaN, both fail the test), so no
-    per-group select is needed, and the loop stops once every score is −∞. 8 ops per iteration with the matrix.
-    """
-    b = _Builder("body/")
-    i, cond, s = "body/i", "body/cond_in", "body/s"
-    idx = b.op("ArgMax", [s], axis=2, keepdims=1)                                        # (B, C, 1)
-    best = b.op("GatherElements", [s, idx], axis=2)
-    if matrix:
-        factor = b.op("GatherND", [outer["factor"], idx], batch_dims=1)                 # (B, C, N')
-    else:
-        keys = ("x1", "y1", "x2", "y2", "area")
-        pick = b.op("Split", [b.op("GatherND", [outer["packed"], idx], batch_dims=1)], n_out=5, axis=2,
-                    num_outputs=5)                                                      # 5 × (B, C, 1)
-        iou = _iou(b, dict(zip(keys, pick)), {k: outer[f"{k}_3d"] for k in keys}, outer["offset"])
-        factor = b.op("ScatterElements", [_multiplier(b, cfg, iou, outer["iou"], outer["nan"], outer["one"]), idx,
-                                          outer["nan_column"]], axis=2)                  # the pick leaves
-    decayed = b.op("Mul", [s, factor])
-    s_out = b.op("Where", [b.op("GreaterOrEqual", [decayed, outer["min_score"]]), decayed, outer["neg_inf"]])
-    cond_out = b.op("Greater", [b.op("ReduceMax", [s_out], keepdims=0), outer["neg_inf"]])
-    outs = [cond_out, s_out, idx, best]
-    types = [TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.DOUBLE]
-    return helper.make_graph(
-        b.nodes, "soft_nms_step",
-        [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(s, TensorProto.DOUBLE, ["B", "C", "N1"])],
-        [helper.make_tensor_value_info(n, t, shape) for n, t, shape in
-         zip(outs, types, ([], ["B", "C", "N1"], ["B", "C", 1], ["B", "C", 1]))])
-
-
 def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, window: int) -> onnx.GraphProto:
     """One multi-select iteration: (i, cond, s, alive, budget) → (cond', s', alive', budget', picks, pick_scores,
     pick_valid), picks (G, ``window``), ``budget`` (G, 1) the boxes each group may still select (``max_det`` −
@@ -254,43 +208,6 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
          zip(outs, types, ([], ["G", "N1"], ["G", "N1"], ["G", 1], ["G", window], ["G", window], ["G", window]))])
 
 
-def _one_pick_loop(b: _Builder, cfg: SoftNMSConfig, outer: dict[str, str], box: dict[str, str], scores: str,
-                   shape: str, n: str, n_scalar: str, groups: str, max_out: str, matrix: bool
-                   ) -> tuple[str, str, str]:
-    """The one-pick ``Loop`` (:func:`_loop_body`) and its inputs; returns its scans reshaped to (T, G, 1): picks,
-    their scores, and whether each pick is real (its score > −∞). ``box``: (B, N + 1) coordinates and areas with
-    one padding column; the scores get a −∞ padding column (never live) and −∞ wherever below ``min_score``."""
-    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
-    neg_inf = outer["neg_inf"]
-    outer.update({"nan": b.const(np.nan, np.float64), "one": b.const(1.0, np.float64)})
-    first_two = b.op("Slice", [shape, i64([0]), i64([2])])                               # [B, C]
-    minus_inf = helper.make_tensor("m", TensorProto.DOUBLE, [1], [-np.inf])
-    s = b.op("Concat", [b.op("Cast", [scores], to=TensorProto.DOUBLE), b.op(
-        "ConstantOfShape", [b.op("Concat", [first_two, i64([1])], axis=0)], value=minus_inf)], axis=2)  # (B, C, N+1)
-    s0 = b.op("Where", [b.op("GreaterOrEqual", [s, outer["min_score"]]), s, neg_inf])   # NaN scores: never live
-    if matrix:  # the factor matrix (B, N+1, N+1): [b, p, j] = what picking p does to j; NaN on the diagonal
-        r = {k: b.op("Unsqueeze", [v, i64([2])]) for k, v in box.items()}               # (B, N+1, 1): the pick
-        c = {k: b.op("Unsqueeze", [v, i64([1])]) for k, v in box.items()}               # (B, 1, N+1)
-        factor = _multiplier(b, cfg, _iou(b, r, c, outer["offset"]), outer["iou"], outer["nan"], outer["one"])
-        cols = b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(1)]), i64(1)])
-        eye = b.op("Equal", [b.op("Unsqueeze", [cols, i64([1])]), b.op("Unsqueeze", [cols, i64([0])])])
-        outer["factor"] = b.op("Where", [eye, outer["nan"], factor])
-    else:  # the boxes as (B, 1, N+1) columns, and packed (B, N+1, 5) to gather the pick's row
-        for k, v in box.items():
-            outer[f"{k}_3d"] = b.op("Unsqueeze", [v, i64([1])])
-        outer["packed"] = b.op("Concat", [b.op("Unsqueeze", [v, i64([2])]) for v in box.values()], axis=2)
-        outer["nan_column"] = b.op("ConstantOfShape", [b.op("Concat", [first_two, i64([1])], axis=0)],
-                                   value=helper.make_tensor("q", TensorProto.DOUBLE, [1], [np.nan]))
-    trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
-    _, picks, pick_scores = b.op("Loop", [trips, b.const(True, np.bool_), s0], n_out=3,
-                                 body=_loop_body(cfg, outer, matrix))                    # scans: (T, B, C, 1)
-    scan_shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [picks]), i64([0]), i64([1])]), groups, i64([1])],
-                      axis=0)
-    picks = b.op("Reshape", [picks, scan_shape], allowzero=1)                            # (T, G, 1)
-    pick_scores = b.op("Reshape", [pick_scores, scan_shape], allowzero=1)
-    return picks, pick_scores, b.op("Greater", [pick_scores, neg_inf])
-
-
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
                    prefix: str = "", matrix: bool = True, window: int | None = None) -> onnx.GraphProto:
     """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
@@ -307,6 +224,9 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     window = WINDOW if window is None else int(window)
     if window < 0:
         raise ValueError(f"soft-nms: window={window!r}: must be >= 0")
+    if window == 0:
+        from .onnx_one_pick import one_pick_graph
+        return one_pick_graph(cfg, center_point_box, score_dtype, prefix, matrix)
     pad = max(1, window)  # never-live zero boxes appended to every image (TopK needs >= window columns)
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
@@ -340,51 +260,47 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
              "offset": offset}
     box = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
     box["area"] = _area(b, box, offset)                                                 # (B, N + 1) each
-    if window == 0:
-        picks, pick_scores, pick_valid = _one_pick_loop(b, cfg, outer, box, scores, shape, n, n_scalar, groups,
-                                                        max_out, matrix)
+    if matrix:
+        r = {k: b.op("Unsqueeze", [v, i64([2])]) for k, v in box.items()}               # (B, N+1, 1): the pick
+        c = {k: b.op("Unsqueeze", [v, i64([1])]) for k, v in box.items()}               # (B, 1, N+1)
+        weights, discard = _weights(b, cfg, _iou(b, r, c, offset), iou_t)               # (B, N+1, N+1)
+        outer.update({k: v for k, v in (("weights", weights), ("discard", discard)) if v is not None})
+    s_flat = b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape], allowzero=1)  # (G, N)
+    s0 = b.op("Concat", [s_flat, b.op("ConstantOfShape", [b.op("Concat", [groups, i64([pad])], axis=0)],
+                                      value=zeros)], axis=1)                            # (G, N + pad)
+    real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(pad)]), i64(1)]), n_scalar])
+    alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
+    if matrix:
+        group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
+        outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, n_classes]), i64([1])])  # (G, 1)
+    outer["false_column"] = b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                 value=helper.make_tensor("f", TensorProto.BOOL, [1], [False]))
+    trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
+    if not matrix:  # every group's boxes, (G, N + 1) each, and packed (G, 5, N + 1) to gather the pick's row
+        per_group_shape = b.op("Concat", [groups, b.op("Add", [n, i64([pad])])], axis=0)
+        batches = b.op("Slice", [shape, i64([0]), i64([1])])
+        expand_shape = b.op("Concat", [batches, n_classes, b.op("Add", [n, i64([pad])])], axis=0)
+        for k, v in box.items():
+            outer[k] = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [v, i64([1])]), expand_shape]),
+                                        per_group_shape], allowzero=1)
+        outer["packed"] = b.op("Concat", [b.op("Unsqueeze", [outer[k], i64([2])]) for k in box], axis=2)  # (G, N+1, 5)
+    outer.update({"window": i64([window]), "axis0": i64([0]), "axis1": i64([1]), "axis2": i64([2]),
+                  "axis1_scalar": i64(1), "one": b.const(1.0, np.float64), "zero_f64": b.const(0.0, np.float64),
+                  "not_upper": b.const(np.tril(np.ones((window, window))), np.float64),   # 1 at i >= j
+                  "first": b.const(np.arange(window)[None] == 0, np.bool_),
+                  "positions": i64(np.arange(window)[None]), "positions_1": i64(np.arange(1, window + 1)[None]),
+                  "cand_shape": b.op("Concat", [groups, i64([window, window])], axis=0)})
+    if matrix:
+        outer["batch_rows"] = b.op("Unsqueeze", [b.op("Expand", [outer["batch_of_group"], b.op(
+            "Concat", [groups, i64([window])], axis=0)]), i64([2])])                # (G, W, 1)
     else:
-        if matrix:
-            r = {k: b.op("Unsqueeze", [v, i64([2])]) for k, v in box.items()}               # (B, N+1, 1): the pick
-            c = {k: b.op("Unsqueeze", [v, i64([1])]) for k, v in box.items()}               # (B, 1, N+1)
-            weights, discard = _weights(b, cfg, _iou(b, r, c, offset), iou_t)               # (B, N+1, N+1)
-            outer.update({k: v for k, v in (("weights", weights), ("discard", discard)) if v is not None})
-        s_flat = b.op("Reshape", [b.op("Cast", [scores], to=TensorProto.DOUBLE), flat_shape], allowzero=1)  # (G, N)
-        s0 = b.op("Concat", [s_flat, b.op("ConstantOfShape", [b.op("Concat", [groups, i64([pad])], axis=0)],
-                                          value=zeros)], axis=1)                            # (G, N + pad)
-        real = b.op("Less", [b.op("Range", [i64(0), b.op("Add", [n_scalar, i64(pad)]), i64(1)]), n_scalar])
-        alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
-        if matrix:
-            group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
-            outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, n_classes]), i64([1])])  # (G, 1)
-        outer["false_column"] = b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
-                                     value=helper.make_tensor("f", TensorProto.BOOL, [1], [False]))
-        trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
-        if not matrix:  # every group's boxes, (G, N + 1) each, and packed (G, 5, N + 1) to gather the pick's row
-            per_group_shape = b.op("Concat", [groups, b.op("Add", [n, i64([pad])])], axis=0)
-            batches = b.op("Slice", [shape, i64([0]), i64([1])])
-            expand_shape = b.op("Concat", [batches, n_classes, b.op("Add", [n, i64([pad])])], axis=0)
-            for k, v in box.items():
-                outer[k] = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [v, i64([1])]), expand_shape]),
-                                            per_group_shape], allowzero=1)
-            outer["packed"] = b.op("Concat", [b.op("Unsqueeze", [outer[k], i64([2])]) for k in box], axis=2)  # (G, N+1, 5)
-        outer.update({"window": i64([window]), "axis0": i64([0]), "axis1": i64([1]), "axis2": i64([2]),
-                      "axis1_scalar": i64(1), "one": b.const(1.0, np.float64), "zero_f64": b.const(0.0, np.float64),
-                      "not_upper": b.const(np.tril(np.ones((window, window))), np.float64),   # 1 at i >= j
-                      "first": b.const(np.arange(window)[None] == 0, np.bool_),
-                      "positions": i64(np.arange(window)[None]), "positions_1": i64(np.arange(1, window + 1)[None]),
-                      "cand_shape": b.op("Concat", [groups, i64([window, window])], axis=0)})
-        if matrix:
-            outer["batch_rows"] = b.op("Unsqueeze", [b.op("Expand", [outer["batch_of_group"], b.op(
-                "Concat", [groups, i64([window])], axis=0)]), i64([2])])                # (G, W, 1)
-        else:
-            for k in box:
-                outer[f"{k}_3d"] = b.op("Unsqueeze", [outer[k], i64([1])])              # (G, 1, N + pad)
-        budget0 = b.op("Add", [b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
-                                    value=helper.make_tensor("c", TensorProto.INT64, [1], [0])), max_out])  # (G, 1)
-        body = _loop_body_multi(cfg, outer, matrix, window)
-        _, _, _, picks, pick_scores, pick_valid = b.op(
-            "Loop", [trips, b.const(True, np.bool_), s0, alive0, budget0], n_out=6, body=body)  # scans: (T, G, W)
+        for k in box:
+            outer[f"{k}_3d"] = b.op("Unsqueeze", [outer[k], i64([1])])              # (G, 1, N + pad)
+    budget0 = b.op("Add", [b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
+                                value=helper.make_tensor("c", TensorProto.INT64, [1], [0])), max_out])  # (G, 1)
+    body = _loop_body_multi(cfg, outer, matrix, window)
+    _, _, _, picks, pick_scores, pick_valid = b.op(
+        "Loop", [trips, b.const(True, np.bool_), s0, alive0, budget0], n_out=6, body=body)  # scans: (T, G, W)
     flat = i64([-1])
     pick_flat = b.op("Reshape", [b.op("Transpose", [picks], perm=[1, 0, 2]), flat])
     score_flat = b.op("Reshape", [b.op("Transpose", [pick_scores], perm=[1, 0, 2]), flat])

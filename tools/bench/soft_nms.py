@@ -7,10 +7,12 @@ Soft-NMS sub-graph (passes.detect.onnx_nms) with ``linear``, ``gaussian`` and ``
 score each method returns (Soft-NMS: the decayed score). mAP is VOC all-point at IoU 0.5 over the four shape
 classes. Same settings for all: N_t (linear gate / hard threshold), score threshold 0.001, 100 boxes per class.
 
-Speed: milliseconds per image of one session run (intra-op threads 1), onnxruntime NMS vs our Soft-NMS, on the
-scenes and on larger synthetic inputs (N boxes, C classes), for both weight forms (matrix / IoU rows) and both Loop
-steps (one pick per iteration, or the exact multi-select step with a window of 8 candidates). Times are the
-process's CPU time (``time.process_time``), not wall time: the machine is shared, and wall time counts other jobs.
+Speed: CPU milliseconds per image (intra-op threads 1), onnxruntime NMS vs our Soft-NMS, on the scenes run 1, 8
+and 32 images per session run (detectors run batched; a batch is padded to its largest box count with zero
+scores, which neither graph selects), and on larger synthetic inputs (N boxes, C classes, 1 and 8 images per run),
+for both weight forms (matrix / IoU rows) and both Loop steps (one pick per iteration, or the exact multi-select
+step with a window of 8 candidates). Times are the process's CPU time (``time.process_time``), not wall time: the
+machine is shared, and wall time counts other jobs; the sessions of one table row are timed one after the other.
 
 Usage: ``PYTHONPATH=. python tools/bench/soft_nms.py [--images 300] [--quick] [--out tools/bench/results/soft_nms.json]``
 """
@@ -112,7 +114,55 @@ def quality(n_images: int, seed: int = 0, overlap: bool = True) -> tuple[list[di
     return rows, stats
 
 
-def speed(sizes: list[tuple[int, int]], seed: int = 1) -> list[dict]:
+def batch_feeds(images: list, nt: float) -> dict[str, np.ndarray]:
+    """One batch of images for both graphs: boxes padded with zero boxes and scores with 0 (below the score
+    threshold: never selected by either graph) to the largest box count of the batch."""
+    n = max(len(b) for b, _ in images)
+    boxes = np.zeros((len(images), n, 4), np.float32)
+    scores = np.zeros((len(images), images[0][1].shape[1], n), np.float32)
+    for k, (b, sc) in enumerate(images):
+        boxes[k, :len(b)] = b[:, [1, 0, 3, 2]]
+        scores[k, :, :len(b)] = sc.T
+    return {"boxes": boxes, "scores": scores, "max_output_boxes_per_class": np.array([MAX_DET], np.int64),
+            "iou_threshold": np.array([nt], np.float32), "score_threshold": np.array([MIN_SCORE], np.float32)}
+
+
+def cpu_ms_per_image(sess: ort.InferenceSession, batches: list[dict], images: int, passes: int = 5) -> float:
+    """Median over ``passes`` of the process CPU time of running every batch once, per image, in ms."""
+    for f in batches:  # warm-up
+        sess.run(None, f)
+    times = []
+    for _ in range(passes):
+        start = time.process_time()
+        for f in batches:
+            sess.run(None, f)
+        times.append((time.process_time() - start) / images * 1e3)
+    return float(np.median(times))
+
+
+def scene_speed(n_images: int, batch_sizes: tuple[int, ...], seed: int = 0, nt: float = 0.3) -> list[dict]:
+    """CPU ms per image on the scenes, the images run ``batch`` at a time (padded to the batch's largest count):
+    onnxruntime's NMS against our one-pick sub-graph (both weight forms) for every method; the sessions are run
+    interleaved, batch size by batch size."""
+    rng = np.random.default_rng(seed)
+    images = [ev.detections(*ev.scene(seed * 100003 + i), rng) for i in range(n_images)]
+    sessions = {"onnxruntime NMS": _session(ort_nms_model())}
+    for method in ("hard", "linear", "gaussian"):
+        for matrix in (True, False):
+            sessions[f"{method} {'matrix' if matrix else 'rows'}"] = _session(soft_nms_model(
+                SoftNMSConfig(method=method, sigma=SIGMA), matrix=matrix, window=0))
+    rows = []
+    for batch in batch_sizes:
+        feeds_ = [batch_feeds(images[i:i + batch], nt) for i in range(0, n_images, batch)]
+        row = {"batch": batch, "iou_threshold": nt}
+        for name, sess in sessions.items():
+            row[name] = cpu_ms_per_image(sess, feeds_, n_images)
+        rows.append(row)
+    return rows
+
+
+def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), seed: int = 1) -> list[dict]:
+    """CPU ms per image on random boxes (N boxes, C classes), ``batch`` images per run, every form and step."""
     rng = np.random.default_rng(seed)
     out = []
     ort_nms = _session(ort_nms_model())
@@ -120,17 +170,16 @@ def speed(sizes: list[tuple[int, int]], seed: int = 1) -> list[dict]:
         SoftNMSConfig(method=m, sigma=SIGMA), matrix=matrix, window=w))
         for m in ("linear", "hard", "gaussian") for matrix in (True, False) for w in (0, WINDOW)}
     for n, c in sizes:
-        xy = rng.uniform(0, 600, (n, 2))
-        boxes = np.concatenate([xy, xy + rng.uniform(10, 120, (n, 2))], 1)
-        images = [(boxes, rng.random((n, c)))]
-        row = {"boxes": n, "classes": c}
-        for name, sess in (("onnxruntime NMS", ort_nms), *((f"soft-nms {m}", s) for m, s in soft.items())):
-            runs = []
-            for _ in range(5):
-                _, ms = run_method(sess, images, 0.5)
-                runs.append(ms)
-            row[name] = float(np.median(runs))
-        out.append(row)
+        images = []
+        for _ in range(max(batch_sizes)):
+            xy = rng.uniform(0, 600, (n, 2))
+            images.append((np.concatenate([xy, xy + rng.uniform(10, 120, (n, 2))], 1), rng.random((n, c))))
+        for batch in batch_sizes:
+            feeds_ = [batch_feeds(images[:batch], 0.5)]
+            row = {"boxes": n, "classes": c, "batch": batch}
+            for name, sess in (("onnxruntime NMS", ort_nms), *((f"soft-nms {m}", s) for m, s in soft.items())):
+                row[name] = cpu_ms_per_image(sess, feeds_, batch, passes=7 if batch == 1 else 3)
+            out.append(row)
     return out
 
 
@@ -145,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     cpu = describe()
     rows, stats = quality(n_images)
     control, control_stats = quality(n_images, overlap=False)
+    scenes = scene_speed(64 if args.quick else 256, (1, 8, 32))
     fast = speed(sizes)
-    print(f"Soft-NMS vs hard NMS — {cpu}; onnxruntime {ort.__version__}, 1 thread")
+    print(f"CPU: {cpu}; onnxruntime {ort.__version__}, 1 thread; times are process CPU time")
+    print("Soft-NMS vs hard NMS")
     print(f"{stats['images']} random_shapes scenes, {stats['objects']} objects, "
           f"{stats['detections_per_image']:.1f} detections/image, {stats['same_class_gt_pairs_iou_gt_0.3']} same-class "
           "object pairs with IoU > 0.3")
@@ -160,18 +211,27 @@ def main(argv: list[str] | None = None) -> int:
     for r in control:
         print(f"{r['method']:<30}{r['iou_threshold']:>5}{r['mAP50']:>10.4f}{r['boxes_kept_per_image']:>10.1f}"
               f"{r['ms_per_image']:>9.3f}")
-    print(f"\nCPU ms per image (max 100 per class; 'matrix' precomputes the N×N weights, 'rows' computes IoU rows; "
-          f"'multi-{WINDOW}': up to {WINDOW} picks per Loop iteration)")
-    print(f"{'boxes':>6}{'classes':>8}{'ORT NMS':>10}" + "".join(f"{c[9:]:>24}" for c in cols))
+    scene_cols = [k for k in scenes[0] if k not in ("batch", "iou_threshold")]
+    print(f"\nscenes, CPU ms per image, N_t {scenes[0]['iou_threshold']}, images run `batch` at a time "
+          "(one pick per Loop iteration; ratio: Soft-NMS / onnxruntime NMS)")
+    print(f"{'batch':>6}" + "".join(f"{c:>18}" for c in scene_cols))
+    for r in scenes:
+        base = r["onnxruntime NMS"]
+        print(f"{r['batch']:>6}" + "".join(f"{r[c]:>11.4f}" + (f" ({r[c] / base:4.1f}x)" if c != "onnxruntime NMS"
+                                                                   else " " * 7) for c in scene_cols))
+    print(f"\nrandom boxes, CPU ms per image (max 100 per class; 'matrix' precomputes the N×N weights, 'rows' "
+          f"computes IoU rows; 'multi-{WINDOW}': up to {WINDOW} picks per Loop iteration)")
+    print(f"{'boxes':>6}{'classes':>8}{'batch':>6}{'ORT NMS':>10}" + "".join(f"{c[9:]:>24}" for c in cols))
     for r in fast:
-        print(f"{r['boxes']:>6}{r['classes']:>8}{r['onnxruntime NMS']:>10.3f}" + "".join(f"{r[c]:>24.3f}" for c in cols))
+        print(f"{r['boxes']:>6}{r['classes']:>8}{r['batch']:>6}{r['onnxruntime NMS']:>10.3f}"
+              + "".join(f"{r[c]:>24.3f}" for c in cols))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "onnxruntime": ort.__version__, "settings": {
         "min_score": MIN_SCORE, "max_det": MAX_DET, "sigma": SIGMA, "window": WINDOW,
         "time": "process CPU time"}, "scenes": stats, "quality": rows,
         "control_scenes": control_stats, "control_quality": control,
-        "speed": fast}, indent=1))
+        "scene_speed": scenes, "speed": fast}, indent=1))
     print(f"\nwrote {out}")
     return 0
 

@@ -1,0 +1,130 @@
+"""The one-pick Soft-NMS sub-graph (one box per group per ``Loop`` iteration), written for few ops per iteration
+and few ops around the loop. Interface and semantics: :mod:`passes.detect.onnx_nms` (``soft_nms_graph`` with
+``window=0`` builds this graph).
+
+State: the current scores ``s`` (B, C, N + 1) in float64, −∞ for every box that is not live (below
+``min_score``, discarded, selected, or the padding column that makes N = 0 work). A pick's effect on every box is a
+*factor*: the method's weight (1 − IoU above N_t for linear, the Gaussian weight, 1 for hard), NaN where the pick
+discards the box (hard; TF-Gaussian) and NaN on the pick itself. One iteration (8 ops with the factor matrix)::
+
+    p = ArgMax(s); best = s[p]; f = factor[p]; d = s·f; s' = where(d ≥ min_score, d, −∞); cond = max(s') > −∞
+
+A live score times NaN is NaN, which fails ``d ≥ min_score``; a dead −∞ times any factor is −∞ or NaN and stays
+−∞; the pick was live iff ``best`` > −∞. The decayed scores are the same float64 numbers as the reference loop
+(the same products, in the same order). A cap of 0 (``max_output_boxes_per_class``) turns ``min_score`` into NaN:
+nothing is ever live. One deviation from the reference loop: a box whose input score is −∞ is never selected (the
+reference selects it when there is no score threshold).
+
+Factors come either from a (B, N + 1, N + 1) matrix computed before the loop (``matrix``; GatherND of the pick's
+row) or from the pick's IoU row computed in the loop (memory O(B·C·N)); the IoU is the same sequence of
+operations as in :mod:`passes.detect.onnx_nms` (and the torch form), so all pick the same boxes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .config import SoftNMSConfig
+
+
+def _factor(b, cfg: SoftNMSConfig, iou: str, k: dict[str, str]) -> str:
+    """The score factor for an IoU tensor: the method's weight, NaN where the pick discards the box."""
+    from .onnx_nms import _weights
+    weights, discard = _weights(b, cfg, iou, k["iou"])
+    factor = weights if weights is not None else k["one"]
+    if discard is not None:
+        factor = b.op("Where", [discard, k["nan"], factor])
+    return factor
+
+
+def _body(cfg: SoftNMSConfig, k: dict[str, str], matrix: bool) -> onnx.GraphProto:
+    """One iteration: (i, cond, s) → (cond', s', pick (B, C, 1) int64, its score (B, C, 1))."""
+    from .onnx_nms import _Builder, _iou
+    b = _Builder("body/")
+    i, cond, s = "body/i", "body/cond_in", "body/s"
+    idx = b.op("ArgMax", [s], axis=2, keepdims=1)                                        # (B, C, 1)
+    best = b.op("GatherElements", [s, idx], axis=2)
+    if matrix:
+        factor = b.op("GatherND", [k["factor"], idx], batch_dims=1)                     # (B, C, N')
+    else:
+        keys = ("x1", "y1", "x2", "y2", "area")
+        pick = b.op("Split", [b.op("GatherND", [k["packed"], idx], batch_dims=1)], n_out=5, axis=2,
+                    num_outputs=5)                                                      # 5 × (B, C, 1)
+        iou = _iou(b, dict(zip(keys, pick)), {c: k[f"{c}_cols"] for c in keys}, k["offset"])  # (B, C, N')
+        factor = b.op("ScatterElements", [_factor(b, cfg, iou, k), idx, k["nan_column"]], axis=2)  # pick leaves
+    decayed = b.op("Mul", [s, factor])
+    s_out = b.op("Where", [b.op("GreaterOrEqual", [decayed, k["min_score"]]), decayed, k["neg_inf"]])
+    cond_out = b.op("Greater", [b.op("ReduceMax", [s_out], keepdims=0), k["neg_inf"]])
+    value = helper.make_tensor_value_info
+    return helper.make_graph(
+        b.nodes, "soft_nms_step",
+        [value(i, TensorProto.INT64, []), value(cond, TensorProto.BOOL, []),
+         value(s, TensorProto.DOUBLE, ["B", "C", "N1"])],
+        [value(cond_out, TensorProto.BOOL, []), value(s_out, TensorProto.DOUBLE, ["B", "C", "N1"]),
+         value(idx, TensorProto.INT64, ["B", "C", 1]), value(best, TensorProto.DOUBLE, ["B", "C", 1])])
+
+
+def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str,
+                   matrix: bool) -> onnx.GraphProto:
+    """The graph (inputs ``INPUT_NAMES``, outputs ``OUTPUT_NAMES`` of :mod:`passes.detect.onnx_nms`)."""
+    from .onnx_nms import INPUT_NAMES, OUTPUT_NAMES, _Builder, _area, _iou, _live_nodes
+    b = _Builder(prefix)
+    i64 = lambda v: b.const(v, np.int64)  # noqa: E731
+    f64 = lambda v: b.const(v, np.float64)  # noqa: E731
+    boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
+    k = {"one": f64(1.0), "nan": f64(np.nan), "neg_inf": f64(-np.inf),
+         "offset": f64(float(cfg.iou_offset)), "iou": b.op("Cast", [iou_in], to=TensorProto.DOUBLE)}
+    k["min_score"] = b.op("Where", [b.op("Greater", [max_in, i64(0)]), b.op("Cast", [score_in], to=TensorProto.DOUBLE),
+                                    k["nan"]])                                          # cap 0: nothing is live
+    shape = b.op("Shape", [scores])                                                     # [B, C, N]
+    n = b.op("Slice", [shape, i64([2]), i64([3])])
+    batch_classes_1 = b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([2])]), i64([1])], axis=0)  # [B, C, 1]
+    # boxes → (B, N + 1, 4) float64 with a zero box appended (Pad fails on N = 0), then (B, N + 1) coordinates
+    pad = b.op("ConstantOfShape", [b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([1])]), i64([1, 4])], axis=0)],
+               value=helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0]))
+    padded = b.op("Concat", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), pad], axis=1)
+    coords = [b.op("Gather", [padded, i64(a)], axis=2) for a in range(4)]                # 4 × (B, N')
+    if center_point_box == 0:  # [y1, x1, y2, x2], either diagonal
+        ya, xa, yb, xb = coords
+        x1, x2, y1, y2 = b.op("Min", [xa, xb]), b.op("Max", [xa, xb]), b.op("Min", [ya, yb]), b.op("Max", [ya, yb])
+    else:  # [xc, yc, w, h]
+        xc, yc, w, h = coords
+        hw, hh = b.op("Mul", [w, f64(0.5)]), b.op("Mul", [h, f64(0.5)])
+        x1, x2, y1, y2 = b.op("Sub", [xc, hw]), b.op("Add", [xc, hw]), b.op("Sub", [yc, hh]), b.op("Add", [yc, hh])
+    box = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
+    box["area"] = _area(b, box, k["offset"])                                            # (B, N')
+    if matrix:  # [b, p, j]: the factor picking p applies to j; NaN on the diagonal (the pick leaves)
+        r = {c: b.op("Unsqueeze", [v, i64([2])]) for c, v in box.items()}               # (B, N', 1): the pick
+        c = {q: b.op("Unsqueeze", [v, i64([1])]) for q, v in box.items()}               # (B, 1, N')
+        factor = _factor(b, cfg, _iou(b, r, c, k["offset"]), k)
+        n1 = b.op("Add", [n, i64([1])])
+        eye = b.op("Cast", [b.op("EyeLike", [b.op("ConstantOfShape", [b.op("Concat", [n1, n1], axis=0)])])],
+                   to=TensorProto.BOOL)
+        k["factor"] = b.op("Where", [eye, k["nan"], factor])
+    else:  # columns (B, 1, N') and packed (B, N', 5) to gather the pick's row
+        for c, v in box.items():
+            k[f"{c}_cols"] = b.op("Unsqueeze", [v, i64([1])])
+        k["packed"] = b.op("Concat", [b.op("Unsqueeze", [v, i64([2])]) for v in box.values()], axis=2)
+        k["nan_column"] = b.op("ConstantOfShape", [batch_classes_1],
+                               value=helper.make_tensor("q", TensorProto.DOUBLE, [1], [np.nan]))
+    s = b.op("Concat", [b.op("Cast", [scores], to=TensorProto.DOUBLE), b.op(
+        "ConstantOfShape", [batch_classes_1], value=helper.make_tensor("m", TensorProto.DOUBLE, [1], [-np.inf]))],
+        axis=2)                                                                         # (B, C, N + 1)
+    s0 = b.op("Where", [b.op("GreaterOrEqual", [s, k["min_score"]]), s, k["neg_inf"]])  # NaN scores: never live
+    trips = b.op("Reshape", [b.op("Max", [b.op("Min", [max_in, n]), i64([1])]), i64(np.zeros(0, np.int64))])
+    _, picks, bests = b.op("Loop", [trips, b.const(True, np.bool_), s0], n_out=3, body=_body(cfg, k, matrix))
+    picks = b.op("Transpose", [picks], perm=[1, 2, 0, 3])                                # (B, C, T, 1)
+    bests = b.op("Transpose", [bests], perm=[1, 2, 0, 3])
+    where = b.op("Transpose", [b.op("NonZero", [b.op("Greater", [bests, k["neg_inf"]])])], perm=[1, 0])  # (M, 4)
+    box = b.op("Unsqueeze", [b.op("GatherND", [picks, where]), i64([1])])               # (M, 1)
+    b.nodes.append(helper.make_node("Concat", [b.op("Slice", [where, i64([0]), i64([2]), i64([1])]), box],
+                                    [OUTPUT_NAMES[0]], axis=1, name=f"{prefix}selected_indices"))
+    b.nodes.append(helper.make_node("Cast", [b.op("GatherND", [bests, where])], [OUTPUT_NAMES[1]], to=score_dtype,
+                                    name=f"{prefix}selected_scores"))
+    value = helper.make_tensor_value_info
+    inputs = [value(boxes, score_dtype, ["B", "N", 4]), value(scores, score_dtype, ["B", "C", "N"]),
+              value(max_in, TensorProto.INT64, [1]), value(iou_in, TensorProto.FLOAT, [1]),
+              value(score_in, TensorProto.FLOAT, [1])]
+    outputs = [value(OUTPUT_NAMES[0], TensorProto.INT64, ["M", 3]), value(OUTPUT_NAMES[1], score_dtype, ["M"])]
+    return helper.make_graph(_live_nodes(b.nodes, OUTPUT_NAMES), "soft_nms", inputs, outputs)
