@@ -30,7 +30,7 @@ from rewrite.recognize import recognize
 from rewrite.sites import NMSSite
 
 from .config import DEFAULT_MIN_SCORE, OPTIONS, SoftNMSConfig, resolve_options
-from .onnx_nms import OPSET, soft_nms_graph, use_matrix, use_window
+from .onnx_nms import MATRIX_ALWAYS_BOXES, OPSET, soft_nms_graph, use_matrix, use_window
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,13 @@ class SoftNMSPass(Pass):
                 reason = "max_output_boxes_per_class is 0 or absent: selects no box (as ONNX NMS); give max_det=N"
             row = {**site.summary(), "status": "replaced", "reason": reason, "method": cfg.method,
                    "options": cfg.summary(), "sources": {k: v[0] for k, v in sources.items()},
-                   "scores_output": scores_name, "form": "weight matrix" if matrix else "IoU rows",
+                   "scores_output": scores_name, "form": form_name(matrix),
                    "window": window}
             rows.append(row)
             lines.append(f"{site.name} ({site.node}): NonMaxSuppression → Soft-NMS {cfg.method} (N_t="
                          f"{_describe(sources['iou'])}, σ={cfg.sigma:g} {cfg.sigma_convention}, min_score="
                          f"{_describe(sources['score_threshold'])}, max_det={_describe(sources['max_det'])}, "
-                         f"iou_offset={cfg.iou_offset}, {'weight matrix' if matrix else 'IoU rows'}, "
+                         f"iou_offset={cfg.iou_offset}, {form_name(matrix)}, "
                          f"{f'up to {window} picks' if window else '1 pick'} per iteration); decayed "
                          f"scores → output '{scores_name}'")
             if readers:
@@ -152,10 +152,18 @@ def _constant(graph: ir.Graph, taken: set[str], name: str, value: Any, dtype: An
     return v
 
 
+def form_name(matrix: bool | None) -> str:
+    """How the sub-graph gets each pick's weights, for the report."""
+    if matrix is None:
+        return f"run-time choice (weight matrix when N <= {MATRIX_ALWAYS_BOXES}, else IoU rows)"
+    return "weight matrix" if matrix else "IoU rows"
+
+
 def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, sources: Mapping[str, Any],
-            scores_name: str, taken: set[str]) -> tuple[bool, int]:
+            scores_name: str, taken: set[str]) -> tuple[bool | None, int]:
     """Insert the Soft-NMS sub-graph before the NMS node, reroute its output and add the scores output. Returns
-    whether the sub-graph precomputes the weight matrix (static N ≤ ``MATRIX_MAX_BOXES``) or computes IoU rows, and
+    whether the sub-graph precomputes the weight matrix (static N ≤ ``MATRIX_MAX_BOXES``), computes IoU rows, or
+    (None, unknown N) chooses at run time, and
     its multi-select window (:func:`passes.detect.onnx_nms.use_window`; 0: one pick per Loop iteration)."""
     graph = model.graph
     prefix = f"softswap/{site.name}/"

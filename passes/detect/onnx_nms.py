@@ -209,14 +209,15 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
 
 
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   prefix: str = "", matrix: bool = True, window: int | None = None) -> onnx.GraphProto:
+                   prefix: str = "", matrix: bool | None = True, window: int | None = None) -> onnx.GraphProto:
     """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
     ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
     graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted).
 
     ``matrix``: precompute the (B, N+1, N+1) weight matrix once (fewest ops per iteration: fastest for small N;
     memory 8·B·N² bytes per matrix); otherwise compute each pick's IoU row in the loop (memory O(B·C·N)).
-    Both give identical results (:func:`use_matrix` picks one from N).
+    Both give identical results (:func:`use_matrix` picks one from N). None (one pick per iteration only): an
+    ``If`` picks the matrix when N ≤ :data:`MATRIX_ALWAYS_BOXES` at run time, else IoU rows.
 
     ``window``: candidates per ``Loop`` iteration (default :data:`WINDOW`). 0 picks one box per iteration
     (``ArgMax``); W ≥ 1 selects up to W boxes per iteration with the exact multi-select step of
@@ -226,7 +227,8 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
         raise ValueError(f"soft-nms: window={window!r}: must be >= 0")
     if window == 0:
         from .onnx_one_pick import one_pick_graph
-        return one_pick_graph(cfg, center_point_box, score_dtype, prefix, matrix)
+        return one_pick_graph(cfg, center_point_box, score_dtype, prefix, matrix, MATRIX_ALWAYS_BOXES)
+    matrix = bool(matrix)  # the multi-select step has no run-time choice: None means IoU rows
     pad = max(1, window)  # never-live zero boxes appended to every image (TopK needs >= window columns)
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
@@ -330,15 +332,18 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     return helper.make_graph(_live_nodes(b.nodes, OUTPUT_NAMES), "soft_nms", inputs, outputs)
 
 
-def use_matrix(n_boxes: int | None, n_classes: int | None = None, max_det: int | None = None) -> bool:
-    """Whether to precompute the weight matrix, from what is static (None: unknown).
+def use_matrix(n_boxes: int | None, n_classes: int | None = None, max_det: int | None = None) -> bool | None:
+    """Whether to precompute the weight matrix, from what is static (None: unknown N → None, the run-time choice).
 
-    The matrix costs ~20 elementwise ops on B·N² values once; IoU rows cost ~24 more ops per iteration on B·C·N
+    The matrix costs ~25 elementwise ops on B·N² values once; IoU rows cost ~22 more ops per iteration on B·C·N
     values, for T = min(max_det, N) iterations. So: the matrix when N ≤ :data:`MATRIX_ALWAYS_BOXES`, or when
-    N ≤ :data:`MATRIX_MAX_BOXES` and C·T ≥ N (many classes or picks); rows otherwise, and always for an unknown N
-    (a matrix of an unbounded N could exhaust memory). Measured in tools/bench/soft_nms.py (docs/soft_nms.md).
+    N ≤ :data:`MATRIX_MAX_BOXES` and C·T ≥ N (many classes or picks); rows otherwise. For an unknown N the graph
+    decides at run time (an ``If`` on N ≤ :data:`MATRIX_ALWAYS_BOXES`: a matrix of an unbounded N could exhaust
+    memory). Measured in tools/bench/soft_nms.py (docs/soft_nms.md).
     """
-    if not isinstance(n_boxes, int) or n_boxes > MATRIX_MAX_BOXES:
+    if not isinstance(n_boxes, int):
+        return None
+    if n_boxes > MATRIX_MAX_BOXES:
         return False
     if n_boxes <= MATRIX_ALWAYS_BOXES:
         return True
@@ -362,7 +367,7 @@ def use_window(method: str, n_boxes: int | None) -> int:
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   matrix: bool = True, window: int | None = None) -> onnx.ModelProto:
+                   matrix: bool | None = True, window: int | None = None) -> onnx.ModelProto:
     """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
     model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix, window=window),
                               opset_imports=[helper.make_opsetid("", OPSET)])

@@ -65,10 +65,41 @@ def _body(cfg: SoftNMSConfig, k: dict[str, str], matrix: bool) -> onnx.GraphProt
          value(idx, TensorProto.INT64, ["B", "C", 1]), value(best, TensorProto.DOUBLE, ["B", "C", 1])])
 
 
+def _run_time_choice(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str,
+                     max_matrix_boxes: int) -> onnx.GraphProto:
+    """``If`` N ≤ ``max_matrix_boxes``: the matrix graph, else the IoU-rows graph, both as branches that read the
+    graph inputs from the outer scope (for a box count unknown when the graph is built)."""
+    from .onnx_nms import INPUT_NAMES, OUTPUT_NAMES
+
+    def branch(matrix: bool, tag: str) -> onnx.GraphProto:
+        g = one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{tag}/", matrix)
+        renamed = {name: f"{prefix}{tag}/{name}" for name in OUTPUT_NAMES}
+        for node in g.node:
+            node.output[:] = [renamed.get(o, o) for o in node.output]
+        return helper.make_graph(list(g.node), f"soft_nms_{tag}", [], [
+            helper.make_tensor_value_info(renamed[o.name], o.type.tensor_type.elem_type, None) for o in g.output])
+
+    template = one_pick_graph(cfg, center_point_box, score_dtype, prefix, True)
+    shape = f"{prefix}choice_shape"
+    consts = [helper.make_node("Constant", [], [f"{prefix}choice_{k}"], value=onnx.numpy_helper.from_array(
+        np.asarray(v, np.int64), f"{prefix}choice_{k}")) for k, v in (("start", [2]), ("end", [3]),
+                                                                     ("limit", [max_matrix_boxes]))]
+    nodes = consts + [
+        helper.make_node("Shape", [INPUT_NAMES[1]], [shape]),
+        helper.make_node("Slice", [shape, f"{prefix}choice_start", f"{prefix}choice_end"], [f"{prefix}choice_n"]),
+        helper.make_node("LessOrEqual", [f"{prefix}choice_n", f"{prefix}choice_limit"], [f"{prefix}choice_small"]),
+        helper.make_node("If", [f"{prefix}choice_small"], list(OUTPUT_NAMES), name=f"{prefix}form_choice",
+                         then_branch=branch(True, "matrix"), else_branch=branch(False, "rows"))]
+    return helper.make_graph(nodes, "soft_nms", list(template.input), list(template.output))
+
+
 def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str,
-                   matrix: bool) -> onnx.GraphProto:
-    """The graph (inputs ``INPUT_NAMES``, outputs ``OUTPUT_NAMES`` of :mod:`passes.detect.onnx_nms`)."""
+                   matrix: bool | None, max_matrix_boxes: int = 256) -> onnx.GraphProto:
+    """The graph (inputs ``INPUT_NAMES``, outputs ``OUTPUT_NAMES`` of :mod:`passes.detect.onnx_nms`).
+    ``matrix`` None: chosen at run time, the matrix when N ≤ ``max_matrix_boxes`` (an ``If``)."""
     from .onnx_nms import INPUT_NAMES, OUTPUT_NAMES, _Builder, _area, _iou, _live_nodes
+    if matrix is None:
+        return _run_time_choice(cfg, center_point_box, score_dtype, prefix, max_matrix_boxes)
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     f64 = lambda v: b.const(v, np.float64)  # noqa: E731

@@ -289,7 +289,8 @@ def ref_onnx(cfg, boxes_bn, scores_bcn):
 
 @settings(FAST, max_examples=200)
 @given(cfg=configs, seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 30), layout=st.sampled_from([0, 1]),
-       batch=st.integers(1, 3), classes=st.integers(1, 4), matrix=st.booleans(), window=st.sampled_from([0, None]))
+       batch=st.integers(1, 3), classes=st.integers(1, 4), matrix=st.sampled_from([True, False, None]),
+       window=st.sampled_from([0, None]))
 def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, matrix, window):
     cfg = {**cfg, "iou_threshold": float(np.float32(cfg["iou_threshold"])), "min_score": float(np.float32(cfg["min_score"]))}
     boxes, _ = random_sets(seed, batch, n)
@@ -446,7 +447,7 @@ def detector(path, layout, runtime_params=False, with_reader=False, opset=13, dy
              helper.make_node("Transpose", ["probs"], ["scores"], perm=[0, 2, 1])]
     inits = [numpy_helper.from_array(wb, "wb"), numpy_helper.from_array(wc, "wc"),
              numpy_helper.from_array(np.array([4, 4, 8, 8], np.float32), "scale"), numpy_helper.from_array(lift, "lift")]
-    n_dim = "N" if dynamic else N_BOXES  # a box count unknown when converting: IoU rows in the loop
+    n_dim = "N" if dynamic else N_BOXES  # a box count unknown when converting: the form is chosen at run time
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, n_dim, FEATURES])]
     params = [("max_out", np.array([10], np.int64)), ("iou_thr", np.array([0.4], np.float32)),
               ("score_thr", np.array([0.05], np.float32))]
@@ -497,7 +498,8 @@ def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout,
     report = json.loads(capsys.readouterr().out)
     site = report["passes"][0]["sites"][0]
     assert site["status"] == "replaced" and site["scores_output"] == "selected_indices_scores"
-    assert site["form"] == ("IoU rows" if dynamic else "weight matrix")
+    assert site["form"] == ("run-time choice (weight matrix when N <= 256, else IoU rows)" if dynamic
+                            else "weight matrix")
     rewritten = onnx.load(out)
     assert not any(n.op_type == "NonMaxSuppression" for n in rewritten.graph.node)
     assert [o.name for o in rewritten.graph.output][-1] == "selected_indices_scores"
@@ -630,9 +632,33 @@ def test_torchvision_nms_spelling_is_recognized_and_skipped(monkeypatch):
 def test_form_choice():
     from passes.detect.onnx_nms import use_matrix
     assert use_matrix(48) and use_matrix(256, None, None)
-    assert not use_matrix(None) and not use_matrix("N") and not use_matrix(4096, 80, 100)
+    assert use_matrix(None) is None and use_matrix("N") is None and not use_matrix(4096, 80, 100)
     assert use_matrix(300, 20, 100) and not use_matrix(1000, 1, 100) and not use_matrix(1000, 4, 100)
     assert use_matrix(1000, 20, 100) and not use_matrix(1000, None, 100)
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian", "hard"])
+@pytest.mark.parametrize("n", [40, 300])
+def test_run_time_form_choice_equals_reference_on_both_branches(method, n):
+    """``matrix=None`` (the pass's choice for an unknown box count): an ``If`` on N takes the weight matrix up to
+    MATRIX_ALWAYS_BOXES boxes and IoU rows above; both branches equal the reference."""
+    from passes.detect.onnx_nms import MATRIX_ALWAYS_BOXES
+    assert 40 <= MATRIX_ALWAYS_BOXES < 300
+    model = soft_nms_model(SoftNMSConfig(method=method, sigma=0.5), 0, matrix=None, window=0)
+    assert [node.op_type for node in model.graph.node if node.op_type in ("If", "Loop")] == ["If"]
+    cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(0.3)), min_score=float(np.float32(0.01)),
+               max_det=25, iou_offset=0, sigma_convention="bodla")
+    boxes, _ = random_sets(n, 2, n)
+    _, scores = random_sets(n + 1, 4, n)
+    scores = scores.reshape(2, 2, n)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sel, sc = sess.run(None, {"boxes": boxes[..., [1, 0, 3, 2]].astype(np.float32), "scores": scores.astype(np.float32),
+                              "max_output_boxes_per_class": np.array([25], np.int64),
+                              "iou_threshold": np.array([0.3], np.float32),
+                              "score_threshold": np.array([0.01], np.float32)})
+    rows, kept = ref_onnx(cfg, boxes, scores)
+    assert [tuple(r) for r in sel.tolist()] == rows and len(rows) > 0
+    np.testing.assert_allclose(sc.astype(np.float64), kept, rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from machine import describe  # noqa: E402  tools/bench/machine.py
 import detection_eval as ev  # noqa: E402  tools/bench/detection_eval.py
 from passes.detect.config import SoftNMSConfig  # noqa: E402
-from passes.detect.onnx_nms import WINDOW, soft_nms_model, use_window  # noqa: E402
+from passes.detect.onnx_nms import WINDOW, soft_nms_model, use_matrix, use_window  # noqa: E402
 
 MIN_SCORE, MAX_DET, SIGMA = 0.001, 100, 0.5
 
@@ -99,9 +99,10 @@ def quality(n_images: int, seed: int = 0, overlap: bool = True) -> tuple[list[di
     rows = []
     for nt in (0.3, 0.5):
         methods = {"onnxruntime NMS (hard)": ort_nms}
-        for method in ("hard", "linear", "gaussian"):  # N here is small: the weight-matrix form (as the pass picks)
-            cfg = SoftNMSConfig(method=method, sigma=SIGMA)  # and one pick per iteration (as the pass picks)
-            methods[f"soft-nms {method}"] = _session(soft_nms_model(cfg, window=use_window(method, None)))
+        for method in ("hard", "linear", "gaussian"):  # the graph the pass builds for an unknown box count
+            cfg = SoftNMSConfig(method=method, sigma=SIGMA)  # (run-time form choice: the matrix at this N, one pick)
+            methods[f"soft-nms {method}"] = _session(soft_nms_model(cfg, matrix=use_matrix(None),
+                                                                    window=use_window(method, None)))
         for method in ("hard", "linear", "gaussian"):  # the multi-select step: same detections, for its time
             cfg = SoftNMSConfig(method=method, sigma=SIGMA)
             methods[f"soft-nms {method} multi-{WINDOW}"] = _session(soft_nms_model(cfg, window=WINDOW))
