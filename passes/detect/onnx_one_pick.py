@@ -29,12 +29,15 @@ from .config import SoftNMSConfig
 
 
 def _factor(b, cfg: SoftNMSConfig, iou: str, k: dict[str, str]) -> str:
-    """The score factor for an IoU tensor: the method's weight, NaN where the pick discards the box."""
+    """The factor for an IoU tensor (module docstring, by ``k["mode"]``): ``nan``: the method's weight, NaN where
+    the pick discards the box; ``zero``: the same with 0 for NaN; ``min`` (hard): +∞, −∞ where discarded."""
     from .onnx_nms import _weights
     weights, discard = _weights(b, cfg, iou, k["iou"])
+    if k["mode"] == "min":
+        return b.op("Where", [discard, k["neg_inf"], k["pos_inf"]])
     factor = weights if weights is not None else k["one"]
     if discard is not None:
-        factor = b.op("Where", [discard, k["nan"], factor])
+        factor = b.op("Where", [discard, k["kill"], factor])
     return factor
 
 
@@ -52,10 +55,17 @@ def _body(cfg: SoftNMSConfig, k: dict[str, str], matrix: bool) -> onnx.GraphProt
         pick = b.op("Split", [b.op("GatherND", [k["packed"], idx], batch_dims=1)], n_out=5, axis=2,
                     num_outputs=5)                                                      # 5 × (B, C, 1)
         iou = _iou(b, dict(zip(keys, pick)), {c: k[f"{c}_cols"] for c in keys}, k["offset"])  # (B, C, N')
-        factor = b.op("ScatterElements", [_factor(b, cfg, iou, k), idx, k["nan_column"]], axis=2)  # pick leaves
-    decayed = b.op("Mul", [s, factor])
-    s_out = b.op("Where", [b.op("GreaterOrEqual", [decayed, k["min_score"]]), decayed, k["neg_inf"]])
-    cond_out = b.op("Greater", [b.op("ReduceMax", [s_out], keepdims=0), k["neg_inf"]])
+        factor = b.op("ScatterElements", [_factor(b, cfg, iou, k), idx, k["kill_column"]], axis=2)  # pick leaves
+    if k["mode"] == "min":  # hard: scores never change; discarded boxes (and the pick) become −∞
+        s_out = b.op("Min", [s, factor])
+        cond_out = b.op("Greater", [b.op("ReduceMax", [s_out], keepdims=0), k["neg_inf"]])
+    elif k["mode"] == "zero":  # min_score > 0: a box below it can never be selected again, no need to mark it
+        s_out = b.op("Mul", [s, factor])
+        cond_out = b.op("GreaterOrEqual", [b.op("ReduceMax", [s_out], keepdims=0), k["min_score_scalar"]])
+    else:
+        decayed = b.op("Mul", [s, factor])
+        s_out = b.op("Where", [b.op("GreaterOrEqual", [decayed, k["min_score"]]), decayed, k["neg_inf"]])
+        cond_out = b.op("Greater", [b.op("ReduceMax", [s_out], keepdims=0), k["neg_inf"]])
     value = helper.make_tensor_value_info
     return helper.make_graph(
         b.nodes, "soft_nms_step",
@@ -65,49 +75,63 @@ def _body(cfg: SoftNMSConfig, k: dict[str, str], matrix: bool) -> onnx.GraphProt
          value(idx, TensorProto.INT64, ["B", "C", 1]), value(best, TensorProto.DOUBLE, ["B", "C", 1])])
 
 
-def _run_time_choice(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str,
-                     max_matrix_boxes: int) -> onnx.GraphProto:
-    """``If`` N ≤ ``max_matrix_boxes``: the matrix graph, else the IoU-rows graph, both as branches that read the
-    graph inputs from the outer scope (for a box count unknown when the graph is built)."""
-    from .onnx_nms import INPUT_NAMES, OUTPUT_NAMES
+def _choice(prefix: str, tag: str, condition, then_graph: onnx.GraphProto, else_graph: onnx.GraphProto
+            ) -> onnx.GraphProto:
+    """A graph ``If condition then then_graph else else_graph`` (same inputs and outputs); the two become branches
+    that read the graph inputs from the outer scope. ``condition(b)`` appends the nodes of a one-element bool."""
+    from .onnx_nms import OUTPUT_NAMES, _Builder
 
-    def branch(matrix: bool, tag: str) -> onnx.GraphProto:
-        g = one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{tag}/", matrix)
-        renamed = {name: f"{prefix}{tag}/{name}" for name in OUTPUT_NAMES}
+    def branch(g: onnx.GraphProto, name: str) -> onnx.GraphProto:
+        renamed = {out: f"{prefix}{tag}_{name}/{out}" for out in OUTPUT_NAMES}
         for node in g.node:
             node.output[:] = [renamed.get(o, o) for o in node.output]
-        return helper.make_graph(list(g.node), f"soft_nms_{tag}", [], [
+        return helper.make_graph(list(g.node), f"soft_nms_{tag}_{name}", [], [
             helper.make_tensor_value_info(renamed[o.name], o.type.tensor_type.elem_type, None) for o in g.output])
 
-    template = one_pick_graph(cfg, center_point_box, score_dtype, prefix, True)
-    shape = f"{prefix}choice_shape"
-    consts = [helper.make_node("Constant", [], [f"{prefix}choice_{k}"], value=onnx.numpy_helper.from_array(
-        np.asarray(v, np.int64), f"{prefix}choice_{k}")) for k, v in (("start", [2]), ("end", [3]),
-                                                                     ("limit", [max_matrix_boxes]))]
-    nodes = consts + [
-        helper.make_node("Shape", [INPUT_NAMES[1]], [shape]),
-        helper.make_node("Slice", [shape, f"{prefix}choice_start", f"{prefix}choice_end"], [f"{prefix}choice_n"]),
-        helper.make_node("LessOrEqual", [f"{prefix}choice_n", f"{prefix}choice_limit"], [f"{prefix}choice_small"]),
-        helper.make_node("If", [f"{prefix}choice_small"], list(OUTPUT_NAMES), name=f"{prefix}form_choice",
-                         then_branch=branch(True, "matrix"), else_branch=branch(False, "rows"))]
-    return helper.make_graph(nodes, "soft_nms", list(template.input), list(template.output))
+    b = _Builder(f"{prefix}{tag}/")
+    b.nodes.append(helper.make_node("If", [condition(b)], list(OUTPUT_NAMES), name=f"{prefix}{tag}",
+                                    then_branch=branch(then_graph, "then"), else_branch=branch(else_graph, "else")))
+    return helper.make_graph(b.nodes, "soft_nms", list(then_graph.input), list(then_graph.output))
 
 
 def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str,
-                   matrix: bool | None, max_matrix_boxes: int = 256) -> onnx.GraphProto:
+                   matrix: bool | None, max_matrix_boxes: int = 256, mode: str | None = None) -> onnx.GraphProto:
     """The graph (inputs ``INPUT_NAMES``, outputs ``OUTPUT_NAMES`` of :mod:`passes.detect.onnx_nms`).
-    ``matrix`` None: chosen at run time, the matrix when N ≤ ``max_matrix_boxes`` (an ``If``)."""
+    ``matrix`` None: chosen at run time, the matrix when N ≤ ``max_matrix_boxes`` (an ``If``). ``mode`` (module
+    docstring) None: ``min`` for hard; for linear / Gaussian an ``If`` takes ``zero`` when min_score > 0 and every
+    score is < +∞ (the usual case), else ``nan``."""
     from .onnx_nms import INPUT_NAMES, OUTPUT_NAMES, _Builder, _area, _iou, _live_nodes
     if matrix is None:
-        return _run_time_choice(cfg, center_point_box, score_dtype, prefix, max_matrix_boxes)
+        def small(b: _Builder) -> str:
+            n = b.op("Slice", [b.op("Shape", [INPUT_NAMES[1]]), b.const([2], np.int64), b.const([3], np.int64)])
+            return b.op("LessOrEqual", [n, b.const([max_matrix_boxes], np.int64)])
+        return _choice(prefix, "form", small, *(one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{t}/",
+                                                                m, max_matrix_boxes, mode)
+                                                 for t, m in (("matrix", True), ("rows", False))))
+    if mode is None and cfg.method == "hard":
+        mode = "min"
+    if mode is None:
+        def fast(b: _Builder) -> str:
+            thr = b.op("Cast", [INPUT_NAMES[4]], to=TensorProto.DOUBLE)
+            top = b.op("ReduceMax", [b.op("Cast", [INPUT_NAMES[1]], to=TensorProto.DOUBLE)], keepdims=0)
+            return b.op("And", [b.op("Greater", [thr, b.const(0.0, np.float64)]),
+                                b.op("Less", [top, b.const(np.inf, np.float64)])])
+        return _choice(prefix, "kill", fast, *(one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{m}/",
+                                                               matrix, max_matrix_boxes, m) for m in ("zero", "nan")))
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     f64 = lambda v: b.const(v, np.float64)  # noqa: E731
     boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
-    k = {"one": f64(1.0), "nan": f64(np.nan), "neg_inf": f64(-np.inf),
+    k = {"one": f64(1.0), "nan": f64(np.nan), "neg_inf": f64(-np.inf), "pos_inf": f64(np.inf), "mode": mode,
          "offset": f64(float(cfg.iou_offset)), "iou": b.op("Cast", [iou_in], to=TensorProto.DOUBLE)}
+    dead = f64(0.0) if mode == "zero" else k["neg_inf"]  # the score of a box that is not live
+    k["kill"] = f64(0.0) if mode == "zero" else k["nan"]  # the factor that removes a box (min mode: −∞)
+    if mode == "min":
+        k["kill"] = k["neg_inf"]
     k["min_score"] = b.op("Where", [b.op("Greater", [max_in, i64(0)]), b.op("Cast", [score_in], to=TensorProto.DOUBLE),
                                     k["nan"]])                                          # cap 0: nothing is live
+    if mode == "zero":  # the Loop's condition is a scalar
+        k["min_score_scalar"] = b.op("Reshape", [k["min_score"], i64(np.zeros(0, np.int64))])
     shape = b.op("Shape", [scores])                                                     # [B, C, N]
     n = b.op("Slice", [shape, i64([2]), i64([3])])
     batch_classes_1 = b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([2])]), i64([1])], axis=0)  # [B, C, 1]
@@ -132,22 +156,25 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
         n1 = b.op("Add", [n, i64([1])])
         eye = b.op("Cast", [b.op("EyeLike", [b.op("ConstantOfShape", [b.op("Concat", [n1, n1], axis=0)])])],
                    to=TensorProto.BOOL)
-        k["factor"] = b.op("Where", [eye, k["nan"], factor])
+        k["factor"] = b.op("Where", [eye, k["kill"], factor])
     else:  # columns (B, 1, N') and packed (B, N', 5) to gather the pick's row
         for c, v in box.items():
             k[f"{c}_cols"] = b.op("Unsqueeze", [v, i64([1])])
         k["packed"] = b.op("Concat", [b.op("Unsqueeze", [v, i64([2])]) for v in box.values()], axis=2)
-        k["nan_column"] = b.op("ConstantOfShape", [batch_classes_1],
-                               value=helper.make_tensor("q", TensorProto.DOUBLE, [1], [np.nan]))
+        kill = {"zero": 0.0, "min": -np.inf}.get(mode, np.nan)
+        k["kill_column"] = b.op("ConstantOfShape", [batch_classes_1],
+                                value=helper.make_tensor("q", TensorProto.DOUBLE, [1], [kill]))
     s = b.op("Concat", [b.op("Cast", [scores], to=TensorProto.DOUBLE), b.op(
         "ConstantOfShape", [batch_classes_1], value=helper.make_tensor("m", TensorProto.DOUBLE, [1], [-np.inf]))],
         axis=2)                                                                         # (B, C, N + 1)
-    s0 = b.op("Where", [b.op("GreaterOrEqual", [s, k["min_score"]]), s, k["neg_inf"]])  # NaN scores: never live
+    s0 = b.op("Where", [b.op("GreaterOrEqual", [s, k["min_score"]]), s, dead])  # NaN scores: never live
     trips = b.op("Reshape", [b.op("Max", [b.op("Min", [max_in, n]), i64([1])]), i64(np.zeros(0, np.int64))])
     _, picks, bests = b.op("Loop", [trips, b.const(True, np.bool_), s0], n_out=3, body=_body(cfg, k, matrix))
     picks = b.op("Transpose", [picks], perm=[1, 2, 0, 3])                                # (B, C, T, 1)
     bests = b.op("Transpose", [bests], perm=[1, 2, 0, 3])
-    where = b.op("Transpose", [b.op("NonZero", [b.op("Greater", [bests, k["neg_inf"]])])], perm=[1, 0])  # (M, 4)
+    valid = b.op("GreaterOrEqual", [bests, k["min_score"]]) if mode == "zero" else \
+        b.op("Greater", [bests, k["neg_inf"]])                                          # the pick was live
+    where = b.op("Transpose", [b.op("NonZero", [valid])], perm=[1, 0])                  # (M, 4)
     box = b.op("Unsqueeze", [b.op("GatherND", [picks, where]), i64([1])])               # (M, 1)
     b.nodes.append(helper.make_node("Concat", [b.op("Slice", [where, i64([0]), i64([2]), i64([1])]), box],
                                     [OUTPUT_NAMES[0]], axis=1, name=f"{prefix}selected_indices"))
