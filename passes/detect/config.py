@@ -52,22 +52,34 @@ OPTIONS: tuple[VariantOption, ...] = (
 )
 
 
+_BY_NAME = {o.name: o for o in OPTIONS}
+#: Upper bounds VariantOption has no field for (it knows ``minimum`` only).
+_MAXIMUM = {"iou": 1.0, "iou_offset": 1}
+
+
+def _check(name: str, value: Any, where: str) -> None:
+    """:meth:`VariantOption.check` plus :data:`_MAXIMUM`; :class:`OptionError` naming the option."""
+    try:
+        _BY_NAME[name].check(value)
+    except ValueError as exc:
+        raise OptionError(f"{where}: {exc}") from None
+    if value is not None and name in _MAXIMUM and value > _MAXIMUM[name]:
+        raise OptionError(f"{where}: option {name}={value!r}: must be <= {_MAXIMUM[name]:g}"
+                          + (" (0 or 1)" if name == "iou_offset" else ", in [0, 1]"))
+
+
 def resolve_options(given: Mapping[str, Any], where: str = "detect.soft_nms") -> dict[str, Any]:
-    """Defaults overlaid with ``given`` (CLI strings converted); :class:`OptionError` (one line, naming the option)
-    for an unknown option or a bad value."""
-    known = {o.name: o for o in OPTIONS}
+    """Defaults overlaid with ``given`` (CLI strings converted by :meth:`VariantOption.convert`); :class:`OptionError`
+    (one line, naming the option) for an unknown option or a bad value."""
     out = {o.name: o.default for o in OPTIONS}
     for key, value in given.items():
-        if key not in known:
-            raise OptionError(f"{where}: no option {key!r}; options: {', '.join(sorted(known))}")
+        if key not in _BY_NAME:
+            raise OptionError(f"{where}: no option {key!r}; options: {', '.join(sorted(_BY_NAME))}")
         try:
-            out[key] = known[key].convert(value)
+            out[key] = _BY_NAME[key].convert(value)
         except ValueError as exc:
             raise OptionError(f"{where}: {exc}") from None
-    if out["iou"] is not None and out["iou"] > 1.0:
-        raise OptionError(f"{where}: option iou={out['iou']!r}: must be in [0, 1]")
-    if out["iou_offset"] not in (0, 1):
-        raise OptionError(f"{where}: option iou_offset={out['iou_offset']!r}: expected 0 or 1")
+        _check(key, out[key], where)
     return out
 
 
@@ -87,20 +99,14 @@ class SoftNMSConfig:
     sigma_convention: str = "bodla"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise OptionError(f"soft-nms: method={self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.sigma_convention not in SIGMA_CONVENTIONS:
-            raise OptionError(f"soft-nms: sigma_convention={self.sigma_convention!r}: expected bodla or tf")
-        if not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise OptionError(f"soft-nms: sigma={self.sigma!r}: must be a finite number > 0")
-        if not (0.0 <= self.iou_threshold <= 1.0):
-            raise OptionError(f"soft-nms: iou={self.iou_threshold!r}: must be in [0, 1]")
+        """The same checks as the pass options (:data:`OPTIONS`); ``min_score`` may be −∞ but not NaN."""
+        for name, value in (("method", self.method), ("sigma_convention", self.sigma_convention),
+                            ("sigma", self.sigma), ("iou", self.iou_threshold), ("max_det", self.max_det),
+                            ("iou_offset", self.iou_offset)):
+            _check(name, value.item() if hasattr(value, "item") and not isinstance(value, (int, float, str))
+                   else value, "soft-nms")  # numpy / torch scalars are checked as the Python number they hold
         if math.isnan(self.min_score):
             raise OptionError("soft-nms: score_threshold is NaN")
-        if self.max_det < 0:
-            raise OptionError(f"soft-nms: max_det={self.max_det!r}: must be >= 0")
-        if self.iou_offset not in (0, 1):
-            raise OptionError(f"soft-nms: iou_offset={self.iou_offset!r}: expected 0 or 1")
 
     @property
     def gaussian_denominator(self) -> float:

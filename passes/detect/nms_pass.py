@@ -174,7 +174,8 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
                         score_shape[1] if score_shape is not None and len(score_shape) == 3 else None,
                         cfg.max_det if sources["max_det"][0] != "node" or not isinstance(sources["max_det"][1], str)
                         else None)
-    window = use_window(cfg.method, box_shape[1] if box_shape is not None and len(box_shape) == 3 else None)
+    window = use_window(cfg.method, box_shape[1] if box_shape is not None and len(box_shape) == 3 else None,
+                        score_shape[1] if score_shape is not None and len(score_shape) == 3 else None)
     proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix, window=window),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     sub = ir.from_proto(proto).graph

@@ -13,13 +13,14 @@ differ only for a score exactly at the threshold), ``max_output_boxes_per_class`
 class), 0 selecting nothing as in ONNX. The caller may feed constants instead (pass options override the node).
 
 Structure: all B·C groups are processed together. One ``Loop`` iteration picks, per group, the live box with the
-largest current score (``ArgMax``), takes its weights against every box, decays (``Mul``), removes the pick
-(``ScatterElements``) and the boxes below ``min_score`` from the live mask; the picks are scan outputs, compacted
-after the loop with ``NonZero``/``Gather``. The weights are either gathered (``GatherND``) from a (B, N+1, N+1)
-matrix computed once before the loop (``matrix=True``: fewest ops per iteration) or computed from the pick's IoU
-row inside the loop (memory O(B·C·N)); :func:`use_matrix` chooses from the static box count. The trip count is
-min(max_output_boxes_per_class, N) (at least 1; a cap of 0 marks every pick invalid) and the loop stops early once
-no group has a live box. A zero box appended to every image (never live) makes N = 0 work. Arithmetic is float64.
+largest current score (``ArgMax``) and applies its factors (weights, discards) to every box; the picks are scan
+outputs, compacted after the loop with ``NonZero``. The one-pick graph (``window=0``) lives in
+:mod:`passes.detect.onnx_one_pick` (6 ops per iteration in the usual cases). The factors are either gathered from
+a (B, N+1, N+1) matrix computed once before the loop (``matrix=True``: fewest ops per iteration) or computed from
+the pick's IoU row inside the loop (memory O(B·C·N)); :func:`use_matrix` chooses from the static box count, or
+leaves it to an ``If`` at run time. The trip count is min(max_output_boxes_per_class, N) (at least 1; a cap of 0
+marks every pick invalid) and the loop stops early once no group has a live box. Padding boxes appended to every
+image (never live) make N = 0 work. Arithmetic is float64.
 
 Multi-select step (``window`` W ≥ 1, :func:`_loop_body_multi`): an iteration selects, per group, the longest prefix
 of the W top-scoring live boxes (``TopK``) that sequential Soft-NMS would pick one after the other unchanged, and
@@ -45,8 +46,10 @@ OUTPUT_NAMES = ("selected_indices", "selected_scores")
 MATRIX_ALWAYS_BOXES = 256
 #: Candidates per Loop iteration of the multi-select step (0: one ArgMax pick per iteration). See soft_nms_graph.
 WINDOW = 8
-#: Static box count from which :func:`use_window` turns the multi-select step on (linear and hard).
+#: Static box count from which, and class count up to which, :func:`use_window` turns the multi-select step on
+#: (linear and hard).
 WINDOW_MIN_BOXES = 100
+WINDOW_MAX_CLASSES = 4
 MATRIX_MAX_BOXES = 2048
 
 
@@ -351,17 +354,20 @@ def use_matrix(n_boxes: int | None, n_classes: int | None = None, max_det: int |
     return isinstance(n_classes, int) and n_classes * steps >= n_boxes
 
 
-def use_window(method: str, n_boxes: int | None) -> int:
+def use_window(method: str, n_boxes: int | None, n_classes: int | None = None) -> int:
     """Candidates per Loop iteration the pass uses (0: one ``ArgMax`` pick per iteration), from the method and the
-    static box count (None: unknown).
+    static box and class counts (None: unknown).
 
-    The multi-select body has ~4.7× the ops of the one-pick body (61 against 13, matrix form), so it pays only when
-    it cuts the iteration count by more than that. Measured (tools/bench/soft_nms.py, docs/soft_nms.md): linear/hard on ≥ 100 static boxes
-    gain (random boxes: most top-scoring candidates do not overlap); the ~30-box scenes of the benchmark lose
-    (2–2.5× fewer iterations, each costlier), and Bodla's Gaussian, which decays every box with IoU > 0, ends the
-    prefix at the first overlap of any size, so it keeps the one-pick body. Unknown N: the one-pick body.
+    The multi-select body has ~10× the ops of the one-pick body (61 against 6, matrix form; ~84 against ~27 with
+    IoU rows), so it pays only when it cuts the iteration count by more than that and the per-iteration work is
+    small. Measured (tools/bench/soft_nms.py, docs/soft_nms.md) against the 6-op one-pick body: linear/hard on
+    ≥ :data:`WINDOW_MIN_BOXES` random boxes of ≤ :data:`WINDOW_MAX_CLASSES` classes gain at batch 1 (most
+    top-scoring candidates do not overlap) and tie or lose batched; 20 classes lose (one pick 3.6 ms against
+    5.8 ms per image at 300 boxes); the ~30-box scenes lose; Bodla's Gaussian, which decays every box with IoU > 0,
+    ends the prefix at the first overlap of any size, so it keeps the one-pick body. Unknown N or C: one pick.
     """
-    if method == "gaussian" or not isinstance(n_boxes, int) or n_boxes < WINDOW_MIN_BOXES:
+    if method == "gaussian" or not isinstance(n_boxes, int) or n_boxes < WINDOW_MIN_BOXES or \
+            not isinstance(n_classes, int) or n_classes > WINDOW_MAX_CLASSES:
         return 0
     return WINDOW
 

@@ -2,22 +2,29 @@
 and few ops around the loop. Interface and semantics: :mod:`passes.detect.onnx_nms` (``soft_nms_graph`` with
 ``window=0`` builds this graph).
 
-State: the current scores ``s`` (B, C, N + 1) in float64, −∞ for every box that is not live (below
-``min_score``, discarded, selected, or the padding column that makes N = 0 work). A pick's effect on every box is a
-*factor*: the method's weight (1 − IoU above N_t for linear, the Gaussian weight, 1 for hard), NaN where the pick
-discards the box (hard; TF-Gaussian) and NaN on the pick itself. One iteration (8 ops with the factor matrix)::
+State: the current scores ``s`` (B, C, N + 1) in float64 (a padding column makes N = 0 work); no separate live
+mask. A pick's effect on every box is a *factor* row, taken from a (B, N + 1, N + 1) matrix computed before the
+loop (``matrix``; one ``GatherND``) or computed from the pick's IoU row in the loop (memory O(B·C·N)); the IoU is
+the same sequence of operations as in :mod:`passes.detect.onnx_nms` and the torch form. Three ``mode``\ s, each
+exact (the same picks and the same float64 decayed scores as the reference loop):
 
-    p = ArgMax(s); best = s[p]; f = factor[p]; d = s·f; s' = where(d ≥ min_score, d, −∞); cond = max(s') > −∞
+- ``min`` (hard): dead boxes are −∞ (the ``min_score`` test is applied once: hard scores never change); the
+  factor is +∞, or −∞ where the pick discards the box and on the pick itself. Iteration (6 ops):
+  ``p = ArgMax(s); best = s[p]; s' = Min(s, factor[p]); cond = max(s') > −∞``; a pick is real iff best > −∞.
+- ``zero`` (linear / Gaussian when ``min_score`` > 0 and every score < +∞, the usual case): the factor is the
+  method's weight in [0, 1], 0 where the pick discards the box and on the pick itself; boxes below ``min_score``
+  start at 0. Iteration (6 ops): ``p = ArgMax(s); best = s[p]; s' = s·factor[p]; cond = max(s') ≥ min_score``;
+  a pick is real iff best ≥ min_score. A box that fell below ``min_score`` is never marked dead, and need not be:
+  its score stays in [0, min_score) (factors are in [0, 1]) while every live score is ≥ min_score, so it is never
+  the pick of a group that still has a live box, and never a real pick.
+- ``nan`` (the rest: min_score ≤ 0, +∞ scores): dead boxes are −∞; NaN factors remove (a live score times NaN is
+  NaN, which fails the test; a dead −∞ times any factor is −∞ or NaN and stays −∞). Iteration (8 ops):
+  ``d = s·factor[p]; s' = where(d ≥ min_score, d, −∞); cond = max(s') > −∞``; a pick is real iff best > −∞.
 
-A live score times NaN is NaN, which fails ``d ≥ min_score``; a dead −∞ times any factor is −∞ or NaN and stays
-−∞; the pick was live iff ``best`` > −∞. The decayed scores are the same float64 numbers as the reference loop
-(the same products, in the same order). A cap of 0 (``max_output_boxes_per_class``) turns ``min_score`` into NaN:
-nothing is ever live. One deviation from the reference loop: a box whose input score is −∞ is never selected (the
+``mode`` None builds ``min`` for hard and an ``If`` (``zero`` else ``nan``) for linear / Gaussian; ``matrix`` None
+an ``If`` on the run-time box count. A cap of 0 (``max_output_boxes_per_class``) turns ``min_score`` into NaN:
+nothing is live. One deviation from the reference loop: a box whose input score is −∞ is never selected (the
 reference selects it when there is no score threshold).
-
-Factors come either from a (B, N + 1, N + 1) matrix computed before the loop (``matrix``; GatherND of the pick's
-row) or from the pick's IoU row computed in the loop (memory O(B·C·N)); the IoU is the same sequence of
-operations as in :mod:`passes.detect.onnx_nms` (and the torch form), so all pick the same boxes.
 """
 from __future__ import annotations
 

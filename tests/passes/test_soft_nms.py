@@ -751,8 +751,9 @@ def test_pass_graph_has_no_iteration_output_and_window_is_documented():
 
 def test_window_choice():
     from passes.detect.onnx_nms import WINDOW, use_window
-    assert use_window("linear", 1000) == use_window("hard", 100) == WINDOW > 0
-    assert use_window("linear", 48) == use_window("linear", None) == use_window("gaussian", 1000) == 0
+    assert use_window("linear", 1000, 1) == use_window("hard", 100, 4) == WINDOW > 0
+    assert use_window("linear", 48, 1) == use_window("linear", None, 1) == use_window("gaussian", 1000, 1) == 0
+    assert use_window("linear", 300, 20) == use_window("hard", 1000, None) == 0  # many or unknown classes
 
 
 @pytest.mark.parametrize("method", ["linear", "hard"])

@@ -129,7 +129,8 @@ def batch_feeds(images: list, nt: float) -> dict[str, np.ndarray]:
 
 
 def cpu_ms_per_image(sess: ort.InferenceSession, batches: list[dict], images: int, passes: int = 5) -> float:
-    """Median over ``passes`` of the process CPU time of running every batch once, per image, in ms."""
+    """Median over ``passes`` of the process CPU time of running every batch once, per image, in ms (after one
+    warm-up run of each batch)."""
     for f in batches:  # warm-up
         sess.run(None, f)
     times = []
@@ -155,10 +156,11 @@ def scene_speed(n_images: int, batch_sizes: tuple[int, ...], seed: int = 0, nt: 
     rows = []
     for batch in batch_sizes:
         feeds_ = [batch_feeds(images[i:i + batch], nt) for i in range(0, n_images, batch)]
-        row = {"batch": batch, "iou_threshold": nt}
-        for name, sess in sessions.items():
-            row[name] = cpu_ms_per_image(sess, feeds_, n_images)
-        rows.append(row)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for _ in range(5):  # interleaved: every session once per round, so load changes hit all of them
+            for name, sess in sessions.items():
+                times[name].append(cpu_ms_per_image(sess, feeds_, n_images, passes=1))
+        rows.append({"batch": batch, "iou_threshold": nt, **{k: float(np.median(v)) for k, v in times.items()}})
     return rows
 
 
@@ -177,10 +179,12 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
             images.append((np.concatenate([xy, xy + rng.uniform(10, 120, (n, 2))], 1), rng.random((n, c))))
         for batch in batch_sizes:
             feeds_ = [batch_feeds(images[:batch], 0.5)]
-            row = {"boxes": n, "classes": c, "batch": batch}
-            for name, sess in (("onnxruntime NMS", ort_nms), *((f"soft-nms {m}", s) for m, s in soft.items())):
-                row[name] = cpu_ms_per_image(sess, feeds_, batch, passes=7 if batch == 1 else 3)
-            out.append(row)
+            named = (("onnxruntime NMS", ort_nms), *((f"soft-nms {m}", s) for m, s in soft.items()))
+            times: dict[str, list[float]] = {name: [] for name, _ in named}
+            for _ in range(5 if batch == 1 else 3):  # interleaved rounds, as in scene_speed
+                for name, sess in named:
+                    times[name].append(cpu_ms_per_image(sess, feeds_, batch, passes=1))
+            out.append({"boxes": n, "classes": c, "batch": batch, **{k: float(np.median(v)) for k, v in times.items()}})
     return out
 
 
