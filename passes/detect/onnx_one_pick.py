@@ -5,7 +5,7 @@ and few ops around the loop. Interface and semantics: :mod:`passes.detect.onnx_n
 State: the current scores ``s`` (B, C, N + 1) in float64 (a padding column makes N = 0 work); no separate live
 mask. A pick's effect on every box is a *factor* row, taken from a (B, N + 1, N + 1) matrix computed before the
 loop (``matrix``; one ``GatherND``) or computed from the pick's IoU row in the loop (memory O(B·C·N)); the IoU is
-the same sequence of operations as in :mod:`passes.detect.onnx_nms` and the torch form. Three ``mode``\ s, each
+the same sequence of operations as in :mod:`passes.detect.onnx_nms` and the torch form. Three modes, each
 exact (the same picks and the same float64 decayed scores as the reference loop):
 
 - ``min`` (hard): dead boxes are −∞ (the ``min_score`` test is applied once: hard scores never change); the
