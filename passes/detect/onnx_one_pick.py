@@ -19,7 +19,8 @@ exact (the same picks and the same float64 decayed scores as the reference loop)
   the pick of a group that still has a live box, and never a real pick.
 - ``nan`` (the rest: min_score ≤ 0, +∞ scores): dead boxes are −∞; NaN factors remove (a live score times NaN is
   NaN, which fails the test; a dead −∞ times any factor is −∞ or NaN and stays −∞). Iteration (8 ops):
-  ``d = s·factor[p]; s' = where(d ≥ min_score, d, −∞); cond = max(s') > −∞``; a pick is real iff best > −∞.
+  ``d = s·factor[p]; s' = where(d ≥ min_score, d, −∞); cond = max(s') > −∞``; a pick is real iff
+  best > −∞.
 
 ``mode`` None builds ``min`` for hard and an ``If`` (``zero`` else ``nan``) for linear / Gaussian; ``matrix`` None
 an ``If`` on the run-time box count. A cap of 0 (``max_output_boxes_per_class``) turns ``min_score`` into NaN:
