@@ -570,6 +570,23 @@ def test_bad_input_is_one_line_exit_two_nothing_written(tmp_path, capsys, case, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("params,message", [
+    (dict(method="cubic"), "method"), (dict(sigma=0.0), "sigma"), (dict(sigma=math.inf), "sigma"),
+    (dict(iou_threshold=1.5), "iou"), (dict(iou_threshold=-0.1), "iou"), (dict(iou_offset=2), "iou_offset"),
+    (dict(max_det=-1), "max_det"), (dict(sigma_convention="keras"), "sigma_convention"),
+    (dict(min_score=math.nan), "score_threshold"),
+])
+def test_config_checks_what_the_options_check(params, message):
+    """SoftNMSConfig (the API path) refuses what the pass options refuse, with an OptionError naming the option;
+    numpy scalars and a −∞ threshold are accepted."""
+    from rewrite.errors import OptionError
+    with pytest.raises(OptionError, match=message):
+        SoftNMSConfig(**params)
+    cfg = SoftNMSConfig(max_det=np.int64(7), sigma=np.float32(0.25), iou_threshold=np.float64(1.0),
+                        min_score=-math.inf)
+    assert cfg.max_det == 7 and cfg.min_score == -math.inf
+
+
 def test_inspect_lists_nms_sites_in_text(tmp_path, capsys):
     src = tmp_path / "det.onnx"
     detector(src, 1, runtime_params=True)
