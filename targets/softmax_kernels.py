@@ -61,9 +61,10 @@ _F32 = "float32"
 #: 2 threads: 1 GiB row 221 -> 182 ms (77 % -> 94 % of copy bandwidth), 16M row 13.3 -> 8.2 ms; 512-2048 equal.
 PREFETCH_FLOATS = 1024
 
-#: Target chunk length (floats) of the blocked three-pass layout: a chunk of X plus its chunk of Y (2 x 64 KiB) stay
-#: in the L2 of every x86 target (Zen 3 512 KiB) between the chunk's max pass and its exp pass.
-BLOCK_FLOATS = 16384
+#: Target chunk length (floats) of the blocked three-pass layout: a chunk of X plus its chunk of Y (2 x 128 KiB) stay
+#: in the L2 of every x86 target (Zen 3 512 KiB) between the chunk's max pass and its exp pass.  16K-64K measured
+#: alike within the noise of the shared Zen 4 host (16M row, AVX2 and AVX-512, 1T and 2T).
+BLOCK_FLOATS = 32768
 
 # Cache sizes (bytes) used by the rule table; conservative defaults for AMD Zen 4 (1 MiB L2, 32 MiB L3).
 _L2_BYTES = 1 << 20
@@ -165,8 +166,7 @@ class KernelChoice:
     chunks: int = 1
     tasks: int = 64
     scalef: bool = False  # AVX-512 only: powers of two with vscalefps (two-pass), needs vector_lanes == 16
-    prefetch: int = 0  # two-pass: software prefetch distance in floats (0 = none; X read, Y write-prefetched);
-    # three-pass fused: > 0 = prefetch the next row during the exp pass
+    prefetch: int = 0  # two-pass: software prefetch distance in floats (0 = none; X read, Y write-prefetched)
 
 
 def _prefetch(buf, row, idx, write: int):
@@ -197,8 +197,8 @@ def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: st
     ===================  =====================================================  ======================================
     ISA                  shape                                                  kernel
     ===================  =====================================================  ======================================
-    AVX2                 row <= 256K floats, unless few rows of >= 32K floats   three-pass, fused, V=8 U=4
-    AVX2                 row > 256K floats, or few rows of >= 32K floats        three-pass, blocked (16K-float chunks)
+    AVX2                 row <= 256K floats, unless few rows of >= 64K floats   three-pass, fused, V=8 U=4
+    AVX2                 row > 256K floats, or few rows of >= 64K floats        three-pass, blocked (32K-float chunks)
     AVX-512              row <= 256K floats (1 MiB, cache resident)             three-pass, fused, V=16 U=4
     AVX-512              row > 256K floats, rows < 2*threads                    two-pass (vscalefps, prefetch), split
     AVX-512              row > 256K floats, many rows                           two-pass (vscalefps, prefetch), fused
@@ -425,14 +425,12 @@ def _block_geometry(cols: int, chunks: int, lanes: int) -> tuple[int, int, int]:
     return C, L, cols - (C - 1) * L
 
 
-def _three_pass_macros(L: int, U: int, V: int, S: int, next_row: bool = False):
+def _three_pass_macros(L: int, U: int, V: int, S: int):
     """The three-pass building blocks for segments of static length ``L`` (a whole row or one chunk of it).
 
     ``acc`` is one (2U+1, V) local buffer per task: rows 0..U-1 the running vectors, U..2U-1 the two-level sum
     blocks, row ``S = 2U`` the segment's results (``[S, 0]`` max, ``[S, 1]`` sum of exps).  One buffer, not three:
-    each local buffer costs a workspace allocation per row.  ``next_row``: the exp pass prefetches the next row
-    (one ``prefetcht0`` per 64 bytes), so its DRAM reads overlap this row's arithmetic instead of stalling the next
-    max pass."""
+    each local buffer costs a workspace allocation per row."""
     NB = L // (U * V)
     NV = (L - NB * U * V) // V
     NS = L - NB * U * V - NV * V
@@ -460,9 +458,6 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, next_row: bool = False):
 
     @T.macro
     def exp_step(Xf, Yf, acc, row, start, mx, i):
-        if next_row:
-            for k in T.unroll(U * V // 16):
-                _prefetch(Xf, row + 1, start + i * U * V + k * 16, 0)
         for u in T.unroll(U):
             for l in T.vectorized(V):
                 Yf[row, start + (i * U + u) * V + l] = _expneg(Xf[row, start + (i * U + u) * V + l] - mx)
@@ -531,7 +526,7 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
     if ch.layout == "fused":
         U = _pick_unroll(cols, V, ch.unroll)
         S = 2 * U
-        rowmax, expstore, scale, fill = _three_pass_macros(cols, U, V, S, ch.prefetch > 0 and rows > 1)
+        rowmax, expstore, scale, fill = _three_pass_macros(cols, U, V, S)
         P = max(1, min(ch.tasks, rows))
         RPT = (rows + P - 1) // P
 

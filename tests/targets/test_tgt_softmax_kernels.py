@@ -172,7 +172,8 @@ def test_rule_table():
     assert (intel.algo, intel.layout, intel.scalef) == ("two_pass", "split", True)
     # AVX2: three-pass everywhere; rows beyond L2 (or few long rows) go blocked, chunks of BLOCK_FLOATS
     assert choose_kernel(2, 1 << 24, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 24) // BLOCK_FLOATS)
-    assert choose_kernel(64, 1 << 20, 256, 2) == KernelChoice("three_pass", "split", 8, 4, 64)
-    assert choose_kernel(1, 40_000, 256, 2) == KernelChoice("three_pass", "split", 8, 4, 3)
+    assert choose_kernel(64, 1 << 20, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 20) // BLOCK_FLOATS)
+    assert choose_kernel(1, 3 * BLOCK_FLOATS - 5, 256, 2) == KernelChoice("three_pass", "split", 8, 4, 3)
+    assert choose_kernel(1, BLOCK_FLOATS, 256, 2).layout == "fused"
     assert choose_kernel(1, 1 << 24, 256, 2).algo == "three_pass"
     assert choose_kernel(4096, 4096, 256, 2) == KernelChoice("three_pass", "fused", 8, 4, 1, 64)
