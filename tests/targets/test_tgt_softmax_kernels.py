@@ -124,14 +124,16 @@ def test_row_of_one(target, algo, layout, chunks):
 
 
 @pytest.mark.parametrize("target", exec_targets())
-@pytest.mark.parametrize("rows,cols,chunks", [(1, (1 << 20) + 13, 64), (3, 100_003, 7), (2, 40_000, 1000)])
-def test_blocked_long_rows(target, rows, cols, chunks, rng):
+@pytest.mark.parametrize("rows,cols,chunks,prefetch", [(1, (1 << 20) + 13, 64, 1), (3, 100_003, 7, 0),
+                                                       (2, 40_000, 1000, 1)])
+def test_blocked_long_rows(target, rows, cols, chunks, prefetch, rng):
     """The blocked (split) three-pass path on long rows that do not divide into the chunks, vs float64: per-chunk
     max / sum partials combine exactly (relative error per element <= 5e-6, row sums 1 to 1e-6), including a row
     whose chunks hold wildly different maxima (one chunk at +60, one fully masked, one at finfo.min)."""
     tgt = get_target(target)
     lanes = vector_bits_of(tgt) // 32
-    lib = build_kernel_library(rows, cols, KernelChoice("three_pass", "split", lanes, 4, chunks), tgt)
+    lib = build_kernel_library(rows, cols, KernelChoice("three_pass", "split", lanes, 4, chunks, prefetch=prefetch),
+                               tgt)
     x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
     if rows > 1:
         x[1, : cols // 3] = -np.inf
@@ -171,9 +173,11 @@ def test_rule_table():
     intel = choose_kernel(1, 1 << 24, 512, 2, "skylake-avx512")
     assert (intel.algo, intel.layout, intel.scalef) == ("two_pass", "split", True)
     # AVX2: three-pass everywhere; rows beyond L2 (or few long rows) go blocked, chunks of BLOCK_FLOATS
-    assert choose_kernel(2, 1 << 24, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 24) // BLOCK_FLOATS)
-    assert choose_kernel(64, 1 << 20, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 20) // BLOCK_FLOATS)
-    assert choose_kernel(1, 3 * BLOCK_FLOATS - 5, 256, 2) == KernelChoice("three_pass", "split", 8, 4, 3)
+    assert choose_kernel(2, 1 << 24, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 24) // BLOCK_FLOATS,
+                                                             prefetch=1)
+    assert choose_kernel(64, 1 << 20, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 20) // BLOCK_FLOATS,
+                                                              prefetch=1)
+    assert choose_kernel(1, 3 * BLOCK_FLOATS - 5, 256, 2) == KernelChoice("three_pass", "split", 8, 4, 3, prefetch=1)
     assert choose_kernel(1, BLOCK_FLOATS, 256, 2).layout == "fused"
     assert choose_kernel(1, 1 << 24, 256, 2).algo == "three_pass"
     assert choose_kernel(4096, 4096, 256, 2) == KernelChoice("three_pass", "fused", 8, 4, 1, 64)

@@ -143,7 +143,7 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
     copy_bw = {t: _copy_bandwidth(t, copy_n) for t in (1, 2)}
     print(f"\n(a) softmax on {CPU}, target {target_name} = {tgt} ({bits}-bit); L3 {l3 >> 20} MiB; copy bandwidth ({copy_n * 4 >> 20} "
           f"MiB) 1T {copy_bw[1]:.1f} GB/s, 2T {copy_bw[2]:.1f} GB/s (GB/s = 2*N*4 bytes / time; eff = bytes the "
-          f"algorithm must move: two-pass 2R+1W, three-pass 3R+2W)")
+          f"algorithm must move: two-pass 2R+1W, three-pass 3R+2W, blocked three-pass 2R+2W)")
     print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'eff':>6} {'%copy':>6} {'vs ORT':>7}")
     budget_s = 0.1 if quick else 0.6
     for shape in shapes:
