@@ -1,6 +1,6 @@
 """Hand-written TIR softmax kernels for CPU targets (last axis, float32).
 
-Two algorithms, both free of libm ``expf`` calls (a polynomial exp is inlined):
+Three algorithms, all free of libm ``expf`` calls (a polynomial exp is inlined):
 
 * **three-pass** ("3p-store", ORT's structure): max pass; ``y = exp(x - max)`` stored and summed; scale pass in
   place.  Traffic 3 reads + 2 writes per element; best while a row stays in cache between passes.
@@ -8,6 +8,9 @@ Two algorithms, both free of libm ``expf`` calls (a polynomial exp is inlined):
   a pair ``(mantissa p, exponent n)`` so no max pass is needed.  Pass 1 accumulates the extended-range sum, pass 2
   recomputes ``(p, n)`` and writes ``p / v* * 2^(n - e*)``, flushed to 0 below FLT_MIN.  Traffic 2 reads + 1 write; best when rows leave the
   cache between passes (rows larger than the last-level cache, or pass-split layouts).
+* **recompute** (split layout only): sweep 1 per chunk: chunk max, then the sum of ``exp(x - m_c)`` while the chunk
+  is in L2, nothing stored; per row the partials combine; sweep 2 writes ``exp(x - M) / S``.  Traffic 2 reads + 1
+  write with two plain exps per element: the choice for rows beyond L2 on both ISAs.
 
 Layouts:
 
@@ -21,7 +24,8 @@ Layouts:
 
 Numerics: inputs are clamped to ``[-CLAMP, CLAMP]`` (two-pass); three-pass selects exactly 0 wherever
 ``x - max < -87`` (the polynomial's value there, even NaN, is discarded), so masked logits (``-inf``, ``finfo.min``)
-never produce NaN; a fully masked row gives the uniform distribution.  Neither kernel writes subnormal outputs: values below FLT_MIN (2^-126) are flushed to 0.
+never produce NaN; a fully masked row gives the uniform distribution.  No kernel writes subnormal outputs: values
+below FLT_MIN (2^-126) are flushed to 0.
 
 The entry points are :func:`make_softmax_kernel` (an explicit choice) and :func:`choose_kernel` (the rule table).
 """
@@ -154,7 +158,8 @@ def _hreduce(vec, lanes: int, op):
 class KernelChoice:
     """A softmax kernel configuration.
 
-    algo: ``"two_pass"`` or ``"three_pass"``; layout: ``"fused"`` or ``"split"``; vector_lanes: fp32 lanes per
+    algo: ``"two_pass"``, ``"three_pass"`` or ``"recompute"`` (split only); layout: ``"fused"`` or ``"split"``;
+    vector_lanes: fp32 lanes per
     vector (8 = AVX2, 16 = AVX-512); unroll: independent vector accumulators; chunks: chunks per row (split only);
     tasks: parallel tasks of the fused layout; scalef: use AVX-512 ``vscalefps`` for ``x * 2^d`` (two-pass).
     """
@@ -167,7 +172,7 @@ class KernelChoice:
     tasks: int = 64
     scalef: bool = False  # AVX-512 only: powers of two with vscalefps (two-pass), needs vector_lanes == 16
     prefetch: int = 0  # two-pass: software prefetch distance in floats (0 = none; X read, Y write-prefetched);
-    # three-pass split (blocked): > 0 = the exp pass of a chunk prefetches the next chunk
+    # three-pass split (blocked) and recompute: > 0 = a chunk's exp(-sum) pass prefetches the next chunk
 
 
 def _prefetch(buf, row, idx, write: int):
@@ -198,36 +203,27 @@ def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: st
     ===================  =====================================================  ======================================
     ISA                  shape                                                  kernel
     ===================  =====================================================  ======================================
-    AVX2                 row <= 256K floats, unless few rows of >= 64K floats   three-pass, fused, V=8 U=4
-    AVX2                 row > 256K floats, or few rows of >= 64K floats        three-pass, blocked (32K-float chunks)
-    AVX-512              row <= 256K floats (1 MiB, cache resident)             three-pass, fused, V=16 U=4
-    AVX-512              row > 256K floats, rows < 2*threads                    two-pass (vscalefps, prefetch), split
-    AVX-512              row > 256K floats, many rows                           two-pass (vscalefps, prefetch), fused
+    AVX2, AVX-512        row <= 256K floats, unless few rows of >= 64K floats   three-pass, fused, U=4
+    AVX2, AVX-512        row > 256K floats, or few rows of >= 64K floats        recompute, 32K-float chunks, prefetch
     ===================  =====================================================  ======================================
 
-    Reasoning: three-pass moves 3R+2W per element but evaluates exp once; two-pass moves 2R+1W but evaluates exp
-    twice plus ~8 vector ops per element in pass 1, so it only pays off when rows leave the cache between passes
-    and the arithmetic is cheap (AVX-512 ``vscalefps``).  Measured: Zen 4, 16M row 2T: two-pass 5.99 ms vs
-    three-pass 8.56 ms.  Intel AVX-512 host, 1T: 16M row two-pass 28.5 ms vs three-pass 30.7 ms vs ORT 31.4 ms;
-    4096x4096 (16 KiB rows, cached) three-pass 21.0 ms vs two-pass 22.8 ms; without ``vscalefps`` two-pass lost
-    on Intel (34.6 vs 33.8 ms).  AVX2 (measured on Zen 4 running AVX2 code): two-pass is compute bound everywhere
-    (0.4-0.7x the three-pass), so long rows take the blocked three-pass, which keeps one exp per element and
-    cuts the memory traffic to 2R+2W; prefetching the next chunk during a chunk's exp pass was faster in 5 of 6
-    interleaved rounds (~5 %, 16M row, shared host).  ``mcpu`` is accepted for per-CPU rules; none differ at present.
+    Reasoning: in cache the arithmetic decides: three-pass evaluates exp once (3R+2W, all but the first read from
+    cache).  Beyond L2 the bytes decide: the recompute kernel moves 2R+1W with two plain exps per element; the
+    blocked three-pass 2R+2W with one; the extended-range two-pass 2R+1W with two exps plus ~8 vector ops of
+    bookkeeping (compute bound on AVX2: 0.4-0.7x the three-pass).  Measured on the shared Zen 4 host, 16M-float row,
+    interleaved rounds: recompute faster than blocked three-pass in 10 of 12 rounds on AVX2 (~5-25 %), faster
+    than the AVX-512 two-pass (``vscalefps``, 4 KiB prefetch, the previous AVX-512 rule) in 6 of 6 (20-40 %);
+    prefetching the next chunk during a chunk's first sweep gained ~5 % (5 of 6 rounds).  Earlier measurements
+    (before the recompute kernel): Zen 4 16M row 2T two-pass 5.99 ms vs three-pass 8.56 ms; Intel AVX-512 host 1T
+    16M row two-pass 28.5 ms vs three-pass 30.7 ms vs ORT 31.4 ms, 4096x4096 three-pass 21.0 vs two-pass 22.8 ms.
+    ``mcpu`` is accepted for per-CPU rules; none differ at present.
     """
     lanes = 16 if vector_bits >= 512 else 8
     big_row = cols * 4 > _L2_BYTES
     few_rows = rows < max(threads, 1) * 2
-    if lanes == 8:
-        if big_row or (few_rows and cols >= 2 * BLOCK_FLOATS):
-            return KernelChoice("three_pass", "split", lanes, 4, -(-cols // BLOCK_FLOATS), prefetch=1)
-        return KernelChoice("three_pass", "fused", lanes, _pick_unroll(cols, lanes, 4), 1, min(rows, 64))
-    if not big_row:
-        return KernelChoice("three_pass", "fused", lanes, _pick_unroll(cols, lanes, 4), 1, min(rows, 64))
-    chunks = _pick_chunks(cols, lanes, 32 if cols >= (1 << 22) else 8)
-    if few_rows and chunks > 1:
-        return KernelChoice("two_pass", "split", lanes, 4, chunks, scalef=True, prefetch=PREFETCH_FLOATS)
-    return KernelChoice("two_pass", "fused", lanes, 4, 1, min(rows, 64), scalef=True, prefetch=PREFETCH_FLOATS)
+    if big_row or (few_rows and cols >= 2 * BLOCK_FLOATS):
+        return KernelChoice("recompute", "split", lanes, 4, -(-cols // BLOCK_FLOATS), prefetch=1)
+    return KernelChoice("three_pass", "fused", lanes, _pick_unroll(cols, lanes, 4), 1, min(rows, 64))
 
 
 def mcpu_of(target) -> str:
@@ -427,14 +423,15 @@ def _block_geometry(cols: int, chunks: int, lanes: int) -> tuple[int, int, int]:
     return C, L, cols - (C - 1) * L
 
 
-def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0):
+def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0, store: bool = True):
     """The three-pass building blocks for segments of static length ``L`` (a whole row or one chunk of it).
 
     ``acc`` is one (2U+1, V) local buffer per task: rows 0..U-1 the running vectors, U..2U-1 the two-level sum
     blocks, row ``S = 2U`` the segment's results (``[S, 0]`` max, ``[S, 1]`` sum of exps).  One buffer, not three:
     each local buffer costs a workspace allocation per row.  ``ahead`` > 0: the exp pass prefetches X that many
     floats ahead (one ``prefetcht0`` per 64 bytes; the blocked layout passes the chunk length, so the next chunk's
-    max pass reads from cache while this chunk's arithmetic runs)."""
+    max pass reads from cache while this chunk's arithmetic runs).  ``store`` False: ``expstore`` only sums the
+    exps (the recompute kernel's first sweep) and ``expscale`` writes ``exp(x - mx)`` scaled."""
     NB = L // (U * V)
     NV = (L - NB * U * V) // V
     NS = L - NB * U * V - NV * V
@@ -467,8 +464,11 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0):
                 _prefetch(Xf, row, start + ahead + i * U * V + k * 16, 0)
         for u in T.unroll(U):
             for l in T.vectorized(V):
-                Yf[row, start + (i * U + u) * V + l] = _expneg(Xf[row, start + (i * U + u) * V + l] - mx)
-                acc[u, l] = acc[u, l] + Yf[row, start + (i * U + u) * V + l]
+                if store:
+                    Yf[row, start + (i * U + u) * V + l] = _expneg(Xf[row, start + (i * U + u) * V + l] - mx)
+                    acc[u, l] = acc[u, l] + Yf[row, start + (i * U + u) * V + l]
+                else:
+                    acc[u, l] = acc[u, l] + _expneg(Xf[row, start + (i * U + u) * V + l] - mx)
 
     @T.macro
     def expstore(Xf, Yf, acc, row, start, mx):
@@ -496,11 +496,17 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0):
                     acc[u, l] = acc[u, l] + acc[U + u, l]
         for i in range(NV):
             for l in T.vectorized(V):
-                Yf[row, start + NB * U * V + i * V + l] = _expneg(Xf[row, start + NB * U * V + i * V + l] - mx)
-                acc[0, l] = acc[0, l] + Yf[row, start + NB * U * V + i * V + l]
+                if store:
+                    Yf[row, start + NB * U * V + i * V + l] = _expneg(Xf[row, start + NB * U * V + i * V + l] - mx)
+                    acc[0, l] = acc[0, l] + Yf[row, start + NB * U * V + i * V + l]
+                else:
+                    acc[0, l] = acc[0, l] + _expneg(Xf[row, start + NB * U * V + i * V + l] - mx)
         for j in T.unroll(NS):
-            Yf[row, start + NB * U * V + NV * V + j] = _expneg(Xf[row, start + NB * U * V + NV * V + j] - mx)
-            acc[0, j] = acc[0, j] + Yf[row, start + NB * U * V + NV * V + j]
+            if store:
+                Yf[row, start + NB * U * V + NV * V + j] = _expneg(Xf[row, start + NB * U * V + NV * V + j] - mx)
+                acc[0, j] = acc[0, j] + Yf[row, start + NB * U * V + NV * V + j]
+            else:
+                acc[0, j] = acc[0, j] + _expneg(Xf[row, start + NB * U * V + NV * V + j] - mx)
         acc[S, 1] = _hreduce(_tree([acc[u, T.ramp(0, 1, V)] for u in range(U)], _add), V, _add)
 
     @T.macro
@@ -524,6 +530,19 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0):
         for j in range(LS):
             Yf[row, start + LV * V + j] = value
 
+    @T.macro
+    def expscale(Xf, Yf, row, start, mx, thr, f):
+        # y = exp(x - mx) * f, zeroed first where the product would be subnormal (see ``scale``)
+        for i in range(LV):
+            for l in T.vectorized(V):
+                Yf[row, start + i * V + l] = T.Select(_expneg(Xf[row, start + i * V + l] - mx) >= thr,
+                                                      _expneg(Xf[row, start + i * V + l] - mx), _f(0.0)) * f
+        for j in range(LS):
+            Yf[row, start + LV * V + j] = T.Select(_expneg(Xf[row, start + LV * V + j] - mx) >= thr,
+                                                   _expneg(Xf[row, start + LV * V + j] - mx), _f(0.0)) * f
+
+    if not store:
+        return rowmax, expstore, expscale, fill
     return rowmax, expstore, scale, fill
 
 
@@ -612,6 +631,61 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
     return kernel_split
 
 
+def _build_recompute(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc:
+    """Chunked two-read softmax: sweep 1 per (row, chunk): chunk max, then the sum of ``exp(x - m_c)`` while the
+    chunk is in L2 (nothing stored); per row ``M = max m_c``, ``S = sum s_c exp(m_c - M)``; sweep 2 per chunk:
+    ``y = exp(x - M) / S``.  Memory traffic 2 reads + 1 write per element (blocked three-pass: 2 + 2), paid for
+    with a second exp per element: for rows beyond the last-level cache, where the arithmetic is idle anyway."""
+    V = ch.vector_lanes
+    uniform = _f(1.0 / cols)
+    C, L, LL = _block_geometry(cols, ch.chunks, V)
+    U = _pick_unroll(min(L, LL) if LL >= 2 * V else L, V, ch.unroll)
+    S = 2 * U
+    rowmax_a, expsum_a, expscale_a, fill_a = _three_pass_macros(L, U, V, S, L if ch.prefetch > 0 else 0, False)
+    rowmax_b, expsum_b, expscale_b, fill_b = _three_pass_macros(LL, U, V, S, 0, False)
+    W = rows * C
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            PM = T.alloc_buffer((W,), _F32)
+            PS = T.alloc_buffer((W,), _F32)
+            RM = T.alloc_buffer((rows,), _F32)
+            RS = T.alloc_buffer((rows,), _F32)
+            for w in T.parallel(W):
+                acc = T.alloc_buffer((2 * U + 1, V), _F32, scope="local")
+                if w % C < C - 1:
+                    rowmax_a(X, acc, w // C, (w % C) * L)
+                    expsum_a(X, Y, acc, w // C, (w % C) * L, acc[S, 0])
+                else:
+                    rowmax_b(X, acc, w // C, (C - 1) * L)
+                    expsum_b(X, Y, acc, w // C, (C - 1) * L, acc[S, 0])
+                PM[w] = acc[S, 0]
+                PS[w] = acc[S, 1]
+            for r in T.parallel(rows):
+                RM[r] = PM[r * C]
+                for c in range(1, C):
+                    RM[r] = T.max(RM[r], PM[r * C + c])
+                RS[r] = _f(0.0)
+                for c in range(C):
+                    RS[r] = RS[r] + PS[r * C + c] * _expneg(PM[r * C + c] - RM[r])
+            for w in T.parallel(W):
+                if RS[w // C] > _f(0.0):
+                    if w % C < C - 1:
+                        expscale_a(X, Y, w // C, (w % C) * L, RM[w // C], _f(_FLT_MIN) * RS[w // C],
+                                   _f(1.0) / RS[w // C])
+                    else:
+                        expscale_b(X, Y, w // C, (C - 1) * L, RM[w // C], _f(_FLT_MIN) * RS[w // C],
+                                   _f(1.0) / RS[w // C])
+                elif w % C < C - 1:
+                    fill_a(Y, w // C, (w % C) * L, uniform)
+                else:
+                    fill_b(Y, w // C, (C - 1) * L, uniform)
+
+    return kernel
+
+
 def make_softmax_kernel(rows: int, cols: int, choice: KernelChoice) -> tvm.tirx.PrimFunc:
     """Build a destination-passing PrimFunc ``f(X: (rows, cols) f32, Y: (rows, cols) f32)`` computing the softmax of
     every row of X into Y.  The function is already scheduled (``tirx.is_scheduled``) and opaque to fusion.
@@ -627,6 +701,10 @@ def make_softmax_kernel(rows: int, cols: int, choice: KernelChoice) -> tvm.tirx.
         f = _build_two_pass(rows, cols, choice)
     elif choice.algo == "three_pass":
         f = _build_three_pass(rows, cols, choice)
+    elif choice.algo == "recompute":
+        if choice.layout != "split":
+            raise ValueError("the recompute softmax kernel has only the split layout")
+        f = _build_recompute(rows, cols, choice)
     else:
         raise ValueError(f"unknown softmax algorithm {choice.algo!r}")
     log.debug("softmax kernel (%d, %d) %s", rows, cols, choice)

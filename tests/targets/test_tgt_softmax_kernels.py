@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tvm
 
-from targets.softmax_kernels import BLOCK_FLOATS, PREFETCH_FLOATS, KernelChoice, build_kernel_library, choose_kernel
+from targets.softmax_kernels import BLOCK_FLOATS, KernelChoice, build_kernel_library, choose_kernel
 from targets.softmax_kernels import vector_bits_of
 from targets.table import get_target
 
@@ -37,7 +37,7 @@ def _run(lib, x):
 
 
 CASES = [("two_pass", "fused", 1), ("two_pass", "split", 4), ("three_pass", "fused", 1), ("three_pass", "split", 4),
-         ("three_pass", "split", 3)]
+         ("three_pass", "split", 3), ("recompute", "split", 4), ("recompute", "split", 3)]
 
 
 # the two-pass split needs chunks dividing the row (make_softmax_kernel raises otherwise: tested below)
@@ -62,7 +62,7 @@ def test_extremes(target, algo, layout, chunks, cols, rng):
     assert np.isfinite(y).all()
     big = r >= 1e-37
     rel = np.abs(y - r)[big] / r[big]
-    tol = 1e-6 if algo == "two_pass" else 5e-6  # three-pass: rounding of x - max (spec §5)
+    tol = 1e-6 if algo == "two_pass" else 5e-6  # three-pass / recompute: rounding of x - max (spec §5)
     assert rel.max() <= tol, rel.max()
     assert np.abs(y - r)[~big].max(initial=0) <= 1e-37
     assert np.abs(y - r).max() <= 2e-7
@@ -112,7 +112,8 @@ def test_long_row_accuracy(rows, cols, layout, chunks, prefetch, rng):
 
 @pytest.mark.parametrize("target", exec_targets())
 @pytest.mark.parametrize("algo,layout,chunks", [("two_pass", "fused", 1), ("three_pass", "fused", 1),
-                                                ("three_pass", "split", 1), ("three_pass", "split", 5)])
+                                                ("three_pass", "split", 1), ("three_pass", "split", 5),
+                                                ("recompute", "split", 5)])
 def test_row_of_one(target, algo, layout, chunks):
     """Rows of length 1 are all ones, whatever the logit (huge, -inf, finfo.min); more chunks than columns fold to
     one chunk."""
@@ -124,16 +125,16 @@ def test_row_of_one(target, algo, layout, chunks):
 
 
 @pytest.mark.parametrize("target", exec_targets())
+@pytest.mark.parametrize("algo", ["three_pass", "recompute"])
 @pytest.mark.parametrize("rows,cols,chunks,prefetch", [(1, (1 << 20) + 13, 64, 1), (3, 100_003, 7, 0),
                                                        (2, 40_000, 1000, 1)])
-def test_blocked_long_rows(target, rows, cols, chunks, prefetch, rng):
-    """The blocked (split) three-pass path on long rows that do not divide into the chunks, vs float64: per-chunk
+def test_blocked_long_rows(target, algo, rows, cols, chunks, prefetch, rng):
+    """The chunked paths (blocked three-pass, recompute) on long rows that do not divide into the chunks, vs float64: per-chunk
     max / sum partials combine exactly (relative error per element <= 5e-6, row sums 1 to 1e-6), including a row
     whose chunks hold wildly different maxima (one chunk at +60, one fully masked, one at finfo.min)."""
     tgt = get_target(target)
     lanes = vector_bits_of(tgt) // 32
-    lib = build_kernel_library(rows, cols, KernelChoice("three_pass", "split", lanes, 4, chunks, prefetch=prefetch),
-                               tgt)
+    lib = build_kernel_library(rows, cols, KernelChoice(algo, "split", lanes, 4, chunks, prefetch=prefetch), tgt)
     x = (rng.standard_normal((rows, cols)) * 4).astype(np.float32)
     if rows > 1:
         x[1, : cols // 3] = -np.inf
@@ -151,6 +152,8 @@ def test_blocked_long_rows(target, rows, cols, chunks, prefetch, rng):
 def test_split_geometry_errors():
     with pytest.raises(ValueError, match="does not divide"):
         build_kernel_library(1, 1001, KernelChoice("two_pass", "split", 8, 4, 4), get_target("avx2"))
+    with pytest.raises(ValueError, match="only the split layout"):
+        build_kernel_library(1, 1001, KernelChoice("recompute", "fused", 8, 4), get_target("avx2"))
 
 
 def test_no_expf_in_kernels():
@@ -166,18 +169,15 @@ def test_no_expf_in_kernels():
 def test_rule_table():
     assert choose_kernel(8 * 128, 128, 512, 2).algo == "three_pass"
     assert choose_kernel(16384, 1024, 512, 2).algo == "three_pass"
-    big = choose_kernel(1, 1 << 24, 512, 2, "znver4")
-    assert (big.algo, big.layout) == ("two_pass", "split") and big.chunks >= 8
-    assert choose_kernel(64, 1 << 20, 512, 2, "znver4") == KernelChoice("two_pass", "fused", 16, 4, 1, 64, True,
-                                                                       prefetch=PREFETCH_FLOATS)
-    intel = choose_kernel(1, 1 << 24, 512, 2, "skylake-avx512")
-    assert (intel.algo, intel.layout, intel.scalef) == ("two_pass", "split", True)
-    # AVX2: three-pass everywhere; rows beyond L2 (or few long rows) go blocked, chunks of BLOCK_FLOATS
-    assert choose_kernel(2, 1 << 24, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 24) // BLOCK_FLOATS,
-                                                             prefetch=1)
-    assert choose_kernel(64, 1 << 20, 256, 2) == KernelChoice("three_pass", "split", 8, 4, (1 << 20) // BLOCK_FLOATS,
-                                                              prefetch=1)
-    assert choose_kernel(1, 3 * BLOCK_FLOATS - 5, 256, 2) == KernelChoice("three_pass", "split", 8, 4, 3, prefetch=1)
-    assert choose_kernel(1, BLOCK_FLOATS, 256, 2).layout == "fused"
-    assert choose_kernel(1, 1 << 24, 256, 2).algo == "three_pass"
     assert choose_kernel(4096, 4096, 256, 2) == KernelChoice("three_pass", "fused", 8, 4, 1, 64)
+    # rows beyond L2, or few rows of >= 2 blocks: recompute in chunks of BLOCK_FLOATS (last chunk shorter), both ISAs
+    for bits, lanes in ((256, 8), (512, 16)):
+        assert choose_kernel(1, 1 << 24, bits, 2) == KernelChoice("recompute", "split", lanes, 4,
+                                                                  (1 << 24) // BLOCK_FLOATS, prefetch=1)
+        assert choose_kernel(64, 1 << 20, bits, 2) == KernelChoice("recompute", "split", lanes, 4,
+                                                                   (1 << 20) // BLOCK_FLOATS, prefetch=1)
+        assert choose_kernel(1, 3 * BLOCK_FLOATS - 5, bits, 2) == KernelChoice("recompute", "split", lanes, 4, 3,
+                                                                              prefetch=1)
+        assert choose_kernel(1, BLOCK_FLOATS, bits, 2).layout == "fused"
+        assert choose_kernel(64, 2 * BLOCK_FLOATS, bits, 2).layout == "fused"  # many cache-resident rows
+    assert choose_kernel(1, 1 << 24, 512, 2, "skylake-avx512").algo == "recompute"

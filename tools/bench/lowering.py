@@ -124,10 +124,10 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
     """(a) Softmax micro-benchmark.  Shapes: the issue's four, plus (not --quick) one row of at least 2x the
     last-level cache (the same as the 16M row on a 32 MiB L3; timed once then).  Implementations: ``two-pass``
     (split over 8-32 chunks for < 4 rows), ``3-pass`` (plain fused three-pass, one row per task), ``auto`` (the
-    rule table's choice at that thread count, e.g. the blocked three-pass), onnxruntime, torch; all timed in
+    rule table's choice at that thread count, e.g. the chunked recompute kernel), onnxruntime, torch; all timed in
     alternating rounds per shape and thread count.  GB/s: ``gbs`` counts one read + one write per element
     (2*N*4 bytes); ``eff_gbs`` (rows larger than the last-level cache only) counts the bytes the algorithm must
-    move: two-pass 2 reads + 1 write, three-pass 3 reads + 2 writes, blocked three-pass 2 reads + 2 writes."""
+    move: two-pass and recompute 2 reads + 1 write, three-pass 3 reads + 2 writes, blocked three-pass 2 + 2."""
     ensure_executable(target_name)
     l3 = _l3_bytes()
     beyond = 1 << max(24, int(np.ceil(np.log2(2 * l3 / 4))))  # elements, >= 2x L3 bytes
@@ -143,7 +143,7 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
     copy_bw = {t: _copy_bandwidth(t, copy_n) for t in (1, 2)}
     print(f"\n(a) softmax on {CPU}, target {target_name} = {tgt} ({bits}-bit); L3 {l3 >> 20} MiB; copy bandwidth ({copy_n * 4 >> 20} "
           f"MiB) 1T {copy_bw[1]:.1f} GB/s, 2T {copy_bw[2]:.1f} GB/s (GB/s = 2*N*4 bytes / time; eff = bytes the "
-          f"algorithm must move: two-pass 2R+1W, three-pass 3R+2W, blocked three-pass 2R+2W)")
+          f"algorithm must move: two-pass and recompute 2R+1W, three-pass 3R+2W, blocked three-pass 2R+2W)")
     print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'eff':>6} {'%copy':>6} {'vs ORT':>7}")
     budget_s = 0.1 if quick else 0.6
     for shape in shapes:
@@ -185,7 +185,7 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 algo = auto.algo if name == "auto" else fixed[name].algo if name in fixed else None
                 blocked = name == "auto" and auto.algo == "three_pass" and auto.layout == "split"
-                moved = {"two_pass": 1.5, "three_pass": 2.0 if blocked else 2.5}.get(algo)
+                moved = {"two_pass": 1.5, "recompute": 1.5, "three_pass": 2.0 if blocked else 2.5}.get(algo)
                 eff = gbs * moved if (moved and out_of_cache) else None
                 row = {"shape": list(shape), "threads": threads, "impl": name, "ms": ms, "gbs": gbs,
                        "eff_gbs": eff, "pct_copy": 100 * (eff or gbs) / copy_bw[threads],
