@@ -129,9 +129,10 @@ def test_row_of_one(target, algo, layout, chunks):
 @pytest.mark.parametrize("rows,cols,chunks,prefetch", [(1, (1 << 20) + 13, 64, 1), (3, 100_003, 7, 0),
                                                        (2, 40_000, 1000, 1)])
 def test_blocked_long_rows(target, algo, rows, cols, chunks, prefetch, rng):
-    """The chunked paths (blocked three-pass, recompute) on long rows that do not divide into the chunks, vs float64: per-chunk
-    max / sum partials combine exactly (relative error per element <= 5e-6, row sums 1 to 1e-6), including a row
-    whose chunks hold wildly different maxima (one chunk at +60, one fully masked, one at finfo.min)."""
+    """The chunked paths (blocked three-pass, recompute) on long rows that do not divide into the chunks, vs
+    float64: per-chunk max / sum partials combine exactly (relative error per element <= 5e-6, row sums 1 to 1e-6),
+    including a row whose chunks hold wildly different maxima (one chunk at +60, one fully masked, one at
+    finfo.min)."""
     tgt = get_target(target)
     lanes = vector_bits_of(tgt) // 32
     lib = build_kernel_library(rows, cols, KernelChoice(algo, "split", lanes, 4, chunks, prefetch=prefetch), tgt)
