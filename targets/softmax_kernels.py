@@ -1,6 +1,6 @@
 """Hand-written TIR softmax kernels for CPU targets (last axis, float32).
 
-Two algorithms, both free of libm ``expf`` calls (a polynomial exp is inlined):
+Three algorithms, all free of libm ``expf`` calls (a polynomial exp is inlined):
 
 * **three-pass** ("3p-store", ORT's structure): max pass; ``y = exp(x - max)`` stored and summed; scale pass in
   place.  Traffic 3 reads + 2 writes per element; best while a row stays in cache between passes.
@@ -8,16 +8,24 @@ Two algorithms, both free of libm ``expf`` calls (a polynomial exp is inlined):
   a pair ``(mantissa p, exponent n)`` so no max pass is needed.  Pass 1 accumulates the extended-range sum, pass 2
   recomputes ``(p, n)`` and writes ``p / v* * 2^(n - e*)``, flushed to 0 below FLT_MIN.  Traffic 2 reads + 1 write; best when rows leave the
   cache between passes (rows larger than the last-level cache, or pass-split layouts).
+* **recompute** (split layout only): sweep 1 per chunk: chunk max, then the sum of ``exp(x - m_c)`` while the chunk
+  is in L2, nothing stored; per row the partials combine; sweep 2 writes ``exp(x - M) / S``.  Traffic 2 reads + 1
+  write with two plain exps per element: the choice for rows beyond L2 on both ISAs.
 
 Layouts:
 
 * **fused**: every row is processed start to end by one parallel task (rows are split over tasks).
-* **split**: each row is cut into ``chunks`` equal chunks; each pass is one parallel sweep over (row, chunk) pairs,
-  partial results go through a small global scratch buffer.  Used for few, long rows so all threads work.
+* **split**: each row is cut into chunks; each pass is one parallel sweep over (row, chunk) pairs, partial results
+  go through a small global scratch buffer, so few long rows use all threads.  Two-pass: ``chunks`` equal chunks
+  (must divide the row).  Three-pass ("blocked"): chunks of a vector-multiple length, the last one shorter, sized
+  to stay in L2 (:data:`BLOCK_FLOATS`); a chunk's max and exp-store passes run back to back, the per-chunk
+  (max, sum) partials combine per row, and one sweep scales every chunk by ``exp(m_c - M) / S``: 2 reads + 2
+  writes per element from memory with one exp each (plain three-pass over a row beyond the cache: 3 + 2).
 
-Numerics: inputs are clamped to ``[-CLAMP, CLAMP]`` (two-pass) or ``x >= -FLT_MAX`` and ``x - max >= -1e3``
-(three-pass) so that masked logits (``-inf``, ``finfo.min``) never produce NaN; a fully masked row gives the
-uniform distribution.  Neither kernel writes subnormal outputs: values below FLT_MIN (2^-126) are flushed to 0.
+Numerics: inputs are clamped to ``[-CLAMP, CLAMP]`` (two-pass); three-pass selects exactly 0 wherever
+``x - max < -87`` (the polynomial's value there, even NaN, is discarded), so masked logits (``-inf``, ``finfo.min``)
+never produce NaN; a fully masked row gives the uniform distribution.  No kernel writes subnormal outputs: values
+below FLT_MIN (2^-126) are flushed to 0.
 
 The entry points are :func:`make_softmax_kernel` (an explicit choice) and :func:`choose_kernel` (the rule table).
 """
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 _LOG2E = float.fromhex("0x1.715476p+0")
 _MINUS_LN2_HI = -float.fromhex("0x1.62E43p-1")
 _MINUS_LN2_LO = float.fromhex("0x1.05C61p-29")  # XNNPACK's vminus_ln2_lo (positive)
+_MINUS_LN2 = -float.fromhex("0x1.62E430p-1")  # -ln 2 rounded to float32 (one-step reduction)
 _C1 = float.fromhex("0x1.FFFFF6p-1")
 _C2 = float.fromhex("0x1.FFFDC6p-2")
 _C3 = float.fromhex("0x1.555A80p-3")
@@ -55,6 +64,11 @@ _F32 = "float32"
 #: Software prefetch distance of the two-pass kernel (floats; 4 KiB ahead).  Measured on the Intel AVX-512 host,
 #: 2 threads: 1 GiB row 221 -> 182 ms (77 % -> 94 % of copy bandwidth), 16M row 13.3 -> 8.2 ms; 512-2048 equal.
 PREFETCH_FLOATS = 1024
+
+#: Target chunk length (floats) of the blocked three-pass layout: a chunk of X plus its chunk of Y (2 x 128 KiB) stay
+#: in the L2 of every x86 target (Zen 3 512 KiB) between the chunk's max pass and its exp pass.  16K-64K measured
+#: alike within the noise of the shared Zen 4 host (16M row, AVX2 and AVX-512, 1T and 2T).
+BLOCK_FLOATS = 32768
 
 # Cache sizes (bytes) used by the rule table; conservative defaults for AMD Zen 4 (1 MiB L2, 32 MiB L3).
 _L2_BYTES = 1 << 20
@@ -144,7 +158,8 @@ def _hreduce(vec, lanes: int, op):
 class KernelChoice:
     """A softmax kernel configuration.
 
-    algo: ``"two_pass"`` or ``"three_pass"``; layout: ``"fused"`` or ``"split"``; vector_lanes: fp32 lanes per
+    algo: ``"two_pass"``, ``"three_pass"`` or ``"recompute"`` (split only); layout: ``"fused"`` or ``"split"``;
+    vector_lanes: fp32 lanes per
     vector (8 = AVX2, 16 = AVX-512); unroll: independent vector accumulators; chunks: chunks per row (split only);
     tasks: parallel tasks of the fused layout; scalef: use AVX-512 ``vscalefps`` for ``x * 2^d`` (two-pass).
     """
@@ -156,7 +171,8 @@ class KernelChoice:
     chunks: int = 1
     tasks: int = 64
     scalef: bool = False  # AVX-512 only: powers of two with vscalefps (two-pass), needs vector_lanes == 16
-    prefetch: int = 0  # two-pass: software prefetch distance in floats (0 = none; X read, Y write-prefetched)
+    prefetch: int = 0  # two-pass: software prefetch distance in floats (0 = none; X read, Y write-prefetched);
+    # three-pass split (blocked) and recompute: > 0 = a chunk's exp(-sum) pass prefetches the next chunk
 
 
 def _prefetch(buf, row, idx, write: int):
@@ -187,34 +203,27 @@ def choose_kernel(rows: int, cols: int, vector_bits: int, threads: int, mcpu: st
     ===================  =====================================================  ======================================
     ISA                  shape                                                  kernel
     ===================  =====================================================  ======================================
-    AVX2                 rows >= 2*threads or row <= 256K floats                three-pass, fused, V=8 U=4
-    AVX2                 few rows and row > 256K floats                         three-pass, split, 8-32 chunks
-    AVX-512              row <= 256K floats (1 MiB, cache resident)             three-pass, fused, V=16 U=4
-    AVX-512              row > 256K floats, rows < 2*threads                    two-pass (vscalefps, prefetch), split
-    AVX-512              row > 256K floats, many rows                           two-pass (vscalefps, prefetch), fused
+    AVX2, AVX-512        row <= 256K floats, unless few rows of >= 64K floats   three-pass, fused, U=4
+    AVX2, AVX-512        row > 256K floats, or few rows of >= 64K floats        recompute, 32K-float chunks, prefetch
     ===================  =====================================================  ======================================
 
-    Reasoning: three-pass moves 3R+2W per element but evaluates exp once; two-pass moves 2R+1W but evaluates exp
-    twice plus ~8 vector ops per element in pass 1, so it only pays off when rows leave the cache between passes.
-    Measured: Zen 4, 16M row 2T: two-pass 5.99 ms vs three-pass 8.56 ms.  Intel AVX-512 host, 1T:
-    16M row two-pass 28.5 ms vs three-pass 30.7 ms vs ORT 31.4 ms; 4096x4096 (16 KiB rows, cached) three-pass
-    21.0 ms vs two-pass 22.8 ms; without ``vscalefps`` two-pass lost on Intel (34.6 vs 33.8 ms).  AVX2: two-pass is
-    compute bound everywhere.  ``mcpu`` is accepted for per-CPU rules; none differ at present.
+    Reasoning: in cache the arithmetic decides: three-pass evaluates exp once (3R+2W, all but the first read from
+    cache).  Beyond L2 the bytes decide: the recompute kernel moves 2R+1W with two plain exps per element; the
+    blocked three-pass 2R+2W with one; the extended-range two-pass 2R+1W with two exps plus ~8 vector ops of
+    bookkeeping (compute bound on AVX2: 0.4-0.7x the three-pass).  Measured on the shared Zen 4 host, 16M-float row,
+    interleaved rounds: recompute faster than blocked three-pass in 10 of 12 rounds on AVX2 (~5-25 %), faster
+    than the AVX-512 two-pass (``vscalefps``, 4 KiB prefetch, the previous AVX-512 rule) in 6 of 6 (20-40 %);
+    prefetching the next chunk during a chunk's first sweep gained ~5 % (5 of 6 rounds).  Earlier measurements
+    (before the recompute kernel): Zen 4 16M row 2T two-pass 5.99 ms vs three-pass 8.56 ms; Intel AVX-512 host 1T
+    16M row two-pass 28.5 ms vs three-pass 30.7 ms vs ORT 31.4 ms, 4096x4096 three-pass 21.0 vs two-pass 22.8 ms.
+    ``mcpu`` is accepted for per-CPU rules; none differ at present.
     """
     lanes = 16 if vector_bits >= 512 else 8
     big_row = cols * 4 > _L2_BYTES
     few_rows = rows < max(threads, 1) * 2
-    two_pass_wins = lanes == 16 and big_row
-    if not two_pass_wins:
-        if few_rows and big_row:
-            chunks = _pick_chunks(cols, lanes, 32 if cols >= (1 << 22) else 8)
-            if chunks > 1:
-                return KernelChoice("three_pass", "split", lanes, 4, chunks)
-        return KernelChoice("three_pass", "fused", lanes, _pick_unroll(cols, lanes, 4), 1, min(rows, 64))
-    chunks = _pick_chunks(cols, lanes, 32 if cols >= (1 << 22) else 8)
-    if few_rows and chunks > 1:
-        return KernelChoice("two_pass", "split", lanes, 4, chunks, scalef=True, prefetch=PREFETCH_FLOATS)
-    return KernelChoice("two_pass", "fused", lanes, 4, 1, min(rows, 64), scalef=True, prefetch=PREFETCH_FLOATS)
+    if big_row or (few_rows and cols >= 2 * BLOCK_FLOATS):
+        return KernelChoice("recompute", "split", lanes, 4, -(-cols // BLOCK_FLOATS), prefetch=1)
+    return KernelChoice("three_pass", "fused", lanes, _pick_unroll(cols, lanes, 4), 1, min(rows, 64))
 
 
 def mcpu_of(target) -> str:
@@ -387,110 +396,163 @@ def _build_two_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc
     return kernel_split
 
 
-def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc:
-    V, U = ch.vector_lanes, _pick_unroll(cols // ch.chunks, ch.vector_lanes, ch.unroll)
-    C = ch.chunks
-    L = cols // C
+def _expneg(z):
+    """``exp(z)`` for ``z <= 0`` (XNNPACK rr1-p5 structure): magic-bias rounding ``n = round(z·log2 e)``, one-step
+    reduction ``t = z - n·ln2`` (|n| <= 126 keeps its error near 1 ulp), ``exp(z) = s + (t·s)·p(t)`` with
+    ``s = 2^n`` built by shifting the biased integer.  Exactly 0 for ``z < -87`` (masked logits, ``finfo.min``,
+    ``-inf``: the polynomial may see garbage or NaN there, the select discards it; never subnormal).  No clamp: one
+    constant and one op fewer than clamping first, which matters with 16 AVX2 registers.  Scalar or vector ``z``
+    (the constants are scalars that LLVM broadcasts)."""
+    vn = T.fma(z, _f(_LOG2E), _f(_MAGIC))
+    s = T.reinterpret(_F32, T.shift_left(T.reinterpret("int32", vn), T.int32(23)))
+    n = vn - _f(_MAGIC)
+    t = T.fma(n, _f(_MINUS_LN2), z)
+    p = T.fma(t, _f(_C5), _f(_C4))
+    for c in (_C3, _C2, _C1):
+        p = T.fma(p, t, _f(c))
+    return T.Select(z >= _f(-87.0), T.fma(t * s, p, s), _f(0.0))
+
+
+def _block_geometry(cols: int, chunks: int, lanes: int) -> tuple[int, int, int]:
+    """(C, L, L_last) for cutting a row of ``cols`` into at most ``chunks`` pieces: ``L`` a multiple of the vector
+    width, ``C = ceil(cols / L)`` chunks, the last ``0 < L_last <= L`` long (rows need not divide evenly)."""
+    chunks = max(1, min(chunks, cols))
+    L = -(-cols // chunks)
+    L = -(-L // lanes) * lanes
+    C = -(-cols // L)
+    return C, L, cols - (C - 1) * L
+
+
+def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0, store: bool = True):
+    """The three-pass building blocks for segments of static length ``L`` (a whole row or one chunk of it).
+
+    ``acc`` is one (2U+1, V) local buffer per task: rows 0..U-1 the running vectors, U..2U-1 the two-level sum
+    blocks, row ``S = 2U`` the segment's results (``[S, 0]`` max, ``[S, 1]`` sum of exps).  One buffer, not three:
+    each local buffer costs a workspace allocation per row.  ``ahead`` > 0: the exp pass prefetches X that many
+    floats ahead (one ``prefetcht0`` per 64 bytes; the blocked layout passes the chunk length, so the next chunk's
+    max pass reads from cache while this chunk's arithmetic runs).  ``store`` False: ``expstore`` only sums the
+    exps (the recompute kernel's first sweep) and ``expscale`` writes ``exp(x - mx)`` scaled."""
     NB = L // (U * V)
     NV = (L - NB * U * V) // V
     NS = L - NB * U * V - NV * V
     LV = L // V
     LS = L - LV * V
-    floor = _f(_NEG_BIG)
     BI = _SUM_BLOCK
     NBB = NB // BI
-
-    def expneg(z):
-        """exp(z) for z <= 0, magic-bias rounding (XNNPACK rr2-p5).  z is clamped at -87 so 2^n stays normal, and
-        the result is exactly 0 below -87 (masked logits, ``finfo.min``, ``-inf``: never NaN, never subnormal)."""
-        zc = T.max(z, _f(-87.0))
-        vn = T.fma(zc, _f(_LOG2E), _f(_MAGIC))
-        sc = T.reinterpret(_F32, T.shift_left(T.reinterpret("int32", vn), T.int32(23)))
-        n = vn - _f(_MAGIC)
-        return T.Select(z >= _f(-87.0), _exp_poly(zc, n, _f) * sc, _f(0.0))
+    floor = _f(_NEG_BIG)
 
     @T.macro
-    def rowmax(Xf, accm, sm, row, start):
+    def rowmax(Xf, acc, row, start):
         for u in T.unroll(U):
             for l in T.vectorized(V):
-                accm[u, l] = floor
+                acc[u, l] = floor
         for i in range(NB):
             for u in T.unroll(U):
                 for l in T.vectorized(V):
-                    accm[u, l] = T.max(accm[u, l], Xf[row, start + (i * U + u) * V + l])
+                    acc[u, l] = T.max(acc[u, l], Xf[row, start + (i * U + u) * V + l])
         for i in range(NV):
             for l in T.vectorized(V):
-                accm[0, l] = T.max(accm[0, l], Xf[row, start + NB * U * V + i * V + l])
+                acc[0, l] = T.max(acc[0, l], Xf[row, start + NB * U * V + i * V + l])
         for j in T.unroll(NS):
-            accm[0, j] = T.max(accm[0, j], Xf[row, start + NB * U * V + NV * V + j])
-        sm[0] = _hreduce(_tree([accm[u, T.ramp(0, 1, V)] for u in range(U)], T.max), V, T.max)
+            acc[0, j] = T.max(acc[0, j], Xf[row, start + NB * U * V + NV * V + j])
+        acc[S, 0] = _hreduce(_tree([acc[u, T.ramp(0, 1, V)] for u in range(U)], T.max), V, T.max)
 
     @T.macro
-    def exp_step(Xf, Yf, accm, row, start, mx, i):
+    def exp_step(Xf, Yf, acc, row, start, mx, i):
+        if ahead > 0:
+            for k in T.unroll(U * V // 16):
+                _prefetch(Xf, row, start + ahead + i * U * V + k * 16, 0)
         for u in T.unroll(U):
             for l in T.vectorized(V):
-                Yf[row, start + (i * U + u) * V + l] = expneg(Xf[row, start + (i * U + u) * V + l] - mx)
-                accm[u, l] = accm[u, l] + Yf[row, start + (i * U + u) * V + l]
+                if store:
+                    Yf[row, start + (i * U + u) * V + l] = _expneg(Xf[row, start + (i * U + u) * V + l] - mx)
+                    acc[u, l] = acc[u, l] + Yf[row, start + (i * U + u) * V + l]
+                else:
+                    acc[u, l] = acc[u, l] + _expneg(Xf[row, start + (i * U + u) * V + l] - mx)
 
     @T.macro
-    def expstore(Xf, Yf, accm, ss, row, start, mx):
-        # accm is reused as the sum accumulator; the stored value is re-read (``noalias`` is lost in parallel closures, so LLVM would recompute the exp)
-        # two-level sum as in the two-pass kernel: rows U..2U-1 of accm collect blocks of BI steps
+    def expstore(Xf, Yf, acc, row, start, mx):
+        # the stored value is re-read (``noalias`` is lost in parallel closures, so LLVM would recompute the exp);
+        # two-level sum as in the two-pass kernel: rows U..2U-1 collect blocks of BI steps
         for u in T.unroll(U):
             for l in T.vectorized(V):
-                accm[u, l] = _f(0.0)
+                acc[u, l] = _f(0.0)
         if NBB > 0:
             for u in T.unroll(U):
                 for l in T.vectorized(V):
-                    accm[U + u, l] = _f(0.0)
+                    acc[U + u, l] = _f(0.0)
             for ib in range(NBB):
                 for ii in range(BI):
-                    exp_step(Xf, Yf, accm, row, start, mx, ib * BI + ii)
+                    exp_step(Xf, Yf, acc, row, start, mx, ib * BI + ii)
                 for u in T.unroll(U):
                     for l in T.vectorized(V):
-                        accm[U + u, l] = accm[U + u, l] + accm[u, l]
-                        accm[u, l] = _f(0.0)
+                        acc[U + u, l] = acc[U + u, l] + acc[u, l]
+                        acc[u, l] = _f(0.0)
         for i in range(NB - NBB * BI):
-            exp_step(Xf, Yf, accm, row, start, mx, NBB * BI + i)
+            exp_step(Xf, Yf, acc, row, start, mx, NBB * BI + i)
         if NBB > 0:
             for u in T.unroll(U):
                 for l in T.vectorized(V):
-                    accm[u, l] = accm[u, l] + accm[U + u, l]
+                    acc[u, l] = acc[u, l] + acc[U + u, l]
         for i in range(NV):
             for l in T.vectorized(V):
-                Yf[row, start + NB * U * V + i * V + l] = expneg(
-                    Xf[row, start + NB * U * V + i * V + l] - mx
-                )
-                accm[0, l] = accm[0, l] + Yf[row, start + NB * U * V + i * V + l]
+                if store:
+                    Yf[row, start + NB * U * V + i * V + l] = _expneg(Xf[row, start + NB * U * V + i * V + l] - mx)
+                    acc[0, l] = acc[0, l] + Yf[row, start + NB * U * V + i * V + l]
+                else:
+                    acc[0, l] = acc[0, l] + _expneg(Xf[row, start + NB * U * V + i * V + l] - mx)
         for j in T.unroll(NS):
-            Yf[row, start + NB * U * V + NV * V + j] = expneg(
-                Xf[row, start + NB * U * V + NV * V + j] - mx
-            )
-            accm[0, j] = accm[0, j] + Yf[row, start + NB * U * V + NV * V + j]
-        ss[0] = _hreduce(_tree([accm[u, T.ramp(0, 1, V)] for u in range(U)], _add), V, _add)
+            if store:
+                Yf[row, start + NB * U * V + NV * V + j] = _expneg(Xf[row, start + NB * U * V + NV * V + j] - mx)
+                acc[0, j] = acc[0, j] + Yf[row, start + NB * U * V + NV * V + j]
+            else:
+                acc[0, j] = acc[0, j] + _expneg(Xf[row, start + NB * U * V + NV * V + j] - mx)
+        acc[S, 1] = _hreduce(_tree([acc[u, T.ramp(0, 1, V)] for u in range(U)], _add), V, _add)
 
     @T.macro
-    def scale(Yf, row, start, total):
-        # y = e / total, flushed to 0 where it would be subnormal (e < FLT_MIN * total): subnormal probabilities
-        # cost ~100-cycle microcode assists in every consumer (P.V ran 8x slower), and they are below the
-        # 1e-37 absolute accuracy bound anyway.  e is zeroed before the multiply so no subnormal is ever produced.
-        # A fully masked row (every logit -inf / finfo.min: all exps flushed, total == 0) becomes uniform.
-        if total > _f(0.0):
-            for i in range(LV):
-                for l in T.vectorized(V):
-                    Yf[row, start + i * V + l] = T.Select(Yf[row, start + i * V + l] >= _f(_FLT_MIN) * total,
-                                                          Yf[row, start + i * V + l], _f(0.0)) * (_f(1.0) / total)
-            for j in range(LS):
-                Yf[row, start + LV * V + j] = T.Select(Yf[row, start + LV * V + j] >= _f(_FLT_MIN) * total,
-                                                       Yf[row, start + LV * V + j], _f(0.0)) * (_f(1.0) / total)
-        else:
-            for i in range(LV):
-                for l in T.vectorized(V):
-                    Yf[row, start + i * V + l] = _f(1.0 / cols)
-            for j in range(LS):
-                Yf[row, start + LV * V + j] = _f(1.0 / cols)
+    def scale(Yf, row, start, thr, f):
+        # y = e * f, with e zeroed first where the product would be subnormal (e < thr = FLT_MIN / f): subnormal
+        # probabilities cost ~100-cycle microcode assists in every consumer (P.V ran 8x slower) and are below the
+        # 1e-37 absolute accuracy bound anyway; no subnormal is ever produced.
+        for i in range(LV):
+            for l in T.vectorized(V):
+                Yf[row, start + i * V + l] = T.Select(Yf[row, start + i * V + l] >= thr,
+                                                      Yf[row, start + i * V + l], _f(0.0)) * f
+        for j in range(LS):
+            Yf[row, start + LV * V + j] = T.Select(Yf[row, start + LV * V + j] >= thr,
+                                                   Yf[row, start + LV * V + j], _f(0.0)) * f
 
+    @T.macro
+    def fill(Yf, row, start, value):
+        for i in range(LV):
+            for l in T.vectorized(V):
+                Yf[row, start + i * V + l] = value
+        for j in range(LS):
+            Yf[row, start + LV * V + j] = value
+
+    @T.macro
+    def expscale(Xf, Yf, row, start, mx, thr, f):
+        # y = exp(x - mx) * f, zeroed first where the product would be subnormal (see ``scale``)
+        for i in range(LV):
+            for l in T.vectorized(V):
+                Yf[row, start + i * V + l] = T.Select(_expneg(Xf[row, start + i * V + l] - mx) >= thr,
+                                                      _expneg(Xf[row, start + i * V + l] - mx), _f(0.0)) * f
+        for j in range(LS):
+            Yf[row, start + LV * V + j] = T.Select(_expneg(Xf[row, start + LV * V + j] - mx) >= thr,
+                                                   _expneg(Xf[row, start + LV * V + j] - mx), _f(0.0)) * f
+
+    if not store:
+        return rowmax, expstore, expscale, fill
+    return rowmax, expstore, scale, fill
+
+
+def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc:
+    V = ch.vector_lanes
+    uniform = _f(1.0 / cols)  # a fully masked row (every logit -inf / finfo.min: all exps flushed) is uniform
     if ch.layout == "fused":
+        U = _pick_unroll(cols, V, ch.unroll)
+        S = 2 * U
+        rowmax, expstore, scale, fill = _three_pass_macros(cols, U, V, S)
         P = max(1, min(ch.tasks, rows))
         RPT = (rows + P - 1) // P
 
@@ -499,63 +561,150 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
             with T.sblock("root"):
                 for task in T.parallel(P):
-                    accm = T.alloc_buffer((2 * U, V), _F32, scope="local")
-                    sm = T.alloc_buffer((1,), _F32, scope="local")
-                    ss = T.alloc_buffer((1,), _F32, scope="local")
+                    acc = T.alloc_buffer((2 * U + 1, V), _F32, scope="local")
+                    acc[S, 1] = _f(0.0)  # touched here so the buffer is allocated once per task, not per row
                     for rr in range(RPT):
                         if task * RPT + rr < rows:
-                            rowmax(X, accm, sm, task * RPT + rr, 0)
-                            expstore(X, Y, accm, ss, task * RPT + rr, 0, sm[0])
-                            scale(Y, task * RPT + rr, 0, ss[0])
+                            rowmax(X, acc, task * RPT + rr, 0)
+                            expstore(X, Y, acc, task * RPT + rr, 0, acc[S, 0])
+                            if acc[S, 1] > _f(0.0):
+                                scale(Y, task * RPT + rr, 0, _f(_FLT_MIN) * acc[S, 1], _f(1.0) / acc[S, 1])
+                            else:
+                                fill(Y, task * RPT + rr, 0, uniform)
 
         return kernel
 
+    # blocked: every (row, chunk) pair is one task; max and exp-store of a chunk run back to back while the chunk
+    # is in L2, then per row the chunk results combine (M = max m_c, S = sum s_c exp(m_c - M)), then every chunk
+    # is scaled by exp(m_c - M) / S.  Traffic 2 reads + 2 writes per element (plain three-pass over a row larger
+    # than the cache: 3 + 2) with one exp per element (two-pass: two).  Rows need not divide into the chunks.
+    C, L, LL = _block_geometry(cols, ch.chunks, V)
+    U = _pick_unroll(min(L, LL) if LL >= 2 * V else L, V, ch.unroll)
+    S = 2 * U
+    rowmax_a, expstore_a, scale_a, fill_a = _three_pass_macros(L, U, V, S, L if ch.prefetch > 0 else 0)
+    rowmax_b, expstore_b, scale_b, fill_b = _three_pass_macros(LL, U, V, S)
     W = rows * C
 
     @T.prim_func(s_tir=True)
     def kernel_split(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
         with T.sblock("root"):
-            PM = T.alloc_buffer((W,), _F32)
-            PS = T.alloc_buffer((W,), _F32)
+            PM = T.alloc_buffer((W,), _F32)  # chunk max, then (after the combine) the chunk's scale factor
+            PS = T.alloc_buffer((W,), _F32)  # chunk sum of exps, then the chunk's flush threshold
             for w in T.parallel(W):
-                accm = T.alloc_buffer((2 * U, V), _F32, scope="local")
-                sm = T.alloc_buffer((1,), _F32, scope="local")
-                rowmax(X, accm, sm, w // C, (w % C) * L)
-                PM[w] = sm[0]
-            for w in T.parallel(W):
-                accm2 = T.alloc_buffer((2 * U, V), _F32, scope="local")
-                tm = T.alloc_buffer((1,), _F32, scope="local")
-                ss = T.alloc_buffer((1,), _F32, scope="local")
-                tm[0] = PM[(w // C) * C]
+                acc = T.alloc_buffer((2 * U + 1, V), _F32, scope="local")
+                if w % C < C - 1:
+                    rowmax_a(X, acc, w // C, (w % C) * L)
+                    expstore_a(X, Y, acc, w // C, (w % C) * L, acc[S, 0])
+                else:
+                    rowmax_b(X, acc, w // C, (C - 1) * L)
+                    expstore_b(X, Y, acc, w // C, (C - 1) * L, acc[S, 0])
+                PM[w] = acc[S, 0]
+                PS[w] = acc[S, 1]
+            for r in T.parallel(rows):
+                tot = T.alloc_buffer((2,), _F32, scope="local")
+                tot[0] = PM[r * C]
                 for c in range(1, C):
-                    tm[0] = T.max(tm[0], PM[(w // C) * C + c])
-                expstore(X, Y, accm2, ss, w // C, (w % C) * L, tm[0])
-                PS[w] = ss[0]
-            for w in T.parallel(W):
-                ts = T.alloc_buffer((1,), _F32, scope="local")
-                ts[0] = _f(0.0)
+                    tot[0] = T.max(tot[0], PM[r * C + c])
+                tot[1] = _f(0.0)
                 for c in range(C):
-                    ts[0] = ts[0] + PS[(w // C) * C + c]
-                scale(Y, w // C, (w % C) * L, ts[0])
+                    tot[1] = tot[1] + PS[r * C + c] * _expneg(PM[r * C + c] - tot[0])
+                for c in range(C):
+                    if tot[1] > _f(0.0):
+                        # factor e_c / S; threshold FLT_MIN / factor (3e38, i.e. all zero, when the factor is 0)
+                        PM[r * C + c] = _expneg(PM[r * C + c] - tot[0]) / tot[1]
+                        PS[r * C + c] = T.Select(PM[r * C + c] > _f(0.0), _f(_FLT_MIN) / PM[r * C + c],
+                                                 _f(-_NEG_BIG))
+                    else:
+                        PM[r * C + c] = _f(-1.0)  # fully masked row: uniform
+            for w in T.parallel(W):
+                if PM[w] >= _f(0.0):
+                    if w % C < C - 1:
+                        scale_a(Y, w // C, (w % C) * L, PS[w], PM[w])
+                    else:
+                        scale_b(Y, w // C, (C - 1) * L, PS[w], PM[w])
+                elif w % C < C - 1:
+                    fill_a(Y, w // C, (w % C) * L, uniform)
+                else:
+                    fill_b(Y, w // C, (C - 1) * L, uniform)
 
     return kernel_split
+
+
+def _build_recompute(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc:
+    """Chunked two-read softmax: sweep 1 per (row, chunk): chunk max, then the sum of ``exp(x - m_c)`` while the
+    chunk is in L2 (nothing stored); per row ``M = max m_c``, ``S = sum s_c exp(m_c - M)``; sweep 2 per chunk:
+    ``y = exp(x - M) / S``.  Memory traffic 2 reads + 1 write per element (blocked three-pass: 2 + 2), paid for
+    with a second exp per element: for rows beyond the last-level cache, where the arithmetic is idle anyway."""
+    V = ch.vector_lanes
+    uniform = _f(1.0 / cols)
+    C, L, LL = _block_geometry(cols, ch.chunks, V)
+    U = _pick_unroll(min(L, LL) if LL >= 2 * V else L, V, ch.unroll)
+    S = 2 * U
+    rowmax_a, expsum_a, expscale_a, fill_a = _three_pass_macros(L, U, V, S, L if ch.prefetch > 0 else 0, False)
+    rowmax_b, expsum_b, expscale_b, fill_b = _three_pass_macros(LL, U, V, S, 0, False)
+    W = rows * C
+
+    @T.prim_func(s_tir=True)
+    def kernel(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            PM = T.alloc_buffer((W,), _F32)
+            PS = T.alloc_buffer((W,), _F32)
+            RM = T.alloc_buffer((rows,), _F32)
+            RS = T.alloc_buffer((rows,), _F32)
+            for w in T.parallel(W):
+                acc = T.alloc_buffer((2 * U + 1, V), _F32, scope="local")
+                if w % C < C - 1:
+                    rowmax_a(X, acc, w // C, (w % C) * L)
+                    expsum_a(X, Y, acc, w // C, (w % C) * L, acc[S, 0])
+                else:
+                    rowmax_b(X, acc, w // C, (C - 1) * L)
+                    expsum_b(X, Y, acc, w // C, (C - 1) * L, acc[S, 0])
+                PM[w] = acc[S, 0]
+                PS[w] = acc[S, 1]
+            for r in T.parallel(rows):
+                RM[r] = PM[r * C]
+                for c in range(1, C):
+                    RM[r] = T.max(RM[r], PM[r * C + c])
+                RS[r] = _f(0.0)
+                for c in range(C):
+                    RS[r] = RS[r] + PS[r * C + c] * _expneg(PM[r * C + c] - RM[r])
+            for w in T.parallel(W):
+                if RS[w // C] > _f(0.0):
+                    if w % C < C - 1:
+                        expscale_a(X, Y, w // C, (w % C) * L, RM[w // C], _f(_FLT_MIN) * RS[w // C],
+                                   _f(1.0) / RS[w // C])
+                    else:
+                        expscale_b(X, Y, w // C, (C - 1) * L, RM[w // C], _f(_FLT_MIN) * RS[w // C],
+                                   _f(1.0) / RS[w // C])
+                elif w % C < C - 1:
+                    fill_a(Y, w // C, (w % C) * L, uniform)
+                else:
+                    fill_b(Y, w // C, (C - 1) * L, uniform)
+
+    return kernel
 
 
 def make_softmax_kernel(rows: int, cols: int, choice: KernelChoice) -> tvm.tirx.PrimFunc:
     """Build a destination-passing PrimFunc ``f(X: (rows, cols) f32, Y: (rows, cols) f32)`` computing the softmax of
     every row of X into Y.  The function is already scheduled (``tirx.is_scheduled``) and opaque to fusion.
 
-    Raises ValueError for a split layout whose chunk count does not divide ``cols``.
+    Split layouts: two-pass needs ``chunks`` to divide ``cols`` (ValueError otherwise); three-pass cuts rows into
+    chunks of a vector-multiple length with a shorter last chunk (:func:`_block_geometry`), any ``cols``.
     """
     if rows < 1 or cols < 1:
         raise ValueError(f"softmax kernel needs a non-empty (rows, cols), got ({rows}, {cols})")
-    if choice.layout == "split" and cols % choice.chunks:
+    if choice.algo == "two_pass" and choice.layout == "split" and cols % choice.chunks:
         raise ValueError(f"chunks={choice.chunks} does not divide cols={cols}")
     if choice.algo == "two_pass":
         f = _build_two_pass(rows, cols, choice)
     elif choice.algo == "three_pass":
         f = _build_three_pass(rows, cols, choice)
+    elif choice.algo == "recompute":
+        if choice.layout != "split":
+            raise ValueError("the recompute softmax kernel has only the split layout")
+        f = _build_recompute(rows, cols, choice)
     else:
         raise ValueError(f"unknown softmax algorithm {choice.algo!r}")
     log.debug("softmax kernel (%d, %d) %s", rows, cols, choice)

@@ -121,15 +121,18 @@ def _l3_bytes() -> int:
 
 
 def bench_softmax(quick: bool, target_name: str) -> list[dict]:
-    """(a) Softmax micro-benchmark.  Shapes: the issue's four, plus (not --quick) one row of 2x the last-level cache
-    (this host's L3 is 480 MiB, so the 16M-element row is L3-resident).  All implementations of one shape and
-    thread count are timed in alternating rounds.  GB/s: ``gbs`` counts one read + one write per element
+    """(a) Softmax micro-benchmark.  Shapes: the issue's four, plus (not --quick) one row of at least 2x the
+    last-level cache (the same as the 16M row on a 32 MiB L3; timed once then).  Implementations: ``two-pass``
+    (split over 8-32 chunks for < 4 rows), ``3-pass`` (plain fused three-pass, one row per task), ``auto`` (the
+    rule table's choice at that thread count, e.g. the chunked recompute kernel), onnxruntime, torch; all timed in
+    alternating rounds per shape and thread count.  GB/s: ``gbs`` counts one read + one write per element
     (2*N*4 bytes); ``eff_gbs`` (rows larger than the last-level cache only) counts the bytes the algorithm must
-    move: two-pass 2 reads + 1 write, three-pass 3 reads + 2 writes."""
+    move: two-pass and recompute 2 reads + 1 write, three-pass 3 reads + 2 writes, blocked three-pass 2 + 2."""
     ensure_executable(target_name)
     l3 = _l3_bytes()
     beyond = 1 << max(24, int(np.ceil(np.log2(2 * l3 / 4))))  # elements, >= 2x L3 bytes
-    shapes = [(8, 128, 128), (1, 16, 1024, 1024), (4096, 4096), (1, 1 << 24), (1, beyond)]
+    shapes = [(8, 128, 128), (1, 16, 1024, 1024), (4096, 4096), (1, 1 << 24)] + ([(1, beyond)] if beyond > 1 << 24
+                                                                              else [])
     if quick:
         shapes = [(8, 128, 128), (1, 1 << 20)]
     tgt = get_target(target_name)
@@ -140,7 +143,7 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
     copy_bw = {t: _copy_bandwidth(t, copy_n) for t in (1, 2)}
     print(f"\n(a) softmax on {CPU}, target {target_name} = {tgt} ({bits}-bit); L3 {l3 >> 20} MiB; copy bandwidth ({copy_n * 4 >> 20} "
           f"MiB) 1T {copy_bw[1]:.1f} GB/s, 2T {copy_bw[2]:.1f} GB/s (GB/s = 2*N*4 bytes / time; eff = bytes the "
-          f"algorithm must move: two-pass 2R+1W, three-pass 3R+2W)")
+          f"algorithm must move: two-pass and recompute 2R+1W, three-pass 3R+2W, blocked three-pass 2R+2W)")
     print(f"{'shape':>20} {'T':>2} {'impl':>10} {'ms':>9} {'GB/s':>6} {'eff':>6} {'%copy':>6} {'vs ORT':>7}")
     budget_s = 0.1 if quick else 0.6
     for shape in shapes:
@@ -150,41 +153,50 @@ def bench_softmax(quick: bool, target_name: str) -> list[dict]:
         out_of_cache = rows * cols * 4 > l3
         chunks = _pick_split_chunks(cols) if rows < 4 else 1
         layout = "split" if chunks > 1 else "fused"
-        libs = {
-            "two-pass": build_kernel_library(rows, cols, KernelChoice(
-                "two_pass", layout, lanes, 4, chunks, scalef=lanes == 16,
-                prefetch=PREFETCH_FLOATS if cols >= (1 << 18) else 0), tgt),
-            "3-pass": build_kernel_library(rows, cols, KernelChoice("three_pass", layout, lanes, 4, chunks), tgt),
+        fixed = {
+            "two-pass": KernelChoice("two_pass", layout, lanes, 4, chunks, scalef=lanes == 16,
+                                     prefetch=PREFETCH_FLOATS if cols >= (1 << 18) else 0),
+            "3-pass": KernelChoice("three_pass", "fused", lanes, 4, 1, min(rows, 64)),
         }
+        libs = {name: build_kernel_library(rows, cols, ch, tgt) for name, ch in fixed.items()}
         xt, yt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.empty_like(x))
         tx, ty = torch.from_numpy(x), torch.empty(rows, cols)
         for threads in (1, 2):
             auto = choose_kernel(rows, cols, bits, threads, mcpu_of(tgt))
+            same = [name for name, ch in fixed.items() if ch == auto]
+            rule_lib = libs[same[0]] if same else build_kernel_library(rows, cols, auto, tgt)
             set_tvm_threads(threads)
             torch.set_num_threads(threads)
             sess = ort_session(_softmax_onnx((rows, cols)), threads)
             # functions looked up once: Executable.__getitem__ alone costs ~40 us, as much as the whole in-cache
             # softmax
             kernels = {name: lib["softmax"] for name, lib in libs.items()}
+            if not same:
+                kernels["rule"] = rule_lib["softmax"]
             fns = {name: (lambda k=k: k(xt, yt)) for name, k in kernels.items()}
             fns["ORT"] = lambda: sess.run(None, {"x": x})
             fns["torch"] = lambda: torch.ops.aten._softmax.out(tx, -1, False, out=ty)
             res = _time_interleaved(fns, budget_s)
-            res["auto"] = res["two-pass" if auto.algo == "two_pass" else "3-pass"]
+            res["auto"] = res.pop(same[0] if same else "rule")
+            if same:
+                res[same[0]] = res["auto"]
             del sess
             for name, ms in res.items():
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                moved = {"two-pass": 1.5, "3-pass": 2.5}.get(name if name != "auto" else
-                                                             ("two-pass" if auto.algo == "two_pass" else "3-pass"))
+                algo = auto.algo if name == "auto" else fixed[name].algo if name in fixed else None
+                blocked = name == "auto" and auto.algo == "three_pass" and auto.layout == "split"
+                moved = {"two_pass": 1.5, "recompute": 1.5, "three_pass": 2.0 if blocked else 2.5}.get(algo)
                 eff = gbs * moved if (moved and out_of_cache) else None
                 row = {"shape": list(shape), "threads": threads, "impl": name, "ms": ms, "gbs": gbs,
                        "eff_gbs": eff, "pct_copy": 100 * (eff or gbs) / copy_bw[threads],
                        "speedup_vs_ort": res["ORT"] / ms, "out_of_cache": out_of_cache,
-                       "auto_choice": f"{auto.algo}/{auto.layout}" if name == "auto" else None}
+                       "auto_choice": (f"{auto.algo}/{auto.layout}" + (f"/{auto.chunks}" if auto.layout == "split"
+                                                                        else "")) if name == "auto" else None}
                 rows_out.append(row)
                 eff_txt = f"{eff:6.1f}" if eff else "     -"
                 print(f"{str(shape):>20} {threads:>2} {name:>10} {ms:9.3f} {gbs:6.1f} {eff_txt} "
-                      f"{row['pct_copy']:6.0f} {row['speedup_vs_ort']:7.2f}")
+                      f"{row['pct_copy']:6.0f} {row['speedup_vs_ort']:7.2f}" +
+                      (f"  ({row['auto_choice']})" if name == "auto" else ""))
         del xt, yt, tx, ty, x
     set_tvm_threads(2)
     return rows_out + [{"copy_bandwidth_gbs": copy_bw, "copy_elements": copy_n, "l3_bytes": l3}]
