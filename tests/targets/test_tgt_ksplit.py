@@ -61,3 +61,47 @@ def test_ksplit_applies_only_to_long_chunked_reductions():
     assert len(_rf_kernels(_kv_model(3, KSPLIT_MIN_K + KSPLIT_CHUNK, 32, 48, 0.125))) == 1  # with an epilogue
     assert _rf_kernels(_kv_model(2, KSPLIT_MIN_K + 2, 64, 64)) == []
     assert _rf_kernels(_kv_model(2, KSPLIT_MIN_K - KSPLIT_CHUNK, 64, 64)) == []
+
+
+def _reduce_model(shape, axes, keepdims=0, elu=False):
+    """ReduceSum over ``axes`` (optionally of elu(x) + 1, a producer the schedule inlines)."""
+    from onnx import numpy_helper as nh
+    nodes, src = [], "x"
+    if elu:
+        nodes += [helper.make_node("Elu", ["x"], ["e"]), helper.make_node("Add", ["e", "one"], ["p"])]
+        src = "p"
+    nodes.append(helper.make_node("ReduceSum", [src, "axes"], ["y"], keepdims=keepdims))
+    out = [1 if i in [a % len(shape) for a in axes] else d for i, d in enumerate(shape)] if keepdims else \
+        [d for i, d in enumerate(shape) if i not in [a % len(shape) for a in axes]]
+    g = helper.make_graph(nodes, "rs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+                          [nh.from_array(np.array(axes, np.int64), "axes"), nh.from_array(np.array(1, np.float32), "one")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", exec_targets())
+@pytest.mark.parametrize("shape,axes,keepdims,elu", [((2, 3, 1000, 64), [2], 0, False),  # k.sum(-2): strided rule
+                                                     ((2, 3, 1000, 64), [-2], 1, True),  # with a producer, keepdims
+                                                     ((3, 500, 48), [1], 0, False),
+                                                     ((4, 300, 20), [1], 0, False),       # 20 columns: other rules
+                                                     ((4, 16, 300), [-1], 0, False)])     # innermost: other rules
+def test_reductions_match_numpy(target, shape, axes, keepdims, elu, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    out = tvm_callable(_reduce_model(shape, axes, keepdims, elu), target, {"x": x})()
+    got = (out if hasattr(out, "numpy") else out[0]).numpy()
+    x64 = x.astype(np.float64)
+    src = np.where(x64 > 0, x64, np.expm1(x64)) + 1 if elu else x64
+    want = src.sum(axis=tuple(axes), keepdims=bool(keepdims))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_non_innermost_reduction_is_vectorized_across_the_kept_axis():
+    """k.sum(-2): the reduction loop runs outside a vectorized loop over the kept last axis, accumulators local,
+    parallel over the other kept axes."""
+    mod = scheduled_module(import_onnx(_reduce_model((2, 8, 4096, 64), [2])).mod, get_target("avx2"))
+    (text,) = [f.script() for gv, f in mod.functions_items() if "sum" in gv.name_hint]
+    assert "T.parallel(" in text and "T.vectorized(T.int64(8))" in text and '"local"' in text
+    # the reduction loop (4096) encloses the vectorized update
+    assert 'sblock("x_red_update")' in text
+    update = text[text.index("T.int64(4096)"):]
+    assert "T.vectorized(" in update.split('sblock("x_red_update")')[0]
