@@ -67,6 +67,8 @@ def _largest_divisor(n: int, candidates) -> int:
     return 1
 
 
+#: Column tile (in vectors) a symbolic column extent is padded to a multiple of.
+SYMBOLIC_COLUMN_VECTORS = 2
 #: Most a padded matmul extent may grow (as a fraction) before the rule prefers the small divisor tile.
 MAX_PAD_FRACTION = 0.25
 
@@ -110,7 +112,8 @@ def _flat_vector_loop(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 class MatmulRule(CPUScheduleRule):
     """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc: static shapes, or symbolic batch /
-    row / reduction extents (guarded row tiles, a symbolic reduction bound) with a static column extent."""
+    row / reduction extents (guarded row tiles, a symbolic reduction bound); a symbolic column extent (q·kᵀ of a
+    dynamic length) is padded to a multiple of the column tile inside the kernel (rows to a multiple of 4)."""
 
     def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -136,16 +139,19 @@ class MatmulRule(CPUScheduleRule):
                 rb = infos[idx]
                 loops = sch.get_loops(rb.block_rv)
         # batch, row and reduction extents may be symbolic (one artefact for every batch and length): the row tile
-        # then gets a guarded tail and the reduction loop a symbolic bound; the column extent must be a constant
-        # (the vector tile)
-        if exts[nspatial - 1] is None:
-            return None
+        # then gets a guarded tail and the reduction loop a symbolic bound; a symbolic column extent is padded
         symbolic = any(e is None for i, e in enumerate(exts) if i != nspatial - 1)
         lanes = vector_lanes(target)
         copies: list = []
-        widths = (exts[nspatial - 2], exts[nspatial - 1]) if symbolic else \
-            _padded_extents(exts[nspatial - 2], exts[nspatial - 1], lanes)
-        if widths != (exts[nspatial - 2], exts[nspatial - 1]):
+        symbolic_cols = exts[nspatial - 1] is None
+        if symbolic_cols:
+            # a symbolic column extent (q·kᵀ of a dynamic length): padded to a multiple of the column tile inside
+            # the kernel (operands zero-padded, result cropped), so the vector tile needs no guard
+            widths = (4 if exts[nspatial - 2] is None else 1, SYMBOLIC_COLUMN_VECTORS * lanes)
+        else:
+            widths = (exts[nspatial - 2], exts[nspatial - 1]) if symbolic else \
+                _padded_extents(exts[nspatial - 2], exts[nspatial - 1], lanes)
+        if symbolic_cols or widths != (exts[nspatial - 2], exts[nspatial - 1]):
             # no register tile divides the row / column extent (197 columns of a ViT-Base q·kᵀ, ...): compute on
             # zero-padded operands instead of falling back to the unscheduled rule; the pad and crop copies are
             # scheduled as flat vector loops below
@@ -161,7 +167,8 @@ class MatmulRule(CPUScheduleRule):
             exts = [_extent(sch, lp) for lp in loops]
         sp, rd = loops[:nspatial], loops[nspatial:]
         ni, nj = exts[nspatial - 2], exts[nspatial - 1]
-        nj_tile = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
+        nj_tile = SYMBOLIC_COLUMN_VECTORS * lanes if symbolic_cols else \
+            _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
         ni_tile = 4 if ni is None else _largest_divisor(ni, (4, 3, 2))  # symbolic rows: guarded 4-row tiles
         if nj_tile < 4:
             return None
