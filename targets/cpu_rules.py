@@ -296,7 +296,7 @@ def _apply_ksplit(sch: s_tir.Schedule, block_rv, epilogues: list, nspatial: int,
     with chunk x batch as the parallel axis; the final block adds the partial sums vectorized along the columns,
     parallel over batch x rows; epilogue blocks stay separate flat vector loops."""
     loops = sch.get_loops(block_rv)
-    sp, rd = loops[:nspatial], loops[nspatial:]
+    rd = loops[nspatial:]
     k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
     ko, ki = sch.split(k, factors=[None, KSPLIT_CHUNK])
     rf = sch.rfactor(ko, factor_axis=0)
