@@ -19,12 +19,13 @@ from . import _env  # noqa: F401
 from .errors import CompileError, TargetError
 from .importer import Imported, import_model
 from .cpu import host_description, missing_features, required_features
+from .shape_ranges import has_ranges, resolve_ranges
 from .table import get_target, is_cuda
 
 log = logging.getLogger(__name__)
 
 META_SUFFIX = ".json"
-FORMAT_VERSION = 2  # 2: "requires" (CPU features, GPU arch) added
+FORMAT_VERSION = 3  # 2: "requires" (CPU features, GPU arch) added; 3: "ranges" of symbolic input dims
 
 
 def requirements(target) -> dict:
@@ -67,7 +68,9 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
 
     model: .onnx path, onnx.ModelProto, torch.export.ExportedProgram, or nn.Module with ``example_inputs``.
     target: a name of ``targets.table`` (``avx2``, ``avx512``, ``cuda-sm80``, ...), a dict or a tvm Target.
-    shapes: {input name: dims} fixing symbolic input dims (ONNX; a torch program is re-exported at those shapes).
+    shapes: {input name: dims} fixing symbolic input dims (ONNX; a torch program is re-exported at those shapes);
+    a dim given as a ``(lo, hi)`` range stays symbolic and the range is recorded in the metadata (``"ranges"``,
+    checked by :class:`targets.Runner`; see :mod:`targets.shape_ranges`).
     output_names: names of a torch program's outputs (ONNX models carry their own).
     tune_trials: MetaSchedule trials for the matmul tasks (0 = untuned); the database lives in ``tuning_dir``
     (default ``~/.cache/softswap/tuning``) and is reused across runs (:mod:`targets.tuning`).
@@ -87,6 +90,9 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
         check_tracker(tune_remote)  # an unreachable tracker fails in seconds, before any import or tuning
     t0 = time.perf_counter()
     imported = import_model(model, shapes=shapes, example_inputs=example_inputs, output_names=output_names)
+    # the ranges only gate inputs: TVM's upper-bound memory planning would allocate every intermediate at its
+    # largest size up front (attention scores at batch 32 x length 4096: tens of GB)
+    ranges = resolve_ranges(shapes, imported.inputs) if has_ranges(shapes) else None
     tuning = None
     if tune_trials:
         from .tuning import default_tuning_dir, tune, tuning_target
@@ -109,6 +115,7 @@ def compile_model(model, target, out_path: str | os.PathLike, shapes: dict | Non
         "source": imported.source,
         "inputs": imported.inputs,
         "outputs": imported.outputs,
+        "ranges": ranges,
         "tvm_version": tvm.__version__,
         "import_s": round(t1 - t0, 3),
         "tuning": tuning,

@@ -1,6 +1,6 @@
 """``softswap compile``, ``run`` and ``bench``: the lowering's subcommands (registered by ``add_commands``).
 
-``compile MODEL --target T -o model.so [--shape name=d0,d1 ...]`` writes a TVM library and its metadata sidecar;
+``compile MODEL --target T -o model.so [--shape name=d0,d1 ...]`` (a dim ``lo..hi`` stays symbolic) writes a TVM library and its metadata sidecar;
 ``run model.so --inputs x.npz -o y.npz`` runs it (arrays keyed by input and output names); ``bench MODEL --target T``
 prints TVM / onnxruntime / torch latency percentiles on the same inputs.
 """
@@ -18,41 +18,46 @@ import numpy as np
 from .errors import InputError
 
 
-def _parse_shapes(items: list[str] | None) -> dict[str, list[int]] | None:
-    """``--shape name=d0,d1`` (or ``d0xd1``) items; every dim a positive integer, every name given once."""
+def _parse_shapes(items: list[str] | None) -> dict[str, list] | None:
+    """``--shape name=d0,d1`` (or ``d0xd1``) items; every dim a positive integer or a range ``lo..hi`` (kept
+    symbolic, see :mod:`targets.shape_ranges`), every name given once."""
+    from .shape_ranges import parse_dim
+
     if not items:
         return None
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, list] = {}
     for item in items:
         if "=" not in item or not item.split("=", 1)[0].strip():
-            raise InputError(f"--shape {item!r}: expected name=d0,d1,...", culprit=item)
+            raise InputError(f"--shape {item!r}: expected name=d0,d1,... (a dim: an integer or lo..hi)", culprit=item)
         name, dims = item.split("=", 1)
-        parts = [d.strip() for d in dims.replace("x", ",").split(",")]
-        try:
-            values = [int(d) for d in parts]
-        except ValueError:
-            raise InputError(f"--shape {item!r}: dims must be positive integers", culprit=item) from None
-        if not values or any(v <= 0 for v in values):
-            raise InputError(f"--shape {item!r}: dims must be positive integers", culprit=item)
+        values = [parse_dim(d, item) for d in dims.replace("x", ",").split(",")]
         if name.strip() in shapes:
             raise InputError(f"--shape {item!r}: input {name.strip()!r} given twice", culprit=item)
         shapes[name.strip()] = values
     return shapes
 
 
-def _check_shapes(loaded: Any, shapes: dict[str, list[int]] | None) -> None:
-    """Every ``--shape`` names a graph input and gives as many dims as that input has."""
+def _check_shapes(loaded: Any, shapes: dict[str, list] | None) -> None:
+    """Every ``--shape`` names a graph input and gives as many dims as that input has; a range falls on a dim the
+    model leaves symbolic."""
+    from .shape_ranges import is_range
+
     if not shapes or loaded.kind != "onnx":
         return
-    ranks = {v.name: (len(v.shape) if v.shape is not None else None)
-             for v in loaded.onnx.graph.inputs if not v.is_initializer()}
+    graph_inputs = {v.name: v for v in loaded.onnx.graph.inputs if not v.is_initializer()}
     for name, dims in shapes.items():
-        if name not in ranks:
-            raise InputError(f"--shape {name}=...: the model has no input {name!r} (inputs: {sorted(ranks)})",
+        if name not in graph_inputs:
+            raise InputError(f"--shape {name}=...: the model has no input {name!r} (inputs: {sorted(graph_inputs)})",
                              culprit=name)
-        if ranks[name] is not None and ranks[name] != len(dims):
-            raise InputError(f"--shape {name}={','.join(map(str, dims))}: input {name!r} has {ranks[name]} dims, "
-                             f"{len(dims)} given", culprit=name)
+        shape = graph_inputs[name].shape
+        text = ",".join(f"{d[0]}..{d[1]}" if is_range(d) else str(d) for d in dims)
+        if shape is not None and len(shape) != len(dims):
+            raise InputError(f"--shape {name}={text}: input {name!r} has {len(shape)} dims, {len(dims)} given",
+                             culprit=name)
+        for axis, dim in enumerate(dims):
+            if shape is not None and is_range(dim) and isinstance(shape[axis], int):
+                raise InputError(f"--shape {name}={text}: dim {axis} of {name!r} is fixed at {shape[axis]} in the "
+                                 f"model; a range needs a symbolic dim", culprit=name)
 
 
 def _check_output(path: str, flag: str = "-o") -> None:
@@ -121,8 +126,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     with _naming_the_model(args.model):
         meta = compile_model(model, args.target, args.output, shapes=shapes, tune_trials=args.tune,
                              tuning_dir=args.tuning_dir, output_names=output_names, tune_remote=remote)
-    print(json.dumps({k: meta[k] for k in ("target", "device", "inputs", "outputs", "import_s", "compile_s", "tuning")},
-                     indent=1))
+    keys = ("target", "device", "inputs", "outputs", "ranges", "import_s", "compile_s", "tuning")
+    print(json.dumps({k: meta[k] for k in keys}, indent=1))
     print(f"wrote {args.output} (+ metadata {args.output}.json)")
     return 0
 
@@ -190,7 +195,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("model", help=".onnx, .pt2 or a Hugging Face folder")
     p.add_argument("--target", required=True, help="avx2, avx512, avx512-amd, avx512-intel, cuda-sm80, cuda-sm90, host")
     p.add_argument("-o", "--output", required=True, help="library path (.so)")
-    p.add_argument("--shape", action="append", metavar="NAME=D0,D1", help="fix a symbolic input shape")
+    p.add_argument("--shape", action="append", metavar="NAME=D0,D1",
+                   help="fix a symbolic input shape; a dim lo..hi stays symbolic and the artefact accepts sizes in "
+                        "that range (checked by run)")
     p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                    help="MetaSchedule trials for the matmul tasks (CPU; database cached and reused)")
     p.add_argument("--tuning-dir", default=None, help="tuning database folder (default ~/.cache/softswap/tuning)")

@@ -9,7 +9,8 @@ nested reduction); ``cpu.GEMV`` hangs compilation and is never used here.  Rules
    (prologue/epilogue elementwise blocks fused): register tile ``MI x NJ`` (MI=4, NJ = 2 vectors), accumulators in
    ``local``, reduction loop outside the tile, vectorized column tile, unrolled row tile, epilogue per tile;
    parallel over batch x row tiles x column tiles, or, for K >= ``PACK_MIN_K``, over batch x column panels with B
-   packed into a contiguous (K x NJ) panel per task that all row tiles reuse.
+   packed into a contiguous (K x NJ) panel per task that all row tiles reuse.  Long-K small-output matmuls
+   (φ(K)ᵀV) get the K-split instead: partial sums over K chunks in parallel, then a vectorized sum.
 2. :class:`GuardedReduction` - ``dl.cpu.Reduction`` only where the fused leading spatial extent is > 1.
 3. :class:`InjectiveRule` - elementwise / broadcast: all loops fused, split by the vector width and a parallel
    chunk; a block reading a transposed buffer gets 16 x 16 tiles instead (parallel over tiles, contiguous vector
@@ -66,6 +67,8 @@ def _largest_divisor(n: int, candidates) -> int:
     return 1
 
 
+#: Column tile (in vectors) a symbolic column extent is padded to a multiple of.
+SYMBOLIC_COLUMN_VECTORS = 2
 #: Most a padded matmul extent may grow (as a fraction) before the rule prefers the small divisor tile.
 MAX_PAD_FRACTION = 0.25
 
@@ -109,48 +112,46 @@ def _flat_vector_loop(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 class MatmulRule(CPUScheduleRule):
     """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc: static shapes, or symbolic batch /
-    row / reduction extents (guarded row tiles, a symbolic reduction bound) with a static column extent."""
+    row / reduction extents (guarded row tiles, a symbolic reduction bound); a symbolic column extent (q·kᵀ of a
+    dynamic length) is padded to a multiple of the column tile inside the kernel (rows to a multiple of 4)."""
 
     def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
+        found = _matmul_block(sch)
+        if found is None:
             return None
-        infos = try_inline_contiguous_spatial(sch, infos)
-        if infos is None:
-            return None
-        reds = [b for b in infos if not b.is_injective()]
-        if len(reds) != 1:
-            return None
-        rb = reds[0]
+        infos, idx, nspatial = found
+        rb = infos[idx]
         dk = rb.dom_kind()
-        nspatial = len(dk) - len(dk.lstrip("S"))
-        if nspatial < 2 or set(dk[nspatial:]) != {"R"}:
-            return None
-        block = sch.get(rb.block_rv)
-        if len(block.reads) < 2:
-            return None
-        # blocks after the reduction must be injective (epilogue)
-        idx = infos.index(rb)
-        if any(not b.is_injective() for b in infos[idx + 1 :]) or idx != 0:
-            return None
         loops = sch.get_loops(rb.block_rv)
-        if len(loops) != len(dk):
-            return None
         exts = [_extent(sch, lp) for lp in loops]
+        if _ksplit_wanted(exts, nspatial):
+            try:
+                _apply_ksplit(sch, rb.block_rv, [b.block_rv for b in infos[idx + 1 :]], nspatial,
+                              vector_lanes(target))
+                return sch
+            except Exception as exc:  # noqa: BLE001 - the K-split is an optimization: tile the function instead
+                log.debug("K-split schedule skipped: %s", exc)
+                sch = s_tir.Schedule(func)
+                infos, idx, nspatial = _matmul_block(sch)
+                rb = infos[idx]
+                loops = sch.get_loops(rb.block_rv)
         # batch, row and reduction extents may be symbolic (one artefact for every batch and length): the row tile
-        # then gets a guarded tail and the reduction loop a symbolic bound; the column extent must be a constant
-        # (the vector tile)
-        if exts[nspatial - 1] is None:
-            return None
+        # then gets a guarded tail and the reduction loop a symbolic bound; a symbolic column extent is padded
         symbolic = any(e is None for i, e in enumerate(exts) if i != nspatial - 1)
         lanes = vector_lanes(target)
         copies: list = []
-        widths = (exts[nspatial - 2], exts[nspatial - 1]) if symbolic else \
-            _padded_extents(exts[nspatial - 2], exts[nspatial - 1], lanes)
-        if widths != (exts[nspatial - 2], exts[nspatial - 1]):
+        symbolic_cols = exts[nspatial - 1] is None
+        if symbolic_cols:
+            # a symbolic column extent (q·kᵀ of a dynamic length): padded to a multiple of the column tile inside
+            # the kernel (operands zero-padded, result cropped), so the vector tile needs no guard
+            widths = (4 if exts[nspatial - 2] is None else 1, SYMBOLIC_COLUMN_VECTORS * lanes)
+        else:
+            widths = (exts[nspatial - 2], exts[nspatial - 1]) if symbolic else \
+                _padded_extents(exts[nspatial - 2], exts[nspatial - 1], lanes)
+        if symbolic_cols or widths != (exts[nspatial - 2], exts[nspatial - 1]):
             # no register tile divides the row / column extent (197 columns of a ViT-Base q·kᵀ, ...): compute on
             # zero-padded operands instead of falling back to the unscheduled rule; the pad and crop copies are
             # scheduled as flat vector loops below
@@ -166,7 +167,8 @@ class MatmulRule(CPUScheduleRule):
             exts = [_extent(sch, lp) for lp in loops]
         sp, rd = loops[:nspatial], loops[nspatial:]
         ni, nj = exts[nspatial - 2], exts[nspatial - 1]
-        nj_tile = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
+        nj_tile = SYMBOLIC_COLUMN_VECTORS * lanes if symbolic_cols else \
+            _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
         ni_tile = 4 if ni is None else _largest_divisor(ni, (4, 3, 2))  # symbolic rows: guarded 4-row tiles
         if nj_tile < 4:
             return None
@@ -232,6 +234,106 @@ class MatmulRule(CPUScheduleRule):
         return sch
 
 
+def _matmul_block(sch: s_tir.Schedule):
+    """(block infos, index of the multiply-accumulate block, number of its spatial axes) when the function is one
+    reduction block ``C[..., i, j] += ...`` (spatial axes first, at least two; two reads or more) followed only by
+    injective epilogue blocks; else None."""
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    infos = try_inline_contiguous_spatial(sch, infos)
+    if infos is None:
+        return None
+    reds = [b for b in infos if not b.is_injective()]
+    if len(reds) != 1:
+        return None
+    rb = reds[0]
+    dk = rb.dom_kind()
+    nspatial = len(dk) - len(dk.lstrip("S"))
+    if nspatial < 2 or set(dk[nspatial:]) != {"R"}:
+        return None
+    if len(sch.get(rb.block_rv).reads) < 2:
+        return None
+    idx = infos.index(rb)
+    if any(not b.is_injective() for b in infos[idx + 1 :]) or idx != 0:
+        return None
+    if len(sch.get_loops(rb.block_rv)) != len(dk):
+        return None
+    return infos, idx, nspatial
+
+
+#: K-split (parallel reduction) for long-K small-output matmuls (φ(K)ᵀV: 64 x 64 per head, K = N): from this
+#: reduction length, while the output (rows x columns) is at most KSPLIT_MAX_OUTPUT elements, ... (measured at
+#: K = 16384, H = 8, 1 thread on a loaded Zen 4: 72 -> 44 ms; chunk 128/256/512 and 4x2/8x2/4x4 tiles within
+#: noise of each other, 4x4 best)
+KSPLIT_MIN_K = 2048
+KSPLIT_MAX_OUTPUT = 128 * 128
+#: ... K is cut into chunks of KSPLIT_CHUNK: one parallel task computes the whole output of its chunk (both
+#: operand chunks, 2 x 256 x 64 floats, stay in L2) into a partial sum; a vectorized pass adds the partial sums.
+KSPLIT_CHUNK = 256
+
+
+def _ksplit_wanted(exts: list, nspatial: int) -> bool:
+    """Whether the matmul with loop extents ``exts`` (spatial first) gets the K-split schedule: static row,
+    column and reduction extents, a reduction of at least KSPLIT_MIN_K that KSPLIT_CHUNK divides, and a small
+    output per batch."""
+    ni, nj = exts[nspatial - 2], exts[nspatial - 1]
+    red = exts[nspatial:]
+    if ni is None or nj is None or any(e is None for e in red):
+        return False
+    nk = 1
+    for e in red:
+        nk *= e
+    return nk >= KSPLIT_MIN_K and nk % KSPLIT_CHUNK == 0 and ni * nj <= KSPLIT_MAX_OUTPUT
+
+
+def _apply_ksplit(sch: s_tir.Schedule, block_rv, epilogues: list, nspatial: int, lanes: int) -> None:
+    """K-split schedule of a matmul block (raises when a primitive does not apply; the caller starts afresh).
+
+    The reduction is split into chunks (``rfactor``): the partial-sum block ``C_rf[chunk, ..., i, j]`` is tiled
+    like :class:`MatmulRule` (4-row x 4-vector register tile on AVX-512, 4 x 2 on AVX2, local accumulators,
+    unrolled rows, vector columns)
+    with chunk x batch as the parallel axis; the final block adds the partial sums vectorized along the columns,
+    parallel over batch x rows; epilogue blocks stay separate flat vector loops."""
+    loops = sch.get_loops(block_rv)
+    rd = loops[nspatial:]
+    k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
+    ko, ki = sch.split(k, factors=[None, KSPLIT_CHUNK])
+    rf = sch.rfactor(ko, factor_axis=0)
+    # the partial-sum block: loops (batch..., i, j, ko, ki) with ko now spatial
+    rl = sch.get_loops(rf)
+    batch, i, j, ko, ki = rl[: nspatial - 2], rl[nspatial - 2], rl[nspatial - 1], rl[nspatial], rl[nspatial + 1]
+    ni, nj = _extent(sch, i), _extent(sch, j)
+    vectors = (4, 2, 1) if lanes >= 16 else (2, 1)  # 16 accumulators of 32 AVX-512 registers; 8 of 16 on AVX2
+    nj_tile = _largest_divisor(nj, tuple(v * lanes for v in vectors) + (lanes // 2, 4))
+    ni_tile = _largest_divisor(ni, (4, 3, 2))
+    if nj_tile < 4:
+        raise ValueError(f"no vector column tile divides {nj}")
+    i_o, i_i = sch.split(i, factors=[None, ni_tile])
+    j_o, j_i = sch.split(j, factors=[None, nj_tile])
+    sch.reorder(ko, *batch, i_o, j_o, ki, i_i, j_i)
+    outer = sch.fuse(ko, *batch)
+    acc = sch.cache_write(rf, 0, "local")
+    sch.reverse_compute_at(acc, j_o, preserve_unit_loops=True)
+    sch.parallel(outer)
+    sch.unroll(i_i)
+    sch.vectorize(j_i)
+    init = sch.decompose_reduction(rf, ki)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    # the sum over chunks: (batch..., i, j, ko) -> (batch..., i, ko, j), j vectorized
+    fl = sch.get_loops(block_rv)
+    fbatch, fi, fj, fko = fl[: nspatial - 2], fl[nspatial - 2], fl[nspatial - 1], fl[nspatial]
+    sch.reorder(*fbatch, fi, fko, fj)
+    sch.parallel(sch.fuse(*fbatch, fi))
+    if nj % lanes == 0:
+        _, fv = sch.split(fj, factors=[None, lanes])
+        sch.vectorize(fv)
+    sch.decompose_reduction(block_rv, fko)
+    for epi in epilogues:
+        _flat_vector_loop(sch, epi, lanes)
+
+
 def _column_operand(block, nspatial: int) -> int | None:
     """Index of the read indexed by the column axis j and the reduction axis k only (the B of A @ B)."""
     ivars = [iv.var for iv in block.iter_vars]
@@ -251,6 +353,65 @@ def _alive(sch, block_rv) -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+class StridedReductionRule(CPUScheduleRule):
+    """A reduction over an axis that is not innermost in memory (``k.sum(-2)`` of a (B, H, N, d) tensor): the
+    reduction loop moves outside the kept innermost axis, which is vectorized, with accumulators in ``local``
+    (d floats) and parallel over the other kept axes; stock rules walk each column with a stride instead
+    (measured (1, 8, 16384, 64) on a loaded Zen 4, 1 thread: 40 ms -> see docs/benchmarks.md).
+
+    Applies to one reduction block (injective producers inlined) whose spatial axes come first and whose last
+    spatial axis, of static extent divisible by the vector width, indexes the innermost dim of every read."""
+
+    def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if infos is None or len(infos) != 1 or infos[0].is_injective():
+            return None
+        rb = infos[0]
+        dk = rb.dom_kind()
+        nspatial = len(dk) - len(dk.lstrip("S"))
+        if nspatial < 1 or set(dk[nspatial:]) != {"R"}:
+            return None
+        loops = sch.get_loops(rb.block_rv)
+        if len(loops) != len(dk):
+            return None
+        lanes = vector_lanes(target)
+        inner = _extent(sch, loops[nspatial - 1])
+        if inner is None or inner % lanes:
+            return None
+        block = sch.get(rb.block_rv)
+        last = block.iter_vars[nspatial - 1].var
+        for region in block.reads:
+            idx = region.region[-1].min
+            if not (isinstance(idx, tirx.Var) and idx.same_as(last)):
+                return None
+        total = 1
+        for lp in loops:
+            e = _extent(sch, lp)
+            total *= e if e is not None else SMALL_WORK  # a symbolic extent counts as large
+        outer_sp, kept, rd = loops[: nspatial - 1], loops[nspatial - 1], loops[nspatial:]
+        sch.reorder(*outer_sp, *rd, kept)
+        outer = sch.fuse(*outer_sp) if len(outer_sp) > 1 else (outer_sp[0] if outer_sp else None)
+        acc = sch.cache_write(rb.block_rv, 0, "local")
+        if outer is not None:
+            sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
+        if outer is not None and total >= SMALL_WORK:
+            sch.parallel(outer)  # before the reduction is decomposed (parallel needs the block with its init)
+        _, vec = sch.split(kept, factors=[None, lanes])
+        sch.vectorize(vec)
+        init = sch.decompose_reduction(rb.block_rv, rd[0])
+        _, ivec = sch.split(sch.get_loops(init)[-1], factors=[None, lanes])
+        sch.vectorize(ivec)
+        _, avec = sch.split(sch.get_loops(acc)[-1], factors=[None, lanes])
+        sch.vectorize(avec)
+        return sch
 
 
 class GuardedReduction(dl.cpu.Reduction):
@@ -392,4 +553,4 @@ class FallbackRule(CPUScheduleRule):
 
 def cpu_rules() -> list:
     """The ordered rule list of the CPU pipeline (never contains ``dl.cpu.GEMV``)."""
-    return [MatmulRule(), GuardedReduction(), InjectiveRule(), FallbackRule()]
+    return [MatmulRule(), StridedReductionRule(), GuardedReduction(), InjectiveRule(), FallbackRule()]

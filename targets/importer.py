@@ -143,33 +143,76 @@ def _fold_small_constant_of_shape(node) -> bool | None:
     return True if all(d >= 0 for d in dims) and math.prod(dims) <= SMALL_CONSTANT_ELEMENTS else None
 
 
+def _set_input_dims(proto: onnx.ModelProto, shapes: dict) -> None:
+    """Write ``shapes`` ({input name: dims}, see :mod:`targets.shape_ranges`) into the graph inputs of ``proto``
+    (in place): an int fixes the dim, and every other input dim the model names with the same symbol (an
+    ``attention_mask`` sharing ``batch`` with ``input_ids``); a ``(lo, hi)`` range keeps it symbolic, named
+    ``<input>_<axis>`` where the model left it unnamed (a fixed model dim stays fixed: the range is refused after
+    import). Two different values for one symbol raise :class:`InputError`."""
+    from .errors import InputError
+    from .shape_ranges import is_range
+
+    fixed: dict[str, tuple[int, str]] = {}  # symbol -> (value, "input dim axis" that fixed it)
+    for vi in proto.graph.input:
+        for axis, (dim, want) in enumerate(zip(vi.type.tensor_type.shape.dim, shapes.get(vi.name, []))):
+            if is_range(want) or not dim.dim_param:
+                continue
+            previous = fixed.setdefault(dim.dim_param, (int(want), f"{vi.name} dim {axis}"))
+            if previous[0] != int(want):
+                raise InputError(f"--shape {vi.name}: dim {axis} ({dim.dim_param!r}) fixed at {want}, but "
+                                 f"{previous[1]} fixes it at {previous[0]}", culprit=vi.name)
+    for vi in proto.graph.input:
+        wanted = shapes.get(vi.name)
+        if wanted is not None and len(vi.type.tensor_type.shape.dim) != len(wanted):
+            vi.type.tensor_type.shape.Clear()  # unknown rank in the model: the given dims define it
+            for _ in wanted:
+                vi.type.tensor_type.shape.dim.add()
+        for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+            want = wanted[axis] if wanted is not None else None
+            if want is not None and not is_range(want):
+                dim.Clear()
+                dim.dim_value = int(want)
+            elif dim.dim_param and dim.dim_param in fixed:
+                value = fixed[dim.dim_param][0]
+                if want is not None:  # a range on a dim another input fixes
+                    raise InputError(f"--shape {vi.name}: dim {axis} ({dim.dim_param!r}) given a range, but "
+                                     f"{fixed[dim.dim_param][1]} fixes it at {value}", culprit=vi.name)
+                dim.Clear()
+                dim.dim_value = value
+            elif want is not None and not dim.HasField("dim_value") and not dim.dim_param:
+                dim.dim_param = f"{vi.name}_{axis}"
+
+
 def import_onnx(model, shapes: dict | None = None) -> Imported:
     """ONNX path, ModelProto or onnx_ir Model -> :class:`Imported` (attention expanded, dropout removed; see
     onnx_normalize).
 
-    ``shapes`` ({input name: [dims]}) fixes symbolic input dims; otherwise they stay symbolic where TVM allows.
+    ``shapes`` ({input name: [dims]}) fixes symbolic input dims given as ints; dims given as ``(lo, hi)`` ranges
+    (:mod:`targets.shape_ranges`) and dims not given stay symbolic where TVM allows.
     """
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = normalize_onnx(load_onnx(model))
+    if shapes:
+        init_names = {i.name for i in proto.graph.initializer}
+        unknown = set(shapes) - {vi.name for vi in proto.graph.input if vi.name not in init_names}
+        if unknown:
+            raise LoweringLoadError(f"shapes given for unknown inputs {sorted(unknown)}", culprit=sorted(unknown)[0])
+        _set_input_dims(proto, shapes)
     # fold what the fixed dims (or, without them, the graph alone) make constant: with symbolic dims this still
     # removes the exporters' shape arithmetic that TVM's frontend cannot import
-    proto = specialize_onnx(proto, shapes or {})
+    proto = specialize_onnx(proto, {})
     _check_supported(proto)
     init_names = {i.name for i in proto.graph.initializer}
     graph_inputs = [vi for vi in proto.graph.input if vi.name not in init_names]
-    if shapes:
-        unknown = set(shapes) - {vi.name for vi in graph_inputs}
-        if unknown:
-            raise LoweringLoadError(f"shapes given for unknown inputs {sorted(unknown)}", culprit=sorted(unknown)[0])
-    inputs = _onnx_io(graph_inputs, shapes)
+    inputs = _onnx_io(graph_inputs, None)
     outputs = _onnx_io(proto.graph.output, None)
     printed = io.StringIO()  # the frontend prints its failing operator to stdout: kept for the debug log only
     failure = None
     with _native_stderr_to_log():
         try:
             with contextlib.redirect_stdout(printed), onnx_converters.overrides():
-                mod = from_onnx(proto, shape_dict=dict(shapes) if shapes else None, keep_params_in_input=False)
+                mod = from_onnx(proto, keep_params_in_input=False)  # the input dims are in the proto
         except Exception as exc:  # noqa: BLE001 - frontend errors are wrapped, never leaked raw
             failure = (type(exc).__name__, str(exc), _culprit_onnx(proto, exc))
             # the frames of the failed conversion hold a Relax BlockBuilder whose C++ destructor prints a warning
@@ -314,7 +357,12 @@ def import_model(model, shapes: dict | None = None, example_inputs: tuple | None
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(model, torch.export.ExportedProgram):
-        return import_exported_program(model, output_names, shapes)
+        from .shape_ranges import fixed_only, has_ranges, is_range
+        if has_ranges(shapes) and any(not is_range(d) for dims in shapes.values() for d in dims):
+            raise LoweringLoadError("a torch program takes either fixed --shape dims (re-exported at them) or "
+                                    "ranges (its dims kept symbolic), not both; export it to ONNX to mix them",
+                                    culprit=",".join(sorted(shapes)))
+        return import_exported_program(model, output_names, fixed_only(shapes))
     if torch is not None and isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise LoweringLoadError("an nn.Module needs example_inputs", culprit=type(model).__name__)

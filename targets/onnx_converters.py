@@ -8,7 +8,10 @@ Installed only for the duration of one import (:func:`overrides`), so TVM itself
   lose their shape. Here it becomes ``arange(start, limit, step)`` whose length stays an expression of the input
   dims.
 - ``Reshape`` of an integer the frontend holds as a PrimValue (the sum of two symbolic lengths): TVM's converter
-  requires a tensor; the value becomes a 0-d int64 tensor first.
+  requires a tensor. Reshaped to one element (``[-1]``/``[1]``, a slice bound) it becomes a one-dim shape, so a
+  ``Slice`` ending there keeps a symbolic output shape (as a runtime tensor the slice, and every shape read from
+  it downstream, lost its dims: TorchScript-exported causal linear attention with separate query/key lengths);
+  otherwise a 0-d int64 tensor.
 """
 from __future__ import annotations
 
@@ -82,6 +85,14 @@ class ScalarReshape(_frontend.Reshape):
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
+        expr = _prim_expr(inputs[0])
+        target = _frontend.get_constant(inputs[1], params)
+        if expr is not None and _is_integer(expr) and isinstance(target, tvm.ir.GenericConst) \
+                and target.value.numpy().reshape(-1).tolist() in ([-1], [1]):
+            # a 1-element int64 vector: kept as a shape so Slice/Concat/Reshape consumers stay symbolic
+            if str(getattr(expr, "dtype", "int64")) != "int64":
+                expr = tvm.tirx.Cast("int64", expr)
+            return relax.ShapeExpr([expr])
         return super()._impl_v13(bb, [_prim_to_tensor(bb, inputs[0]), *inputs[1:]], attr, params)
 
 

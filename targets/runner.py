@@ -11,6 +11,7 @@ from . import _env  # noqa: F401
 from .artifact import load_metadata, requirements
 from .cpu import host_description, list_features, missing_features
 from .errors import ArtifactError, InputError, UnsupportedHostError
+from .shape_ranges import check_in_ranges
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ class Runner:
     Before the library is loaded, the host is checked against the features the artefact's code requires
     (:func:`check_host`): a CPU without them gets :class:`UnsupportedHostError`, never an illegal instruction.
 
-    ``run`` checks input names, dtypes and static dims against the metadata (symbolic dims accept any size) and
-    returns numpy arrays keyed by output name.  CUDA artefacts need a GPU machine (device 0).
+    ``run`` checks input names, dtypes and static dims against the metadata (symbolic dims accept any size inside
+    the ranges the artefact was compiled for, when it records any) and returns numpy arrays keyed by output
+    name.  CUDA artefacts need a GPU machine (device 0).
     """
 
     def __init__(self, path: str | os.PathLike, device: str | None = None):
@@ -94,6 +96,7 @@ class Runner:
             ok = len(shape) == arr.ndim and all(not isinstance(d, int) or d == s for d, s in zip(shape, arr.shape))
             if not ok:
                 raise InputError(f"input {name!r} has shape {list(arr.shape)}, expected {shape}", culprit=name)
+            check_in_ranges(self.meta.get("ranges"), name, arr.shape)
             args.append(tvm.runtime.tensor(np.ascontiguousarray(arr), self.dev))
         return args
 

@@ -13,10 +13,6 @@ from tgt_models import zoo_variant_onnx
 
 FAMILIES = ["sdpa_causal", "timm_vit_block", "hf_bert_sdpa", "hf_bert_eager", "hf_gpt2_sdpa", "hf_llama_sdpa",
             "hf_vit_cls"]
-#: combinations that still fail in TVM's ONNX frontend without fixed shapes: a causal linear site whose query and
-#: key lengths the TorchScript export leaves as unrelated symbols gets alignment padding built from shape
-#: arithmetic, and the frontend takes the shape of a value it holds as a shape (R.shape_of of a Shape) there.
-KNOWN_GAPS = {("hf_gpt2_sdpa", "legacy", "linear"), ("hf_llama_sdpa", "legacy", "linear")}
 
 
 def _feeds(name: str, loaded, batch: int | None = None, seq: int | None = None) -> dict[str, np.ndarray]:
@@ -28,12 +24,9 @@ def _feeds(name: str, loaded, batch: int | None = None, seq: int | None = None) 
 @pytest.mark.parametrize("variant", [None, "linear"], ids=["original", "linear"])
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_symbolic_build_serves_two_shapes(name, exporter, variant, zoo_onnx, tmp_path, request):
+def test_symbolic_build_serves_two_shapes(name, exporter, variant, zoo_onnx, tmp_path):
     from targets import Runner, compile_model
 
-    if (name, exporter, variant) in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="TVM frontend: shape_of of a shape value "
-                                                                   "(see KNOWN_GAPS)"))
     loaded = load_onnx(zoo_onnx(name, exporter))
     feeds = _feeds(name, loaded)
     path = zoo_variant_onnx(zoo_onnx(name, exporter), feeds, variant, tmp_path / "model.onnx")

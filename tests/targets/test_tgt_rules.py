@@ -182,3 +182,35 @@ def test_symbolic_rows_matmul_is_tiled_parallel_and_vectorized(rng):
     for name, text in matmuls.items():
         assert "T.parallel(" in text and "T.vectorized(" in text, name
         assert re.search(r"T\.unroll\((T\.int64\()?4\b", text), name  # the 4-row register tile, guarded
+
+
+def _symbolic_scores_model(h: int = 2, d: int = 16):
+    """q·kᵀ with a symbolic length n: the matmul's column extent is symbolic."""
+    g = helper.make_graph([helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+                           helper.make_node("MatMul", ["q", "kt"], ["y"])], "qk",
+                          [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, h, "n", d]),
+                           helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, h, "n", d])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, h, "n", "n"])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", exec_targets())
+def test_symbolic_column_matmul_serves_every_length(target, rng, tmp_path):
+    """q·kᵀ built once with a symbolic length: the column extent is padded to the vector tile inside the kernel;
+    lengths that are not a multiple of it (1, 33, 70) equal numpy."""
+    from targets import Runner, compile_model
+    compile_model(_symbolic_scores_model(), target, tmp_path / "qk.so", shapes=None)
+    runner = Runner(tmp_path / "qk.so")
+    for n in (1, 33, 70, 64):
+        q = rng.standard_normal((1, 2, n, 16)).astype(np.float32)
+        k = rng.standard_normal((1, 2, n, 16)).astype(np.float32)
+        got = runner.run({"q": q, "k": k})["y"]
+        np.testing.assert_allclose(got, q.astype(np.float64) @ k.astype(np.float64).transpose(0, 1, 3, 2),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_symbolic_column_matmul_is_padded_tiled_and_vectorized():
+    mod = scheduled_module(import_onnx(_symbolic_scores_model()).mod, get_target("avx2"))
+    (text,) = [f.script() for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
+    assert "T.parallel(" in text and "T.vectorized(T.int64(16))" in text  # 2 AVX2 vectors per column tile
+    assert "// T.int64(16) * T.int64(16)" in text  # the column extent padded to a multiple of the tile

@@ -10,6 +10,9 @@
 (c) BERT-like encoder (batch 8, N=128): TVM (untuned) vs onnxruntime.
 (d) the real MiniLM, original and linear-attention rewrite, batch 8, N in {128, 512}: torch, onnxruntime, TVM host
     (``--tune TRIALS``: also a tuned build of the original at N = 128, with its tuning time).
+(e) ``--only ksplit``: φ(K)ᵀV (H = 8, 64 x 64 per head, K = 4096 / 16384), TVM tiled vs K-split vs numpy vs
+    onnxruntime, 1 and 2 threads; and x.sum(-2) of (1, 8, N, 64) with and without the strided-reduction rule
+    (tools/bench/lowering_ksplit.py).
 
 Every section runs only code this CPU can execute: TVM avx512 columns are left out (and say so) on a host without
 AVX-512F, the softmax kernels default to ``--target host``, and every table names the CPU (model, LLVM name, ISA).
@@ -412,7 +415,8 @@ def bench_minilm(quick: bool, tune_trials: int = 0) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--only", default="softmax,attention,bert,minilm", help="comma list of sections")
+    ap.add_argument("--only", default="softmax,attention,bert,minilm",
+                    help="comma list of sections (also: ksplit)")
     ap.add_argument("--target", default="host",
                     help="target of the softmax kernels (default host: the best code this CPU executes)")
     ap.add_argument("--out", default=RESULTS)
@@ -433,6 +437,10 @@ def main(argv=None) -> int:
         result["bert"] = bench_bert(args.quick)
     if "minilm" in sections:
         result["minilm"] = bench_minilm(args.quick, args.tune)
+    if "ksplit" in sections:  # (e) tools/bench/lowering_ksplit.py
+        from lowering_ksplit import bench_ksplit, bench_strided_reduction
+        result["ksplit"] = bench_ksplit(args.quick, _time_interleaved)
+        result["strided_reduction"] = bench_strided_reduction(args.quick, _time_interleaved)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
