@@ -1,0 +1,91 @@
+"""One layer's linear attention in its two decode forms: over a prompt (output + state) and one token (RNN step).
+
+The state of a layer is S = Σ_j φ(k_j) v_jᵀ (B, Hs, F, E) and z = Σ_j φ(k_j) (B, Hs, F, 1), summed over every
+token seen so far; Hs is the number of KV heads (GQA kept: the query heads of a group read their KV head's state)
+unless the key feature map has per-query-head parameters (Hedgehog ``fmap_k`` after GQA expansion), then Hs = H.
+Its size depends on neither the position nor the context length.
+
+The prompt output is the converted model's own computation: the site module's variant function on the GQA-expanded
+keys/values, with the site's scale, options and parameters (so transferred parameters carry over). The step is the
+recurrent form of the same formula (:mod:`passes.attention.linear_decode`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from passes.attention.linear import feature_map_side
+from passes.attention.linear_decode import prefill_state
+from passes.attention.masks import compute_dtype
+
+#: Options of the linear variant that the decode forms understand; others (``window``) are refused by the caller.
+FMAP_OPTIONS = ("feature_map", "feature_dim", "scale_qk")
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, N, D) → (B, Hkv·groups, N, D), each KV head repeated for its query heads (as the site module)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+class LinearLayerState(nn.Module):
+    """Prompt and step forms of one converted attention site.
+
+    Args:
+        site_module: the converted site (:class:`rewrite.binding.SiteModule` of the ``linear`` variant): its
+            variant function, scale, options and parameters are used as they are.
+        heads, kv_heads: query and key/value heads of the layer.
+    """
+
+    def __init__(self, site_module: nn.Module, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.fn = site_module.variant.fn
+        self.scale = float(site_module.spec.scale)
+        self.options: dict[str, Any] = dict(site_module.options)
+        self.params = nn.ParameterDict({k: nn.Parameter(v.detach().clone(), requires_grad=False)
+                                        for k, v in site_module.params.items()})
+        self.heads, self.kv_heads = heads, kv_heads
+        self.groups = heads // kv_heads
+        self.state_heads = heads if "fmap_k" in self.params else kv_heads
+
+    def _params(self) -> dict[str, torch.Tensor] | None:
+        return dict(self.params) if len(self.params) else None
+
+    def _fmap(self) -> dict[str, Any]:
+        return dict(scale=self.scale, params=self._params(), **{k: self.options[k] for k in FMAP_OPTIONS
+                                                                 if k in self.options})
+
+    def _state_side(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.groups if self.state_heads == self.heads else 1
+        return _expand(k, g), _expand(v, g)
+
+    def prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, N, D), k/v (B, Hkv, N, D) → (causal output (B, H, N, E), S, z) after the N tokens."""
+        y = self.fn(q, _expand(k, self.groups), _expand(v, self.groups), params=self._params(), scale=self.scale,
+                    causal=True, key_padding=None, **self.options)
+        ks, vs = self._state_side(k, v)
+        s, z = prefill_state(ks, vs, **self._fmap())
+        return y, s, z
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, z: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token: q (B, H, 1, D), k/v (B, Hkv, 1, D), state (S, z) of the earlier tokens → (y (B, H, 1, E),
+        S', z'). The token sees itself (the state is updated before the read-out)."""
+        ks, vs = self._state_side(k, v)
+        ds, dz = prefill_state(ks, vs, **self._fmap())
+        s, z = s + ds, z + dz
+        fq = feature_map_side(q, "q", compute_dtype(q), **self._fmap())  # (B, H, 1, F)
+        b, f = fq.shape[0], fq.shape[-1]
+        g = self.heads // self.state_heads
+        fqg = fq.reshape(b, self.state_heads, g, f)  # query head h reads state head h // g
+        y = (fqg @ s) / (fqg @ z + float(self.options.get("eps", 1e-6)))
+        return y.reshape(b, self.heads, 1, -1).to(q.dtype), s, z
+
+    def state_shape(self, head_dim: int, value_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(S, z) shapes without the batch axis."""
+        probe = torch.zeros(1, self.state_heads, 1, head_dim)
+        fk = feature_map_side(probe, "k", torch.float32, **self._fmap())
+        f = fk.shape[-1]
+        return (self.state_heads, f, value_dim), (self.state_heads, f, 1)
