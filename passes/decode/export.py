@@ -89,6 +89,14 @@ def _sites(loaded: mio.LoadedModel, name: str, options: Mapping[str, Any] | None
         raise OptionError("--decode: the hybrid sliding window (option window) has no decode form yet")
     decisions, _, chosen, modules = apass._plan(FxGraph(loaded.ep.module()), loaded)
     src = loaded.source
+    sites = {d.site.name: d.site for d in decisions}
+    for site, given in (params or {}).items():
+        rec = sites.get(site)
+        used = set(apass.variant.init_params(rec.heads, rec.head_dim, apass.variant_options)) if rec else set()
+        if rec is None or set(given) - used:
+            raise OptionError(f"--decode: parameters {sorted(set(given) - used) or sorted(given)} of site {site} "
+                              f"are not used by {apass.name} with options {dict(apass.variant_options)} (give the "
+                              "options of the transfer run)")
     if len(decisions) != layers:
         raise UnsupportedModelError(f"{src}: --decode expects one attention site per layer ({layers}); found "
                                     f"{len(decisions)}")
@@ -98,7 +106,7 @@ def _sites(loaded: mio.LoadedModel, name: str, options: Mapping[str, Any] | None
                                         f"({d.site.node}) has mask {d.site.mask!r}")
         if not d.replace:
             raise UnsupportedModelError(f"{src}: --decode: site {d.site.name} is not converted ({d.reason})")
-    return apass, [modules[s.name] for s in chosen]
+    return apass, [(s.name, modules[s.name]) for s in chosen]
 
 
 def _export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dynamic: Any, names: tuple[list[str],
@@ -122,26 +130,38 @@ def _export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dynami
 
 def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str | None = "linear",
                   options: Mapping[str, Any] | None = None,
-                  params: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-                  trust_remote_code: bool | None = None, converted: bool = True
-                  ) -> tuple[mio.LoadedModel | None, dict[str, Any]]:
+                  params: Mapping[str, Mapping[str, torch.Tensor]] | str | os.PathLike[str] | None = None,
+                  trust_remote_code: bool | None = None, verify: bool = False
+                  ) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Write ``OUT_DIR/prefill.onnx``, ``step.onnx`` and ``decode.json`` for a causal LM converted to ``attention``.
 
     ``model``: a Hugging Face folder or a transformers causal LM (GPT-2, Llama/Mistral/Qwen2 style). ``params``:
-    per-site parameters by site name (``attnN``, e.g. :func:`passes.transfer.load_checkpoint_params`), else the
-    variant's initial ones. Returns (the converted model as ``softswap convert`` makes it with the same parameters
-    — None when ``converted`` is False — and the report: pass rows, manifest, files written). Raises
+    per-site parameters by site name (``attnN``) or the path of a ``softswap transfer --checkpoint`` file (read
+    weights-only by :func:`passes.transfer.load_checkpoint_params`), else the variant's initial ones. Returns (the converted model as ``softswap convert`` makes it with the same parameters,
+    and the report: pass rows, manifest, files written; with ``verify`` also the converted model's fidelity
+    against the original as ``convert`` reports it). Raises
     :class:`OptionError`, :class:`UnsupportedModelError` or :class:`OutputPathError` (one line) and writes nothing
     for a variant without a decode form, a non-causal model, an unsupported family or a bad folder.
     """
     out = check_output_folder(out_dir)
     name = _variant_name(attention)
+    if isinstance(params, (str, os.PathLike)):
+        from passes.transfer import load_checkpoint_params  # a `softswap transfer --checkpoint` file
+        params = load_checkpoint_params(params)
     loaded = _load(model, trust_remote_code)
     lm = loaded.extra["hf"].module.model
     adapter = adapter_for(lm, loaded.source).eval()
     apass, site_modules = _sites(loaded, name, options, params, adapter.layers)
-    layers = [LinearLayerState(m, adapter.heads, adapter.kv_heads) for m in site_modules]
-    fitted = {f"attn{i}": {k: v.detach().clone() for k, v in m.params.items()} for i, m in enumerate(site_modules)}
+    layers = [LinearLayerState(m, adapter.heads, adapter.kv_heads) for _, m in site_modules]
+    fitted = {n: {k: v.detach().clone() for k, v in m.params.items()} for n, m in site_modules}
+    from rewrite.attention_pass import AttentionRewritePass
+    result = AttentionRewritePass(apass.variant, options, params=fitted).run(loaded)
+    report: dict[str, Any] = {"model": loaded.source, "graph": loaded.kind,
+                              "passes": [{"name": apass.name, "modified": result.modified, "seconds": 0.0,
+                                          **result.report}]}
+    if verify:
+        from rewrite.verify import verify as run_verify
+        report["fidelity"] = run_verify(loaded, result.model).to_dict()
     cfg = lm.config
     vocab = int(cfg.vocab_size)
     prefill, step = PrefillGraph(adapter, layers).eval(), StepGraph(adapter, layers).eval()
@@ -190,14 +210,7 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
             written.append(str(out / f.name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report: dict[str, Any] = {"model": loaded.source, "graph": loaded.kind, "decode": manifest, "files": written,
-                              "output": str(out)}
-    conv = None
-    if converted:
-        from rewrite.attention_pass import AttentionRewritePass
-        result = AttentionRewritePass(apass.variant, options, params=fitted).run(loaded)
-        conv = result.model
-        report["passes"] = [{"name": apass.name, "modified": result.modified, "seconds": 0.0, **result.report}]
+    report.update({"decode": manifest, "files": written, "output": str(out)})
     log.info("decode export: %s → %s (%d layers, state %s per layer)", loaded.source, out, adapter.layers,
              state_shapes[:2])
-    return conv, report
+    return result.model, report
