@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "decode.json"
 FORMAT = "softswap-decode/1"
 #: Variants with a decode (recurrent state) form.
-DECODE_VARIANTS = ("linear",)
+DECODE_VARIANTS = ("linear", "mala")
 _CAUSAL_MASKS = ("causal", "causal+padding")
 
 
@@ -74,7 +74,7 @@ def _variant_name(attention: str | None) -> str:
     name = (attention or "").removeprefix("attention.")
     if name not in DECODE_VARIANTS:
         raise OptionError(f"--decode: --attention {name or '(none)'} has no decode form; supported: "
-                          f"{', '.join(DECODE_VARIANTS)} (mala and the hybrid window are not implemented yet)")
+                          f"{', '.join(DECODE_VARIANTS)} (the other variants have no constant-size state)")
     return name
 
 
@@ -165,7 +165,8 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
     cfg = lm.config
     vocab = int(cfg.vocab_size)
     prefill, step = PrefillGraph(adapter, layers).eval(), StepGraph(adapter, layers).eval()
-    names = io_names(adapter.layers)
+    parts = layers[0].parts
+    names = io_names(adapter.layers, parts)
     from torch.export import Dim
     batch = Dim("batch", min=1, max=1024)
     seq = Dim("seq", min=2, max=max(2, adapter.max_positions or 1 << 20))
@@ -191,8 +192,8 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
             "min_prompt": 2, "graphs": {"prefill": "prefill.onnx", "step": "step.onnx"},
             "inputs": {g: n[0] for g, n in names.items()}, "outputs": {g: n[1] for g, n in names.items()},
             "state": [{"name": n, "output": o, "shape": ["batch", *shape], "dtype": "float32"}
-                      for n, o, shape in zip(state_names(adapter.layers), state_names(adapter.layers, "next_state"),
-                                             state_shapes)],
+                      for n, o, shape in zip(state_names(adapter.layers, parts),
+                                             state_names(adapter.layers, parts, "next_state"), state_shapes)],
             "tokenizer": False,
         }
         tok = loaded.extra["hf"].tokenizer_path

@@ -1,7 +1,8 @@
 """One layer's linear attention in its two decode forms: over a prompt (output + state) and one token (RNN step).
 
-The state of a layer is S = Σ_j φ(k_j) v_jᵀ (B, Hs, F, E) and z = Σ_j φ(k_j) (B, Hs, F, 1), summed over every
-token seen so far; Hs is the number of KV heads (GQA kept: the query heads of a group read their KV head's state)
+The state of a ``linear`` layer is S = Σ_j φ(k_j) v_jᵀ (B, Hs, F, E) and z = Σ_j φ(k_j) (B, Hs, F, 1), summed
+over every token seen so far; a ``mala`` layer adds v = Σ_j v_j (B, Hs, 1, E) and n = the token count (B, Hs, 1,
+1), which MALA's read-out needs (y = (s/n) φ(q)ᵀS (1 + 1/(s/n φ(q)·z + ε)) − (s/n) φ(q)·z · v/n). Hs is the number of KV heads (GQA kept: the query heads of a group read their KV head's state)
 unless the key feature map has per-query-head parameters (Hedgehog ``fmap_k`` after GQA expansion), then Hs = H.
 Its size depends on neither the position nor the context length.
 
@@ -18,10 +19,14 @@ from torch import nn
 
 from passes.attention.linear import feature_map_side
 from passes.attention.linear_decode import prefill_state
+from passes.attention.linear_core import colsum
+from passes.attention.mala import mala_readout
 from passes.attention.masks import compute_dtype
 
 #: Options of the linear variant that the decode forms understand; others (``window``) are refused by the caller.
 FMAP_OPTIONS = ("feature_map", "feature_dim", "scale_qk")
+#: The state tensors of each variant with a decode form, in graph order.
+STATE_PARTS: dict[str, tuple[str, ...]] = {"linear": ("S", "z"), "mala": ("S", "z", "v", "n")}
 
 
 def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -41,6 +46,8 @@ class LinearLayerState(nn.Module):
     def __init__(self, site_module: nn.Module, heads: int, kv_heads: int) -> None:
         super().__init__()
         self.fn = site_module.variant.fn
+        self.kind = site_module.variant.name
+        self.parts = STATE_PARTS[self.kind]
         self.scale = float(site_module.spec.scale)
         self.options: dict[str, Any] = dict(site_module.options)
         self.params = nn.ParameterDict({k: nn.Parameter(v.detach().clone(), requires_grad=False)
@@ -60,32 +67,34 @@ class LinearLayerState(nn.Module):
         g = self.groups if self.state_heads == self.heads else 1
         return _expand(k, g), _expand(v, g)
 
-    def prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, H, N, D), k/v (B, Hkv, N, D) → (causal output (B, H, N, E), S, z) after the N tokens."""
-        y = self.fn(q, _expand(k, self.groups), _expand(v, self.groups), params=self._params(), scale=self.scale,
-                    causal=True, key_padding=None, **self.options)
+    def _state_of(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The state parts summed over the tokens of k/v (B, Hkv, N, D)."""
         ks, vs = self._state_side(k, v)
         s, z = prefill_state(ks, vs, **self._fmap())
-        return y, s, z
+        if self.kind == "linear":
+            return s, z
+        vc = vs.to(s.dtype)
+        return s, z, colsum(vc), colsum(torch.ones_like(vc[..., :1]))
 
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, z: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One token: q (B, H, 1, D), k/v (B, Hkv, 1, D), state (S, z) of the earlier tokens → (y (B, H, 1, E),
-        S', z'). The token sees itself (the state is updated before the read-out)."""
-        ks, vs = self._state_side(k, v)
-        ds, dz = prefill_state(ks, vs, **self._fmap())
-        s, z = s + ds, z + dz
+    def prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q (B, H, N, D), k/v (B, Hkv, N, D) → (causal output (B, H, N, E), *state after the N tokens)."""
+        y = self.fn(q, _expand(k, self.groups), _expand(v, self.groups), params=self._params(), scale=self.scale,
+                    causal=True, key_padding=None, **self.options)
+        return (y, *self._state_of(k, v))
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *state: torch.Tensor
+             ) -> tuple[torch.Tensor, ...]:
+        """One token: q (B, H, 1, D), k/v (B, Hkv, 1, D), the state of the earlier tokens → (y (B, H, 1, E),
+        *new state). The token sees itself (the state is updated before the read-out)."""
+        new = tuple(a + b for a, b in zip(state, self._state_of(k, v)))
         fq = feature_map_side(q, "q", compute_dtype(q), **self._fmap())  # (B, H, 1, F)
         b, f = fq.shape[0], fq.shape[-1]
         g = self.heads // self.state_heads
         fqg = fq.reshape(b, self.state_heads, g, f)  # query head h reads state head h // g
-        y = (fqg @ s) / (fqg @ z + float(self.options.get("eps", 1e-6)))
-        return y.reshape(b, self.heads, 1, -1).to(q.dtype), s, z
+        eps = float(self.options.get("eps", 1e-6))
+        if self.kind == "linear":
+            y = (fqg @ new[0]) / (fqg @ new[1] + eps)
+        else:  # v (B, Hs, 1, E) and n (B, Hs, 1, 1) broadcast over the g query heads of a state head
+            y = mala_readout(fqg @ new[0], fqg @ new[1], new[2], new[3], scale=self.scale, eps=eps)
+        return (y.reshape(b, self.heads, 1, -1).to(q.dtype), *new)
 
-    def state_shape(self, head_dim: int, value_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(S, z) shapes without the batch axis."""
-        probe = torch.zeros(1, self.state_heads, 1, head_dim)
-        fk = feature_map_side(probe, "k", torch.float32, **self._fmap())
-        f = fk.shape[-1]
-        return (self.state_heads, f, value_dim), (self.state_heads, f, 1)

@@ -1,7 +1,7 @@
 """Decode export (``softswap convert --attention linear --decode``) of the zoo's GPT-2 and Llama-GQA as causal LMs:
 64 greedy tokens from prefill + step graphs in onnxruntime equal the tokens of re-running the ordinary converted
 model (``softswap convert``, torch) on the growing sequence, logits within 1e-4; the state's shapes do not depend on
-the position; transferred (non-initial) Hedgehog parameters carry over; ``softswap generate --json``; refusals
+the position; the same for MALA (its state adds Σv and the count); transferred (non-initial) Hedgehog parameters carry over; ``softswap generate --json``; refusals
 (one line, exit 2, nothing written).
 
 The LMs use the zoo configs (tests/zoo.py ``_gpt2`` / ``_llama``) with an LM head, 128 positions (prompt + 64 new
@@ -98,6 +98,18 @@ def test_greedy_tokens_equal_full_converted_model(family, folders, decoded):
     assert _max_err(out.logits, ref_logits) <= 1e-4
 
 
+def test_mala_greedy_tokens_equal_full_converted_model(folders, tmp_path):
+    """MALA's state adds v = Σ v_j and the count n; GQA Llama, 64 tokens, same check as for linear."""
+    converted, report = export_decode(folders["llama"], tmp_path / "dec", attention="mala")
+    assert [s["name"] for s in report["decode"]["state"][:4]] == ["state.0.S", "state.0.z", "state.0.v", "state.0.n"]
+    assert report["decode"]["state"][2]["shape"] == ["batch", 2, 1, 16]
+    reference, _ = api.convert(folders["llama"], None, attention="mala", verify=False)
+    ref_toks, ref_logits = _reference_tokens(reference.ep.module(), PROMPT, NEW)
+    out = generate(tmp_path / "dec", PROMPT, NEW, stop_at_eos=False, keep_logits=True)
+    assert len(set(ref_toks)) >= 3
+    assert out.tokens == ref_toks and _max_err(out.logits, ref_logits) <= 1e-4
+
+
 def test_state_shapes_do_not_depend_on_position(decoded):
     folder, report = decoded["llama"]
     manifest = json.loads((folder / "decode.json").read_text())
@@ -180,7 +192,7 @@ def test_convert_decode_refusals(folders, tmp_path, capsys):
     from transformers import GPT2Model
     cases = [
         ([str(_bert_folder(tmp_path)), "--attention", "linear"], "bert"),  # encoder: unsupported family
-        ([str(folders["gpt2"]), "--attention", "mala"], "no decode form"),
+        ([str(folders["gpt2"]), "--attention", "sigmoid"], "no decode form"),
         ([str(folders["gpt2"]), "--attention", "linear", "--option", "window=4"], "window"),
         ([str(folders["gpt2"]), "--attention", "linear", "--head", "svm"], "--head"),
     ]
