@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--step-library", metavar="LIB", help="run the step with this `softswap compile` artefact of "
+                                                          "FOLDER/step.onnx (TVM) instead of onnxruntime")
     p.add_argument("--json", action="store_true", help='print {"tokens": [...]} (and "text" with a tokenizer)')
     p.set_defaults(func=cmd_generate)
 

@@ -37,7 +37,7 @@ def run_generate(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     if args.threads < 0:
         raise GenerateError(f"--threads must be >= 0, got {args.threads}")
-    session = DecodeSession(folder, threads=args.threads)
+    session = DecodeSession(folder, threads=args.threads, step_library=args.step_library)
     ids, tok = _prompt_ids(args, folder, session.manifest)
     out = generate(session, ids, args.max_new_tokens, stop_at_eos=not args.ignore_eos)
     text = tok.decode(out.tokens) if tok is not None else None

@@ -31,9 +31,11 @@ class Generated:
 
 
 class DecodeSession:
-    """The prefill and step graphs of a decode folder in onnxruntime (``threads`` intra-op threads; 0 = default)."""
+    """The prefill and step graphs of a decode folder in onnxruntime (``threads`` intra-op threads; 0 = default);
+    with ``step_library`` (a ``softswap compile`` artefact of ``step.onnx``) the step runs in TVM instead."""
 
-    def __init__(self, folder: str | os.PathLike[str], threads: int = 0) -> None:
+    def __init__(self, folder: str | os.PathLike[str], threads: int = 0,
+                 step_library: str | os.PathLike[str] | None = None) -> None:
         self.folder = Path(folder)
         mpath = self.folder / "decode.json"
         if not mpath.is_file():
@@ -60,6 +62,14 @@ class DecodeSession:
                 raise GenerateError(f"{path}: onnxruntime cannot load the {g} graph ({str(exc).splitlines()[0]})") \
                     from None
         self.state_names = [s["name"] for s in self.manifest["state"]]
+        self.step_runner = None
+        if step_library is not None:
+            from targets import Runner  # TVM artefacts
+            self.step_runner = Runner(step_library)
+            want = self.manifest["inputs"]["step"]
+            if self.step_runner.input_names != want:
+                raise GenerateError(f"{step_library}: inputs {self.step_runner.input_names} are not those of "
+                                    f"{self.folder / 'step.onnx'} ({want}); compile that step graph")
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids (B, N) int64 → (logits (B, N, vocab), states)."""
@@ -72,7 +82,11 @@ class DecodeSession:
         """ids (B, 1) at ``position`` (0-based) + states → (logits (B, 1, vocab), new states)."""
         feeds = {"input_ids": ids, "positions": np.full(ids.shape, position, dtype=np.int64)}
         feeds.update(zip(self.state_names, states))
-        out = self.sessions["step"].run(None, feeds)
+        if self.step_runner is not None:
+            res = self.step_runner.run(feeds)
+            out = [np.asarray(res[n]) for n in self.manifest["outputs"]["step"]]
+        else:
+            out = self.sessions["step"].run(None, feeds)
         return out[0], out[1:]
 
 

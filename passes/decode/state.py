@@ -82,11 +82,23 @@ class LinearLayerState(nn.Module):
                     causal=True, key_padding=None, **self.options)
         return (y, *self._state_of(k, v))
 
+    def _token_state(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`_state_of` for one token, written without length-1 reductions: φ(k)ᵀ v is an outer product
+        (B, Hs, F, 1)·(B, Hs, 1, E), Σv is v, the count is 1 (the same numbers; TVM's CPU build of an Add fed by a
+        MatMul whose reduction has length 1 dropped the Add's other operand — see docs/causal_decode.md)."""
+        ks, vs = self._state_side(k, v)
+        fk = feature_map_side(ks, "k", compute_dtype(ks), **self._fmap())  # (B, Hs, 1, F)
+        vc = vs.to(fk.dtype)
+        ds, dz = fk.transpose(-1, -2) * vc, fk.transpose(-1, -2)
+        if self.kind == "linear":
+            return ds, dz
+        return ds, dz, vc, torch.ones_like(vc[..., :1])
+
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *state: torch.Tensor
              ) -> tuple[torch.Tensor, ...]:
         """One token: q (B, H, 1, D), k/v (B, Hkv, 1, D), the state of the earlier tokens → (y (B, H, 1, E),
         *new state). The token sees itself (the state is updated before the read-out)."""
-        new = tuple(a + b for a, b in zip(state, self._state_of(k, v)))
+        new = tuple(a + b for a, b in zip(state, self._token_state(k, v)))
         fq = feature_map_side(q, "q", compute_dtype(q), **self._fmap())  # (B, H, 1, F)
         b, f = fq.shape[0], fq.shape[-1]
         g = self.heads // self.state_heads
