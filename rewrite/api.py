@@ -175,7 +175,7 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
     model-level fidelity against the original (outputs a pass adds are listed, not compared). Raises
     :class:`NoSitesError` (and writes nothing) when no site was replaced.
 
-    ``decode=True`` (causal LMs, ``attention="linear"``): ``out`` is a folder that receives ``prefill.onnx``,
+    ``decode=True`` (causal LMs, ``attention`` ``linear`` or ``mala``): ``out`` is a folder that receives ``prefill.onnx``,
     ``step.onnx`` and ``decode.json`` (:func:`passes.decode.export_decode`); ``params`` are per-site parameters
     (e.g. from a ``softswap transfer`` checkpoint). Non-causal models, unsupported families and variants without a
     decode form are refused with one line and nothing written.
@@ -232,7 +232,8 @@ def _convert_decode(model: Any, out: Any, *, attention: str | None, options: Map
     """``convert(..., decode=True)``: the decode export of the catalogue (``passes.decode``)."""
     given = sorted(k for k, v in others.items() if v not in (None, [], ()))
     if given:
-        raise OptionError(f"--decode takes --attention and --option only; not {', '.join('--' + g.replace('_', '-') for g in given)}")
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise OptionError(f"--decode takes --attention, --option and --params only; not {flags}")
     if out is None:
         raise OutputPathError("--decode needs an output folder (-o OUT_DIR)")
     if report_path is not None:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -155,9 +156,11 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
     layers = [LinearLayerState(m, adapter.heads, adapter.kv_heads) for _, m in site_modules]
     fitted = {n: {k: v.detach().clone() for k, v in m.params.items()} for n, m in site_modules}
     from rewrite.attention_pass import AttentionRewritePass
+    started = time.perf_counter()
     result = AttentionRewritePass(apass.variant, options, params=fitted).run(loaded)
     report: dict[str, Any] = {"model": loaded.source, "graph": loaded.kind,
-                              "passes": [{"name": apass.name, "modified": result.modified, "seconds": 0.0,
+                              "passes": [{"name": apass.name, "modified": result.modified,
+                                          "seconds": round(time.perf_counter() - started, 3),
                                           **result.report}]}
     if verify:
         from rewrite.verify import verify as run_verify
@@ -189,7 +192,7 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
             "heads": adapter.heads, "kv_heads": adapter.kv_heads, "head_dim": adapter.head_dim,
             "vocab_size": vocab, "eos_token_id": getattr(cfg, "eos_token_id", None),
             "bos_token_id": getattr(cfg, "bos_token_id", None), "max_positions": adapter.max_positions or None,
-            "min_prompt": 2, "graphs": {"prefill": "prefill.onnx", "step": "step.onnx"},
+            "prefill_min_tokens": 2, "graphs": {"prefill": "prefill.onnx", "step": "step.onnx"},
             "inputs": {g: n[0] for g, n in names.items()}, "outputs": {g: n[1] for g, n in names.items()},
             "state": [{"name": n, "output": o, "shape": ["batch", *shape], "dtype": "float32"}
                       for n, o, shape in zip(state_names(adapter.layers, parts),

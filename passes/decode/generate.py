@@ -71,8 +71,15 @@ class DecodeSession:
                 raise GenerateError(f"{step_library}: inputs {self.step_runner.input_names} are not those of "
                                     f"{self.folder / 'step.onnx'} ({want}); compile that step graph")
 
+    def zero_state(self, batch: int) -> list[np.ndarray]:
+        """The state before any token (all zeros), shapes from the manifest."""
+        return [np.zeros((batch, *s["shape"][1:]), dtype=np.float32) for s in self.manifest["state"]]
+
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """ids (B, N) int64 → (logits (B, N, vocab), states)."""
+        """ids (B, N) int64 → (logits (B, N, vocab), states). One token (the prefill graph takes N ≥ 2) is a step
+        from the zero state at position 0: the same sums."""
+        if ids.shape[1] == 1:
+            return self.step(ids, 0, self.zero_state(ids.shape[0]))
         pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         out = self.sessions["prefill"].run(None, {"input_ids": ids, "positions": pos})
         return out[0], out[1:]
@@ -98,8 +105,8 @@ def generate(folder: str | os.PathLike[str] | DecodeSession, prompt_ids: Sequenc
     m = sess.manifest
     vocab = int(m["vocab_size"])
     ids = [int(t) for t in prompt_ids]
-    if len(ids) < int(m.get("min_prompt", 1)):
-        raise GenerateError(f"--prompt-ids: the prompt needs at least {m.get('min_prompt', 1)} tokens, got {len(ids)}")
+    if not ids:
+        raise GenerateError("--prompt-ids: the prompt is empty (give at least one token id)")
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise GenerateError(f"--prompt-ids: token ids {bad[:5]} outside the vocabulary [0, {vocab})")

@@ -81,6 +81,19 @@ def _reference_tokens(program: torch.nn.Module, prompt: list[int], n: int) -> tu
     return toks, logits
 
 
+def _reference_tokens_from(prompt, program, n):
+    """As :func:`_reference_tokens`, for a one-token prompt (the exported program takes N >= 2: the first token
+    is read from a 2-token run's first position, which causal attention makes independent of the second)."""
+    toks, logits = [], []
+    with torch.no_grad():
+        ids = torch.tensor([prompt + [0]])
+        first = program(input_ids=ids, attention_mask=torch.ones_like(ids))[0][0, 0]
+    toks.append(int(first.argmax()))
+    logits.append(first)
+    more, more_logits = _reference_tokens(program, prompt + toks, n - 1)
+    return toks + more, logits + more_logits
+
+
 def _max_err(got: list[np.ndarray], ref: list[torch.Tensor]) -> float:
     return max(float(np.abs(g - r.numpy()).max() / max(1.0, float(r.abs().max()))) for g, r in zip(got, ref))
 
@@ -157,6 +170,15 @@ def test_transferred_hedgehog_params_carry_over(folders, tmp_path):
     assert init_toks != ref_toks  # the parameters matter, so equality above is evidence they carried over
 
 
+def test_one_token_prompt_is_a_step_from_zero_state(folders, decoded):
+    """The prefill graph takes N >= 2; a one-token prompt runs the step from the zero state at position 0."""
+    folder, _ = decoded["gpt2"]
+    converted, _ = api.convert(folders["gpt2"], None, attention="linear", verify=False)
+    ref_toks, ref_logits = _reference_tokens_from([5], converted.ep.module(), 12)
+    out = generate(folder, [5], 12, stop_at_eos=False, keep_logits=True)
+    assert out.tokens == ref_toks and _max_err(out.logits, ref_logits) <= 1e-4
+
+
 def test_cli_generate_json(decoded, capsys):
     folder, _ = decoded["gpt2"]
     want = generate(folder, PROMPT, 10, stop_at_eos=False).tokens
@@ -172,6 +194,7 @@ def test_cli_generate_json(decoded, capsys):
     (["--prompt-ids", "5,x"], "--prompt-ids"),
     (["--prompt-ids", "5,17,400"], "outside the vocabulary"),
     (["--prompt-ids", "5,17", "--max-new-tokens", "500"], "positions"),
+    (["--prompt-ids", ""], "--prompt-ids"),
     (["--prompt", "hello"], "tokenizer"),
 ])
 def test_cli_generate_refusals(decoded, capsys, args, culprit):
