@@ -138,11 +138,11 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
 
     ``model``: a Hugging Face folder or a transformers causal LM (GPT-2, Llama/Mistral/Qwen2 style). ``params``:
     per-site parameters by site name (``attnN``) or the path of a ``softswap transfer --checkpoint`` file (read
-    weights-only by :func:`passes.transfer.load_checkpoint_params`), else the variant's initial ones. Returns (the converted model as ``softswap convert`` makes it with the same parameters,
-    and the report: pass rows, manifest, files written; with ``verify`` also the converted model's fidelity
-    against the original as ``convert`` reports it). Raises
-    :class:`OptionError`, :class:`UnsupportedModelError` or :class:`OutputPathError` (one line) and writes nothing
-    for a variant without a decode form, a non-causal model, an unsupported family or a bad folder.
+    weights-only by :func:`passes.transfer.load_checkpoint_params`), else the variant's initial ones. Returns (the
+    converted model as ``softswap convert`` makes it with the same parameters, and the report: pass rows, manifest,
+    files written; with ``verify`` also the converted model's fidelity against the original as ``convert`` reports
+    it). Raises :class:`OptionError`, :class:`UnsupportedModelError` or :class:`OutputPathError` (one line) and
+    writes nothing for a variant without a decode form, a non-causal model, an unsupported family or a bad folder.
     """
     out = check_output_folder(out_dir)
     name = _variant_name(attention)

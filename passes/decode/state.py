@@ -1,10 +1,11 @@
 """One layer's linear attention in its two decode forms: over a prompt (output + state) and one token (RNN step).
 
-The state of a ``linear`` layer is S = Σ_j φ(k_j) v_jᵀ (B, Hs, F, E) and z = Σ_j φ(k_j) (B, Hs, F, 1), summed
-over every token seen so far; a ``mala`` layer adds v = Σ_j v_j (B, Hs, 1, E) and n = the token count (B, Hs, 1,
-1), which MALA's read-out needs (y = (s/n) φ(q)ᵀS (1 + 1/(s/n φ(q)·z + ε)) − (s/n) φ(q)·z · v/n). Hs is the number of KV heads (GQA kept: the query heads of a group read their KV head's state)
-unless the key feature map has per-query-head parameters (Hedgehog ``fmap_k`` after GQA expansion), then Hs = H.
-Its size depends on neither the position nor the context length.
+The state of a ``linear`` layer is S = Σ_j φ(k_j) v_jᵀ (B, Hs, F, E) and z = Σ_j φ(k_j) (B, Hs, F, 1), summed over
+every token seen so far; a ``mala`` layer adds v = Σ_j v_j (B, Hs, 1, E) and n = the token count (B, Hs, 1, 1),
+which MALA's read-out needs (y = (s/n) φ(q)ᵀS (1 + 1/(s/n φ(q)·z + ε)) − (s/n) φ(q)·z · v/n). Hs is the number of KV
+heads (GQA kept: the query heads of a group read their KV head's state) unless the key feature map has
+per-query-head parameters (Hedgehog ``fmap_k`` after GQA expansion), then Hs = H. Its size depends on neither the
+position nor the context length.
 
 The prompt output is the converted model's own computation: the site module's variant function on the GQA-expanded
 keys/values, with the site's scale, options and parameters (so transferred parameters carry over). The step is the

@@ -1,8 +1,8 @@
 """Decode export (``softswap convert --attention linear --decode``) of the zoo's GPT-2 and Llama-GQA as causal LMs:
 64 greedy tokens from prefill + step graphs in onnxruntime equal the tokens of re-running the ordinary converted
 model (``softswap convert``, torch) on the growing sequence, logits within 1e-4; the state's shapes do not depend on
-the position; the same for MALA (its state adds Σv and the count); transferred (non-initial) Hedgehog parameters carry over; ``softswap generate --json``; refusals
-(one line, exit 2, nothing written).
+the position; the same for MALA (its state adds Σv and the count); transferred (non-initial) Hedgehog parameters
+carry over; ``softswap generate --json``; refusals (one line, exit 2, nothing written).
 
 The LMs use the zoo configs (tests/zoo.py ``_gpt2`` / ``_llama``) with an LM head, 128 positions (prompt + 64 new
 tokens exceed the zoo's 64) and weights drawn with std 0.3, so greedy decoding does not collapse onto one token.
@@ -249,8 +249,9 @@ def test_tvm_compiled_step_generates_the_same_tokens(decoded, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"tokens": want.tokens}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="TVM CPU build (targets/): Add(X, MatMul with a length-1 reduction) does not "
-                                       "give X + the product; the step graph avoids the pattern (outer product)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="TVM CPU build (targets/): Add(X, MatMul with a length-1 reduction) does not give X + the "
+                          "product; the step graph avoids the pattern (outer product)")
 def test_tvm_add_of_length1_matmul(tmp_path):
     """The pattern the step graph first had (S + φ(k)ᵀv for one token): onnxruntime vs the compiled artefact."""
     pytest.importorskip("tvm")

@@ -134,7 +134,8 @@ def main() -> None:
               "export_seconds": round(export_s, 1), "state": report["decode"]["state"][:2], "rows": rows,
               "linear_step_spread": spread, "flat_within_10pct": spread <= 0.10}
     print(f"{describe()}; 1 thread; median of {args.rounds * args.steps} interleaved steps per cell")
-    print(f"{'context':>8} {'linear step ORT ms':>19} {'softmax+KV torch ms':>20} {'state KiB':>10} {'KV cache KiB':>13}")
+    print(f"{'context':>8} {'linear step ORT ms':>19} {'softmax+KV torch ms':>20} "
+          f"{'state KiB':>10} {'KV cache KiB':>13}")
     for r in rows:
         print(f"{r['context']:>8} {r['linear_step_ort_ms']:>19.3f} {r['softmax_kv_torch_ms']:>20.3f} "
               f"{r['state_bytes'] / 1024:>10.0f} {r['kv_cache_bytes'] / 1024:>13.0f}")
