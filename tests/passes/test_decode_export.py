@@ -272,3 +272,31 @@ def test_tvm_add_of_length1_matmul(tmp_path):
     want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = Runner(tmp_path / "m.so").run(feeds)["y"]
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_generate_with_prompt_text(tmp_path, capsys):
+    """Tokenizer files of the model folder are copied into the decode folder; ``--prompt TEXT`` tokenizes the text
+    with them and ``--json`` adds the decoded text. A GPT-2 LM whose vocabulary is the bundled MiniLM tokenizer's."""
+    import shutil
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from rewrite.hf import minilm_path
+    src = minilm_path()
+    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                               eos_token_id=tok.sep_token_id)).save_pretrained(tmp_path / "lm")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(src / name, tmp_path / "lm" / name)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "lm"), "-o", str(tmp_path / "dec"), "--attention", "linear", "--decode",
+                 "--no-verify", "--json"]) == 0
+    assert json.loads((tmp_path / "dec" / "decode.json").read_text())["tokenizer"] is True
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "dec"), "--prompt", "linear attention is", "--max-new-tokens", "6",
+                 "--ignore-eos", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ids = tok("linear attention is")["input_ids"]
+    assert got["tokens"] == generate(tmp_path / "dec", ids, 6, stop_at_eos=False).tokens
+    assert got["text"] == tok.decode(got["tokens"])
