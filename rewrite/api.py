@@ -164,8 +164,8 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
             keep_softmax: Any = None, example_inputs: Any = None, verify: bool = True,
             report_path: str | os.PathLike[str] | None = None, dump_dir: str | None = None,
             trust_remote_code: bool | None = None, head: str | None = None, soft_nms: str | None = None,
-            ood: str | None = None, binarize: str | None = None, fit: Any = None
-            ) -> tuple[mio.LoadedModel, dict[str, Any]]:
+            ood: str | None = None, binarize: str | None = None, fit: Any = None, decode: bool = False,
+            params: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Rewrite ``model`` with the given passes; optionally write it to ``out`` (``.onnx`` or ``.pt2``).
 
     ``head`` (``svm``, ``zloss``, ``fourier``), ``soft_nms`` (``linear``, ``gaussian``, ``hard``), ``ood``
@@ -174,7 +174,18 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
     Returns (rewritten model, report). The report has the per-site rows of every pass and, with ``verify``, the
     model-level fidelity against the original (outputs a pass adds are listed, not compared). Raises
     :class:`NoSitesError` (and writes nothing) when no site was replaced.
+
+    ``decode=True`` (causal LMs, ``attention`` ``linear`` or ``mala``): ``out`` is a folder that receives ``prefill.onnx``,
+    ``step.onnx`` and ``decode.json`` (:func:`passes.decode.export_decode`); ``params`` are per-site parameters
+    (e.g. from a ``softswap transfer`` checkpoint). Non-causal models, unsupported families and variants without a
+    decode form are refused with one line and nothing written.
     """
+    if decode:
+        return _convert_decode(model, out, attention=attention, options=options, params=params, verify=verify,
+                               report_path=report_path, trust_remote_code=trust_remote_code,
+                               others={"passes": passes, "layers": layers, "keep_softmax": keep_softmax, "head": head,
+                                       "soft_nms": soft_nms, "ood": ood, "binarize": binarize, "fit": fit,
+                                       "dump_dir": dump_dir})
     out_path = mio.check_output_path(out) if out is not None else None
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))
@@ -213,6 +224,27 @@ def convert(model: Any, out: str | os.PathLike[str] | None = None, *, attention:
         from .atomic import write_text
         write_text(report_path, json.dumps(report, indent=1, default=str))
     return rewritten, report
+
+
+def _convert_decode(model: Any, out: Any, *, attention: str | None, options: Mapping[str, Any] | None,
+                    params: Any, verify: bool, report_path: Any, trust_remote_code: bool | None,
+                    others: Mapping[str, Any]) -> tuple[mio.LoadedModel, dict[str, Any]]:
+    """``convert(..., decode=True)``: the decode export of the catalogue (``passes.decode``)."""
+    given = sorted(k for k, v in others.items() if v not in (None, [], ()))
+    if given:
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise OptionError(f"--decode takes --attention, --option and --params only; not {flags}")
+    if out is None:
+        raise OutputPathError("--decode needs an output folder (-o OUT_DIR)")
+    if report_path is not None:
+        mio.check_output_path(report_path, (".json",))
+    from passes.decode import export_decode  # the decode exporter lives with the variants it walks
+    converted, report = export_decode(model, out, attention=attention, options=options, params=params,
+                                      trust_remote_code=trust_remote_code, verify=verify)
+    if report_path is not None:
+        from .atomic import write_text
+        write_text(report_path, json.dumps(report, indent=1, default=str))
+    return converted, report
 
 
 def export(model: mio.LoadedModel, out: str | os.PathLike[str]) -> Path:

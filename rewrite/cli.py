@@ -173,15 +173,27 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .api import convert
     passes = [p for p in (args.passes or "").split(",") if p]
+    if args.params and not args.decode:
+        raise OptionError("--params is read by --decode (per-site parameters of a transfer checkpoint)")
     _, report = convert(args.model, args.output, attention=args.attention, passes=passes,
                         options=parse_options(args.option), layers=args.layers, keep_softmax=args.keep_softmax,
                         verify=not args.no_verify, report_path=args.report, dump_dir=args.dump_ir,
-                        head=args.head, soft_nms=args.soft_nms, ood=args.ood, binarize=args.binarize, fit=args.fit)
+                        head=args.head, soft_nms=args.soft_nms, ood=args.ood, binarize=args.binarize, fit=args.fit,
+                        decode=args.decode, params=args.params)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
         print_convert(report)
+        if "decode" in report:
+            d = report["decode"]
+            console.print(f"decode graphs ({d['family']}, {d['layers']} layers): state per layer "
+                          + ", ".join(f"{s['name'].split('.')[-1]} {tuple(s['shape'])}" for s in d["state"][:2]))
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from passes.decode.cli import run_generate  # the decode graphs' runner lives with their exporter
+    return run_generate(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -242,7 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-ir", help="dump the graph after each pass into this folder")
     p.add_argument("--no-verify", action="store_true", help="skip the fidelity check")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--decode", action="store_true", help="causal LMs: write OUTPUT as a folder with prefill.onnx, "
+                                                          "step.onnx (recurrent state as named inputs/outputs) and "
+                                                          "decode.json")
+    p.add_argument("--params", metavar="CKPT", help="with --decode: per-site parameters from a `softswap transfer "
+                                                    "--checkpoint` file")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="greedy generation with a --decode folder (onnxruntime)")
+    p.add_argument("folder", help="folder written by `softswap convert ... --decode`")
+    p.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 5,17,42")
+    p.add_argument("--prompt", help="prompt text (needs tokenizer files in the folder)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--step-library", metavar="LIB", help="run the step with this `softswap compile` artefact of "
+                                                          "FOLDER/step.onnx (TVM) instead of onnxruntime")
+    p.add_argument("--json", action="store_true", help='print {"tokens": [...]} (and "text" with a tokenizer)')
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("verify", help="compare two models on the same inputs (any graph kinds)")
     p.add_argument("original")
