@@ -2,8 +2,9 @@
 
     softswap transfer ORIGINAL -o OUT --binarize bivit [--data FILE.npz] [--steps N | --minutes M] [--seed S]
         [--option stage=w1a1,parts=attention+mlp,ratio=0.25] [--temperature T] [--checkpoint FILE] [--report r.json]
-    softswap transfer ORIGINAL -o OUT --attention VARIANT [--hybrid-window 64] [--data FILE|stdlib]
-        [--steps N | --minutes M] [--seed S] [--layers ..] [--keep-softmax ..] [--option k=v ...]
+    softswap transfer ORIGINAL -o OUT --attention VARIANT [--hybrid-window 64] [--data FILE|offline|stdlib]
+        [--steps N | --minutes M] [--stage2-steps N] [--stage2-rank R] [--stage2-lr LR] [--attention-ce W]
+        [--seed S] [--layers ..] [--keep-softmax ..] [--option k=v ...]
         [--checkpoint FILE] [--report r.json] [--tokenizer DIR] [--batch-size B] [--max-samples N] [--lr LR] [--no-progress]
 
 Prints a before/after fidelity table (rich). Softswap errors (:class:`rewrite.errors.SoftswapError`, e.g. a bad

@@ -344,9 +344,11 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         threads: torch threads while capturing and fitting (default 1; None = unchanged).
         stage2_steps, stage2_rank, stage2_lr: LoLCATs stage 2 (:mod:`.stage2`): that many Adam steps of
             rank-``stage2_rank`` updates of the attention projections against the original's first output,
-            merged into the weights; 0 = off. None (default): ``DEFAULT_STAGE2_STEPS`` where it applies (an FX
-            program whose attention projections carry the Hugging Face BERT-family names), else off with a
-            report line saying why. ``report["stage2"]`` summarises it.
+            merged into the weights; 0 = off. None (default): ``DEFAULT_STAGE2_STEPS`` where it applies (real
+            calibration data, not the synthetic fallback; an FX program whose attention projections carry the
+            Hugging Face BERT-family names), else off with a report line saying why
+            (:func:`.stage2.stage2_plan`). With ``minutes``, stage 1 gets ``STAGE1_SHARE`` of the budget and
+            stage 2 the rest. ``report["stage2"]`` summarises it.
         attention_ce: λ_ce, weight of the attention-map cross-entropy term of stage 1 (:mod:`.attention_ce`);
             0 (default) = output MSE only.
         measure_model: compute model-level fidelity (one more rewrite + runs on the held-out batches).
@@ -367,13 +369,13 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))
     _check_numbers(stage2_steps=stage2_steps, stage2_rank=stage2_rank, stage2_lr=stage2_lr)
-    from .stage2 import STAGE1_SHARE, stage2_plan
-    model = mio.load_model(model, example_inputs)
-    minutes_stage1 = minutes
     from .data import has_tokenizer
-    real_data = data is not None or has_tokenizer(model, tokenizer)
-    if minutes is not None and stage2_plan(model, stage2_steps, real_data=real_data)[0]:
-        minutes_stage1 = minutes * STAGE1_SHARE  # the rest of the wall-clock budget goes to stage 2
+    from .stage2 import STAGE1_SHARE, lora_stage2, stage2_plan
+    model = mio.load_model(model, example_inputs)
+    # decided (and refused, for an explicit request it cannot serve) before any work; the rewritten program has
+    # the original's kind and weight names
+    n_stage2, why_not = stage2_plan(model, stage2_steps, real_data=data is not None or has_tokenizer(model, tokenizer))
+    minutes_stage1 = minutes * STAGE1_SHARE if minutes is not None and n_stage2 else minutes
     loaded, calib, fitted, report = fit_params(
         model, attention=attention, options=options, hybrid_window=hybrid_window, data=data, steps=steps,
         minutes=minutes_stage1, seed=seed, layers=layers, keep_softmax=keep_softmax, checkpoint=checkpoint,
@@ -387,9 +389,7 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     variant = get_variant(attention)
     opts = transfer_options(variant, options, hybrid_window)
     new_model, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, fitted)
-    from .stage2 import lora_stage2  # LoLCATs stage 2, merged into the weights (the graph stays plain)
-    n_stage2, why_not = stage2_plan(new_model, stage2_steps, real_data=real_data)
-    if n_stage2:
+    if n_stage2:  # LoLCATs stage 2, merged into the weights (the graph stays plain)
         deadline_min = None if minutes is None else max(0.05, minutes - (time.time() - t0) / 60.0)
         # torch's own thread count (all cores): stage 2 runs the whole model, large enough to use them
         report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=n_stage2,
