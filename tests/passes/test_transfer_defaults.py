@@ -146,3 +146,20 @@ def test_package_docs_corpus_is_a_disjoint_deterministic_second_source() -> None
     assert all(h(s) % 10 == 0 for s in ood.held_out) and all(h(s) % 10 for s in ood.calibration)
     package_docs_corpus.cache_clear()
     assert package_docs_corpus() == ood
+
+
+def test_system_docs_corpus_reads_doc_folders_and_excludes_calibration_text(tmp_path) -> None:
+    import gzip
+
+    from passes.transfer.corpus import offline_corpus, system_docs_corpus
+    shared = offline_corpus().calibration[0]
+    own = ["The quick brown fox jumps over the lazy dog near the river bank.",
+           "Packages in this folder were built from the upstream release tarball."]
+    (tmp_path / "pkg-a").mkdir()
+    (tmp_path / "pkg-a" / "copyright").write_text(f"{own[0]}\n\n{shared}\n", encoding="utf-8")
+    (tmp_path / "pkg-b").mkdir()
+    with gzip.open(tmp_path / "pkg-b" / "changelog.gz", "wt", encoding="utf-8") as f:
+        f.write(own[1] + "\n")
+    corpus = system_docs_corpus(str(tmp_path))
+    assert sorted(corpus.calibration + corpus.held_out) == sorted(own)  # the offline sentence is left out
+    assert system_docs_corpus(str(tmp_path / "missing")).calibration == ()
