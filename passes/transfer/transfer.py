@@ -341,7 +341,7 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         batch_size, max_samples, max_length, tokenizer: calibration data shaping (text / synthetic).
         lr, scalar_lr: Adam learning rates for matrices and per-head scalars.
         sites_per_capture: capture at most this many sites per pass over the data (bounds memory); None = all.
-        threads: torch threads while capturing and fitting (default 1; None = unchanged).
+        threads: torch threads while capturing, fitting and in stage 2 (default 1; None = unchanged).
         stage2_steps, stage2_rank, stage2_lr: LoLCATs stage 2 (:mod:`.stage2`): that many Adam steps of
             rank-``stage2_rank`` updates of the attention projections against the original's first output,
             merged into the weights; 0 = off. None (default): ``DEFAULT_STAGE2_STEPS`` where it applies (real
@@ -391,9 +391,15 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     new_model, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, fitted)
     if n_stage2:  # LoLCATs stage 2, merged into the weights (the graph stays plain)
         deadline_min = None if minutes is None else max(0.05, minutes - (time.time() - t0) / 60.0)
-        # torch's own thread count (all cores): stage 2 runs the whole model, large enough to use them
-        report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=n_stage2,
-                                       lr=stage2_lr, seed=seed, minutes=deadline_min)
+        # same threads as stage 1 (default 1): on a shared 2-core machine two threads measured no faster
+        previous_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=n_stage2,
+                                           lr=stage2_lr, seed=seed, minutes=deadline_min)
+        finally:
+            torch.set_num_threads(previous_threads)
     elif why_not:
         report["stage2"] = {"steps": 0, "note": why_not}
         report["lines"].append(f"stage 2 off: {why_not}")
