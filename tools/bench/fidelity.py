@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         row["after"] = stats(fitted)
         if args.stage2_steps and variant_name in ("linear", "mala"):
             from passes.transfer.stage2 import lora_stage2
+            torch.set_num_threads(1)  # as the transfer default (threads=1) does
             row["stage2"] = lora_stage2(fitted, loaded, calib.train, rank=args.stage2_rank, steps=args.stage2_steps,
                                         lr=args.stage2_lr, seed=args.seed)
             row["after_stage2"] = stats(fitted)
