@@ -67,7 +67,7 @@ def _transfer_step(folder: Path, out_dir: Path, steps: int) -> None:
     console.rule(f"transfer: softmax → linear attention (Hedgehog maps), {steps} steps per site")
     out = out_dir / "minilm_linear.onnx"
     started = time.perf_counter()
-    _, report = transfer.transfer(folder, out, attention="linear", data="stdlib", steps=steps, seed=0,
+    _, report = transfer.transfer(folder, out, attention="linear", data="stdlib", steps=steps, seed=0, stage2_steps=0,
                                   max_samples=384, progress=False)
     printer.print_report(report)
     console.print(f"transfer took {time.perf_counter() - started:.1f}s; wrote {out}")

@@ -2,8 +2,9 @@
 
     softswap transfer ORIGINAL -o OUT --binarize bivit [--data FILE.npz] [--steps N | --minutes M] [--seed S]
         [--option stage=w1a1,parts=attention+mlp,ratio=0.25] [--temperature T] [--checkpoint FILE] [--report r.json]
-    softswap transfer ORIGINAL -o OUT --attention VARIANT [--hybrid-window 64] [--data FILE|stdlib]
-        [--steps N | --minutes M] [--seed S] [--layers ..] [--keep-softmax ..] [--option k=v ...]
+    softswap transfer ORIGINAL -o OUT --attention VARIANT [--hybrid-window 64] [--data FILE|offline|stdlib]
+        [--steps N | --minutes M] [--stage2-steps N] [--stage2-rank R] [--stage2-lr LR] [--attention-ce W]
+        [--seed S] [--layers ..] [--keep-softmax ..] [--option k=v ...]
         [--checkpoint FILE] [--report r.json] [--tokenizer DIR] [--batch-size B] [--max-samples N] [--lr LR] [--no-progress]
 
 Prints a before/after fidelity table (rich). Softswap errors (:class:`rewrite.errors.SoftswapError`, e.g. a bad
@@ -49,6 +50,12 @@ def print_report(report: dict[str, Any]) -> None:
             t2.add_row(out_name, f"{before.get('cosine', float('nan')):.5f}", f"{after['cosine']:.5f}",
                        f"{before.get('rel_error', float('nan')):.3e}", f"{after['rel_error']:.3e}")
         console.print(t2)
+    s2 = report.get("stage2")
+    if s2 and s2.get("steps"):
+        console.print(f"stage 2: rank {s2['rank']} updates of {len(s2['weights'])} weights, {s2['steps']} steps "
+                      f"({s2['seconds']:.1f}s), loss {s2['loss_first']:.4g} -> {s2['loss_last']:.4g}; merged")
+    for line in report.get("lines", []):
+        console.print(line)
     if "output" in report:
         console.print(f"wrote {report['output']} ({report['seconds']:.1f}s)")
 
@@ -72,7 +79,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
         raise OptionError(f"--binarize {args.binarize!r}: known: bivit")
     for flag, value in (("--hybrid-window", args.hybrid_window), ("--layers", args.layers),
                         ("--keep-softmax", args.keep_softmax), ("--tokenizer", args.tokenizer),
-                        ("--max-samples", args.max_samples if args.max_samples != 512 else None)):
+                        ("--max-samples", args.max_samples),
+                        ("--stage2-steps", args.stage2_steps), ("--attention-ce", args.attention_ce)):
         if value:
             raise OptionError(f"{flag} is an attention-transfer option; --binarize bivit does not take it")
     _, report = qat(args.model, args.output, options=_options(args.option), data=args.data, steps=args.steps,
@@ -97,7 +105,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     """Run :func:`passes.transfer.transfer` (or, with ``--binarize``, BiViT QAT) from parsed arguments; returns the
     exit status."""
-    from .transfer import transfer
+    from .transfer import DEFAULT_MAX_SAMPLES, transfer
     if args.steps is not None and args.minutes is not None:
         raise OptionError("give --steps or --minutes, not both")
     if bool(args.attention) == bool(args.binarize):
@@ -111,9 +119,10 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                          seed=args.seed, layers=args.layers, keep_softmax=args.keep_softmax,
                          checkpoint=args.checkpoint, progress=not args.no_progress,
                          batch_size=args.batch_size if args.batch_size is not None else 16,
-                         max_samples=args.max_samples, lr=args.lr if args.lr is not None else 1e-2,
+                         max_samples=args.max_samples if args.max_samples is not None else DEFAULT_MAX_SAMPLES, lr=args.lr if args.lr is not None else 1e-2,
                          report_path=args.report,
-                         tokenizer=args.tokenizer)
+                         tokenizer=args.tokenizer, stage2_steps=args.stage2_steps, stage2_rank=args.stage2_rank,
+                         stage2_lr=args.stage2_lr, attention_ce=args.attention_ce or 0.0)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -135,9 +144,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--hybrid-window", type=int, default=0, metavar="W",
                    help="sliding softmax window of W tokens (linear, mala); 0 = off")
     p.add_argument("--data", default=None, help=".npz (arrays by input name; with --binarize: rewrite/fit_data.py format, labels 'y' optional), a text file (one sample per line, "
-                                                "tokenized with the model's tokenizer) or 'stdlib'; default "
-                                                "'stdlib' when a tokenizer exists, else synthetic (warned)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per site (default 300)")
+                                                "tokenized with the model's tokenizer), 'offline' or 'stdlib'; default "
+                                                "'offline' (docstrings + package prose) when a tokenizer exists, else synthetic (warned)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per site (default 1500)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget for fitting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", help="only these attention sites (indices, ranges, attnN)")
@@ -147,8 +156,18 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--report", help="write the report as JSON here")
     p.add_argument("--tokenizer", help="tokenizer folder for text --data (default: the model folder's tokenizer)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (64 with --binarize)")
-    p.add_argument("--max-samples", type=int, default=512, help="cap on text lines read")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="cap on text lines read (default 1024 for attention transfer)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-2 (1e-3 with --binarize)")
+    p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
+                   help="LoLCATs stage 2: N steps of low-rank (LoRA) training of the attention projections against "
+                        "the original's output, merged into the weights; default 600 for FX programs / Hugging Face "
+                        "folders with BERT-named projections, else off; 0 = off")
+    p.add_argument("--stage2-rank", type=int, default=8, metavar="R", help="rank of the stage-2 updates (default 8)")
+    p.add_argument("--stage2-lr", type=float, default=1e-3, help="stage-2 Adam learning rate (default 1e-3)")
+    p.add_argument("--attention-ce", type=float, default=None, metavar="W",
+                   help="weight of the attention-map cross-entropy term in the per-site fit (LoLCATs λ_ce, beside "
+                        "1000 x output MSE); default 0 = off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_transfer)

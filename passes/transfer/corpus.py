@@ -148,3 +148,59 @@ def package_docs_corpus(exclude_stdlib: bool = True) -> Corpus:
     log.info("package-docs corpus from %d distributions: %d calibration + %d held-out sentences", len(names),
              len(cal), len(held))
     return Corpus(calibration=cal, held_out=held, source=f"README/licence prose of {len(names)} installed packages")
+
+
+@lru_cache(maxsize=2)
+def offline_corpus() -> Corpus:
+    """The default calibration text: the docstring corpus and the package-prose corpus, interleaved.
+
+    Calibration = stdlib docstrings and installed packages' README/licence prose alternating sentence by sentence
+    (each in its own hash order), so any prefix (``max_samples``) holds both registers equally until the shorter
+    runs out; held-out = both held-out splits, interleaved the same way. Two registers (technical reference prose,
+    and descriptive / legal prose) generalise better to text of a third kind than either alone (docs/transfer.md).
+    """
+    std, pkg = stdlib_corpus(), package_docs_corpus()
+
+    def mix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+        n = min(len(a), len(b))
+        return tuple(x for pair in zip(a[:n], b[:n]) for x in pair) + a[n:] + b[n:]
+
+    return Corpus(calibration=mix(std.calibration, pkg.calibration), held_out=mix(std.held_out, pkg.held_out),
+                  source=f"stdlib docstrings + {pkg.source}")
+
+
+def _read_doc(path: Path) -> str:
+    import gzip
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+                return f.read(200_000)
+        return path.read_text(encoding="utf-8", errors="replace")[:200_000]
+    except (OSError, EOFError):
+        return ""
+
+
+@lru_cache(maxsize=2)
+def system_docs_corpus(root: str = "/usr/share/doc") -> Corpus:
+    """A third, evaluation-only source: the operating system's package documentation under ``root``.
+
+    Sentences of each package folder's ``copyright``, ``README*``, ``NEWS*`` and ``changelog*`` files (plain or
+    gzip), filtered like the other corpora, minus every sentence of :func:`offline_corpus` (calibration and
+    held-out), so it shares no sentence with the default calibration text. Empty when ``root`` does not exist (the
+    folder is a Debian/Ubuntu convention). Not used for calibration: it is what ``tools/bench/fidelity.py`` scores
+    as out-of-domain text.
+    """
+    seen: set[str] = set()
+    base = Path(root)
+    names = ("copyright", "README", "README.md", "README.gz", "README.Debian", "NEWS.gz", "NEWS", "changelog.gz")
+    folders = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                seen.update(_sentences(_read_doc(folder / name)))
+    off = offline_corpus()
+    seen -= set(off.calibration) | set(off.held_out)
+    ordered = sorted(seen, key=_hash)
+    held = tuple(s for s in ordered if int(_hash(s), 16) % 10 == 0)
+    cal = tuple(s for s in ordered if int(_hash(s), 16) % 10 != 0)
+    return Corpus(calibration=cal, held_out=held, source=f"system package docs under {root} ({len(folders)} folders)")

@@ -3,14 +3,15 @@
 Sources (:func:`load_calibration`):
 
 - ``None`` (the default): **real text** whenever a tokenizer exists (the model folder's, or ``tokenizer=``): the
-  offline ``stdlib`` docstring corpus below. Only when there is no tokenizer: synthetic inputs from the model's
+  ``offline`` corpus below (standard-library docstrings and installed packages' README/licence prose). Only when there is no tokenizer: synthetic inputs from the model's
   input spec (``HFModel.make_inputs`` for Hugging Face folders, :func:`rewrite.io.synth_inputs` for ONNX graphs,
   seeded noise shaped like the example inputs otherwise), with a logged warning and a ``warning`` entry in
   :meth:`Calibration.describe` saying that fidelity on real inputs is unmeasured;
 - a ``.npz`` file: arrays keyed by the model's input names, batch on axis 0;
 - a text file (any other suffix): one sample per line, tokenized with the model folder's tokenizer
   (``transformers.AutoTokenizer`` from ``HFModel.tokenizer_path``, local files only) or ``tokenizer=``;
-- the string ``"stdlib"``: the offline docstring corpus of :mod:`passes.transfer.corpus`;
+- the string ``"offline"``: :func:`passes.transfer.corpus.offline_corpus` (the default text); ``"stdlib"``: the
+  docstring corpus alone (:func:`passes.transfer.corpus.stdlib_corpus`);
 - a list of strings (tokenized like a text file), a list of input dicts (used as batches), or a
   :class:`Calibration` (returned unchanged).
 
@@ -227,7 +228,7 @@ def load_calibration(loaded: LoadedModel, data: Any = None, *, batch_size: int =
         return data
     if data is None:
         if has_tokenizer(loaded, tokenizer):
-            calib = load_calibration(loaded, "stdlib", batch_size=batch_size, max_length=max_length,
+            calib = load_calibration(loaded, "offline", batch_size=batch_size, max_length=max_length,
                                      max_samples=max_samples, held_out=held_out, tokenizer=tokenizer, seed=seed)
             calib.source = f"default real text: {calib.source}"
             log.info("no calibration data given: using real text (%s)", calib.source)
@@ -237,10 +238,11 @@ def load_calibration(loaded: LoadedModel, data: Any = None, *, batch_size: int =
         log.warning("%s: %s", loaded.source, SYNTHETIC_WARNING)
         return Calibration(train, held, f"synthetic ids -- {SYNTHETIC_WARNING}", {"samples": n_batches * batch_size},
                            warning=SYNTHETIC_WARNING)
-    if isinstance(data, str) and data == "stdlib":
-        from .corpus import stdlib_corpus
-        corpus = stdlib_corpus()
-        return _from_lines(list(corpus.calibration), loaded, f"stdlib docstrings ({corpus.source})",
+    if isinstance(data, str) and data in ("stdlib", "offline"):
+        from .corpus import offline_corpus, stdlib_corpus
+        corpus = stdlib_corpus() if data == "stdlib" else offline_corpus()
+        label = f"stdlib docstrings ({corpus.source})" if data == "stdlib" else f"offline text ({corpus.source})"
+        return _from_lines(list(corpus.calibration), loaded, label,
                            tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                            max_samples=max_samples, held_out=held_out)
     if isinstance(data, (str, os.PathLike)):
@@ -265,4 +267,4 @@ def load_calibration(loaded: LoadedModel, data: Any = None, *, batch_size: int =
         train, held = _split_batches(batches, held_out)
         return Calibration(train, held, "<batches>", {"batches": len(batches)})
     raise CalibrationDataError(f"calibration data of type {type(data).__name__} not understood: give a .npz file, "
-                               "a text file, 'stdlib', a list of strings or a list of input dicts")
+                               "a text file, 'offline', 'stdlib', a list of strings or a list of input dicts")

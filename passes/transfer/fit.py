@@ -39,6 +39,8 @@ class FitConfig:
     lr: float = 1e-2
     scalar_lr: float = 1e-1
     lambda_mse: float = LAMBDA_MSE
+    #: Weight of the attention-weight cross-entropy term (:mod:`.attention_ce`); 0 = off (the LoLCATs default).
+    lambda_ce: float = 0.0
 
 
 @dataclass
@@ -62,10 +64,15 @@ class SiteState:
 
 
 def site_loss(module: SiteModule, sample: Sample, config: FitConfig) -> torch.Tensor:
-    """λ_mse · mean squared error of the module's output against the captured softmax output."""
+    """λ_mse · mean squared error of the module's output against the captured softmax output, plus
+    λ_ce · the attention-map cross-entropy (:func:`.attention_ce.attention_ce`) when ``config.lambda_ce`` > 0."""
     out = module(*sample[:-1])
     target = sample[-1]
-    return config.lambda_mse * torch.mean((out.float() - target.float()) ** 2)
+    loss = config.lambda_mse * torch.mean((out.float() - target.float()) ** 2)
+    if config.lambda_ce:
+        from .attention_ce import attention_ce
+        loss = loss + config.lambda_ce * attention_ce(module, sample)
+    return loss
 
 
 def batch_order(n_batches: int, step: int, seed: int, site_index: int) -> int:

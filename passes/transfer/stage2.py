@@ -41,6 +41,37 @@ def _target_weights(gm: torch.nn.Module, targets: Sequence[str]) -> dict[str, to
     return out
 
 
+#: Stage-2 steps of the default recipe (``stage2_steps=None``) where stage 2 applies.
+DEFAULT_STAGE2_STEPS = 600
+#: With a wall-clock budget (``minutes``) and stage 2 on, the share of the budget stage 1 gets (stage 2: the rest).
+STAGE1_SHARE = 0.5
+
+
+def stage2_plan(model: LoadedModel, steps: int | None, *, real_data: bool = True,
+                targets: Sequence[str] = DEFAULT_TARGETS) -> tuple[int, str | None]:
+    """(steps stage 2 will run, reason it will not run or None) for ``model`` (the original or the rewritten one).
+
+    ``steps`` None is the default: ``DEFAULT_STAGE2_STEPS`` when the calibration is real data (``real_data``: not
+    the synthetic-id fallback, on which end-to-end training would fit noise) and the model is an FX program with
+    weights named by ``targets``; else 0 with the reason. An explicit ``steps`` > 0 on a model stage 2 cannot
+    train raises :class:`TransferError` (naming the model); 0 is off without a reason.
+    """
+    if steps == 0:
+        return 0, None
+    if steps is None and not real_data:
+        return 0, "calibration is synthetic ids (no tokenizer); stage 2 is not run on them by default"
+    if model.kind != "fx" or model.ep is None:
+        why = (f"{model.source}: stage 2 needs an FX program (a .pt2, nn.Module or Hugging Face folder); "
+               f"a {model.kind} graph is not trained end to end")
+    elif not _target_weights(model.ep.module(), targets):
+        why = f"{model.source}: no 2-D weight name contains any of {list(targets)} (stage 2 adapts those)"
+    else:
+        return (DEFAULT_STAGE2_STEPS if steps is None else int(steps)), None
+    if steps is not None:
+        raise TransferError(f"stage2_steps={steps}: {why}")
+    return 0, why
+
+
 def _teacher(original: LoadedModel, batches: list[Batch]) -> list[torch.Tensor]:
     name = original.output_names[0]
     return [torch.as_tensor(np.asarray(run_model(original, b)[name]), dtype=torch.float32) for b in batches]

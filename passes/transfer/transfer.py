@@ -40,8 +40,10 @@ from .fit import FitConfig, Sample, SiteState, evaluate, fit_site
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "softswap-transfer/1"
-#: Steps per site when neither ``steps`` nor ``minutes`` is given.
-DEFAULT_STEPS = 300
+#: Steps per site when neither ``steps`` nor ``minutes`` is given (docs/transfer.md: budget and s/step).
+DEFAULT_STEPS = 1500
+#: Text lines read for calibration by default (20 % of them held out).
+DEFAULT_MAX_SAMPLES = 1024
 #: Variants whose transfer default is the learnable Hedgehog feature map.
 HEDGEHOG_DEFAULT = ("linear", "mala")
 
@@ -179,9 +181,9 @@ def fit_params(model: Any, *, attention: str = "linear", options: Mapping[str, A
                hybrid_window: int = 0, data: Any = None, steps: int | None = None, minutes: float | None = None,
                seed: int = 0, layers: Any = None, keep_softmax: Any = None,
                checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, example_inputs: Any = None,
-               batch_size: int = 16, max_samples: int | None = 512, max_length: int = 128, lr: float = 1e-2,
+               batch_size: int = 16, max_samples: int | None = DEFAULT_MAX_SAMPLES, max_length: int = 128, lr: float = 1e-2,
                scalar_lr: float = 1e-1, sites_per_capture: int | None = None, tokenizer: Any = None,
-               threads: int | None = 1
+               threads: int | None = 1, attention_ce: float = 0.0
                ) -> tuple[mio.LoadedModel, Calibration, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Steps 1–4 of :func:`transfer` without writing the graph: (loaded model, calibration, fitted per-site params,
     report). Arguments as for :func:`transfer`. ``report["sites"]`` holds the per-site before/after fidelity.
@@ -197,7 +199,8 @@ def fit_params(model: Any, *, attention: str = "linear", options: Mapping[str, A
                            steps=steps, minutes=minutes, seed=seed, layers=layers, keep_softmax=keep_softmax,
                            checkpoint=checkpoint, progress=progress, example_inputs=example_inputs,
                            batch_size=batch_size, max_samples=max_samples, max_length=max_length, lr=lr,
-                           scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer)
+                           scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer,
+                           attention_ce=attention_ce)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -206,13 +209,14 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                 steps: int | None, minutes: float | None, seed: int, layers: Any, keep_softmax: Any,
                 checkpoint: str | os.PathLike[str] | None, progress: bool, example_inputs: Any, batch_size: int,
                 max_samples: int | None, max_length: int, lr: float, scalar_lr: float,
-                sites_per_capture: int | None, tokenizer: Any
+                sites_per_capture: int | None, tokenizer: Any, attention_ce: float = 0.0
                 ) -> tuple[mio.LoadedModel, Calibration, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     from passes.attention import get_variant
 
     t0 = time.time()
     _check_numbers(steps=steps, minutes=minutes, batch_size=batch_size, max_samples=max_samples,
-                   max_length=max_length, lr=lr, scalar_lr=scalar_lr, hybrid_window=hybrid_window)
+                   max_length=max_length, lr=lr, scalar_lr=scalar_lr, hybrid_window=hybrid_window,
+                   attention_ce=attention_ce)
     if checkpoint is not None:
         _check_checkpoint_path(checkpoint)
     try:
@@ -235,7 +239,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                              tokenizer=tokenizer, seed=seed)
     if steps is None and minutes is None:
         steps = DEFAULT_STEPS
-    config = FitConfig(lr=lr, scalar_lr=scalar_lr)
+    config = FitConfig(lr=lr, scalar_lr=scalar_lr, lambda_ce=float(attention_ce))
     ckpt = _Checkpoint(checkpoint, {"variant": variant.name, "options": _canonical_options(resolved), "seed": seed})
     torch.manual_seed(seed)
 
@@ -297,6 +301,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
     report: dict[str, Any] = {
         "model": loaded.source, "graph": loaded.kind, "variant": variant.name,
         "options": _canonical_options(resolved), "seed": seed, "steps": steps, "minutes": minutes,
+        "attention_ce": float(attention_ce),
         "data": calib.describe(), "sites": site_rows,
         "skipped": {d.site.name: d.reason for d in decisions if not d.replace},
         "fit_seconds": round(time.time() - t0, 2), "checkpoint": str(checkpoint) if checkpoint else None,
@@ -309,12 +314,12 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
              options: Mapping[str, Any] | None = None, hybrid_window: int = 0, data: Any = None,
              steps: int | None = None, minutes: float | None = None, seed: int = 0, layers: Any = None,
              keep_softmax: Any = None, checkpoint: str | os.PathLike[str] | None = None, progress: bool = True,
-             example_inputs: Any = None, batch_size: int = 16, max_samples: int | None = 512,
+             example_inputs: Any = None, batch_size: int = 16, max_samples: int | None = DEFAULT_MAX_SAMPLES,
              max_length: int = 128, lr: float = 1e-2, scalar_lr: float = 1e-1,
              sites_per_capture: int | None = None, measure_model: bool = True, tokenizer: Any = None,
              report_path: str | os.PathLike[str] | None = None, threads: int | None = 1,
-             stage2_steps: int = 0, stage2_rank: int = 8,
-             stage2_lr: float = 1e-3) -> tuple[mio.LoadedModel, dict[str, Any]]:
+             stage2_steps: int | None = None, stage2_rank: int = 8,
+             stage2_lr: float = 1e-3, attention_ce: float = 0.0) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Replace softmax attention with ``attention`` and fit the replacement's parameters per site.
 
     Args:
@@ -336,10 +341,16 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         batch_size, max_samples, max_length, tokenizer: calibration data shaping (text / synthetic).
         lr, scalar_lr: Adam learning rates for matrices and per-head scalars.
         sites_per_capture: capture at most this many sites per pass over the data (bounds memory); None = all.
-        threads: torch threads while capturing and fitting (default 1; None = unchanged).
-        stage2_steps, stage2_rank, stage2_lr: LoLCATs stage 2 (:mod:`.stage2`, FX only): that many Adam steps of
+        threads: torch threads while capturing, fitting and in stage 2 (default 1; None = unchanged).
+        stage2_steps, stage2_rank, stage2_lr: LoLCATs stage 2 (:mod:`.stage2`): that many Adam steps of
             rank-``stage2_rank`` updates of the attention projections against the original's first output,
-            merged into the weights; 0 (default) = off. ``report["stage2"]`` summarises it.
+            merged into the weights; 0 = off. None (default): ``DEFAULT_STAGE2_STEPS`` where it applies (real
+            calibration data, not the synthetic fallback; an FX program whose attention projections carry the
+            Hugging Face BERT-family names), else off with a report line saying why
+            (:func:`.stage2.stage2_plan`). With ``minutes``, stage 1 gets ``STAGE1_SHARE`` of the budget and
+            stage 2 the rest. ``report["stage2"]`` summarises it.
+        attention_ce: λ_ce, weight of the attention-map cross-entropy term of stage 1 (:mod:`.attention_ce`);
+            0 (default) = output MSE only.
         measure_model: compute model-level fidelity (one more rewrite + runs on the held-out batches).
         report_path: also write the report as JSON here.
 
@@ -357,12 +368,20 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     out_path = mio.check_output_path(out) if out is not None else None
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))
+    _check_numbers(stage2_steps=stage2_steps, stage2_rank=stage2_rank, stage2_lr=stage2_lr)
+    from .data import has_tokenizer
+    from .stage2 import STAGE1_SHARE, lora_stage2, stage2_plan
+    model = mio.load_model(model, example_inputs)
+    # decided (and refused, for an explicit request it cannot serve) before any work; the rewritten program has
+    # the original's kind and weight names
+    n_stage2, why_not = stage2_plan(model, stage2_steps, real_data=data is not None or has_tokenizer(model, tokenizer))
+    minutes_stage1 = minutes * STAGE1_SHARE if minutes is not None and n_stage2 else minutes
     loaded, calib, fitted, report = fit_params(
         model, attention=attention, options=options, hybrid_window=hybrid_window, data=data, steps=steps,
-        minutes=minutes, seed=seed, layers=layers, keep_softmax=keep_softmax, checkpoint=checkpoint,
+        minutes=minutes_stage1, seed=seed, layers=layers, keep_softmax=keep_softmax, checkpoint=checkpoint,
         progress=progress, example_inputs=example_inputs, batch_size=batch_size, max_samples=max_samples,
         max_length=max_length, lr=lr, scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer,
-        threads=threads)
+        threads=threads, attention_ce=attention_ce)
     if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
         from rewrite.errors import OutputPathError
         raise OutputPathError(f"{out_path}: an ONNX model can only be written as .onnx")
@@ -370,13 +389,20 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     variant = get_variant(attention)
     opts = transfer_options(variant, options, hybrid_window)
     new_model, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, fitted)
-    if stage2_steps:
-        from .stage2 import lora_stage2  # LoLCATs stage 2, merged into the weights (the graph stays plain)
-        if new_model.kind != "fx":
-            raise TransferError(f"{loaded.source}: stage2_steps needs an FX program (a .pt2, nn.Module or Hugging "
-                                "Face folder); ONNX graphs are not trained end to end")
-        report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=stage2_steps,
-                                       lr=stage2_lr, seed=seed)
+    if n_stage2:  # LoLCATs stage 2, merged into the weights (the graph stays plain)
+        deadline_min = None if minutes is None else max(0.05, minutes - (time.time() - t0) / 60.0)
+        # same threads as stage 1 (default 1): on a shared 2-core machine two threads measured no faster
+        previous_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=n_stage2,
+                                           lr=stage2_lr, seed=seed, minutes=deadline_min)
+        finally:
+            torch.set_num_threads(previous_threads)
+    elif why_not:
+        report["stage2"] = {"steps": 0, "note": why_not}
+        report["lines"].append(f"stage 2 off: {why_not}")
     if measure_model:
         untrained, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, None)
         report["model_fidelity"] = {"before": _model_fidelity(loaded, untrained, calib.held_out),
@@ -406,7 +432,9 @@ def site_params(report_or_model: Any) -> dict[str, dict[str, torch.Tensor]]:
 def _check_numbers(**values: Any) -> None:
     """Every numeric knob finite and in range, named as its CLI flag (``--batch-size``) in the error."""
     rules = {"steps": (0, False), "minutes": (0, True), "batch_size": (1, False), "max_samples": (1, False),
-             "max_length": (1, False), "lr": (0, True), "scalar_lr": (0, True), "hybrid_window": (0, False)}
+             "max_length": (1, False), "lr": (0, True), "scalar_lr": (0, True), "hybrid_window": (0, False),
+             "attention_ce": (0, False), "stage2_steps": (0, False), "stage2_rank": (1, False),
+             "stage2_lr": (0, True)}
     for name, value in values.items():
         if value is None:
             continue

@@ -19,6 +19,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from passes.transfer import load_calibration, stdlib_corpus, transfer  # noqa: E402
+from passes.transfer.corpus import offline_corpus, package_docs_corpus  # noqa: E402
 from passes.transfer.data import SYNTHETIC_WARNING  # noqa: E402
 sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
 from transfer_models import tiny_bert  # noqa: E402
@@ -67,7 +68,12 @@ def test_real_minilm_default_is_real_text(minilm: LoadedModel) -> None:
     held = _decode(cal.held_out, tok)
     norm = lambda s: " ".join(tok.decode(tok(s, truncation=True, max_length=128)["input_ids"],  # noqa: E731
                                          skip_special_tokens=True).split())
-    ref = [norm(s) for s in stdlib_corpus().calibration[:160]]
+    corpus = offline_corpus()
+    ref = [norm(s) for s in corpus.calibration[:160]]
+    # the default text holds both registers: docstrings and package prose, alternating
+    std, pkg = set(stdlib_corpus().calibration), set(package_docs_corpus().calibration)
+    assert [s in std for s in corpus.calibration[:6]] == [True, False] * 3
+    assert all(s in pkg for s in corpus.calibration[1:160:2])
     # the held-out split is real text: exactly the last 20 % of the corpus lines, disjoint from the train lines
     assert sorted(held) == sorted(ref[128:]) and sorted(train) == sorted(ref[:128])
     assert not set(held) & set(train)
@@ -97,13 +103,34 @@ def test_no_tokenizer_falls_back_to_synthetic_loudly(tiny: LoadedModel, caplog: 
 
 def test_transfer_report_carries_the_synthetic_warning(tiny: LoadedModel) -> None:
     _, report = transfer(tiny, None, attention="linear", steps=2, batch_size=4, progress=False, measure_model=False)
-    assert report["lines"] == [SYNTHETIC_WARNING]
+    assert report["lines"][0] == SYNTHETIC_WARNING
     assert report["data"]["warning"] == SYNTHETIC_WARNING
+    # the default stage 2 is not run on synthetic ids, and the report says so
+    assert report["stage2"]["steps"] == 0 and "synthetic" in report["stage2"]["note"]
+    assert report["lines"][1].startswith("stage 2 off:")
     from rewrite.hf import minilm_path
     _, report = transfer(tiny, None, attention="linear", data="stdlib", steps=2, batch_size=4, max_samples=16,
-                         tokenizer=minilm_path(),
+                         tokenizer=minilm_path(), stage2_steps=0,
                          progress=False, measure_model=False)
-    assert report["lines"] == [] and "warning" not in report["data"]
+    assert report["lines"] == [] and "warning" not in report["data"] and "stage2" not in report
+
+
+def test_default_stage2_plan(tiny: LoadedModel) -> None:
+    """Stage 2 is on by default for an FX BERT-family program calibrated on real data, off (with the reason)
+    for synthetic ids or an ONNX graph; asking for it where it cannot run is a TransferError."""
+    from passes.transfer.stage2 import DEFAULT_STAGE2_STEPS, stage2_plan
+    from passes.transfer.transfer import TransferError
+    from rewrite.io import fx_to_onnx, load_model
+    assert stage2_plan(tiny, None, real_data=True) == (DEFAULT_STAGE2_STEPS, None)
+    assert stage2_plan(tiny, 7, real_data=False) == (7, None)
+    assert stage2_plan(tiny, 0) == (0, None)
+    steps, why = stage2_plan(tiny, None, real_data=False)
+    assert steps == 0 and "synthetic" in why
+    onnx_model = load_model(fx_to_onnx(tiny))
+    steps, why = stage2_plan(onnx_model, None)
+    assert steps == 0 and "FX program" in why
+    with pytest.raises(TransferError, match="stage2_steps=5"):
+        stage2_plan(onnx_model, 5)
 
 
 def test_package_docs_corpus_is_a_disjoint_deterministic_second_source() -> None:
@@ -119,3 +146,20 @@ def test_package_docs_corpus_is_a_disjoint_deterministic_second_source() -> None
     assert all(h(s) % 10 == 0 for s in ood.held_out) and all(h(s) % 10 for s in ood.calibration)
     package_docs_corpus.cache_clear()
     assert package_docs_corpus() == ood
+
+
+def test_system_docs_corpus_reads_doc_folders_and_excludes_calibration_text(tmp_path) -> None:
+    import gzip
+
+    from passes.transfer.corpus import offline_corpus, system_docs_corpus
+    shared = offline_corpus().calibration[0]
+    own = ["The quick brown fox jumps over the lazy dog near the river bank.",
+           "Packages in this folder were built from the upstream release tarball."]
+    (tmp_path / "pkg-a").mkdir()
+    (tmp_path / "pkg-a" / "copyright").write_text(f"{own[0]}\n\n{shared}\n", encoding="utf-8")
+    (tmp_path / "pkg-b").mkdir()
+    with gzip.open(tmp_path / "pkg-b" / "changelog.gz", "wt", encoding="utf-8") as f:
+        f.write(own[1] + "\n")
+    corpus = system_docs_corpus(str(tmp_path))
+    assert sorted(corpus.calibration + corpus.held_out) == sorted(own)  # the offline sentence is left out
+    assert system_docs_corpus(str(tmp_path / "missing")).calibration == ()

@@ -11,12 +11,15 @@ as the mean (and minimum) cosine between the original and converted sentence emb
 ``last_hidden_state`` over the tokens with ``attention_mask`` = 1, as sentence-transformers does.
 
 Calibration is what ``softswap transfer`` does by default (``data=None``): for MiniLM, whose folder ships a
-tokenizer, the calibration split of the offline stdlib-docstring corpus (:mod:`passes.transfer.corpus`), first
-``--calib`` sentences. Two evaluation sets, side by side:
+tokenizer, the calibration split of the offline corpus (:func:`passes.transfer.corpus.offline_corpus`:
+standard-library docstrings and installed packages' README/licence prose, interleaved), first ``--calib``
+sentences; then the default stage 2 (``--stage2-steps``, default ``DEFAULT_STAGE2_STEPS``; 0 = off). Two evaluation
+sets, side by side:
 
-- **in-domain**: the held-out split of the same docstring corpus (disjoint by hash);
-- **out-of-domain**: README and licence prose of the installed packages (:func:`package_docs_corpus`), a source
-  the calibration never saw (no sentence shared with the docstring corpus).
+- **in-domain**: the held-out split of the same offline corpus (disjoint by hash);
+- **out-of-domain**: the operating system's package documentation under /usr/share/doc (copyright, README, NEWS,
+  changelog files; :func:`system_docs_corpus`), a source the calibration never saw (no sentence shared with the
+  offline corpus). Where /usr/share/doc is missing, the bench stops and says so.
 
 Usage::
 
@@ -49,8 +52,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from machine import describe  # noqa: E402  (tools/bench/machine.py: the CPU line of every table)
 from passes.attention import get_variant  # noqa: E402
-from passes.transfer import fit_params, stdlib_corpus, transfer_options  # noqa: E402
-from passes.transfer.corpus import package_docs_corpus  # noqa: E402
+from passes.transfer import fit_params, transfer_options  # noqa: E402
+from passes.transfer.transfer import DEFAULT_MAX_SAMPLES, DEFAULT_STEPS  # noqa: E402
+from passes.transfer.corpus import offline_corpus, system_docs_corpus  # noqa: E402
+from passes.transfer.stage2 import DEFAULT_STAGE2_STEPS  # noqa: E402
 from passes.transfer.data import tokenize_lines  # noqa: E402
 from rewrite.attention_pass import AttentionRewritePass  # noqa: E402
 from rewrite.hf import minilm_path  # noqa: E402
@@ -93,12 +98,15 @@ def _stats(c: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per site (default 400)")
+    budget.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps per site (default {DEFAULT_STEPS}, as the transfer default)")
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock fitting budget per configuration")
-    parser.add_argument("--calib", type=int, default=512, help="calibration sentences (default 512)")
+    parser.add_argument("--calib", type=int, default=DEFAULT_MAX_SAMPLES,
+                        help=f"calibration sentences (default {DEFAULT_MAX_SAMPLES}, as the transfer default)")
     parser.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences per set (default 256)")
-    parser.add_argument("--stage2-steps", type=int, default=0,
-                        help="also measure LoRA stage 2 (passes/transfer/stage2.py) with this many steps (0: off)")
+    parser.add_argument("--stage2-steps", type=int, default=DEFAULT_STAGE2_STEPS,
+                        help=f"LoRA stage 2 steps after stage 1 (default {DEFAULT_STAGE2_STEPS}, as the transfer "
+                             "default; 0: off)")
     parser.add_argument("--stage2-rank", type=int, default=8)
     parser.add_argument("--stage2-lr", type=float, default=1e-3)
     parser.add_argument("--plain", action="store_true", help="also measure the parameter-free linear/mala swap")
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    steps = args.steps if args.steps is not None or args.minutes is not None else 400
+    steps = args.steps if args.steps is not None or args.minutes is not None else DEFAULT_STEPS
 
     from rich.console import Console
     from rich.table import Table
@@ -118,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     loaded = load_model(minilm_path())
-    corpus = stdlib_corpus()
-    ood = package_docs_corpus()
+    corpus = offline_corpus()
+    ood = system_docs_corpus()
+    if not ood.held_out:
+        raise SystemExit(f"no out-of-domain text: {ood.source} is empty (needs /usr/share/doc)")
     cal_lines = list(corpus.calibration[:args.calib])
-    sets = {"in": list(corpus.held_out[:args.eval]), "ood": list((ood.calibration + ood.held_out)[:args.eval])}
+    sets = {"in": list(corpus.held_out[:args.eval]), "ood": list(ood.held_out[:args.eval])}
     assert not set(cal_lines) & (set(sets["in"]) | set(sets["ood"]))
     eval_batches = {k: tokenize_lines(v, loaded, batch_size=32, max_length=128, source=k) for k, v in sets.items()}
     ref = {k: embeddings(loaded, v) for k, v in eval_batches.items()}
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return {k: _stats(cosines(ref[k], embeddings(model, eval_batches[k]))) for k in sets}
 
     console.print(f"CPU: {describe()}")
-    console.print(f"MiniLM loaded; in-domain: {len(sets['in'])} stdlib-docstring held-out sentences "
+    console.print(f"MiniLM loaded; in-domain: {len(sets['in'])} held-out sentences of {corpus.source} "
                   f"({n_tokens['in']} tokens); out-of-domain: {len(sets['ood'])} sentences of {ood.source} "
                   f"({n_tokens['ood']} tokens); {time.time() - t0:.1f}s")
 
@@ -155,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         row["transfer_seconds"] = round(time.time() - t, 1)
         fitted = AttentionRewritePass(variant, options=opts, measure=False, params=params).run(loaded).model
         row["after"] = stats(fitted)
-        if args.stage2_steps:
+        if args.stage2_steps and variant_name in ("linear", "mala"):
             from passes.transfer.stage2 import lora_stage2
+            torch.set_num_threads(1)  # as the transfer default (threads=1) does
             row["stage2"] = lora_stage2(fitted, loaded, calib.train, rank=args.stage2_rank, steps=args.stage2_steps,
                                         lr=args.stage2_lr, seed=args.seed)
             row["after_stage2"] = stats(fitted)
@@ -171,20 +182,23 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{name}: after in-domain {row['after']['in']['mean']:.4f} / out-of-domain "
                       f"{row['after']['ood']['mean']:.4f} ({row['transfer_seconds']}s)")
 
-    table = Table(title="MiniLM sentence-embedding cosine vs original: in-domain (stdlib docstrings held out) | "
-                        "out-of-domain (package README/licence prose)")
-    for col in ("config", "plain in|ood", "untrained in|ood", "after in (mean/min)", "after ood (mean/min)",
-                "transfer s", "steps/site"):
+    table = Table(title="MiniLM sentence-embedding cosine vs original: in-domain (offline corpus held out) | "
+                        "out-of-domain (/usr/share/doc prose)")
+    for col in ("config", "plain in|ood", "untrained in|ood", "stage 1 in (mean/min)", "stage 1 ood (mean/min)",
+                "+ stage 2 in (mean/min)", "+ stage 2 ood (mean/min)", "transfer s", "steps/site"):
         table.add_column(col)
     for r in rows:
         plain = f"{r['plain']['in']['mean']:.4f} | {r['plain']['ood']['mean']:.4f}" if "plain" in r else "-"
         table.add_row(r["config"], plain, f"{r['before']['in']['mean']:.4f} | {r['before']['ood']['mean']:.4f}",
                       f"{r['after']['in']['mean']:.4f} / {r['after']['in']['min']:.4f}",
                       f"{r['after']['ood']['mean']:.4f} / {r['after']['ood']['min']:.4f}",
-                      f"{r['transfer_seconds']:.0f}", str(max(r["steps_per_site"].values())))
+                      *([f"{r['after_stage2'][k]['mean']:.4f} / {r['after_stage2'][k]['min']:.4f}" for k in ("in", "ood")]
+                        if "after_stage2" in r else ["-", "-"]),
+                      f"{r['transfer_seconds'] + r.get('stage2', {}).get('seconds', 0):.0f}",
+                      str(max(r["steps_per_site"].values())))
     console.print(table)
     result = {"model": str(minilm_path()), "eval_sentences": {k: len(v) for k, v in sets.items()},
-              "eval_sources": {"in": f"stdlib docstrings held-out ({corpus.source})", "ood": ood.source},
+              "eval_sources": {"in": f"held-out split of {corpus.source}", "ood": ood.source},
               "eval_tokens": n_tokens,
               "calibration_sentences": len(cal_lines), "steps": steps, "minutes": args.minutes, "seed": args.seed,
               "batch_size": args.batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
