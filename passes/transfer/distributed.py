@@ -319,6 +319,12 @@ def main_rank(run: Any, backend: str = "auto") -> Any:
                                                                         lost=isinstance(exc, PeerLostError)):
             sys.exit(2)
         raise
+    except Exception as exc:  # noqa: BLE001 - a bug in one rank: one line at the launcher, not one per rank
+        from rewrite.errors import first_line
+        if shard is not None and shard.world > 1 and report_rank_error(
+                shard.rank, f"{first_line(exc)} (unexpected; rerun without --nproc and with --debug for the traceback)"):
+            sys.exit(1)
+        raise
     finally:
         if shard is not None:
             shard.close()

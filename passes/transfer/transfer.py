@@ -35,7 +35,7 @@ from rewrite.recognize import recognize
 from rewrite.verify import verify as _verify
 
 from .data import Batch, Calibration, load_calibration
-from .fit import FitConfig, Sample, SiteState, evaluate, fit_site
+from .fit import FitConfig, SiteState, fit_site
 
 log = logging.getLogger(__name__)
 
