@@ -22,6 +22,7 @@ from rewrite.cli import parse_options
 from rewrite.errors import OptionError
 
 log = logging.getLogger(__name__)
+_PARSER: Any = None  # the transfer subparser (rebuilding a rank's command line for --nproc)
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -80,7 +81,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
     for flag, value in (("--hybrid-window", args.hybrid_window), ("--layers", args.layers),
                         ("--keep-softmax", args.keep_softmax), ("--tokenizer", args.tokenizer),
                         ("--max-samples", args.max_samples),
-                        ("--stage2-steps", args.stage2_steps), ("--attention-ce", args.attention_ce)):
+                        ("--stage2-steps", args.stage2_steps), ("--attention-ce", args.attention_ce),
+                        ("--nproc", args.nproc), ("--max-memory", args.max_memory)):
         if value:
             raise OptionError(f"{flag} is an attention-transfer option; --binarize bivit does not take it")
     _, report = qat(args.model, args.output, options=_options(args.option), data=args.data, steps=args.steps,
@@ -114,15 +116,32 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         return cmd_qat(args)
     if args.binary_lr is not None:
         raise OptionError("--binary-lr is a --binarize option")
-    _, report = transfer(args.model, args.output, attention=args.attention, options=parse_options(args.option),
-                         hybrid_window=args.hybrid_window, data=args.data, steps=args.steps, minutes=args.minutes,
-                         seed=args.seed, layers=args.layers, keep_softmax=args.keep_softmax,
-                         checkpoint=args.checkpoint, progress=not args.no_progress,
-                         batch_size=args.batch_size if args.batch_size is not None else 16,
-                         max_samples=args.max_samples if args.max_samples is not None else DEFAULT_MAX_SAMPLES, lr=args.lr if args.lr is not None else 1e-2,
-                         report_path=args.report,
-                         tokenizer=args.tokenizer, stage2_steps=args.stage2_steps, stage2_rank=args.stage2_rank,
-                         stage2_lr=args.stage2_lr, attention_ce=args.attention_ce or 0.0)
+    # --- distributed hook (.distributed): --nproc launches ranks via torch.distributed.run; a launched rank
+    # (torchrun / SLURM environment) fits its share of the sites and only rank 0 writes and prints.
+    from . import distributed
+    from .capture_store import parse_size
+    max_memory = parse_size(args.max_memory, "--max-memory") if args.max_memory is not None else None
+    if args.nproc is not None and distributed.launched_env() is None:
+        return distributed.launch(distributed.child_argv(args, _PARSER), args.nproc,
+                                  verbose=bool(getattr(args, "verbose", False)))
+
+    def run(shard: Any) -> tuple[dict[str, Any], bool]:
+        _, rep = transfer(args.model, args.output, attention=args.attention, options=parse_options(args.option),
+                          hybrid_window=args.hybrid_window, data=args.data, steps=args.steps, minutes=args.minutes,
+                          seed=args.seed, layers=args.layers, keep_softmax=args.keep_softmax,
+                          checkpoint=args.checkpoint, progress=not args.no_progress and (shard is None or shard.writes),
+                          batch_size=args.batch_size if args.batch_size is not None else 16,
+                          max_samples=args.max_samples if args.max_samples is not None else DEFAULT_MAX_SAMPLES,
+                          lr=args.lr if args.lr is not None else 1e-2,
+                          report_path=args.report,
+                          tokenizer=args.tokenizer, stage2_steps=args.stage2_steps, stage2_rank=args.stage2_rank,
+                          stage2_lr=args.stage2_lr, attention_ce=args.attention_ce or 0.0,
+                          shard=shard, max_memory=max_memory)
+        return rep, shard is None or shard.writes
+
+    report, writes = distributed.main_rank(run, args.dist_backend)
+    if not writes:
+        return 0
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -170,7 +189,17 @@ def add_commands(subparsers: Any) -> None:
                         "1000 x output MSE); default 0 = off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="fit on N local ranks (torch.distributed.run; sites split by parameter count); under your "
+                        "own torchrun/SLURM launch leave it out: RANK/WORLD_SIZE are read from the environment")
+    p.add_argument("--dist-backend", default="auto", choices=("auto", "gloo", "nccl"),
+                   help="torch.distributed backend of a distributed run (auto = gloo; nccl on GPU hosts)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="RAM for captured activations (bytes, or 512M / 4G / 2GiB); beyond it they stream to a "
+                        "temporary folder beside the output and are read back per mini-batch")
     p.set_defaults(func=cmd_transfer)
+    global _PARSER
+    _PARSER = p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from rewrite.recognize import recognize
 from rewrite.verify import verify as _verify
 
 from .data import Batch, Calibration, load_calibration
-from .fit import FitConfig, Sample, SiteState, evaluate, fit_site
+from .fit import FitConfig, SiteState, fit_site
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +140,46 @@ def rewrite_with_params(model: Any, params: Mapping[str, Mapping[str, torch.Tens
 class _Checkpoint:
     """Per-site states in one ``torch.save`` file, written atomically (tmp + rename)."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, meta: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, meta: dict[str, Any],
+                 write_path: str | os.PathLike[str] | None = None) -> None:
+        # Distributed runs (.distributed): each rank writes its own shard (write_path); reading merges the file
+        # and every shard by site (.shards). A single-process run folds the shards into ``path`` on its first save.
+        from .shards import shard_files
         self.path = Path(path) if path is not None else None
+        self.write_path = Path(write_path) if write_path is not None else self.path
         self.meta = meta
         self.sites: dict[str, SiteState] = {}
-        if self.path is not None and self.path.exists():
+        self._fold_shards = False
+        if self.path is not None and (self.path.exists() or shard_files(self.path)):
             self._load()
 
     def _load(self) -> None:
-        data = _read_checkpoint(self.path)
-        for key in ("variant", "options", "seed"):
-            if data["meta"].get(key) != self.meta.get(key):
-                raise TransferError(f"{self.path}: checkpoint was made with {key}={data['meta'].get(key)!r}, "
-                                    f"this run has {key}={self.meta.get(key)!r}; use another --checkpoint")
-        self.sites = {k: SiteState.from_dict(v) for k, v in data["sites"].items()}
+        from .shards import shard_files
+        shards = shard_files(self.path)
+        self._fold_shards = bool(shards) and self.write_path == self.path
+        for file in ([self.path] if self.path.exists() else []) + shards:
+            data = _read_checkpoint(file)
+            for key in ("variant", "options", "seed"):
+                if data["meta"].get(key) != self.meta.get(key):
+                    raise TransferError(f"{file}: checkpoint was made with {key}={data['meta'].get(key)!r}, "
+                                        f"this run has {key}={self.meta.get(key)!r}; use another --checkpoint")
+            for k, v in data["sites"].items():
+                state = SiteState.from_dict(v)
+                if k not in self.sites or state.step > self.sites[k].step:
+                    self.sites[k] = state
         log.info("resuming from %s: %s", self.path, {k: s.step for k, s in self.sites.items()})
 
     def save(self) -> None:
-        if self.path is None:
+        if self.write_path is None:
             return
         from rewrite.atomic import atomic_output
-        with atomic_output(self.path) as tmp:
+        with atomic_output(self.write_path) as tmp:
             torch.save({"format": CHECKPOINT_FORMAT, "meta": self.meta,
                         "sites": {k: s.to_dict() for k, s in self.sites.items()}}, tmp)
+        if self._fold_shards:
+            from .shards import remove_shards
+            remove_shards(self.path)
+            self._fold_shards = False
 
 
 def _progress(enabled: bool) -> Any:
@@ -183,13 +200,18 @@ def fit_params(model: Any, *, attention: str = "linear", options: Mapping[str, A
                checkpoint: str | os.PathLike[str] | None = None, progress: bool = True, example_inputs: Any = None,
                batch_size: int = 16, max_samples: int | None = DEFAULT_MAX_SAMPLES, max_length: int = 128, lr: float = 1e-2,
                scalar_lr: float = 1e-1, sites_per_capture: int | None = None, tokenizer: Any = None,
-               threads: int | None = 1, attention_ce: float = 0.0
+               threads: int | None = 1, attention_ce: float = 0.0, shard: Any = None,
+               max_memory: int | None = None, capture_dir: str | os.PathLike[str] | None = None
                ) -> tuple[mio.LoadedModel, Calibration, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Steps 1–4 of :func:`transfer` without writing the graph: (loaded model, calibration, fitted per-site params,
     report). Arguments as for :func:`transfer`. ``report["sites"]`` holds the per-site before/after fidelity.
 
     ``threads``: torch intra-op threads while capturing and fitting (restored afterwards; None = leave as is).
     The per-site tensors are small, so one thread is usually fastest, especially on a shared machine.
+    ``shard``: a :class:`passes.transfer.distributed.Shard` (this process is one rank of a distributed run: it fits
+    only its share of the sites, checkpoints to its own shard file, and rank 0 gathers every rank's params and rows).
+    ``max_memory``: bytes of captured activations kept in RAM; beyond it captures spill to disk
+    (:mod:`.capture_store`, a temporary folder under ``capture_dir``, removed afterwards). None = all in RAM.
     """
     previous_threads = torch.get_num_threads()
     if threads:
@@ -200,7 +222,7 @@ def fit_params(model: Any, *, attention: str = "linear", options: Mapping[str, A
                            checkpoint=checkpoint, progress=progress, example_inputs=example_inputs,
                            batch_size=batch_size, max_samples=max_samples, max_length=max_length, lr=lr,
                            scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer,
-                           attention_ce=attention_ce)
+                           attention_ce=attention_ce, shard=shard, max_memory=max_memory, capture_dir=capture_dir)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -209,7 +231,8 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                 steps: int | None, minutes: float | None, seed: int, layers: Any, keep_softmax: Any,
                 checkpoint: str | os.PathLike[str] | None, progress: bool, example_inputs: Any, batch_size: int,
                 max_samples: int | None, max_length: int, lr: float, scalar_lr: float,
-                sites_per_capture: int | None, tokenizer: Any, attention_ce: float = 0.0
+                sites_per_capture: int | None, tokenizer: Any, attention_ce: float = 0.0, shard: Any = None,
+                max_memory: int | None = None, capture_dir: str | os.PathLike[str] | None = None
                 ) -> tuple[mio.LoadedModel, Calibration, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     from passes.attention import get_variant
 
@@ -240,19 +263,30 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
     if steps is None and minutes is None:
         steps = DEFAULT_STEPS
     config = FitConfig(lr=lr, scalar_lr=scalar_lr, lambda_ce=float(attention_ce))
-    ckpt = _Checkpoint(checkpoint, {"variant": variant.name, "options": _canonical_options(resolved), "seed": seed})
+    meta = {"variant": variant.name, "options": _canonical_options(resolved), "seed": seed}
+    ckpt = _Checkpoint(checkpoint, meta,
+                       write_path=shard.checkpoint_path(checkpoint) if shard is not None and checkpoint else None)
     torch.manual_seed(seed)
+    # --- distributed hook (.distributed): this rank fits its share of the sites, balanced by parameter count
+    all_chosen = chosen
+    if shard is not None:
+        chosen = shard.select(chosen, [_n_init_params(variant, s, resolved) for s in chosen])
+    # --- memory-bounded capture hook (.capture_store): captures beyond max_memory bytes go to disk
+    from .capture_store import CaptureStore
+    from .capture_store import evaluate as _evaluate
+    store = CaptureStore(max_memory, capture_dir if capture_dir is not None else
+                         (Path(checkpoint).parent if checkpoint is not None else None))
 
     site_rows: dict[str, dict[str, Any]] = {}
     fitted: dict[str, dict[str, torch.Tensor]] = {}
     deadline_all = t0 + 60.0 * minutes if minutes is not None else None
     group = sites_per_capture or len(chosen)
     index_of = {s.name: i for i, s in enumerate(sites)}
-    with _progress(progress) as bar:
+    with store, _progress(progress) as bar:
         for start in range(0, len(chosen), group):
             part = chosen[start:start + group]
-            train: dict[str, list[Sample]] = {s.name: [] for s in part}
-            held: dict[str, list[Sample]] = {s.name: [] for s in part}
+            train: dict[str, Any] = {s.name: store.samples() for s in part}
+            held: dict[str, Any] = {s.name: store.samples() for s in part}
             for batch in calib.train:
                 for name, tensors in _capture(loaded, runnable, part, batch).items():
                     train[name].append(tensors)
@@ -266,8 +300,9 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                     init = variant.init_params(site.heads, site.head_dim, resolved)
                 init = init or {}
                 state = ckpt.sites.get(site.name) or SiteState(params={k: v.clone() for k, v in init.items()})
+                torch.manual_seed(site_seed(seed, index_of[site.name]))  # rank-independent per-site RNG
                 module = site_module(variant, site, g, resolved, init)
-                before = evaluate(module, held[site.name])
+                before = _evaluate(module, held[site.name])
                 for k, v in state.params.items():
                     module.params[k].data.copy_(v)
                 deadline = None
@@ -287,7 +322,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                                  site_index=index_of[site.name], config=config, on_step=on_step, on_save=on_save)
                 ckpt.sites[site.name] = state
                 ckpt.save()
-                after = evaluate(module, held[site.name])
+                after = _evaluate(module, held[site.name])
                 fitted[site.name] = {k: v.detach().clone() for k, v in state.params.items()}
                 site_rows[site.name] = {"before": before, "after": after, "steps": state.step,
                                         "seconds": round(state.seconds, 3), "params": sorted(state.params),
@@ -297,7 +332,13 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                     site_rows[site.name]["note"] = "variant has no learnable parameters with these options"
                 log.info("%s: site cosine %.4f -> %.4f (%d steps)", site.name, before["cosine"], after["cosine"],
                          state.step)
+                if shard is not None:
+                    shard.site_done(site.name)
             del train, held
+    if shard is not None:  # rank 0 receives every rank's params and rows (in site order); the others get {}
+        fitted, site_rows = shard.gather(fitted, site_rows, [s.name for s in all_chosen])
+        if shard.writes and checkpoint is not None:
+            _Checkpoint(checkpoint, meta).save()  # fold the ranks' shards into the one checkpoint file
     report: dict[str, Any] = {
         "model": loaded.source, "graph": loaded.kind, "variant": variant.name,
         "options": _canonical_options(resolved), "seed": seed, "steps": steps, "minutes": minutes,
@@ -307,7 +348,24 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
         "fit_seconds": round(time.time() - t0, 2), "checkpoint": str(checkpoint) if checkpoint else None,
         "lines": [calib.warning] if calib.warning else [],
     }
+    if store.spilled:
+        report["capture"] = store.describe()
+    if shard is not None:
+        report["distributed"] = shard.describe()
     return loaded, calib, fitted, report
+
+
+def site_seed(seed: int, site_index: int) -> int:
+    """The torch seed of one site's fit: a pure function of (seed, site index), so it does not depend on which
+    rank fits the site or in which order."""
+    return (int(seed) * 1_000_003 + int(site_index) * 7_919 + 17) % (2 ** 63)
+
+
+def _n_init_params(variant: Any, site: Any, resolved: Mapping[str, Any]) -> int:
+    """Learnable scalars of ``site``'s replacement (from ``variant.init_params``); 0 when it has none."""
+    if variant.init_params is None or not site.heads or not site.head_dim:
+        return 0
+    return int(sum(v.numel() for v in (variant.init_params(site.heads, site.head_dim, resolved) or {}).values()))
 
 
 def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention: str = "linear",
@@ -319,7 +377,8 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
              sites_per_capture: int | None = None, measure_model: bool = True, tokenizer: Any = None,
              report_path: str | os.PathLike[str] | None = None, threads: int | None = 1,
              stage2_steps: int | None = None, stage2_rank: int = 8,
-             stage2_lr: float = 1e-3, attention_ce: float = 0.0) -> tuple[mio.LoadedModel, dict[str, Any]]:
+             stage2_lr: float = 1e-3, attention_ce: float = 0.0, shard: Any = None,
+             max_memory: int | None = None) -> tuple[mio.LoadedModel, dict[str, Any]]:
     """Replace softmax attention with ``attention`` and fit the replacement's parameters per site.
 
     Args:
@@ -353,6 +412,10 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
             0 (default) = output MSE only.
         measure_model: compute model-level fidelity (one more rewrite + runs on the held-out batches).
         report_path: also write the report as JSON here.
+        shard: one rank of a distributed run (:mod:`.distributed`); only rank 0 writes ``out`` / ``report_path``
+            and its report holds every site; the other ranks return (the loaded original, their partial report).
+        max_memory: bytes of captured activations held in RAM; more spills to a temporary folder beside ``out``
+            (:mod:`.capture_store`). None = everything in RAM.
 
     Returns:
         (fitted LoadedModel, report). ``report["sites"][name]`` has ``before`` (untrained swap) / ``after`` site
@@ -381,7 +444,10 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         minutes=minutes_stage1, seed=seed, layers=layers, keep_softmax=keep_softmax, checkpoint=checkpoint,
         progress=progress, example_inputs=example_inputs, batch_size=batch_size, max_samples=max_samples,
         max_length=max_length, lr=lr, scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer,
-        threads=threads, attention_ce=attention_ce)
+        threads=threads, attention_ce=attention_ce, shard=shard, max_memory=max_memory,
+        capture_dir=out_path.parent if out_path is not None else None)
+    if shard is not None and not shard.writes:  # distributed: rank 0 rewrites, measures and writes
+        return loaded, report
     if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
         from rewrite.errors import OutputPathError
         raise OutputPathError(f"{out_path}: an ONNX model can only be written as .onnx")

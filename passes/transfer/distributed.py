@@ -1,0 +1,330 @@
+"""Attention transfer on several processes / machines with :mod:`torch.distributed`.
+
+Sites are fitted independently (:mod:`.fit`: teacher forcing on each site's own captured values), so the work is
+split **by site**: rank ``r`` of ``N`` owns a disjoint group of sites, balanced by learnable-parameter count
+(:func:`partition`), captures only those sites' values on the calibration data and fits them. Every per-site fit
+is a pure function of (seed, site index, step) — the batch order and the torch seed are derived from them, not from
+the rank — so N ranks give the same parameters as 1 (bit-for-bit on CPU with one thread per rank).
+
+Rank 0 gathers every rank's parameters and report rows (``gather_object``; gloo on CPU, nccl when asked for on GPU
+hosts), then rewrites the model, measures model fidelity and writes the output and the report; the other ranks
+write nothing but their checkpoint shard. Checkpoints: rank ``r`` writes ``<checkpoint>.rank<r>``, keyed by site
+(:mod:`.shards`); any world size resumes from any other's shards; rank 0 folds them into ``<checkpoint>`` at the end.
+
+Entry points:
+
+- ``softswap transfer ... --nproc N`` launches N local ranks through :mod:`torch.distributed.run` (torchrun's own
+  launcher, ``--standalone`` rendezvous on 127.0.0.1) and turns a failed rank into one :class:`RankFailedError`
+  line naming the rank (:func:`launch`);
+- under a user's own ``torchrun`` (any number of nodes) or SLURM ``srun`` the same command reads ``RANK``,
+  ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` (or ``SLURM_PROCID``/``SLURM_NTASKS``) from the environment
+  (:func:`shard_from_env`).
+
+Test hook: ``SOFTSWAP_TEST_EXIT_RANK=r`` makes rank ``r`` exit (status 3) right after it has checkpointed its
+first site, as a killed rank would.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rewrite.errors import OptionError, SoftswapError
+
+log = logging.getLogger(__name__)
+
+#: Test hook: this rank exits (status 3) after checkpointing its first site.
+ENV_EXIT_RANK = "SOFTSWAP_TEST_EXIT_RANK"
+#: Set by :func:`launch`: ranks write their one-line softswap error here (``rank<r>.err``) instead of stderr.
+ENV_ERROR_DIR = "SOFTSWAP_DIST_ERROR_DIR"
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class RankFailedError(SoftswapError):
+    """A rank of a distributed transfer failed (names the rank and its exit status or error); nothing was written."""
+
+
+class PeerLostError(RankFailedError):
+    """This rank lost contact with another rank inside a collective (the other rank died or hung)."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+def partition(sizes: Sequence[int], world: int) -> list[list[int]]:
+    """Split items with costs ``sizes`` into ``world`` groups of near-equal total cost (longest-processing-time
+    greedy: largest first, onto the least-loaded group, ties to the lowest rank). Returns item indices per group,
+    each in ascending order. Deterministic. Zero-cost items count as 1 so they spread too."""
+    if world < 1:
+        raise OptionError(f"world size must be >= 1, got {world}")
+    loads = [0] * world
+    groups: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(sizes)), key=lambda j: (-max(int(sizes[j]), 1), j)):
+        r = min(range(world), key=lambda k: (loads[k], k))
+        groups[r].append(i)
+        loads[r] += max(int(sizes[i]), 1)
+    return [sorted(g) for g in groups]
+
+
+@dataclass
+class Shard:
+    """This process's place in a distributed transfer (``rank`` of ``world``); passed to
+    :func:`passes.transfer.transfer` as ``shard=``. ``group`` is a torch process group (None when ``world`` is 1)."""
+
+    rank: int
+    world: int
+    group: Any = None
+    backend: str = "gloo"
+    assignment: dict[int, list[str]] = field(default_factory=dict)
+    _done: int = 0
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes the output and report (rank 0)."""
+        return self.rank == 0
+
+    def select(self, sites: Sequence[Any], sizes: Sequence[int]) -> list[Any]:
+        """This rank's sites among ``sites`` (each with parameter count ``sizes[i]``), in their original order."""
+        groups = partition(sizes, self.world)
+        self.assignment = {r: [sites[i].name for i in g] for r, g in enumerate(groups)}
+        mine = [sites[i] for i in groups[self.rank]]
+        log.info("rank %d/%d fits %s", self.rank, self.world, [s.name for s in mine])
+        return mine
+
+    def checkpoint_path(self, path: str | os.PathLike[str]) -> Path:
+        """Where this rank writes its checkpoint: its own shard (a single process writes ``path`` itself)."""
+        from .shards import shard_path
+        return Path(path) if self.world == 1 else shard_path(path, self.rank)
+
+    def site_done(self, name: str) -> None:
+        """Called after a site is fitted and checkpointed (the test hook's exit point)."""
+        self._done += 1
+        if self._done == 1 and os.environ.get(ENV_EXIT_RANK) == str(self.rank):
+            log.warning("rank %d: exiting after %s (%s is set)", self.rank, name, ENV_EXIT_RANK)
+            os._exit(3)
+
+    def gather(self, fitted: Mapping[str, Any], rows: Mapping[str, Any], order: Sequence[str]
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Rank 0: every rank's (params, report rows) merged in site ``order``; other ranks: empty dicts."""
+        parts = [(dict(fitted), dict(rows))]
+        if self.world > 1:
+            import torch.distributed as dist
+            received: list[Any] | None = [None] * self.world if self.rank == 0 else None
+            try:
+                dist.gather_object(parts[0], received, dst=0, group=self.group)
+            except RuntimeError as exc:  # gloo/nccl: a peer closed its connection or the timeout passed
+                from rewrite.errors import first_line
+                raise PeerLostError(f"rank {self.rank}: lost contact with another rank while gathering the fitted "
+                                    f"params ({first_line(exc)[:200]}); nothing was written") from None
+            if self.rank != 0:
+                return {}, {}
+            parts = received  # type: ignore[assignment]
+        all_fitted: dict[str, Any] = {}
+        all_rows: dict[str, Any] = {}
+        for f, r in parts:
+            all_fitted.update(f)
+            all_rows.update(r)
+        missing = [n for n in order if n not in all_fitted]
+        if missing:
+            raise RankFailedError(f"distributed transfer: no rank returned site(s) {missing}")
+        return {n: all_fitted[n] for n in order}, {n: all_rows[n] for n in order}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able: world size, backend, which rank fitted which sites."""
+        return {"world_size": self.world, "backend": self.backend,
+                "assignment": {str(r): names for r, names in self.assignment.items()}}
+
+    def close(self) -> None:
+        if self.group is not None:
+            import torch.distributed as dist
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # noqa: BLE001 - shutting down after the work is done
+                log.debug("destroy_process_group: %s", exc)
+            self.group = None
+
+
+# ------------------------------------------------------------------------------------------------------------
+def launched_env() -> dict[str, str] | None:
+    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` of this process when a launcher (torchrun, SLURM) started it as one
+    rank of several; None otherwise. SLURM's ``SLURM_PROCID``/``SLURM_NTASKS`` count when ``MASTER_ADDR`` is set."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    return None
+
+
+def shard_from_env(backend: str = "auto", timeout_s: float = 1800.0) -> Shard | None:
+    """Join the process group this process was launched into; None when not launched as a rank (or world 1).
+
+    ``backend``: ``gloo`` (CPU), ``nccl`` (GPU hosts; each rank on ``cuda:LOCAL_RANK``) or ``auto`` (gloo: the
+    site fits run on CPU). ``timeout_s`` bounds every collective (a rank that never arrives).
+    """
+    ids = launched_env()
+    if ids is None:
+        return None
+    try:
+        rank, world, local = int(ids["RANK"]), int(ids["WORLD_SIZE"]), int(ids["LOCAL_RANK"])
+    except ValueError:
+        raise OptionError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers, got {ids}") from None
+    if not 0 <= rank < world:
+        raise OptionError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if backend not in BACKENDS:
+        raise OptionError(f"--dist-backend {backend!r}: known: {', '.join(BACKENDS)}")
+    if world == 1:
+        return Shard(rank=0, world=1)
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise OptionError(f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set (torchrun sets them; "
+                          "under SLURM export the first node's address and a free port)")
+    import torch
+    import torch.distributed as dist
+    chosen = "gloo" if backend == "auto" else backend
+    if chosen == "nccl":
+        if not torch.cuda.is_available():
+            raise OptionError("--dist-backend nccl needs CUDA; use gloo on CPU hosts")
+        torch.cuda.set_device(local)
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    dist.init_process_group(chosen, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return Shard(rank=rank, world=world, group=dist.group.WORLD, backend=chosen)
+
+
+def report_rank_error(shard_rank: int | None, message: str, lost: bool = False) -> bool:
+    """In a rank started by :func:`launch`: write the one-line error for the launcher (``rank<r>.err``, or
+    ``rank<r>.lost`` when the rank only lost a peer) and return True (the caller prints nothing); elsewhere False."""
+    folder = os.environ.get(ENV_ERROR_DIR)
+    if not folder or shard_rank is None:
+        return False
+    try:
+        Path(folder, f"rank{shard_rank}.{'lost' if lost else 'err'}").write_text(message)
+    except OSError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+def launch(child_argv: Sequence[str], nproc: int, verbose: bool = False) -> int:
+    """Run ``python -m rewrite.cli <child_argv>`` as ``nproc`` local ranks through :mod:`torch.distributed.run`
+    (``--standalone``, no restarts). Returns 0 when every rank succeeded.
+
+    Raises :class:`RankFailedError` naming the first failed rank (its one-line softswap error when it had one, else
+    its exit status or signal); the launcher kills the other ranks, so rank 0 never writes the output.
+    """
+    import tempfile
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise OptionError(f"--nproc must be an integer >= 1, got {nproc!r}")
+    quiet = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.distributed.run",
+                                            "torch.distributed.launcher")]
+    levels = [lg.level for lg in quiet]
+    if not verbose:
+        for lg in quiet:
+            lg.setLevel(logging.CRITICAL)
+    previous = os.environ.get(ENV_ERROR_DIR)
+    with tempfile.TemporaryDirectory(prefix="softswap-ranks-") as errors:
+        os.environ[ENV_ERROR_DIR] = errors
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun would set it and warn
+        try:
+            # what `torchrun --standalone` does (torch.distributed.run.run): c10d rendezvous on a free local port
+            targs = get_args_parser().parse_args([f"--nproc-per-node={nproc}", "--max-restarts=0",
+                                                  "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+                                                  f"--rdzv-id={uuid.uuid4()}", "--monitor-interval=0.1",
+                                                  "-m", "rewrite.cli", *child_argv])
+            config, cmd, cmd_args = config_from_args(targs)
+            elastic_launch(config, cmd)(*cmd_args)
+            return 0
+        except ChildFailedError as exc:
+            raise RankFailedError(_failure_line(exc, Path(errors))) from None
+        finally:
+            if previous is None:
+                os.environ.pop(ENV_ERROR_DIR, None)
+            else:
+                os.environ[ENV_ERROR_DIR] = previous
+            for lg, lvl in zip(quiet, levels):
+                lg.setLevel(lvl)
+
+
+def _failure_line(exc: Any, errors: Path) -> str:
+    """One line for a ChildFailedError naming the rank that caused it: a rank's softswap error (``.err``) first;
+    else a rank that exited on its own (status > 0) without merely losing a peer (``.lost``); else one killed by a
+    signal; else one that lost a peer."""
+    failures = dict(getattr(exc, "failures", {}) or {})
+    for rank in sorted(failures):
+        file = errors / f"rank{rank}.err"
+        if file.exists():
+            return f"rank {rank}: {file.read_text().strip()}"
+    if not failures:
+        return "distributed transfer failed (no rank reported why); nothing was written"
+
+    def blame(r: int) -> tuple[int, int]:
+        lost = (errors / f"rank{r}.lost").exists()
+        code = failures[r].exitcode
+        return (2 if lost else 0 if code is not None and code > 0 else 1, r)
+
+    rank = min(failures, key=blame)
+    f = failures[rank]
+    how = f"killed by signal {f.signal_name()}" if f.exitcode is not None and f.exitcode < 0 \
+        else f"exited with status {f.exitcode}"
+    return (f"rank {rank} {how} before the transfer finished; nothing was written (checkpoint shards, if any, "
+            "are kept and resume with any --nproc)")
+
+
+def child_argv(args: Any, parser: Any, drop: Sequence[str] = ("nproc",)) -> list[str]:
+    """Rebuild a ``transfer`` command line from parsed ``args`` for the ranks (``parser``: the subcommand's
+    parser; options equal to their defaults and those in ``drop`` are left out; global flags are kept)."""
+    out = ["transfer"]
+    for flag in ("verbose", "debug", "trust_remote_code"):
+        if getattr(args, flag, False):
+            out.insert(0, "--" + flag.replace("_", "-"))
+    for action in parser._actions:
+        dest = action.dest
+        if dest in ("help", "verbose", "debug", "trust_remote_code", *drop) or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if not action.option_strings:
+            out.append(str(value))
+            continue
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # store_true
+            if value is True:
+                out.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                out += [flag, str(item)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def main_rank(run: Any, backend: str = "auto") -> Any:
+    """Run ``run(shard)`` as a rank of the launched group (``shard`` None when not launched), closing the group
+    afterwards. A softswap error in a rank started by :func:`launch` is handed to the launcher (one line there)."""
+    shard = shard_from_env(backend)
+    try:
+        return run(shard)
+    except SoftswapError as exc:
+        if shard is not None and shard.world > 1 and report_rank_error(shard.rank, str(exc).splitlines()[0],
+                                                                        lost=isinstance(exc, PeerLostError)):
+            sys.exit(2)
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug in one rank: one line at the launcher, not one per rank
+        from rewrite.errors import first_line
+        if shard is not None and shard.world > 1 and report_rank_error(
+                shard.rank, f"{first_line(exc)} (unexpected; rerun without --nproc and with --debug for the traceback)"):
+            sys.exit(1)
+        raise
+    finally:
+        if shard is not None:
+            shard.close()

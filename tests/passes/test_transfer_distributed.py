@@ -1,0 +1,132 @@
+"""Distributed attention transfer (passes/transfer/distributed.py) on the tiny BERT, as an ONNX file, with gloo ranks
+on 127.0.0.1 launched by ``softswap transfer --nproc N`` (torch.distributed.run).
+
+Reference: the same command in one process. Asserted: 2 ranks give the same params (1e-6) and the same report rows;
+a rank that dies mid-run gives one error line naming it, a non-zero status, no output or report, and checkpoint
+shards from which a 1-process run resumes to the same params; the site partition covers every site once, balanced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from passes.transfer import load_checkpoint_params  # noqa: E402
+from passes.transfer.distributed import ENV_EXIT_RANK, partition  # noqa: E402
+from passes.transfer.transfer import _read_checkpoint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transfer_models import tiny_bert  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["--attention", "mala", "--batch-size", "4", "--steps", "12", "--seed", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    import onnx_ir as ir
+
+    from rewrite.io import fx_to_onnx, load_model
+    folder = tmp_path_factory.mktemp("dist")
+    fx = tiny_bert()
+    ir.save(load_model(fx_to_onnx(fx)).onnx, folder / "tiny.onnx")
+    feeds = {k: v.numpy() for k, v in fx.extra["hf"].make_inputs(20, 12, seed=5).items()}
+    np.savez(folder / "cal.npz", **feeds)
+    return folder / "tiny.onnx", folder / "cal.npz"
+
+
+def _softswap(args: list[str], env: dict[str, str] | None = None, timeout: float = 600
+              ) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rewrite.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def _run(model: Path, data: Path, out: Path, tag: str, extra: list[str] = (), env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    return _softswap(["transfer", str(model), "-o", str(out / f"{tag}.onnx"), "--data", str(data), *ARGS,
+                      "--checkpoint", str(out / f"{tag}.pt"), "--report", str(out / f"{tag}.json"), *extra], env)
+
+
+def _rows(report: dict) -> dict:
+    return {name: {k: v for k, v in row.items() if k != "seconds"} for name, row in report["sites"].items()}
+
+
+@pytest.fixture(scope="module")
+def one_rank(model_and_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one")
+    proc = _run(*model_and_data, out, "r1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_partition_covers_and_balances() -> None:
+    rng = np.random.default_rng(0)
+    for world in (1, 2, 3, 5):
+        sizes = [int(x) for x in rng.integers(0, 1000, size=11)]
+        groups = partition(sizes, world)
+        assert sorted(i for g in groups for i in g) == list(range(11))
+        loads = [sum(max(sizes[i], 1) for i in g) for g in groups]
+        assert max(loads) - min(loads) <= max(max(s, 1) for s in sizes)  # the greedy (LPT) bound
+        assert groups == partition(sizes, world)
+    assert partition([512, 512, 512, 512, 512, 512], 2) == [[0, 2, 4], [1, 3, 5]]
+    assert partition([10, 1, 1, 8], 2) == [[0], [1, 2, 3]]
+
+
+def test_two_ranks_equal_one_rank(model_and_data: tuple[Path, Path], one_rank: Path, tmp_path: Path) -> None:
+    proc = _run(*model_and_data, tmp_path, "r2", ["--nproc", "2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "r2.onnx").exists()
+    assert not list(tmp_path.glob("r2.pt.rank*")), "the shards were not folded into the checkpoint"
+    p1, p2 = load_checkpoint_params(one_rank / "r1.pt"), load_checkpoint_params(tmp_path / "r2.pt")
+    assert sorted(p1) == sorted(p2) == ["attn0", "attn1"]
+    for site in p1:
+        assert sorted(p1[site]) == sorted(p2[site])
+        for k in p1[site]:
+            torch.testing.assert_close(p2[site][k], p1[site][k], rtol=0, atol=1e-6)
+    r1 = json.loads((one_rank / "r1.json").read_text())
+    r2 = json.loads((tmp_path / "r2.json").read_text())
+    assert _rows(r2) == _rows(r1)
+    for name, after in r1["model_fidelity"]["after"]["outputs"].items():
+        assert r2["model_fidelity"]["after"]["outputs"][name] == pytest.approx(after, rel=1e-6)
+    assert r2["distributed"]["world_size"] == 2
+    assert sorted(sum(r2["distributed"]["assignment"].values(), [])) == ["attn0", "attn1"]
+
+
+def test_killed_rank_then_resume_with_one(model_and_data: tuple[Path, Path], one_rank: Path, tmp_path: Path) -> None:
+    proc = _run(*model_and_data, tmp_path, "k", ["--nproc", "2"], env={ENV_EXIT_RANK: "1"})
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0
+    assert len(err) == 1 and "rank 1" in err[0], proc.stderr[-2000:]
+    assert not (tmp_path / "k.onnx").exists() and not (tmp_path / "k.json").exists()
+    shard = tmp_path / "k.pt.rank1"
+    assert shard.exists()
+    saved = _read_checkpoint(shard)["sites"]
+    assert saved["attn1"]["step"] == 12  # rank 1's site, finished and checkpointed before it died
+    proc = _run(*model_and_data, tmp_path, "k")  # resume in one process from the 2-rank shards
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(tmp_path.glob("k.pt.rank*"))
+    p1, pk = load_checkpoint_params(one_rank / "r1.pt"), load_checkpoint_params(tmp_path / "k.pt")
+    for site in p1:
+        for k in p1[site]:
+            torch.testing.assert_close(pk[site][k], p1[site][k], rtol=0, atol=1e-6)
+    assert _rows(json.loads((tmp_path / "k.json").read_text())) == _rows(json.loads((one_rank / "r1.json").read_text()))
+
+
+def test_bad_nproc(model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from passes.transfer.cli import main as cli_main
+    model, data = model_and_data
+    for bad, word in ((["--nproc", "0"], "--nproc"), (["--max-memory", "lots"], "--max-memory")):
+        rc = cli_main(["transfer", str(model), "-o", str(tmp_path / "o.onnx"), "--data", str(data), *ARGS, *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and word in err[0], err
+        assert not (tmp_path / "o.onnx").exists()
