@@ -46,7 +46,8 @@ n, max_memory, steps, max_length, folder = int(sys.argv[1]), sys.argv[2], int(sy
 print(json.dumps({"base": psutil.Process().memory_info().rss}), flush=True)
 _, report = transfer(minilm_path(), None, attention="linear", steps=steps, max_samples=n, max_length=max_length,
                      batch_size=16, progress=False, measure_model=False,
-                     max_memory=None if max_memory == "none" else int(max_memory), checkpoint=None)
+                     max_memory=None if max_memory == "none" else int(max_memory), checkpoint=None,
+                     stage2_steps=0)
 report.pop("sites", None)
 print(json.dumps({"fit_seconds": report["fit_seconds"], "capture": report.get("capture")}), flush=True)
 '''
@@ -86,7 +87,9 @@ def ranks(args: argparse.Namespace, minilm: str, folder: Path) -> dict[str, Any]
             report = folder / f"r{n}-{rep}.json"
             cmd = [sys.executable, "-m", "rewrite.cli", "transfer", minilm, "-o", str(folder / f"o{n}.pt2"),
                    "--attention", "linear", "--steps", str(args.steps), "--max-samples", str(args.rank_samples),
-                   "--no-progress", "--report", str(report)] + (["--nproc", n] if n != "1" else [])
+                   "--no-progress", "--report", str(report),
+                   # stage 1 is what the ranks split; stage 2 (end to end, on by default for MiniLM) runs on rank 0
+                   "--stage2-steps", "0"] + (["--nproc", n] if n != "1" else [])
             _, wall, peak, _ = _watch(cmd)
             rep_json = json.loads(report.read_text())
             rows[n].append({"wall_s": round(wall, 2), "fit_s": rep_json["fit_seconds"],
