@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rewrite.attention_pass import AttentionRewritePass
-from rewrite.passes import register_pass
+from rewrite.passes import register_exporter, register_pass
 
 from .attention import VARIANTS
 
@@ -33,3 +33,10 @@ def register() -> None:
     from . import binarize, detect, heads, ood
     for family in (heads, detect, ood, binarize):
         family.register()
+    register_exporter("decode", _export_decode)
+
+
+def _export_decode(*args: Any, **kwargs: Any) -> Any:
+    """``convert(..., decode=True)``: :func:`passes.decode.export_decode` (imported when first used)."""
+    from .decode import export_decode
+    return export_decode(*args, **kwargs)

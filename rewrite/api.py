@@ -238,8 +238,8 @@ def _convert_decode(model: Any, out: Any, *, attention: str | None, options: Map
         raise OutputPathError("--decode needs an output folder (-o OUT_DIR)")
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))
-    from passes.decode import export_decode  # the decode exporter lives with the variants it walks
-    converted, report = export_decode(model, out, attention=attention, options=options, params=params,
+    from .passes import get_exporter  # the catalogue's decode exporter (passes.decode), registered as a plugin
+    converted, report = get_exporter("decode")(model, out, attention=attention, options=options, params=params,
                                       trust_remote_code=trust_remote_code, verify=verify)
     if report_path is not None:
         from .atomic import write_text

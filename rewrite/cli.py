@@ -191,11 +191,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from passes.decode.cli import run_generate  # the decode graphs' runner lives with their exporter
-    return run_generate(args)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     from .api import verify
     data = verify(args.original, args.rewritten).to_dict()
@@ -260,18 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", metavar="CKPT", help="with --decode: per-site parameters from a `softswap transfer "
                                                     "--checkpoint` file")
     p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("generate", help="greedy generation with a --decode folder (onnxruntime)")
-    p.add_argument("folder", help="folder written by `softswap convert ... --decode`")
-    p.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 5,17,42")
-    p.add_argument("--prompt", help="prompt text (needs tokenizer files in the folder)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
-    p.add_argument("--step-library", metavar="LIB", help="run the step with this `softswap compile` artefact of "
-                                                          "FOLDER/step.onnx (TVM) instead of onnxruntime")
-    p.add_argument("--json", action="store_true", help='print {"tokens": [...]} (and "text" with a tokenizer)')
-    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("verify", help="compare two models on the same inputs (any graph kinds)")
     p.add_argument("original")

@@ -71,6 +71,23 @@ def discover() -> None:
                 register()
 
 
+_EXPORTERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_exporter(name: str, exporter: Callable[..., Any]) -> None:
+    """Register a whole-model exporter (e.g. ``decode``: causal LM -> prefill + step graphs) under ``name``; the
+    engine's API calls it through :func:`get_exporter` and never imports the plugin that provides it."""
+    _EXPORTERS[name] = exporter
+
+
+def get_exporter(name: str) -> Callable[..., Any]:
+    """The exporter registered as ``name``; :class:`OptionError` when no plugin provides it."""
+    discover()
+    if name not in _EXPORTERS:
+        raise OptionError(f"no exporter {name!r} is installed (registered: {', '.join(sorted(_EXPORTERS)) or 'none'})")
+    return _EXPORTERS[name]
+
+
 def list_passes() -> dict[str, dict[str, Any]]:
     """Every registered pass: description and options (default, help)."""
     discover()

@@ -1,10 +1,13 @@
 """``softswap generate FOLDER --prompt-ids 5,17,42 --max-new-tokens N [--json]`` (or ``--prompt TEXT`` when the
-folder has tokenizer files): greedy generation with the prefill + step graphs in onnxruntime."""
+folder has tokenizer files): greedy generation with the prefill + step graphs in onnxruntime.
+
+:func:`add_commands` is this package's ``softswap.commands`` entry point (pyproject.toml)."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from .generate import DecodeSession, GenerateError, generate
 
@@ -48,3 +51,18 @@ def run_generate(args: argparse.Namespace) -> int:
         if text is not None:
             print(text)
     return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``generate`` to the CLI's subparsers (``softswap.commands`` entry point)."""
+    p = sub.add_parser("generate", help="greedy generation with a --decode folder (onnxruntime)")
+    p.add_argument("folder", help="folder written by `softswap convert ... --decode`")
+    p.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 5,17,42")
+    p.add_argument("--prompt", help="prompt text (needs tokenizer files in the folder)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    p.add_argument("--step-library", metavar="LIB", help="run the step with this `softswap compile` artefact of "
+                                                          "FOLDER/step.onnx (TVM) instead of onnxruntime")
+    p.add_argument("--json", action="store_true", help='print {"tokens": [...]} (and "text" with a tokenizer)')
+    p.set_defaults(func=run_generate)
