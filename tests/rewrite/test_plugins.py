@@ -16,14 +16,16 @@ def _subcommands() -> set[str]:
 def test_checkout_declares_the_groups(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])  # metadata without the groups
     names = {ep.name: ep.value for ep in plugins.entry_points(plugins.COMMAND_GROUP)}
-    assert names == {"demo": "passes.demo:add_commands", "transfer": "passes.transfer.cli:add_commands",
+    assert names == {"decode": "passes.decode.cli:add_commands", "demo": "passes.demo:add_commands",
+                     "transfer": "passes.transfer.cli:add_commands",
                      "targets": "targets.cli:add_commands"}
     assert [ep.value for ep in plugins.entry_points(plugins.PASS_GROUP)] == ["passes.register:register"]
 
 
 def test_passes_and_commands_come_from_the_plugins():
     assert {"attention.reference", "attention.linear"} <= set(list_passes())
-    assert {"inspect", "convert", "verify", "passes", "demo", "transfer", "compile", "bench"} <= _subcommands()
+    assert {"inspect", "convert", "verify", "passes", "demo", "transfer", "compile", "bench",
+            "generate"} <= _subcommands()
 
 
 def test_installed_metadata_wins_and_a_missing_plugin_is_skipped(monkeypatch):
