@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 
 from . import _env  # noqa: F401
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -138,10 +139,20 @@ class MatmulRule(CPUScheduleRule):
                 infos, idx, nspatial = _matmul_block(sch)
                 rb = infos[idx]
                 loops = sch.get_loops(rb.block_rv)
+        lanes = vector_lanes(target)
+        if exts[nspatial - 2] is None or exts[nspatial - 1] is None:
+            try:
+                return _apply_symbolic(func, lanes)
+            except Exception as exc:  # noqa: BLE001 - fall back to the padded-copy schedule below
+                log.debug("symbolic matmul schedule skipped: %s", exc)
+                sch = s_tir.Schedule(func)
+                infos, idx, nspatial = _matmul_block(sch)
+                rb = infos[idx]
+                dk = rb.dom_kind()
+                loops = sch.get_loops(rb.block_rv)
         # batch, row and reduction extents may be symbolic (one artefact for every batch and length): the row tile
         # then gets a guarded tail and the reduction loop a symbolic bound; a symbolic column extent is padded
         symbolic = any(e is None for i, e in enumerate(exts) if i != nspatial - 1)
-        lanes = vector_lanes(target)
         copies: list = []
         symbolic_cols = exts[nspatial - 1] is None
         if symbolic_cols:
@@ -232,6 +243,152 @@ class MatmulRule(CPUScheduleRule):
             if _alive(sch, blk):
                 _flat_vector_loop(sch, blk, lanes)
         return sch
+
+
+def _clamp_pad_block(sch: s_tir.Schedule, block_rv) -> None:
+    """Rewrite a producer block made by ``pad_einsum``, ``X_pad[v] = if_then_else(v_a < e_a and ..., X[v], 0)``,
+    into ``X_pad[v] = X[..., min(v_a, e_a - 1), ...]``: the padded rows / columns repeat the last real one (in
+    bounds, no branch) instead of zeros.  Valid only for spatial padding, whose results are cropped away."""
+    from tvm.ir import Range
+    from tvm.s_tir import SBlock
+
+    block = sch.get(block_rv)
+    store = block.body
+    call = store.value
+    if not isinstance(store, tirx.BufferStore) or not isinstance(call, tvm.ir.Call) or len(call.args) != 3:
+        raise ValueError(f"unexpected pad block {block.name_hint}")
+    cond, load = call.args[0], call.args[1]
+    bounds = []
+    stack = [cond]
+    while stack:
+        c = stack.pop()
+        if isinstance(c, tirx.And):
+            stack += [c.a, c.b]
+        elif isinstance(c, tirx.LT) and isinstance(c.a, tirx.Var):
+            bounds.append((c.a, c.b))
+        else:
+            raise ValueError(f"unexpected pad condition {c}")
+    if not isinstance(load, tvm.ir.TensorLoad):
+        raise ValueError(f"unexpected pad value {load}")
+
+    def clamp(ix):
+        for var, bound in bounds:
+            if isinstance(ix, tirx.Var) and ix.same_as(var):
+                return tirx.min(ix, bound - 1)
+        return ix
+
+    indices = [clamp(ix) for ix in load.indices]
+    new_store = tirx.BufferStore(store.buffer, tirx.BufferLoad(load.source, indices), store.indices)
+    reads = [tirx.BufferRegion(load.source, [Range.from_min_extent(ix, 1) for ix in indices])]
+    new_block = SBlock(block.iter_vars, reads, block.writes, block.name_hint, new_store, block.init,
+                       block.alloc_buffers, block.match_buffers, block.annotations)
+    sch.state.replace(sch.get_sref(block_rv), new_block, {block: new_block})
+
+
+#: Register tile of the symbolic-extent schedule: rows (padded to a multiple) x column vectors.
+SYMBOLIC_ROW_TILE = 4
+
+
+def _apply_symbolic(func, lanes: int):
+    """Schedule of a matmul whose row and/or column extent is symbolic (one artefact for every length).
+
+    The block is computed on an iteration domain padded to the register tile (``pad_einsum``), but nothing is
+    padded in memory: the operands' padded rows / columns read the last real row / column (clamped indices,
+    :func:`_clamp_pad_block`, inlined into the multiply-accumulate, so the hot loop has neither guards nor copies;
+    a column-padded operand whose columns are contiguous is instead copied once into a clamped panel, keeping the
+    vector loads contiguous), the accumulators are a constant ``rows x columns`` tile in ``local`` memory, and the
+    write-back of each tile to the real output (with the fused epilogue) carries the only guard: rows < n, and
+    columns < n for a symbolic column extent.  Raises when a primitive does not apply (the caller falls back)."""
+    sch = s_tir.Schedule(func)
+    infos, idx, nspatial = _matmul_block(sch)
+    rb = infos[idx]
+    block_rv = rb.block_rv
+    loops = sch.get_loops(block_rv)
+    exts = [_extent(sch, lp) for lp in loops]
+    ni, nj = exts[nspatial - 2], exts[nspatial - 1]
+    nred = len(loops) - nspatial
+    if ni is None:
+        ti = SYMBOLIC_ROW_TILE
+    else:
+        ti = _largest_divisor(ni, (4, 3, 2))
+        if ti == 1 and ni >= 8:
+            ti = SYMBOLIC_ROW_TILE
+    if nj is None:
+        tj = SYMBOLIC_COLUMN_VECTORS * lanes
+    else:
+        tj = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
+        if tj < 4:
+            tj = lanes
+    pad_i = ti if (ni is None or ni % ti) else 1
+    pad_j = tj if (nj is None or nj % tj) else 1
+    block = sch.get(block_rv)
+    ivars = [iv.var for iv in block.iter_vars]
+    i_var, j_var = ivars[nspatial - 2], ivars[nspatial - 1]
+    # which read is contiguous along j (its last index is j): a column-padded copy of it keeps vector loads
+    contiguous_j = set()
+    for region in block.reads:
+        last = region.region[-1].min
+        if isinstance(last, tirx.Var) and last.same_as(j_var):
+            contiguous_j.add(region.source.name)
+    root = sch.get_sblock("root")
+    before = {sch.get(b).name_hint for b in sch.get_child_blocks(root)}
+    sch.pad_einsum(block_rv, [1] * (nspatial - 2) + [pad_i, pad_j] + [1] * nred)
+    new = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint not in before]
+    out_buf = sch.get(block_rv).writes[0].source
+    producers, crop = [], None
+    for b in new:
+        blk = sch.get(b)
+        if any(r.source.same_as(out_buf) for r in blk.reads):
+            crop = b
+        else:
+            producers.append(b)
+    if crop is None:
+        raise ValueError("pad_einsum made no crop block")
+    copies = []
+    for b in producers:
+        _clamp_pad_block(sch, b)
+        src = sch.get(b).reads[0].source.name
+        if pad_j > 1 and src in contiguous_j:
+            copies.append(b)
+        else:
+            sch.compute_inline(b)
+    for epi in infos[idx + 1:]:
+        sch.reverse_compute_inline(epi.block_rv)
+    loops = sch.get_loops(block_rv)
+    sp, rd = loops[:nspatial], loops[nspatial:]
+    i_o, i_i = sch.split(sp[-2], factors=[None, ti])
+    j_o, j_i = sch.split(sp[-1], factors=[None, tj])
+    k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
+    batch = list(sp[:-2])
+    sch.reorder(*batch, i_o, j_o, k, i_i, j_i)
+    outer = sch.fuse(*batch, i_o, j_o)
+    sch.set_scope(block_rv, 0, "local")
+    sch.reverse_compute_at(crop, outer, preserve_unit_loops=True)
+    sch.parallel(outer)
+    sch.unroll(i_i)
+    sch.vectorize(j_i)
+    init = sch.decompose_reduction(block_rv, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    cl = sch.get_loops(crop)
+    tail = _extent(sch, cl[-1])
+    if tail is not None and tail > 1:
+        sch.vectorize(cl[-1])
+    for b in copies:
+        _copy_loops(sch, b, lanes)
+    return sch
+
+
+def _copy_loops(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A copy block with symbolic extents: outer loops fused and parallel, the innermost (static) loop vectorized
+    when the vector width divides it."""
+    loops = sch.get_loops(block)
+    inner = _extent(sch, loops[-1])
+    if len(loops) > 1:
+        outer = sch.fuse(*loops[:-1])
+        sch.parallel(outer)
+    if inner is not None and inner % lanes == 0:
+        _, v = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(v)
 
 
 def _matmul_block(sch: s_tir.Schedule):
@@ -490,6 +647,33 @@ def _tile_transpose(sch: s_tir.Schedule, loops, lanes: int) -> bool:
     return True
 
 
+def _symbolic_injective(sch: s_tir.Schedule, loops, lanes: int) -> None:
+    """Injective loops with symbolic extents: the trailing loops of static extent are fused into one inner loop,
+    vectorized by ``lanes`` (or half of it) where that divides it; the loops above it are fused into one parallel
+    loop, except that the innermost symbolic loop stays a serial loop inside it when the static part is shorter
+    than a vector (a transpose whose last axis is the symbolic length).  Fusing across a symbolic extent puts a
+    division by a run-time value into the index of every element (a vectorized lane scalarizes it: a (b, n, 12, 32)
+    transpose ran 50x slower than its static build); here there is one per parallel iteration."""
+    k = len(loops)
+    while k > 0 and _extent(sch, loops[k - 1]) is not None:
+        k -= 1
+    outer_loops, inner_loops = list(loops[:k]), list(loops[k:])
+    static = 1
+    for lp in inner_loops:
+        static *= _extent(sch, lp)
+    if inner_loops:
+        inner = sch.fuse(*inner_loops) if len(inner_loops) > 1 else inner_loops[0]
+        for width in (lanes, lanes // 2):
+            if static % width == 0 and static >= width:
+                _, v = sch.split(inner, factors=[None, width])
+                sch.vectorize(v)
+                break
+    if static < lanes and len(outer_loops) > 1:
+        outer_loops = outer_loops[:-1]  # the last symbolic loop runs serially inside each parallel iteration
+    if outer_loops:
+        sch.parallel(sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0])
+
+
 class InjectiveRule(CPUScheduleRule):
     """All blocks spatial: inline producers, fuse the output loops, vectorize the inner split, parallel the outer."""
 
@@ -509,6 +693,9 @@ class InjectiveRule(CPUScheduleRule):
             if not loops:
                 continue
             if _transposed_read(sch, bi.block_rv) and _tile_transpose(sch, loops, lanes):
+                continue
+            if any(_extent(sch, lp) is None for lp in loops):
+                _symbolic_injective(sch, loops, lanes)
                 continue
             fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             ext = _extent(sch, fused)

@@ -4,8 +4,9 @@ CPU, in order (inside ``with target:``, dlight needs ``Target.current()``):
 
 0. :func:`targets.bitlinear_route.RouteBitLinear` - ``matmul(where(x >= 0, 1, -1), ±1 constant)`` becomes the
    bit-packed XNOR/popcount kernels of :mod:`targets.bitlinear`;
-1. :func:`RouteSoftmax` - last-axis float32 ``R.nn.softmax`` with a static shape becomes ``reshape -> call_tir(hand
-   kernel of targets.softmax_kernels) -> reshape``;
+1. :func:`RouteSoftmax` - last-axis float32 ``R.nn.softmax`` becomes ``reshape -> call_tir(hand kernel of
+   targets.softmax_kernels) -> reshape`` (a static shape: the rule table's kernel; symbolic dims: the run-time-shaped
+   fused three-pass kernel);
 2. ``FastMathTransform`` for the rest (softmax -> fast_softmax, exp -> fast_exp: no libm ``expf`` calls);
 3. ``cpu_generic`` library dispatch + legalize (LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR);
 4. ``ApplyDefaultSchedule`` with :func:`targets.cpu_rules.cpu_rules` (never ``dl.cpu.GEMV``);
@@ -27,7 +28,8 @@ from tvm.s_tir import dlight as dl
 
 from .bitlinear_route import RouteBitLinear
 from .cpu_rules import cpu_rules
-from .softmax_kernels import choose_kernel, make_softmax_kernel, mcpu_of, rows_cols, vector_bits_of
+from .softmax_kernels import (choose_kernel, make_softmax_kernel, make_symbolic_softmax_kernel, mcpu_of,
+                              rows_cols, vector_bits_of)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,9 @@ class _SoftmaxRouter(relax.PyExprMutator):
             return call
         sinfo = call.args[0].ty
         shape = _static_shape(sinfo)
-        if shape is None or sinfo.dtype != "float32" or not shape:
+        if shape is None:
+            return self._route_symbolic(call, sinfo)
+        if sinfo.dtype != "float32" or not shape:
             return call
         axis = int(call.attrs.axis)
         if axis not in (-1, len(shape) - 1):
@@ -94,6 +98,33 @@ class _SoftmaxRouter(relax.PyExprMutator):
         )
         self.routed += 1
         return relax.op.reshape(y2, shape)
+
+    def _route_symbolic(self, call, sinfo):
+        """A last-axis fp32 softmax whose shape has symbolic dims: one run-time-shaped fused three-pass kernel
+        (:func:`targets.softmax_kernels.make_symbolic_softmax_kernel`) serves every such softmax of the module."""
+        if not isinstance(sinfo, relax.TensorType) or sinfo.dtype != "float32" or sinfo.shape is None:
+            return call
+        dims = list(getattr(sinfo.shape, "values", None) or [])
+        if not dims:
+            return call
+        axis = int(call.attrs.axis)
+        if axis not in (-1, len(dims) - 1):
+            return call
+        rows = tvm.tirx.const(1, "int64")
+        for d in dims[:-1]:
+            rows = rows * d
+        cols = dims[-1]
+        key = ("symbolic", self.bits)
+        if key not in self.kernels:
+            name = f"softmax_three_pass_symbolic_v{self.bits // 32}"
+            f = make_symbolic_softmax_kernel(self.bits // 32).with_attr("global_symbol", name)
+            self.kernels[key] = self.builder_.add_func(f, name)
+        x2 = self.builder_.emit(relax.op.reshape(call.args[0], (rows, cols)))
+        y2 = self.builder_.emit(
+            relax.call_tir(self.kernels[key], [x2], relax.TensorType((rows, cols), "float32"))
+        )
+        self.routed += 1
+        return relax.op.reshape(y2, dims)
 
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():

@@ -424,7 +424,8 @@ def _block_geometry(cols: int, chunks: int, lanes: int) -> tuple[int, int, int]:
 
 
 def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0, store: bool = True):
-    """The three-pass building blocks for segments of static length ``L`` (a whole row or one chunk of it).
+    """The three-pass building blocks for segments of length ``L`` (a whole row or one chunk of it; an int, or a
+    symbolic int64 ``tirx.Var``: the run-time row length of :func:`make_symbolic_softmax_kernel`).
 
     ``acc`` is one (2U+1, V) local buffer per task: rows 0..U-1 the running vectors, U..2U-1 the two-level sum
     blocks, row ``S = 2U`` the segment's results (``[S, 0]`` max, ``[S, 1]`` sum of exps).  One buffer, not three:
@@ -440,6 +441,7 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0, store: bo
     BI = _SUM_BLOCK
     NBB = NB // BI
     floor = _f(_NEG_BIG)
+    tail = T.unroll if isinstance(L, int) else T.serial  # a symbolic L (run-time row length): tails stay loops
 
     @T.macro
     def rowmax(Xf, acc, row, start):
@@ -453,7 +455,7 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0, store: bo
         for i in range(NV):
             for l in T.vectorized(V):
                 acc[0, l] = T.max(acc[0, l], Xf[row, start + NB * U * V + i * V + l])
-        for j in T.unroll(NS):
+        for j in tail(NS):
             acc[0, j] = T.max(acc[0, j], Xf[row, start + NB * U * V + NV * V + j])
         acc[S, 0] = _hreduce(_tree([acc[u, T.ramp(0, 1, V)] for u in range(U)], T.max), V, T.max)
 
@@ -501,7 +503,7 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0, store: bo
                     acc[0, l] = acc[0, l] + Yf[row, start + NB * U * V + i * V + l]
                 else:
                     acc[0, l] = acc[0, l] + _expneg(Xf[row, start + NB * U * V + i * V + l] - mx)
-        for j in T.unroll(NS):
+        for j in tail(NS):
             if store:
                 Yf[row, start + NB * U * V + NV * V + j] = _expneg(Xf[row, start + NB * U * V + NV * V + j] - mx)
                 acc[0, j] = acc[0, j] + Yf[row, start + NB * U * V + NV * V + j]
@@ -682,6 +684,42 @@ def _build_recompute(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFun
                     fill_a(Y, w // C, (w % C) * L, uniform)
                 else:
                     fill_b(Y, w // C, (C - 1) * L, uniform)
+
+    return kernel
+
+
+def make_symbolic_softmax_kernel(lanes: int, unroll: int = 4, tasks: int = 64) -> tvm.tirx.PrimFunc:
+    """The fused three-pass kernel for a softmax whose shape is known only at run time: a destination-passing
+    PrimFunc ``f(X: (rows, cols) f32, Y: (rows, cols) f32)`` with ``rows`` and ``cols`` symbolic int64 (bound from
+    the arguments' shapes), so one compiled function serves every batch and length.  Same passes, numerics and
+    masking behaviour as the static fused three-pass kernel (:func:`make_softmax_kernel`), rows split over at most
+    ``tasks`` parallel tasks; the vector / unroll tails are run-time loops instead of unrolled code.  Rows of any
+    length are handled (rows beyond L2 would be faster with the static rule's chunked kernels)."""
+    V, U = lanes, unroll
+    S = 2 * U
+    rows = tvm.tirx.Var("rows", "int64")
+    cols = tvm.tirx.Var("cols", "int64")
+    rowmax, expstore, scale, fill = _three_pass_macros(cols, U, V, S)
+    P = tvm.tirx.min(rows, tvm.tirx.const(tasks, "int64"))  # parallel tasks
+    RPT = (rows + P - 1) // P  # rows per task
+
+    @T.prim_func(s_tir=True)
+    def kernel(x: T.handle, y: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        X = T.match_buffer(x, (rows, cols), _F32)
+        Y = T.match_buffer(y, (rows, cols), _F32)
+        with T.sblock("root"):
+            for task in T.parallel(P):
+                acc = T.alloc_buffer((2 * U + 1, V), _F32, scope="local")
+                acc[S, 1] = _f(0.0)  # touched here so the buffer is allocated once per task, not per row
+                for rr in range(RPT):
+                    if task * RPT + rr < rows:
+                        rowmax(X, acc, task * RPT + rr, T.int64(0))
+                        expstore(X, Y, acc, task * RPT + rr, T.int64(0), acc[S, 0])
+                        if acc[S, 1] > _f(0.0):
+                            scale(Y, task * RPT + rr, T.int64(0), _f(_FLT_MIN) * acc[S, 1], _f(1.0) / acc[S, 1])
+                        else:
+                            fill(Y, task * RPT + rr, T.int64(0), _f(1.0) / T.Cast(_F32, cols))
 
     return kernel
 
