@@ -142,7 +142,7 @@ class MatmulRule(CPUScheduleRule):
         lanes = vector_lanes(target)
         if exts[nspatial - 2] is None or exts[nspatial - 1] is None:
             try:
-                return _apply_symbolic(func, lanes)
+                return _apply_symbolic(func, lanes)  # None: not a tiled matmul (a matrix-vector product)
             except Exception as exc:  # noqa: BLE001 - fall back to the padded-copy schedule below
                 log.debug("symbolic matmul schedule skipped: %s", exc)
                 sch = s_tir.Schedule(func)
@@ -285,8 +285,61 @@ def _clamp_pad_block(sch: s_tir.Schedule, block_rv) -> None:
     sch.state.replace(sch.get_sref(block_rv), new_block, {block: new_block})
 
 
+def _mark_likely(sch: s_tir.Schedule, block_rv) -> bool:
+    """Wrap the predicate of a block (a guarded tail from splitting a run-time extent) in ``likely``, so TVM's
+    ``LoopPartition`` splits the enclosing loop into a guard-free main part and a guarded remainder instead of
+    testing the guard on every iteration of the hot loop.  False (nothing changed) when the block has no predicate
+    or does not sit directly in a loop."""
+    from tvm.s_tir import SBlockRealize
+
+    loops = sch.get_loops(block_rv)
+    if not loops:
+        return False
+    parent = sch.get(loops[-1])
+    realize = parent.body
+    if not isinstance(realize, SBlockRealize) or _const(realize.predicate) == 1:
+        return False
+    conjuncts, stack = [], [realize.predicate]
+    while stack:
+        c = stack.pop()
+        if isinstance(c, tirx.And):
+            stack += [c.b, c.a]
+        else:
+            conjuncts.append(c)
+    # conjuncts true for every iteration of the enclosing loops (``tile - num_tiles < 0 or ...`` added by
+    # reverse_compute_at) are dropped; the others are marked one by one: LoopPartition uses those it can solve
+    # for a loop variable (``j < n``), and the simplifier removes them from the main part
+    from tvm.sym.analyzer import Analyzer, ProofStrength
+
+    analyzer = Analyzer()
+    for lp in loops:
+        f = sch.get(lp)
+        analyzer.bind(f.loop_var, tvm.ir.Range.from_min_extent(f.min, f.extent))
+    positive = tirx.const(True, "bool")  # every run-time extent of the block's buffers is >= 1 when it runs
+    for region in list(realize.block.reads) + list(realize.block.writes):
+        for dim in region.source.shape:
+            if isinstance(dim, tirx.Var):
+                positive = tirx.And(positive, dim >= 1)
+    with analyzer.constraint_scope(positive):
+        kept = [c for c in conjuncts if not analyzer.can_prove(c, ProofStrength.SYMBOLIC_BOUND)]
+    if not kept:
+        kept = [tirx.const(True, "bool")]
+    predicate = tirx.likely(kept[0])
+    for c in kept[1:]:
+        predicate = tirx.And(predicate, tirx.likely(c))
+    new_realize = SBlockRealize(realize.iter_values, predicate, realize.block)
+    new_loop = tirx.For(parent.loop_var, parent.min, parent.extent, parent.kind, new_realize,
+                        parent.thread_binding, parent.annotations)
+    sch.state.replace(sch.get_sref(loops[-1]), new_loop, {realize.block: realize.block})
+    return True
+
+
 #: Register tile of the symbolic-extent schedule: rows (padded to a multiple) x column vectors.
 SYMBOLIC_ROW_TILE = 4
+#: A gathered column operand (the k of q·kᵀ read as k[j, d]) of a run-time column extent is packed j-last once per
+#: call when its O(columns x K) copy is amortized over at least this many rows (always for run-time rows);
+#: below it (phi(Q)·sum(phi(K)) per head: 8 rows) the multiply-accumulate gathers it like the static schedule.
+PACK_GATHERED_MIN_ROWS = 64
 
 
 def _apply_symbolic(func, lanes: int):
@@ -298,7 +351,9 @@ def _apply_symbolic(func, lanes: int):
     a column-padded operand whose columns are contiguous is instead copied once into a clamped panel, keeping the
     vector loads contiguous), the accumulators are a constant ``rows x columns`` tile in ``local`` memory, and the
     write-back of each tile to the real output (with the fused epilogue) carries the only guard: rows < n, and
-    columns < n for a symbolic column extent.  Raises when a primitive does not apply (the caller falls back)."""
+    columns < n for a symbolic column extent.  Returns None for fewer static columns than a register tile needs
+    (matrix-vector products, left to the reduction rules); raises when a primitive does not apply (the caller
+    falls back)."""
     sch = s_tir.Schedule(func)
     infos, idx, nspatial = _matmul_block(sch)
     rb = infos[idx]
@@ -318,18 +373,22 @@ def _apply_symbolic(func, lanes: int):
     else:
         tj = _largest_divisor(nj, (2 * lanes, lanes, lanes // 2, 4))
         if tj < 4:
+            if nj < 2 * lanes:
+                return None  # a few columns (a matrix-vector product): left to the reduction rules
             tj = lanes
     pad_i = ti if (ni is None or ni % ti) else 1
     pad_j = tj if (nj is None or nj % tj) else 1
     block = sch.get(block_rv)
     ivars = [iv.var for iv in block.iter_vars]
     i_var, j_var = ivars[nspatial - 2], ivars[nspatial - 1]
-    # which read is contiguous along j (its last index is j): a column-padded copy of it keeps vector loads
-    contiguous_j = set()
+    # the column operand(s) (indexed by j): contiguous along j (last index j) or gathered (j an outer index, the
+    # B of q·kᵀ read as k[j, d]); a column-padded copy of either keeps (or makes) the vector loads contiguous
+    column_reads: dict = {}
     for region in block.reads:
-        last = region.region[-1].min
-        if isinstance(last, tirx.Var) and last.same_as(j_var):
-            contiguous_j.add(region.source.name)
+        mins = [r.min for r in region.region]
+        pos = [p for p, m in enumerate(mins) if isinstance(m, tirx.Var) and m.same_as(j_var)]
+        if pos:
+            column_reads[region.source.name] = pos[0] if pos[0] != len(mins) - 1 else None
     root = sch.get_sblock("root")
     before = {sch.get(b).name_hint for b in sch.get_child_blocks(root)}
     sch.pad_einsum(block_rv, [1] * (nspatial - 2) + [pad_i, pad_j] + [1] * nred)
@@ -348,8 +407,17 @@ def _apply_symbolic(func, lanes: int):
     for b in producers:
         _clamp_pad_block(sch, b)
         src = sch.get(b).reads[0].source.name
-        if pad_j > 1 and src in contiguous_j:
+        pos = column_reads.get(src)
+        gathered = src in column_reads and pos is not None
+        if pad_j > 1 and src in column_reads and (not gathered or ni is None or ni >= PACK_GATHERED_MIN_ROWS):
             copies.append(b)
+            if gathered:
+                # a gathered column operand: its copy is laid out with j last (a transposing pack), so the
+                # multiply-accumulate loads whole vectors instead of gathering one float per lane
+                padded = sch.get(b).writes[0].source
+                reads = list(sch.get(block_rv).reads)
+                ridx = next(r for r, reg in enumerate(reads) if reg.source.same_as(padded))
+                sch.transform_layout(block_rv, ("read", ridx), _move_axis_last(pos))
         else:
             sch.compute_inline(b)
     for epi in infos[idx + 1:]:
@@ -361,9 +429,24 @@ def _apply_symbolic(func, lanes: int):
     k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
     batch = list(sp[:-2])
     sch.reorder(*batch, i_o, j_o, k, i_i, j_i)
-    outer = sch.fuse(*batch, i_o, j_o)
+    static_batch = all(_extent(sch, lp) is not None for lp in batch)
+    if nj is None and ni is not None and static_batch:
+        # few static rows, run-time columns (a matrix-vector product per head): parallel over column tiles
+        # outermost, so the column tile is ``fused // (batch x row tiles)`` and LoopPartition (below) can still
+        # split off the ragged last column tile
+        sch.reorder(j_o, *batch, i_o)
+        outer = sch.fuse(j_o, *batch, i_o)
+        tile = outer
+    elif nj is None:
+        # column tiles run serially inside each row tile: LoopPartition (below) then splits the column loop into
+        # full tiles, whose write-back is unguarded and vectorized, and the one ragged tile
+        outer = sch.fuse(*batch, i_o) if batch else i_o
+        tile = j_o
+    else:
+        outer = sch.fuse(*batch, i_o, j_o)
+        tile = outer
     sch.set_scope(block_rv, 0, "local")
-    sch.reverse_compute_at(crop, outer, preserve_unit_loops=True)
+    sch.reverse_compute_at(crop, tile, preserve_unit_loops=True)
     sch.parallel(outer)
     sch.unroll(i_i)
     sch.vectorize(j_i)
@@ -373,9 +456,20 @@ def _apply_symbolic(func, lanes: int):
     tail = _extent(sch, cl[-1])
     if tail is not None and tail > 1:
         sch.vectorize(cl[-1])
+    if nj is None:
+        _mark_likely(sch, crop)
     for b in copies:
         _copy_loops(sch, b, lanes)
     return sch
+
+
+def _move_axis_last(pos: int):
+    """Index map ``(a0, ..., a_pos, ..., a_n) -> (a0, ..., a_n, a_pos)``."""
+
+    def mapping(*axes):
+        return list(axes[:pos]) + list(axes[pos + 1:]) + [axes[pos]]
+
+    return mapping
 
 
 def _copy_loops(sch: s_tir.Schedule, block, lanes: int) -> None:
@@ -436,8 +530,11 @@ def _ksplit_wanted(exts: list, nspatial: int) -> bool:
     output per batch."""
     ni, nj = exts[nspatial - 2], exts[nspatial - 1]
     red = exts[nspatial:]
-    if ni is None or nj is None or any(e is None for e in red):
+    if ni is None or nj is None:
         return False
+    if any(e is None for e in red):
+        # a run-time reduction length (φ(K)ᵀV of a dynamic-length build): the last chunk is guarded
+        return len(red) == 1 and ni * nj <= KSPLIT_MAX_OUTPUT
     nk = 1
     for e in red:
         nk *= e
@@ -476,6 +573,7 @@ def _apply_ksplit(sch: s_tir.Schedule, block_rv, epilogues: list, nspatial: int,
     sch.unroll(i_i)
     sch.vectorize(j_i)
     init = sch.decompose_reduction(rf, ki)
+    _mark_likely(sch, rf)  # a run-time K: only the last chunk is guarded
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
     # the sum over chunks: (batch..., i, j, ko) -> (batch..., i, ko, j), j vectorized
@@ -647,6 +745,34 @@ def _tile_transpose(sch: s_tir.Schedule, loops, lanes: int) -> bool:
     return True
 
 
+def _tile_symbolic_transpose(sch: s_tir.Schedule, loops, lanes: int) -> bool:
+    """Transpose whose last two loops are one static and one symbolic extent (``(h, n, 64) -> (h, 64, n)``): the
+    static loop is cut into tiles of 16 (8, 4) rows, the loop order becomes (outer..., tile, symbolic loop, row in
+    tile), parallel over outer x tiles: each step reads 16 contiguous floats of one row and writes one float to
+    each of 16 output streams (or, when the static loop is the output's innermost, writes 16 contiguous floats),
+    with no division by the run-time extent.  False when the pattern does not hold."""
+    if len(loops) < 2:
+        return False
+    e_a, e_b = _extent(sch, loops[-2]), _extent(sch, loops[-1])
+    if (e_a is None) == (e_b is None):
+        return False
+    static_last = e_b is not None
+    ext = e_b if static_last else e_a
+    t = _largest_divisor(ext, (16, 8, 4))
+    if t == 1:
+        return False
+    sym_loop, st_loop = (loops[-2], loops[-1]) if static_last else (loops[-1], loops[-2])
+    st_o, st_i = sch.split(st_loop, factors=[None, t])
+    sch.reorder(*loops[:-2], st_o, sym_loop, st_i)
+    sch.parallel(sch.fuse(*loops[:-2], st_o) if len(loops) > 2 else st_o)
+    if static_last and t % lanes == 0:
+        _, v = sch.split(st_i, factors=[None, lanes])
+        sch.vectorize(v)
+    else:
+        sch.unroll(st_i)
+    return True
+
+
 def _symbolic_injective(sch: s_tir.Schedule, loops, lanes: int) -> None:
     """Injective loops with symbolic extents: the trailing loops of static extent are fused into one inner loop,
     vectorized by ``lanes`` (or half of it) where that divides it; the loops above it are fused into one parallel
@@ -695,7 +821,8 @@ class InjectiveRule(CPUScheduleRule):
             if _transposed_read(sch, bi.block_rv) and _tile_transpose(sch, loops, lanes):
                 continue
             if any(_extent(sch, lp) is None for lp in loops):
-                _symbolic_injective(sch, loops, lanes)
+                if not (_transposed_read(sch, bi.block_rv) and _tile_symbolic_transpose(sch, loops, lanes)):
+                    _symbolic_injective(sch, loops, lanes)
                 continue
             fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             ext = _extent(sch, fused)
