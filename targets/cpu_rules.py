@@ -810,6 +810,12 @@ class InjectiveRule(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None or any(not b.is_injective() for b in infos):
             return None
+        if any(sch.get(b.block_rv).init is not None for b in infos):
+            # a reduction over a length-1 axis (a matmul with K = 1, the outer product of a one-token decode
+            # step) looks injective once its unit loop is dropped, but inlining its consumer into it would apply
+            # the consumer to the init value and again to the update (Add(S, MatMul) gave 2 S + a b); left to
+            # the fallback rule, which schedules each block as it is
+            return None
         infos = try_inline_contiguous_spatial(sch, infos)
         if infos is None:
             return None
