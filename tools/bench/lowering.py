@@ -13,6 +13,9 @@
 (e) ``--only ksplit``: φ(K)ᵀV (H = 8, 64 x 64 per head, K = 4096 / 16384), TVM tiled vs K-split vs numpy vs
     onnxruntime, 1 and 2 threads; and x.sum(-2) of (1, 8, N, 64) with and without the strided-reduction rule
     (tools/bench/lowering_ksplit.py).
+(f) ``--only dynamic``: one symbolic-shape artefact vs per-shape static builds, 2 threads, host target: the real
+    MiniLM (``--shape input_ids=1..8,1..512``) at batch 1/8 x N = 16/128/512 and the linear attention block at
+    N = 1024/4096/16384, each checked against onnxruntime (tools/bench/lowering_dynamic.py).
 
 Every section runs only code this CPU can execute: TVM avx512 columns are left out (and say so) on a host without
 AVX-512F, the softmax kernels default to ``--target host``, and every table names the CPU (model, LLVM name, ISA).
@@ -416,7 +419,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--only", default="softmax,attention,bert,minilm",
-                    help="comma list of sections (also: ksplit)")
+                    help="comma list of sections (also: ksplit, dynamic)")
     ap.add_argument("--target", default="host",
                     help="target of the softmax kernels (default host: the best code this CPU executes)")
     ap.add_argument("--out", default=RESULTS)
@@ -441,6 +444,11 @@ def main(argv=None) -> int:
         from lowering_ksplit import bench_ksplit, bench_strided_reduction
         result["ksplit"] = bench_ksplit(args.quick, _time_interleaved)
         result["strided_reduction"] = bench_strided_reduction(args.quick, _time_interleaved)
+    if "dynamic" in sections:  # (f) tools/bench/lowering_dynamic.py
+        from lowering_dynamic import bench_dynamic
+        print(f"\n(f) one dynamic artefact vs per-shape static builds on {CPU}, host target, "
+              f"{os.environ['TVM_NUM_THREADS']} threads, ms (p50, alternating rounds)")
+        result["dynamic"] = bench_dynamic(args.quick, _time_interleaved, int(os.environ["TVM_NUM_THREADS"]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
