@@ -10,11 +10,14 @@ nested reduction); ``cpu.GEMV`` hangs compilation and is never used here.  Rules
    ``local``, reduction loop outside the tile, vectorized column tile, unrolled row tile, epilogue per tile;
    parallel over batch x row tiles x column tiles, or, for K >= ``PACK_MIN_K``, over batch x column panels with B
    packed into a contiguous (K x NJ) panel per task that all row tiles reuse.  Long-K small-output matmuls
-   (φ(K)ᵀV) get the K-split instead: partial sums over K chunks in parallel, then a vectorized sum.
+   (φ(K)ᵀV) get the K-split instead: partial sums over K chunks in parallel, then a vectorized sum (a run-time K:
+   the ragged last chunk split off by LoopPartition).  A run-time row or column extent takes
+   :func:`_apply_symbolic` (tile-padded domain, clamped operand reads, guarded write-back only).
 2. :class:`GuardedReduction` - ``dl.cpu.Reduction`` only where the fused leading spatial extent is > 1.
 3. :class:`InjectiveRule` - elementwise / broadcast: all loops fused, split by the vector width and a parallel
    chunk; a block reading a transposed buffer gets 16 x 16 tiles instead (parallel over tiles, contiguous vector
-   stores, gathers that stay in L1).
+   stores, gathers that stay in L1); run-time extents: only the static tail fused and vectorized, transposes tiled
+   along their static axis (no division by a run-time extent per element).
 4. :class:`FallbackRule` - anything else: the outermost spatial loop of every block is parallelized and the innermost
    spatial loop vectorized when it is a spatial loop of constant extent.
 
@@ -112,9 +115,9 @@ def _flat_vector_loop(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 
 class MatmulRule(CPUScheduleRule):
-    """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc: static shapes, or symbolic batch /
-    row / reduction extents (guarded row tiles, a symbolic reduction bound); a symbolic column extent (q·kᵀ of a
-    dynamic length) is padded to a multiple of the column tile inside the kernel (rows to a multiple of 4)."""
+    """Tiled, vectorized, parallel schedule for a fused (batch-)matmul PrimFunc: static shapes, symbolic batch /
+    reduction extents (a symbolic reduction bound), or a symbolic row / column extent (:func:`_apply_symbolic`; if
+    one of its primitives does not apply, the older schedule with guarded rows and zero-padded copies)."""
 
     def apply(self, func, target: Target, _tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -380,7 +383,7 @@ def _apply_symbolic(func, lanes: int):
     pad_j = tj if (nj is None or nj % tj) else 1
     block = sch.get(block_rv)
     ivars = [iv.var for iv in block.iter_vars]
-    i_var, j_var = ivars[nspatial - 2], ivars[nspatial - 1]
+    j_var = ivars[nspatial - 1]
     # the column operand(s) (indexed by j): contiguous along j (last index j) or gathered (j an outer index, the
     # B of q·kᵀ read as k[j, d]); a column-padded copy of either keeps (or makes) the vector loads contiguous
     column_reads: dict = {}
