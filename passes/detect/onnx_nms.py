@@ -245,6 +245,7 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     n_scalar = b.op("Reshape", [n, scalar])
     n_classes = b.op("Slice", [shape, i64([1]), i64([2])])
     groups = b.op("Mul", [b.op("Slice", [shape, i64([0]), i64([1])]), n_classes])        # [G] = [B·C]
+    divisor = b.op("Max", [n_classes, i64([1])])  # C = 0 has no groups to split, but integer Div/Mod by 0 fail
     flat_shape = b.op("Concat", [groups, n], axis=0)                                    # [G, N] (N may be 0)
     # boxes → (B, N + pad) float64 coordinates, ``pad`` zero boxes appended (the padding columns: never live)
     zeros = helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0])
@@ -277,7 +278,7 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     alive0 = b.op("And", [b.op("GreaterOrEqual", [s0, min_score]), b.op("Unsqueeze", [real, i64([0])])])
     if matrix:
         group_ids = b.op("Range", [i64(0), b.op("Reshape", [groups, scalar]), i64(1)])
-        outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, n_classes]), i64([1])])  # (G, 1)
+        outer["batch_of_group"] = b.op("Unsqueeze", [b.op("Div", [group_ids, divisor]), i64([1])])  # (G, 1)
     outer["false_column"] = b.op("ConstantOfShape", [b.op("Concat", [groups, i64([1])], axis=0)],
                                  value=helper.make_tensor("f", TensorProto.BOOL, [1], [False]))
     trips = b.op("Max", [b.op("Min", [max_out, n_scalar]), i64(1)])
@@ -316,8 +317,8 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     steps = b.op("Mul", [b.op("Slice", [scan_shape, i64([0]), i64([1])]),
                          b.op("Slice", [scan_shape, i64([2]), i64([3])])])             # picks per group: T · W
     group = b.op("Div", [pos, steps])
-    batch = b.op("Div", [group, n_classes])
-    klass = b.op("Mod", [group, n_classes])
+    batch = b.op("Div", [group, divisor])
+    klass = b.op("Mod", [group, divisor])
     box = b.op("Gather", [pick_flat, pos], axis=0)
     col = i64([1])
     b.nodes.append(helper.make_node("Concat", [b.op("Unsqueeze", [batch, col]), b.op("Unsqueeze", [klass, col]),

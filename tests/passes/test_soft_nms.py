@@ -333,6 +333,37 @@ def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr
     np.testing.assert_allclose(sc, picked, rtol=0, atol=1e-7)  # hard NMS does not decay
 
 
+def _ort_nms_session(layout=0):
+    node = helper.make_node("NonMaxSuppression", ["b", "s", "m", "i", "t"], ["o"], center_point_box=layout)
+    graph = helper.make_graph([node], "nms", [helper.make_tensor_value_info(x, t, None) for x, t in
+                                              zip("bsmit", [1, 1, 7, 1, 1])],
+                              [helper.make_tensor_value_info("o", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian", "hard"])
+@pytest.mark.parametrize("form", [(True, 0), (False, 0), (None, 0), (True, 8), (False, 8)])
+@pytest.mark.parametrize("shape", [(1, 0, 5), (2, 0, 0), (0, 3, 5), (2, 3, 0), (0, 0, 0)])
+def test_empty_batch_class_or_box_axes_give_empty_outputs_like_onnxruntime(method, form, shape):
+    """0 classes (once an integer division / modulo by zero in the multi-select step), 0 images or 0 boxes: both
+    outputs are empty with the dtypes and ranks onnxruntime's own NonMaxSuppression gives (int64 (0, 3))."""
+    batch, classes, n = shape
+    matrix, window = form
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 10, (batch, n, 4)).astype(np.float32)
+    scores = rng.uniform(0.2, 1.0, (batch, classes, n)).astype(np.float32)
+    params = (np.array([5], np.int64), np.array([0.5], np.float32), np.array([0.1], np.float32))
+    expected = _ort_nms_session().run(None, dict(zip("bsmit", (boxes, scores, *params))))[0]
+    sess = session(method, 0.5, "bodla", 0, 0, matrix, window)
+    sel, sc = sess.run(None, dict(zip(("boxes", "scores", "max_output_boxes_per_class", "iou_threshold",
+                                        "score_threshold"), (boxes, scores, *params))))
+    assert expected.shape == (0, 3) and expected.dtype == np.int64
+    assert sel.shape == expected.shape and sel.dtype == expected.dtype
+    assert sc.shape == (0,) and sc.dtype == np.float32
+
+
 # --------------------------------------------------------------------------------------------------------------
 # limit properties (spec §9.5)
 # --------------------------------------------------------------------------------------------------------------
