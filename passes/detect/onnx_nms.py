@@ -212,7 +212,8 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
 
 
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   prefix: str = "", matrix: bool | None = True, window: int | None = None) -> onnx.GraphProto:
+                   prefix: str = "", matrix: bool | None = True, window: int | None = None,
+                   native: bool = True) -> onnx.GraphProto:
     """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
     ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
     graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted).
@@ -224,10 +225,18 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
 
     ``window``: candidates per ``Loop`` iteration (default :data:`WINDOW`). 0 picks one box per iteration
     (``ArgMax``); W ≥ 1 selects up to W boxes per iteration with the exact multi-select step of
-    :func:`_loop_body_multi` (same indices and scores, fewer iterations when the top boxes do not overlap)."""
+    :func:`_loop_body_multi` (same indices and scores, fewer iterations when the top boxes do not overlap).
+
+    ``native``: for ``hard`` with ``center_point_box`` 0, ``iou_offset`` 0 and float32 scores, try onnxruntime's
+    ``NonMaxSuppression`` first and keep its result where a run-time check proves it equal to ours
+    (:mod:`passes.detect.onnx_native`); the ``Loop`` otherwise."""
     window = WINDOW if window is None else int(window)
     if window < 0:
         raise ValueError(f"soft-nms: window={window!r}: must be >= 0")
+    from .onnx_native import applies, native_hard_graph
+    if native and applies(cfg.method, center_point_box, cfg.iou_offset, score_dtype):
+        return native_hard_graph(soft_nms_graph(cfg, center_point_box, score_dtype, prefix, matrix, window,
+                                                native=False), prefix)
     if window == 0:
         from .onnx_one_pick import one_pick_graph
         return one_pick_graph(cfg, center_point_box, score_dtype, prefix, matrix, MATRIX_ALWAYS_BOXES)
@@ -374,9 +383,11 @@ def use_window(method: str, n_boxes: int | None, n_classes: int | None = None) -
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   matrix: bool | None = True, window: int | None = None) -> onnx.ModelProto:
+                   matrix: bool | None = True, window: int | None = None, native: bool = True
+                   ) -> onnx.ModelProto:
     """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
-    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix, window=window),
+    model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix, window=window,
+                                             native=native),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -365,6 +365,93 @@ def test_empty_batch_class_or_box_axes_give_empty_outputs_like_onnxruntime(metho
 
 
 # --------------------------------------------------------------------------------------------------------------
+# hard: onnxruntime's NonMaxSuppression where a run-time check proves it equal to ours, the Loop otherwise
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def native_session(matrix, window):
+    """The hard graph with the ``If``'s condition (True: NonMaxSuppression's result was taken) as a last output (a
+    test-only wrapper)."""
+    model = soft_nms_model(SoftNMSConfig(method="hard"), 0, matrix=matrix, window=window)
+    branch = next(n for n in model.graph.node if n.op_type == "If" and n.name.endswith("native"))
+    model.graph.output.append(helper.make_tensor_value_info(branch.input[0], TensorProto.BOOL, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run_native(boxes_xyxy, scores, nt, thr, max_det, matrix=True, window=0):
+    boxes_xyxy = boxes_xyxy.astype(np.float32).astype(np.float64)   # what the float32 graph inputs hold
+    scores = scores.astype(np.float32).astype(np.float64)
+    feeds = {"boxes": boxes_xyxy[..., [1, 0, 3, 2]].astype(np.float32), "scores": scores.astype(np.float32),
+             "max_output_boxes_per_class": np.array([max_det], np.int64),
+             "iou_threshold": np.array([nt], np.float32), "score_threshold": np.array([thr], np.float32)}
+    sel, sc, took = native_session(matrix, window).run(None, feeds)
+    cfg = dict(method="hard", sigma=0.5, iou_threshold=float(np.float32(nt)), min_score=float(np.float32(thr)),
+               max_det=max_det, iou_offset=0, sigma_convention="bodla")
+    rows, kept = ref_onnx(cfg, boxes_xyxy, scores)
+    assert [tuple(r) for r in sel.tolist()] == rows
+    np.testing.assert_array_equal(sc.astype(np.float64), np.asarray(kept, np.float64).reshape(-1))
+    ort_rows = _ort_nms_session().run(None, dict(zip("bsmit", (feeds["boxes"], feeds["scores"],
+                                                                feeds["max_output_boxes_per_class"],
+                                                                feeds["iou_threshold"],
+                                                                np.array([np.nextafter(np.float32(thr), -np.inf)],
+                                                                         np.float32)))))[0]
+    return bool(took), [tuple(r) for r in ort_rows.tolist()] == rows
+
+
+@pytest.mark.parametrize("form", [(True, 0), (False, 0), (None, 0), (True, 8), (False, 8)])
+@pytest.mark.parametrize("seed", range(6))
+def test_hard_takes_nonmaxsuppression_on_distinct_scores(form, seed):
+    """Distinct scores, N_t 0.3 / 0.5: the check passes, the op's result is taken, and it equals the reference."""
+    boxes, _ = random_sets(seed, 2, 30)
+    _, scores = random_sets(seed + 1, 6, 30)
+    for nt, thr, cap in ((0.3, 0.0, 25), (0.5, 0.2, 4)):
+        took, same_as_op = run_native(boxes, scores.reshape(2, 3, 30), nt, thr, cap, *form)
+        assert took and same_as_op
+
+
+@pytest.mark.parametrize("form", [(True, 0), (False, 8)])
+def test_hard_falls_back_to_the_loop_where_nonmaxsuppression_is_not_proven(form):
+    """Each condition of passes.detect.onnx_native sends the input to the Loop, whose result equals the reference:
+    a float32-IoU borderline pair (onnxruntime's own NMS keeps both boxes, the float64 reference suppresses one),
+    a selected box tied with another live box, N_t = 0, a coordinate beyond 2^40, a box of area 2^-70."""
+    w, dx = 2423384.0, 1304899.0   # IoU (w - dx) / (w + dx) = 0.30000003 > float32(0.3); float32 rounds it to 0.3
+    pair = np.array([[[0, 0, w, 1], [dx, 0, dx + w, 1]]])
+    took, same_as_op = run_native(pair, np.array([[[0.9, 0.8]]]), 0.3, 0.0, 10, *form)
+    assert not took and not same_as_op
+    boxes, _ = random_sets(3, 1, 20)
+    _, scores = random_sets(4, 1, 20)
+    top = int(np.argmax(scores[0]))
+    tied = scores.copy()
+    tied[0, (top + 1) % 20] = tied[0, top]   # the first pick ties with another live box
+    assert run_native(boxes, tied[None], 0.3, 0.0, 10, *form)[0] is False
+    assert run_native(boxes, scores[None], 0.0, 0.0, 10, *form)[0] is False
+    far = boxes.copy()
+    far[0, 5] += 2.0 ** 41
+    assert run_native(far, scores[None], 0.3, 0.0, 10, *form)[0] is False
+    tiny = boxes.copy()
+    tiny[0, 5] = [0.0, 0.0, 2.0 ** -35, 2.0 ** -35]
+    assert run_native(tiny, scores[None], 0.3, 0.0, 10, *form)[0] is False
+    assert run_native(boxes, scores[None], 0.3, 0.0, 10, *form)[0] is True   # the same input, unchanged: taken
+
+
+def test_nonmaxsuppression_is_used_only_for_hard_corner_boxes_offset_zero():
+    def ops(method, layout=0, offset=0, dtype=TensorProto.FLOAT):
+        model = soft_nms_model(SoftNMSConfig(method=method, iou_offset=offset), layout, dtype, window=0)
+        found = []
+
+        def walk(graph):
+            for node in graph.node:
+                found.append(node.op_type)
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        walk(attr.g)
+        walk(model.graph)
+        return found.count("NonMaxSuppression"), found.count("Loop")
+    assert ops("hard") == (2, 1)
+    assert ops("hard", layout=1) == ops("hard", offset=1) == ops("hard", dtype=TensorProto.DOUBLE) == (0, 1)
+    assert ops("linear")[0] == ops("gaussian")[0] == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
 # limit properties (spec §9.5)
 # --------------------------------------------------------------------------------------------------------------
 def clustered(seed, n_clusters=5, per_cluster=6):
@@ -532,7 +619,12 @@ def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout,
     assert site["form"] == ("run-time choice (weight matrix when N <= 256, else IoU rows)" if dynamic
                             else "weight matrix")
     rewritten = onnx.load(out)
-    assert not any(n.op_type == "NonMaxSuppression" for n in rewritten.graph.node)
+    inserted = [n.name for n in rewritten.graph.node if n.op_type == "NonMaxSuppression"]
+    assert "nms" not in inserted and len(inserted) == (2 if (method, layout) == ("hard", 0) else 0)
+    assert all(n.startswith("softswap/") for n in inserted)  # hard: the op, behind its run-time check
+    assert site["native_nms"] == bool(inserted)
+    assert main(["inspect", str(out), "--json"]) == 0      # ... which inspect does not list as a site
+    assert json.loads(capsys.readouterr().out)["nms_sites"] == []
     assert [o.name for o in rewritten.graph.output][-1] == "selected_indices_scores"
     if not runtime:
         assert report["fidelity"]["changed_outputs"] == ["selected_indices"]
@@ -717,7 +809,7 @@ def window_session(method, convention, offset, matrix, window, counted=False):
     """Our sub-graph with ``window`` candidates per iteration; ``counted`` adds the Loop's scan output (one row per
     iteration) as a last graph output, to count iterations (a test-only wrapper: the pass never does this)."""
     cfg = SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention, iou_offset=offset)
-    model = soft_nms_model(cfg, 0, matrix=matrix, window=window)
+    model = soft_nms_model(cfg, 0, matrix=matrix, window=window, native=not counted)  # counted: the Loop itself
     if counted:
         loop = next(n for n in model.graph.node if n.op_type == "Loop")
         model.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.BOOL, None))

@@ -148,11 +148,12 @@ def scene_speed(n_images: int, batch_sizes: tuple[int, ...], seed: int = 0, nt: 
     interleaved, batch size by batch size."""
     rng = np.random.default_rng(seed)
     images = [ev.detections(*ev.scene(seed * 100003 + i), rng) for i in range(n_images)]
-    sessions = {"onnxruntime NMS": _session(ort_nms_model())}
+    sessions = {"onnxruntime NMS": _session(ort_nms_model()),  # hard as the pass builds it (dynamic N): the op
+                "hard": _session(soft_nms_model(SoftNMSConfig(method="hard"), matrix=None, window=0))}  # + check
     for method in ("hard", "linear", "gaussian"):
         for matrix in (True, False):
             sessions[f"{method} {'matrix' if matrix else 'rows'}"] = _session(soft_nms_model(
-                SoftNMSConfig(method=method, sigma=SIGMA), matrix=matrix, window=0))
+                SoftNMSConfig(method=method, sigma=SIGMA), matrix=matrix, window=0, native=False))
     rows = []
     for batch in batch_sizes:
         feeds_ = [batch_feeds(images[i:i + batch], nt) for i in range(0, n_images, batch)]
@@ -170,9 +171,11 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
     out = []
     ort_nms = _session(ort_nms_model())
     soft = {f"{m} {'matrix' if matrix else 'rows'}{f' multi-{w}' if w else ''}": _session(soft_nms_model(
-        SoftNMSConfig(method=m, sigma=SIGMA), matrix=matrix, window=w))
+        SoftNMSConfig(method=m, sigma=SIGMA), matrix=matrix, window=w, native=False))
         for m in ("linear", "hard", "gaussian") for matrix in (True, False) for w in (0, WINDOW)}
     for n, c in sizes:
+        soft["hard"] = _session(soft_nms_model(SoftNMSConfig(method="hard"), matrix=use_matrix(n, c, MAX_DET),
+                                               window=use_window("hard", n, c)))  # as the pass builds it
         images = []
         for _ in range(max(batch_sizes)):
             xy = rng.uniform(0, 600, (n, 2))
@@ -186,6 +189,28 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
                     times[name].append(cpu_ms_per_image(sess, feeds_, batch, passes=1))
             out.append({"boxes": n, "classes": c, "batch": batch, **{k: float(np.median(v)) for k, v in times.items()}})
     return out
+
+
+def pass_ratios(scenes: list[dict], fast: list[dict]) -> list[dict]:
+    """Per table row: the time of the graph the pass builds for every method, over onnxruntime NMS's time.
+    Scenes (box count dynamic): hard = the op behind its check, linear / Gaussian = the run-time form choice (the
+    matrix at these N, one pick per iteration). Random boxes (static N and C): ``use_matrix`` / ``use_window``."""
+    rows = []
+    for r in scenes:
+        base = r["onnxruntime NMS"]
+        rows.append({"input": "scenes", "batch": r["batch"], "onnxruntime NMS": base, "hard": r["hard"] / base,
+                     "linear": r["linear matrix"] / base, "gaussian": r["gaussian matrix"] / base})
+    for r in fast:
+        n, c, base = r["boxes"], r["classes"], r["onnxruntime NMS"]
+        form = "matrix" if use_matrix(n, c, MAX_DET) else "rows"
+
+        def col(m: str) -> str:
+            w = use_window(m, n, c)
+            return f"soft-nms {m} {form}{f' multi-{w}' if w else ''}"
+        rows.append({"input": f"random {n} boxes x {c} classes", "batch": r["batch"], "onnxruntime NMS": base,
+                     "hard": r["soft-nms hard"] / base, "linear": r[col("linear")] / base,
+                     "gaussian": r[col("gaussian")] / base})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,13 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in fast:
         print(f"{r['boxes']:>6}{r['classes']:>8}{r['batch']:>6}{r['onnxruntime NMS']:>10.3f}"
               + "".join(f"{r[c]:>24.3f}" for c in cols))
+    built = pass_ratios(scenes, fast)
+    print("\nwhat the pass builds, CPU time per image / onnxruntime NMS's (same row, interleaved):")
+    print(f"{'input':<28}{'batch':>6}{'ORT NMS ms':>12}" + "".join(f"{m:>12}" for m in ("hard", "linear", "gaussian")))
+    for r in built:
+        print(f"{r['input']:<28}{r['batch']:>6}{r['onnxruntime NMS']:>12.4f}"
+              + "".join(f"{r[m]:>11.1f}x" for m in ("hard", "linear", "gaussian")))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "onnxruntime": ort.__version__, "settings": {
         "min_score": MIN_SCORE, "max_det": MAX_DET, "sigma": SIGMA, "window": WINDOW,
         "time": "process CPU time"}, "scenes": stats, "quality": rows,
         "control_scenes": control_stats, "control_quality": control,
-        "scene_speed": scenes, "speed": fast}, indent=1))
+        "scene_speed": scenes, "speed": fast, "pass_ratios": built}, indent=1))
     print(f"\nwrote {out}")
     return 0
 
