@@ -916,3 +916,75 @@ def test_convert_uses_the_multi_select_step_on_many_static_boxes(tmp_path, capsy
     assert len(rows) > BATCH * CLASSES
     assert [tuple(r) for r in got["selected_indices"].tolist()] == rows
     np.testing.assert_allclose(got["selected_indices_scores"], kept, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the top-box window (passes.detect.onnx_top): Soft-NMS on the K best boxes of each group when provably enough
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def top_session(method, convention, layout, top):
+    """The graph with the window's ``If`` condition (True: the window's result was taken) as a last output."""
+    model = soft_nms_model(SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention), layout,
+                           matrix=False, window=0, native=False, top=top)
+    branch = next(n for n in model.graph.node if n.op_type == "If" and n.name.endswith("top"))
+    model.graph.output.append(helper.make_tensor_value_info(branch.input[0], TensorProto.BOOL, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("method,convention", [("linear", "bodla"), ("gaussian", "bodla"), ("gaussian", "tf"),
+                                               ("hard", "bodla")])
+@pytest.mark.parametrize("layout", [0, 1])
+def test_top_window_equals_reference_on_both_branches(method, convention, layout):
+    """Window of 12 boxes, caps 3..20, thresholds −1..0.3, distinct and tied scores, 0..39 boxes: every result equals
+    the reference, and both the window's result and the fallback are taken on some inputs."""
+    rng = np.random.default_rng(7)
+    taken = set()
+    for seed in range(24):
+        n = int(rng.integers(0, 40))
+        gen = random_sets if seed % 2 else (lambda s, k, m: sparse_sets(s, k, m, (0.25, 0.5, 0.75)))
+        boxes, _ = gen(seed, 2, n)
+        _, scores = gen(seed + 1, 4, n)
+        scores = scores.reshape(2, 2, n)
+        for nt, thr, cap in ((0.3, 0.001, 5), (0.5, 0.0, 3), (0.3, 0.3, 20), (0.0, -1.0, 8)):
+            cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(nt)), min_score=float(np.float32(thr)),
+                       max_det=cap, iou_offset=0, sigma_convention=convention)
+            sel, sc, took = top_session(method, convention, layout, 12).run(None, {
+                "boxes": to_layout(boxes, layout, rng).astype(np.float32), "scores": scores.astype(np.float32),
+                "max_output_boxes_per_class": np.array([cap], np.int64),
+                "iou_threshold": np.array([nt], np.float32), "score_threshold": np.array([thr], np.float32)})
+            rows, kept = ref_onnx(cfg, boxes, scores)
+            assert [tuple(r) for r in sel.tolist()] == rows
+            np.testing.assert_allclose(sc.astype(np.float64), kept, rtol=0, atol=1e-6)
+            taken.add(bool(took))
+    assert taken == {True, False}
+
+
+def test_top_window_choice():
+    from passes.detect.onnx_nms import use_top
+    assert use_top("linear", 1000, 1, 100) == use_top("gaussian", 1000, 4, 100) == 200
+    assert use_top("linear", 400, 3, 40) == 80
+    assert use_top("hard", 1000, 1, 100) == 0                    # onnxruntime's NMS behind its check instead
+    assert use_top("linear", 700, 1, 100) == use_top("linear", 1000, 20, 100) == 0   # N < 4K; many classes
+    assert use_top("linear", 10000, 1, 200) == use_top("linear", None, 1, 100) == use_top("linear", 1000, 1, None) == 0
+
+
+def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "N_BOXES", 400)
+    src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
+    detector(src, 1)
+    assert main(["convert", str(src), "-o", str(out), "--soft-nms", "gaussian", "--option", "max_det=40",
+                 "--json"]) == 0
+    site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
+    assert site["top"] == 80 and not site["native_nms"]
+    feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 400, FEATURES)).astype(np.float32)}
+    rewritten = onnx.load(out)
+    names = [o.name for o in rewritten.graph.output]
+    got = dict(zip(names, ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)))
+    cfg = dict(method="gaussian", sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
+               max_det=40, iou_offset=0, sigma_convention="bodla")
+    rows, kept = ref_onnx(cfg, xyxy_from(got["boxes"].astype(np.float64), 1), got["scores"].astype(np.float64))
+    assert len(rows) > BATCH * CLASSES
+    assert [tuple(r) for r in got["selected_indices"].tolist()] == rows
+    np.testing.assert_allclose(got["selected_indices_scores"], kept, rtol=1e-6, atol=1e-6)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from machine import describe  # noqa: E402  tools/bench/machine.py
 import detection_eval as ev  # noqa: E402  tools/bench/detection_eval.py
 from passes.detect.config import SoftNMSConfig  # noqa: E402
-from passes.detect.onnx_nms import WINDOW, soft_nms_model, use_matrix, use_window  # noqa: E402
+from passes.detect.onnx_nms import WINDOW, soft_nms_model, use_matrix, use_top, use_window  # noqa: E402
 
 MIN_SCORE, MAX_DET, SIGMA = 0.001, 100, 0.5
 
@@ -148,8 +148,10 @@ def scene_speed(n_images: int, batch_sizes: tuple[int, ...], seed: int = 0, nt: 
     interleaved, batch size by batch size."""
     rng = np.random.default_rng(seed)
     images = [ev.detections(*ev.scene(seed * 100003 + i), rng) for i in range(n_images)]
-    sessions = {"onnxruntime NMS": _session(ort_nms_model()),  # hard as the pass builds it (dynamic N): the op
-                "hard": _session(soft_nms_model(SoftNMSConfig(method="hard"), matrix=None, window=0))}  # + check
+    sessions = {"onnxruntime NMS": _session(ort_nms_model())}
+    for method in ("hard", "linear", "gaussian"):  # as the pass builds it for a dynamic N (hard: the op + check)
+        sessions[method] = _session(soft_nms_model(SoftNMSConfig(method=method, sigma=SIGMA), matrix=None,
+                                                   window=0))
     for method in ("hard", "linear", "gaussian"):
         for matrix in (True, False):
             sessions[f"{method} {'matrix' if matrix else 'rows'}"] = _session(soft_nms_model(
@@ -174,8 +176,9 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
         SoftNMSConfig(method=m, sigma=SIGMA), matrix=matrix, window=w, native=False))
         for m in ("linear", "hard", "gaussian") for matrix in (True, False) for w in (0, WINDOW)}
     for n, c in sizes:
-        soft["hard"] = _session(soft_nms_model(SoftNMSConfig(method="hard"), matrix=use_matrix(n, c, MAX_DET),
-                                               window=use_window("hard", n, c)))  # as the pass builds it
+        for m in ("hard", "linear", "gaussian"):  # as the pass builds it for these static N and C
+            soft[m] = _session(soft_nms_model(SoftNMSConfig(method=m, sigma=SIGMA), matrix=use_matrix(n, c, MAX_DET),
+                                              window=use_window(m, n, c), top=use_top(m, n, c, MAX_DET)))
         images = []
         for _ in range(max(batch_sizes)):
             xy = rng.uniform(0, 600, (n, 2))
@@ -194,22 +197,17 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
 def pass_ratios(scenes: list[dict], fast: list[dict]) -> list[dict]:
     """Per table row: the time of the graph the pass builds for every method, over onnxruntime NMS's time.
     Scenes (box count dynamic): hard = the op behind its check, linear / Gaussian = the run-time form choice (the
-    matrix at these N, one pick per iteration). Random boxes (static N and C): ``use_matrix`` / ``use_window``."""
+    matrix at these N, one pick per iteration). Random boxes (static N and C): ``use_matrix``, ``use_window``,
+    ``use_top``."""
     rows = []
     for r in scenes:
         base = r["onnxruntime NMS"]
-        rows.append({"input": "scenes", "batch": r["batch"], "onnxruntime NMS": base, "hard": r["hard"] / base,
-                     "linear": r["linear matrix"] / base, "gaussian": r["gaussian matrix"] / base})
+        rows.append({"input": "scenes", "batch": r["batch"], "onnxruntime NMS": base,
+                     **{m: r[m] / base for m in ("hard", "linear", "gaussian")}})
     for r in fast:
-        n, c, base = r["boxes"], r["classes"], r["onnxruntime NMS"]
-        form = "matrix" if use_matrix(n, c, MAX_DET) else "rows"
-
-        def col(m: str) -> str:
-            w = use_window(m, n, c)
-            return f"soft-nms {m} {form}{f' multi-{w}' if w else ''}"
-        rows.append({"input": f"random {n} boxes x {c} classes", "batch": r["batch"], "onnxruntime NMS": base,
-                     "hard": r["soft-nms hard"] / base, "linear": r[col("linear")] / base,
-                     "gaussian": r[col("gaussian")] / base})
+        rows.append({"input": f"random {r['boxes']} boxes x {r['classes']} classes", "batch": r["batch"],
+                     "onnxruntime NMS": r["onnxruntime NMS"],
+                     **{m: r[f"soft-nms {m}"] / r["onnxruntime NMS"] for m in ("hard", "linear", "gaussian")}})
     return rows
 
 
