@@ -26,6 +26,10 @@ Multi-select step (``window`` W ≥ 1, :func:`_loop_body_multi`): an iteration s
 of the W top-scoring live boxes (``TopK``) that sequential Soft-NMS would pick one after the other unchanged, and
 applies their decays in selection order: identical results, fewer iterations when top boxes do not overlap, more
 ops per iteration. W zero boxes are appended instead of one. :func:`use_window` chooses W from the method and N.
+
+In front of the loop, two exact shortcuts with the loop as their fallback (an ``If`` on a run-time proof): hard
+Soft-NMS through onnxruntime's own ``NonMaxSuppression`` (:mod:`passes.detect.onnx_native`), and Soft-NMS on the
+``top`` best boxes of each group (:mod:`passes.detect.onnx_top`, :func:`use_top`).
 """
 from __future__ import annotations
 
@@ -393,15 +397,17 @@ def use_window(method: str, n_boxes: int | None, n_classes: int | None = None) -
 
 def use_top(method: str, n_boxes: int | None, n_classes: int | None, max_det: int | None) -> int:
     """The window of :mod:`passes.detect.onnx_top` the pass uses (0: none), from static counts (None: unknown):
-    K = 2·max_det when N ≥ 4·K, K ≤ :data:`MATRIX_ALWAYS_BOXES` and at most :data:`WINDOW_MAX_CLASSES` classes;
-    not for hard (onnxruntime's NonMaxSuppression handles it, :mod:`passes.detect.onnx_native`). Measured on
-    1000 random boxes, 100 picks (docs/soft_nms.md): linear and Gaussian 1.5–2× faster with K = 200; with 20
-    classes a window per group costs more than the shared matrix; with K = 128 Gaussian's 100th pick often falls
-    below the 129th input score and the fallback runs."""
+    K = 2·max_det when N ≥ 4·K, K ≤ :data:`MATRIX_ALWAYS_BOXES` and at most :data:`WINDOW_MAX_CLASSES` classes
+    (Gaussian: one class); not for hard (onnxruntime's NonMaxSuppression handles it,
+    :mod:`passes.detect.onnx_native`). Measured on 1000 random boxes, 100 picks (docs/soft_nms.md): linear and
+    Gaussian 1.5–2.6× faster with K = 200; with 20 classes a window per group costs more than the shared matrix;
+    Gaussian (which decays every overlapping box) falls back when any group's 100th pick drops below the 201st input
+    score, which with 4 classes × 8 images happened and cost 1.5× the plain loop."""
     if method == "hard" or not all(isinstance(v, int) for v in (n_boxes, n_classes, max_det)):
         return 0
     k = 2 * max_det
-    return k if 0 < k <= MATRIX_ALWAYS_BOXES and n_boxes >= 4 * k and n_classes <= WINDOW_MAX_CLASSES else 0
+    classes = 1 if method == "gaussian" else WINDOW_MAX_CLASSES
+    return k if 0 < k <= MATRIX_ALWAYS_BOXES and n_boxes >= 4 * k and n_classes <= classes else 0
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,

@@ -961,7 +961,8 @@ def test_top_window_equals_reference_on_both_branches(method, convention, layout
 
 def test_top_window_choice():
     from passes.detect.onnx_nms import use_top
-    assert use_top("linear", 1000, 1, 100) == use_top("gaussian", 1000, 4, 100) == 200
+    assert use_top("linear", 1000, 1, 100) == use_top("linear", 1000, 4, 100) == use_top("gaussian", 1000, 1, 100) == 200
+    assert use_top("gaussian", 1000, 4, 100) == 0                # Gaussian: one class
     assert use_top("linear", 400, 3, 40) == 80
     assert use_top("hard", 1000, 1, 100) == 0                    # onnxruntime's NMS behind its check instead
     assert use_top("linear", 700, 1, 100) == use_top("linear", 1000, 20, 100) == 0   # N < 4K; many classes
@@ -974,7 +975,7 @@ def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monk
     monkeypatch.setattr(sys.modules[__name__], "N_BOXES", 400)
     src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
     detector(src, 1)
-    assert main(["convert", str(src), "-o", str(out), "--soft-nms", "gaussian", "--option", "max_det=40",
+    assert main(["convert", str(src), "-o", str(out), "--soft-nms", "linear", "--option", "max_det=40",
                  "--json"]) == 0
     site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
     assert site["top"] == 80 and not site["native_nms"]
@@ -982,7 +983,7 @@ def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monk
     rewritten = onnx.load(out)
     names = [o.name for o in rewritten.graph.output]
     got = dict(zip(names, ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)))
-    cfg = dict(method="gaussian", sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
+    cfg = dict(method="linear", sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
                max_det=40, iou_offset=0, sigma_convention="bodla")
     rows, kept = ref_onnx(cfg, xyxy_from(got["boxes"].astype(np.float64), 1), got["scores"].astype(np.float64))
     assert len(rows) > BATCH * CLASSES
