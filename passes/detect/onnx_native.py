@@ -28,10 +28,10 @@ and the float32 IoU is within a relative 2⁻¹⁹ of the exact one, as is the f
 2⁻¹⁶)" implies "float64 IoU > N_t", which implies "float32 IoU > N_t(1 − 2⁻¹⁶)": the suppression relations nest,
 S_hi ⊆ S_64 ⊆ S_lo. Ties among boxes none of which is kept do not matter: each of them is suppressed by a box kept
 at a higher score level, whatever their order among themselves, so by 2 (checked on the runs' common result) each
-run equals greedy NMS that visits candidates by score and then lowest index. By induction over that order, with the kept sets equal so far: a candidate kept by the S_hi run has no kept
-box that suppresses it in S_hi ... and, kept in the S_lo run too (1), none in S_lo ⊇ S_64, so float64 NMS keeps it;
-a candidate suppressed in the S_lo run is suppressed in the S_hi run (1), by a kept box in S_hi ⊆ S_64, so float64
-NMS suppresses it. The cap (``max_output_boxes_per_class``) cuts all three after the same prefix. Scores: hard NMS
+run equals greedy NMS that visits candidates by score and then lowest index. By induction over that order, with
+the kept sets of the three equal so far: a candidate kept by the runs (1: both agree) has no kept box suppressing it
+in S_lo ⊇ S_64, so float64 NMS keeps it; a candidate suppressed by the runs is suppressed in S_hi by a kept box, and
+S_hi ⊆ S_64, so float64 NMS suppresses it. The cap (``max_output_boxes_per_class``) cuts all three after the same prefix. Scores: hard NMS
 does not change them, so they are gathered from the input.
 
 Live boxes are masked before NMS (scores below ``min_score`` → −∞, and the op's own threshold −∞, which drops
