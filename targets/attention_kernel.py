@@ -34,18 +34,17 @@ from . import _env  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import tvm
 from tvm.script import tirx as T
 
-from .softmax_kernels import row_softmax_macros
+from .softmax_kernels import exp_nonpos, row_softmax_macros
 
 log = logging.getLogger(__name__)
 
 _F32 = "float32"
-#: Per-task score block budget (bytes): the block plus the running K/V panels stay in a 1 MiB L2 (Zen 4; Intel
-#: server cores have 1-2 MiB).
-SCORE_BLOCK_BYTES = 256 << 10
-#: Rows of V accumulated per pass over a row tile of the P·V product (a 64-wide V block: 64 KiB, L2).
+#: Keys per block: a task's score block (QUERY_BLOCK x KEY_BLOCK floats) and the block's V rows (64 KiB at d = 64)
+#: stay in L2.
 KEY_BLOCK = 256
-#: Most query rows per task (more rows amortize the K/V reads; fewer give more tasks for the threads).
-MAX_QUERY_BLOCK = 64
+#: Query rows per task (rounded to the 6-row register tile): more rows amortize the K/V reads, fewer give more
+#: tasks to the threads.
+QUERY_BLOCK = 48
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,44 +99,48 @@ def supported(s: AttentionShape) -> str | None:
     return None
 
 
-def _geometry(s: AttentionShape) -> dict:
+def _unroll(length: int, lanes: int) -> int:
+    u = 4
+    while u > 1 and length < 2 * u * lanes:
+        u //= 2
+    return u
+
+
+def _geometry(s: AttentionShape, query_block: int | None = None) -> dict:
     V = s.lanes
     MI = 6
     NJ = 4 if V == 16 else 2  # score tile: 6 x 64 (zmm: 24 accumulators) or 6 x 16 (ymm: 12)
     V3 = value_lanes(s.dv, V)
     NJ3 = max(1, min(s.dv // V3, 64 // V3 if V == 16 else 16 // V3))
-    MP = -(-s.m // V) * V + V  # score row stride: padded, and never a power of two (L1 set conflicts)
-    bq = SCORE_BLOCK_BYTES // (4 * MP)
-    bq = max(MI, min(MAX_QUERY_BLOCK, bq, -(-s.n // MI) * MI))
-    bq = bq // MI * MI
-    U = 4
-    while U > 1 and s.m < 2 * U * V:
-        U //= 2
-    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MP": MP, "BQ": bq, "U": U}
+    bq = query_block or QUERY_BLOCK
+    bq = max(MI, min(bq, -(-s.n // MI) * MI)) // MI * MI
+    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "BQ": bq, "BK": min(KEY_BLOCK, s.m)}
 
 
-def make_attention_kernel(s: AttentionShape) -> tvm.tirx.PrimFunc:
+def make_attention_kernel(s: AttentionShape, query_block: int | None = None) -> tvm.tirx.PrimFunc:
     """Destination-passing PrimFunc ``f(Q, Kt, V, [MASK,] O)`` (shapes in the module docstring; ``MASK`` flat, only
-    when ``s.mask``), already scheduled and opaque to fusion.  ValueError when :func:`supported` says no."""
+    when ``s.mask``), already scheduled and opaque to fusion.  ``query_block``: query rows per task (default
+    :data:`QUERY_BLOCK`, rounded to the register tile).  ValueError when :func:`supported` says no."""
     why = supported(s)
     if why:
         raise ValueError(f"fused attention kernel cannot take {s}: {why}")
-    g = _geometry(s)
-    V, MI, NJ, V3, NJ3, MP, BQ, U = (g[k] for k in ("V", "MI", "NJ", "V3", "NJ3", "MP", "BQ", "U"))
+    g = _geometry(s, query_block)
+    V, MI, NJ, V3, NJ3, BQ, BK = (g[k] for k in ("V", "MI", "NJ", "V3", "NJ3", "BQ", "BK"))
     BH, N, M, D, DV = s.bh, s.n, s.m, s.d, s.dv
     TJ = NJ * V  # keys per score tile
-    NFT = M // TJ  # full score tiles per row
-    MT = M - NFT * TJ  # tail keys (scalar loop)
     TC = NJ3 * V3  # value columns per P·V tile
     NCT = DV // TC
     CT = DV - NCT * TC  # tail value columns (a multiple of V3), own tile
     NQB = -(-N // BQ)
     NT = BH * NQB
-    NKB = M // KEY_BLOCK
-    KT = M - NKB * KEY_BLOCK
-    SS = 2 * U
-    rowmax, expstore, _scale, fill = row_softmax_macros(M, U, V, SS)
-    uniform = T.float32(1.0 / M)
+    NKB = M // BK  # full key blocks
+    KT = M - NKB * BK  # keys of the last, shorter block
+    SP = BK + V  # score row stride: padded so that it is never a power of two (L1 set conflicts)
+    UMAX = _unroll(BK, V)
+    SS = 2 * UMAX  # result row of the softmax accumulators
+    full = row_softmax_macros(BK, _unroll(BK, V), V, SS)
+    tail = row_softmax_macros(KT, _unroll(KT, V), V, SS) if KT else full
+    floor = T.float32(-3.0e38)  # the row macros' max floor: a fully masked row keeps it
     scale = T.float32(s.scale)
     mask = s.mask
 
@@ -158,37 +161,51 @@ def make_attention_kernel(s: AttentionShape) -> tvm.tirx.PrimFunc:
         v = value * scale if s.scale != 1.0 else value
         return v + mask_at(MASK, task, qrow(task, i), col) if mask else v
 
-    @T.macro
-    def scores(Q, K, MASK, S, acc, task):
-        for jb in range(NFT):
-            for ib in range(BQ // MI):
-                for i in T.unroll(MI):
-                    for jj in T.unroll(NJ):
-                        for l in T.vectorized(V):
-                            acc[i, jj * V + l] = T.float32(0.0)
+    def score_macro(L):
+        NFT = L // TJ  # full score tiles
+        LT = L - NFT * TJ  # tail keys (scalar loop)
+
+        @T.macro
+        def scores(Q, K, MASK, S, Kp, acc, task, k0):
+            # S[:, 0:L] = scale * Q[rows] @ Kt[:, k0:k0+L] + mask, key-tile-major; each D x TJ panel of Kt is first
+            # packed contiguous (Kt rows are M floats apart: at a power-of-two M the panel's lines share L1 sets)
+            for jb in range(NFT):
                 for k in range(D):
+                    for l in T.vectorized(TJ):
+                        Kp[jb, k, l] = K[task // NQB, k, k0 + jb * TJ + l]
+                for ib in range(BQ // MI):
                     for i in T.unroll(MI):
                         for jj in T.unroll(NJ):
                             for l in T.vectorized(V):
-                                acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
-                                                           K[task // NQB, k, jb * TJ + jj * V + l],
-                                                           acc[i, jj * V + l])
-                for i in T.unroll(MI):
-                    for jj in T.unroll(NJ):
-                        for l in T.vectorized(V):
-                            S[ib * MI + i, jb * TJ + jj * V + l] = finish(MASK, task, ib * MI + i,
-                                                                          jb * TJ + jj * V + l, acc[i, jj * V + l])
-        for i in range(BQ):
-            for j in range(MT):
-                S[i, NFT * TJ + j] = T.float32(0.0)
-                for k in range(D):
-                    S[i, NFT * TJ + j] = S[i, NFT * TJ + j] + Q[task // NQB, qrow(task, i), k] * \
-                        K[task // NQB, k, NFT * TJ + j]
-                S[i, NFT * TJ + j] = finish(MASK, task, i, NFT * TJ + j, S[i, NFT * TJ + j])
+                                acc[i, jj * V + l] = T.float32(0.0)
+                    for k in range(D):
+                        for i in T.unroll(MI):
+                            for jj in T.unroll(NJ):
+                                for l in T.vectorized(V):
+                                    acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
+                                                               Kp[jb, k, jj * V + l],
+                                                               acc[i, jj * V + l])
+                    for i in T.unroll(MI):
+                        for jj in T.unroll(NJ):
+                            for l in T.vectorized(V):
+                                S[ib * MI + i, jb * TJ + jj * V + l] = finish(
+                                    MASK, task, ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+            for i in range(BQ):
+                for j in range(LT):
+                    S[i, NFT * TJ + j] = T.float32(0.0)
+                    for k in range(D):
+                        S[i, NFT * TJ + j] = S[i, NFT * TJ + j] + Q[task // NQB, qrow(task, i), k] * \
+                            K[task // NQB, k, k0 + NFT * TJ + j]
+                    S[i, NFT * TJ + j] = finish(MASK, task, i, k0 + NFT * TJ + j, S[i, NFT * TJ + j])
+
+        return scores
+
+    scores_full = score_macro(BK)
+    scores_tail = score_macro(KT) if KT else scores_full
 
     @T.macro
     def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV):
-        # OA[rows, c0 : c0 + NJV*V3] += S[rows, k0 : k0 + KL] @ Vb[bh, k0 : k0 + KL, c0 : ...], per MI-row tile
+        # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI-row register tile
         for ib in range(BQ // MI):
             for i in T.unroll(MI):
                 for jj in T.unroll(NJV):
@@ -198,7 +215,7 @@ def make_attention_kernel(s: AttentionShape) -> tvm.tirx.PrimFunc:
                 for i in T.unroll(MI):
                     for jj in T.unroll(NJV):
                         for l in T.vectorized(V3):
-                            acc[i, jj * V3 + l] = T.fma(S[ib * MI + i, k0 + kk],
+                            acc[i, jj * V3 + l] = T.fma(S[ib * MI + i, kk],
                                                         Vb[task // NQB, k0 + kk, c0 + jj * V3 + l],
                                                         acc[i, jj * V3 + l])
             for i in T.unroll(MI):
@@ -206,40 +223,64 @@ def make_attention_kernel(s: AttentionShape) -> tvm.tirx.PrimFunc:
                     for l in T.vectorized(V3):
                         OA[ib * MI + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
 
-    @T.macro
-    def pv_block(Vb, S, OA, acc, task, k0, KL):
-        for cb in range(NCT):
-            pv_tile(Vb, S, OA, acc, task, k0, KL, cb * TC, NJ3)
-        if CT > 0:
-            pv_tile(Vb, S, OA, acc, task, k0, KL, NCT * TC, CT // V3)
+    def block_macro(L, scores, macros):
+        rowmax, expstore = macros[0], macros[1]
+
+        @T.macro
+        def block(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, k0):
+            scores(Q, K, MASK, S, Kp, acc, task, k0)
+            for i in range(BQ):
+                # online softmax: new max, exps against it (stored, summed), rescale the running sum and output
+                rowmax(S, sacc, i, 0)
+                sacc[SS, 2] = T.max(st[i, 0], sacc[SS, 0])
+                expstore(S, S, sacc, i, 0, sacc[SS, 2])
+                sacc[SS, 3] = exp_nonpos(st[i, 0] - sacc[SS, 2])
+                st[i, 1] = st[i, 1] * sacc[SS, 3] + sacc[SS, 1]
+                st[i, 0] = sacc[SS, 2]
+                for c in T.vectorized(DV):
+                    OA[i, c] = OA[i, c] * sacc[SS, 3]
+            for cb in range(NCT):
+                pv_tile(Vb, S, OA, acc, task, k0, L, cb * TC, NJ3)
+            if CT > 0:
+                pv_tile(Vb, S, OA, acc, task, k0, L, NCT * TC, CT // V3)
+
+        return block
+
+    block_full = block_macro(BK, scores_full, full)
+    block_tail = block_macro(KT, scores_tail, tail) if KT else block_full
 
     @T.macro
     def body(Q, K, Vb, MASK, O):
         for task in T.parallel(NT):
-            S = T.alloc_buffer((BQ, MP), _F32)
-            OA = T.alloc_buffer((BQ, DV), _F32)
-            inv = T.alloc_buffer((BQ,), _F32)
+            S = T.alloc_buffer((BQ, SP), _F32)  # probabilities of one key block
+            Kp = T.alloc_buffer((max(BK // TJ, 1), D, TJ), _F32)  # packed Kt panels of one key block
+            OA = T.alloc_buffer((BQ, DV), _F32)  # unnormalized output rows
+            st = T.alloc_buffer((BQ, 2), _F32)  # per row: running max, running sum
             acc = T.alloc_buffer((MI, max(TJ, TC)), _F32, scope="local")
-            sacc = T.alloc_buffer((2 * U + 1, V), _F32, scope="local")
-            scores(Q, K, MASK, S, acc, task)
+            sacc = T.alloc_buffer((2 * UMAX + 1, V), _F32, scope="local")
             for i in range(BQ):
-                rowmax(S, sacc, i, 0)
-                expstore(S, S, sacc, i, 0, sacc[SS, 0])
-                if sacc[SS, 1] > T.float32(0.0):
-                    inv[i] = T.float32(1.0) / sacc[SS, 1]
-                else:
-                    fill(S, i, 0, uniform)
-                    inv[i] = T.float32(1.0)
+                st[i, 0] = floor
+                st[i, 1] = T.float32(0.0)
                 for c in T.vectorized(DV):
                     OA[i, c] = T.float32(0.0)
             for kb in range(NKB):
-                pv_block(Vb, S, OA, acc, task, kb * KEY_BLOCK, KEY_BLOCK)
+                block_full(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, kb * BK)
             if KT > 0:
-                pv_block(Vb, S, OA, acc, task, NKB * KEY_BLOCK, KT)
+                block_tail(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, NKB * BK)
             for i in range(BQ):
                 if (task % NQB) * BQ + i < N:
-                    for c in T.vectorized(DV):
-                        O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * inv[i]
+                    if st[i, 1] > T.float32(0.0):
+                        for c in T.vectorized(DV):
+                            O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * (T.float32(1.0) / st[i, 1])
+                    else:
+                        # every exp flushed (fully masked row): uniform probabilities, the mean of V (as unfused)
+                        for c in T.vectorized(DV):
+                            OA[i, c] = T.float32(0.0)
+                        for k in range(M):
+                            for c in T.vectorized(DV):
+                                OA[i, c] = OA[i, c] + Vb[task // NQB, k, c]
+                        for c in T.vectorized(DV):
+                            O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * T.float32(1.0 / M)
 
     if mask:
         @T.prim_func(s_tir=True)
@@ -263,7 +304,7 @@ def make_attention_kernel(s: AttentionShape) -> tvm.tirx.PrimFunc:
     return f
 
 
-def build_attention_library(s: AttentionShape, target, name: str = "attention"):
+def build_attention_library(s: AttentionShape, target, name: str = "attention", query_block: int | None = None):
     """Compile one kernel alone into a runtime module with a single function ``name`` (destination passing)."""
-    f = make_attention_kernel(s).with_attr("global_symbol", name)
+    f = make_attention_kernel(s, query_block).with_attr("global_symbol", name)
     return tvm.compile(tvm.IRModule({name: f}), target=target)

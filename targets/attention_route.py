@@ -4,7 +4,9 @@ Matched chain (both importers' shapes): ``S = matmul(A, B)`` with ``A (L..., N, 
 ``S * c`` / ``c * S`` / ``S / c`` with ``c`` a scalar float32 constant; optionally ``+ mask`` (either operand order)
 with a float32 mask broadcastable to ``(L..., N, M)``; ``softmax(axis=-1)``; ``matmul(P, V)`` with
 ``V (L..., M, DV)``.  Every intermediate must have exactly one use (a graph that also returns the probabilities is
-left alone), all shapes static, float32, the same leading dims ``L...`` on every operand (no broadcast batch).
+left alone), all shapes static, float32, leading dims of the same total size on every operand (no broadcast batch).  Single-use
+``reshape``s that keep the last two dims and identity ``broadcast_to``s around the matmuls (the torch frontend's
+batched-matmul wrapping) are stepped through.
 What feeds ``A`` and ``B`` (head split, ``permute_dims`` of K, ``sqrt(scale)`` multiplies) stays in the graph:
 those are O(N·D) elementwise ops the default rules schedule.
 
@@ -23,6 +25,7 @@ import tvm
 from tvm import relax
 
 from .attention_kernel import AttentionShape, MaskLayout, make_attention_kernel, supported
+from .bitlinear_route import _tensor_const
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,13 @@ def _shape(expr) -> list[int] | None:
         return [int(d) for d in sinfo.shape.values]
     except (TypeError, AttributeError):
         return None
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
 
 
 def _op(expr, name: str) -> bool:
@@ -87,18 +97,34 @@ class _AttentionRouter(relax.PyExprMutator):
             return None
         return self.var2val[expr]
 
+    def _peel(self, expr):
+        """Step through single-use ``reshape``s that only merge/split leading dims (last two kept) and identity
+        ``broadcast_to``s: the torch frontend wraps batched matmuls in them."""
+        while True:
+            val = self._value(expr)
+            if not (_op(val, "relax.reshape") or _op(val, "relax.broadcast_to")):
+                return expr
+            src, dst = _shape(val.args[0]), _shape(val)
+            if src is None or dst is None or len(src) < 2 or len(dst) < 2 or src[-2:] != dst[-2:]:
+                return expr
+            if _op(val, "relax.broadcast_to") and src != dst:
+                return expr
+            if _prod(src) != _prod(dst):
+                return expr
+            expr = val.args[0]
+
     def _scalar(self, expr) -> float | None:
         if isinstance(expr, relax.Var):
             expr = self.var2val.get(expr)
-        if not isinstance(expr, relax.Constant) or expr.ty.dtype != "float32":
+        data = _tensor_const(expr)
+        if data is None or data.dtype != "float32" or data.size != 1:
             return None
-        data = expr.data.numpy()
-        return float(data.reshape(-1)[0]) if data.size == 1 else None
+        return float(data.reshape(-1)[0])
 
     def _match(self, call):
         """``(A, B, V, mask, scale)`` of the chain ending in ``call`` (a matmul), or None."""
         p, vv = call.args
-        sm = self._value(p)
+        sm = self._value(self._peel(p))
         if not _op(sm, "relax.nn.softmax"):
             return None
         score = _shape(sm)
@@ -109,6 +135,8 @@ class _AttentionRouter(relax.PyExprMutator):
         if _op(val, "relax.add"):
             for chain, other in ((val.args[0], val.args[1]), (val.args[1], val.args[0])):
                 inner = self._value(chain)
+                if _op(self._value(self._peel(chain)), "relax.matmul"):
+                    inner = self._value(self._peel(chain))
                 if _op(inner, "relax.matmul") or _op(inner, "relax.multiply") or _op(inner, "relax.divide"):
                     x, mask, val = chain, other, inner
                     break
@@ -128,6 +156,8 @@ class _AttentionRouter(relax.PyExprMutator):
             scale = c if _op(val, "relax.multiply") else 1.0 / c
             val = self._value(x)
         if not _op(val, "relax.matmul"):
+            val = self._value(self._peel(x))
+        if not _op(val, "relax.matmul"):
             return None
         return val.args[0], val.args[1], vv, mask, scale, score
 
@@ -140,7 +170,7 @@ class _AttentionRouter(relax.PyExprMutator):
         a, b, vv, mask, scale, score = m
         sa, sb, sv, so = _shape(a), _shape(b), _shape(vv), _shape(call)
         lead = score[:-2]
-        if None in (sa, sb, sv, so) or any(len(s) != len(score) or s[:-2] != lead for s in (sa, sb, sv)):
+        if None in (sa, sb, sv, so) or any(len(s) < 2 or _prod(s[:-2]) != _prod(lead) for s in (sa, sb, sv, so)):
             log.debug("attention chain not fused: operand shapes %s %s %s vs scores %s", sa, sb, sv, score)
             return super().visit_call_(call)
         n, d, mm, dv = sa[-2], sa[-1], sb[-1], sv[-1]
@@ -153,9 +183,7 @@ class _AttentionRouter(relax.PyExprMutator):
             if layout is None:
                 log.debug("attention chain not fused: mask shape %s does not broadcast to %s", ms, score)
                 return super().visit_call_(call)
-        bh = 1
-        for e in lead:
-            bh *= e
+        bh = _prod(lead)
         shape = AttentionShape(bh, n, mm, d, dv, self.lanes, float(scale), layout)
         why = supported(shape)
         if why:
