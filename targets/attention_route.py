@@ -3,7 +3,8 @@
 Matched chain (both importers' shapes): ``S = matmul(A, B)`` with ``A (L..., N, D)``, ``B (L..., D, M)``; optionally
 ``S * c`` / ``c * S`` / ``S / c`` with ``c`` a scalar float32 constant; optionally ``+ mask`` (either operand order)
 with a float32 mask broadcastable to ``(L..., N, M)``; ``softmax(axis=-1)``; ``matmul(P, V)`` with
-``V (L..., M, DV)``.  Every intermediate must have exactly one use (a graph that also returns the probabilities is
+``V (L..., M, DV)``; the SDPA exporters' NaN guard ``where(isnan(P), 0, P)`` between softmax and the second matmul
+is accepted (a no-op: neither path produces NaN).  Every intermediate must have exactly one use (a graph that also returns the probabilities is
 left alone), all shapes static, float32, leading dims of the same total size on every operand (no broadcast batch).  Single-use
 ``reshape``s that keep the last two dims and identity ``broadcast_to``s around the matmuls (the torch frontend's
 batched-matmul wrapping) are stepped through.
@@ -113,6 +114,19 @@ class _AttentionRouter(relax.PyExprMutator):
                 return expr
             expr = val.args[0]
 
+    def _nan_guarded(self, expr):
+        """``P`` when ``expr = where(isnan(P), 0, P)`` (the SDPA exporters' guard for fully masked rows) and ``P``
+        has no other use, else None.  The fused kernel, like the routed softmax kernel of the unfused path, never
+        produces NaN (a fully masked row is uniform), so the guard is a no-op on both paths."""
+        val = self._value(expr)
+        if not _op(val, "relax.where"):
+            return None
+        cond, zero, p = val.args
+        test = self._value(cond)
+        if not _op(test, "relax.isnan") or not test.args[0].same_as(p) or self._scalar(zero) != 0.0:
+            return None
+        return p if self.uses.get(p, 0) == 2 else None
+
     def _scalar(self, expr) -> float | None:
         if isinstance(expr, relax.Var):
             expr = self.var2val.get(expr)
@@ -124,7 +138,9 @@ class _AttentionRouter(relax.PyExprMutator):
     def _match(self, call):
         """``(A, B, V, mask, scale)`` of the chain ending in ``call`` (a matmul), or None."""
         p, vv = call.args
-        sm = self._value(self._peel(p))
+        p = self._peel(p)
+        guarded = self._nan_guarded(p)
+        sm = self._value(guarded, single_use=False) if guarded is not None else self._value(p)
         if not _op(sm, "relax.nn.softmax"):
             return None
         score = _shape(sm)
