@@ -4,21 +4,23 @@ Layout (float32, static shapes): ``Q (BH, N, D)``, ``Kt (BH, D, M)`` (keys alrea
 right operand), ``V (BH, M, DV)``, an optional additive mask read through static strides (broadcast dims stride 0,
 so a ``(1, 1, N, M)`` causal mask or a ``(B, 1, 1, M)`` padding mask is never expanded), output ``O (BH, N, DV)``.
 
-Structure ("row-block" flash attention): the parallel tasks are (head, block of ``BQ`` query rows) pairs.  A task
+Structure (flash attention with an online softmax): the parallel tasks are (head, block of :data:`QUERY_BLOCK`
+query rows) pairs.  A task walks the keys in blocks of :data:`KEY_BLOCK` (the last one shorter) and per block
 
-1. computes its ``BQ x M`` score block into a per-task scratch that stays in L2 (``BQ`` is chosen so the block is
-   at most :data:`SCORE_BLOCK_BYTES`): register tiles of ``MI`` rows x ``NJ`` vectors of keys, outer products over
-   ``D`` (a broadcast ``Q`` element times a contiguous ``Kt`` vector, fma), key-panel-major so a ``D x NJ·V`` panel
-   of ``Kt`` stays in L1 while every row tile of the block uses it; scale and mask are applied as the tile is stored;
-2. runs the project's three-pass row softmax on each score row in place (the macros of
-   :mod:`targets.softmax_kernels`: max, ``exp(x - max)`` with the same polynomial, stored and summed; the 1/sum is
-   applied to the output rows, not to the probabilities);
-3. accumulates ``P·V`` in register tiles (``MI`` rows x the value width) over key blocks of :data:`KEY_BLOCK` rows
-   of ``V`` (L2-resident), then writes ``O = acc / sum``.
+1. packs the block's ``Kt`` panels (``D x NJ·V``) contiguous (``Kt`` rows are ``M`` floats apart: at a power-of-two
+   ``M`` an unpacked panel's lines share L1 sets), then computes the ``BQ x BK`` score block into a per-task scratch
+   (L1/L2): register tiles of ``MI`` rows x ``NJ`` vectors of keys, fma outer products over ``D`` (a broadcast
+   ``Q`` element times a ``Kt`` vector), panel-major so a panel serves every row tile; scale and mask are applied as
+   the tile is stored (keys past the last full tile: a scalar loop);
+2. per row: the block max (the three-pass row macros of :mod:`targets.softmax_kernels`), the new running max,
+   ``exp(x - max)`` with the same polynomial stored and summed, the running sum and output row rescaled by
+   ``exp(old max - new max)``;
+3. accumulates ``P·V`` into the task's output rows in register tiles (``MI`` rows x the value width) over the
+   block's rows of ``V``;
 
-No score or probability tensor ever reaches memory (the unfused graph writes and reads ``BH·N·M`` floats three
-times).  The exact row max is known before any exp, so no online rescaling is needed; the limit is the score block
-(``BQ`` shrinks as ``M`` grows, to ``MI`` rows at ``M`` ~ 5K and beyond, still correct, slower).
+and finally writes ``O = acc / sum``.  No score or probability tensor ever reaches memory (the unfused graph writes
+and reads ``BH·N·M`` floats three times).  Any ``N``, ``M``: rows past ``N`` in the last query block recompute row
+``N - 1`` and are never stored.
 
 Numerics as the unfused path: ``exp(x - max) = 0`` where ``x - max < -87`` (``-inf`` / ``finfo.min`` masked logits
 never give NaN); a fully masked row (every exp flushed, sum 0) gives the uniform distribution, i.e. the mean of V,

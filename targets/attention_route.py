@@ -4,10 +4,10 @@ Matched chain (both importers' shapes): ``S = matmul(A, B)`` with ``A (L..., N, 
 ``S * c`` / ``c * S`` / ``S / c`` with ``c`` a scalar float32 constant; optionally ``+ mask`` (either operand order)
 with a float32 mask broadcastable to ``(L..., N, M)``; ``softmax(axis=-1)``; ``matmul(P, V)`` with
 ``V (L..., M, DV)``; the SDPA exporters' NaN guard ``where(isnan(P), 0, P)`` between softmax and the second matmul
-is accepted (a no-op: neither path produces NaN).  Every intermediate must have exactly one use (a graph that also returns the probabilities is
-left alone), all shapes static, float32, leading dims of the same total size on every operand (no broadcast batch).  Single-use
-``reshape``s that keep the last two dims and identity ``broadcast_to``s around the matmuls (the torch frontend's
-batched-matmul wrapping) are stepped through.
+is accepted (a no-op: neither path produces NaN).  Every intermediate must have exactly one use (a graph that also
+returns the probabilities is left alone), all shapes static, float32, leading dims of the same total size on every
+operand (no broadcast batch).  Single-use ``reshape``s that keep the last two dims and identity ``broadcast_to``s
+around the matmuls (the torch frontend's batched-matmul wrapping) are stepped through.
 What feeds ``A`` and ``B`` (head split, ``permute_dims`` of K, ``sqrt(scale)`` multiplies) stays in the graph:
 those are O(N·D) elementwise ops the default rules schedule.
 

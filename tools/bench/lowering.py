@@ -487,7 +487,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="host",
                     help="target of the softmax kernels (default host: the best code this CPU executes)")
     ap.add_argument("--out", default=RESULTS)
-    ap.add_argument("--sizes", default="", help="(b), (b2): comma list of N (default 256,1024,4096,16384; (b2) 256,1024,4096)")
+    ap.add_argument("--sizes", default="",
+                    help="(b), (b2): comma list of N (default 256,1024,4096,16384; (b2) 256,1024,4096)")
     ap.add_argument("--variants", default="", help="(b): comma list of variants besides softmax (default all)")
     ap.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                     help="(d): also tune the original MiniLM at N=128 with this many MetaSchedule trials")
