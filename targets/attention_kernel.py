@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 from . import _env  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import tvm
@@ -108,26 +109,33 @@ def _unroll(length: int, lanes: int) -> int:
     return u
 
 
-def _geometry(s: AttentionShape, query_block: int | None = None) -> dict:
+def _geometry(s: AttentionShape, query_block: int | None = None, tiles: tuple | None = None) -> dict:
     V = s.lanes
     MI = 6
     NJ = 4 if V == 16 else 2  # score tile: 6 x 64 (zmm: 24 accumulators) or 6 x 16 (ymm: 12)
     V3 = value_lanes(s.dv, V)
     NJ3 = max(1, min(s.dv // V3, 64 // V3 if V == 16 else 16 // V3))
+    MI3 = MI
+    if tiles:
+        MI, NJ, MI3, NJ3 = tiles
+    step = MI * MI3 // math.gcd(MI, MI3)  # query blocks hold whole row tiles of both products
     bq = query_block or QUERY_BLOCK
-    bq = max(MI, min(bq, -(-s.n // MI) * MI)) // MI * MI
-    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "BQ": bq, "BK": min(KEY_BLOCK, s.m)}
+    bq = max(step, min(bq, -(-s.n // step) * step)) // step * step
+    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": bq, "BK": min(KEY_BLOCK, s.m)}
 
 
-def make_attention_kernel(s: AttentionShape, query_block: int | None = None) -> tvm.tirx.PrimFunc:
+def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
+                          tiles: tuple | None = None) -> tvm.tirx.PrimFunc:
     """Destination-passing PrimFunc ``f(Q, Kt, V, [MASK,] O)`` (shapes in the module docstring; ``MASK`` flat, only
     when ``s.mask``), already scheduled and opaque to fusion.  ``query_block``: query rows per task (default
-    :data:`QUERY_BLOCK`, rounded to the register tile).  ValueError when :func:`supported` says no."""
+    :data:`QUERY_BLOCK`, rounded to the register tiles); ``tiles``: ``(MI, NJ, MI3, NJ3)`` register tiles (rows x
+    vectors) of the score and P·V products instead of the per-ISA defaults (for measurements).  ValueError when
+    :func:`supported` says no."""
     why = supported(s)
     if why:
         raise ValueError(f"fused attention kernel cannot take {s}: {why}")
-    g = _geometry(s, query_block)
-    V, MI, NJ, V3, NJ3, BQ, BK = (g[k] for k in ("V", "MI", "NJ", "V3", "NJ3", "BQ", "BK"))
+    g = _geometry(s, query_block, tiles)
+    V, MI, NJ, V3, NJ3, MI3, BQ, BK = (g[k] for k in ("V", "MI", "NJ", "V3", "NJ3", "MI3", "BQ", "BK"))
     BH, N, M, D, DV = s.bh, s.n, s.m, s.d, s.dv
     TJ = NJ * V  # keys per score tile
     TC = NJ3 * V3  # value columns per P·V tile
@@ -207,23 +215,23 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None) -> 
 
     @T.macro
     def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV):
-        # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI-row register tile
-        for ib in range(BQ // MI):
-            for i in T.unroll(MI):
+        # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI3-row register tile
+        for ib in range(BQ // MI3):
+            for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
-                        acc[i, jj * V3 + l] = OA[ib * MI + i, c0 + jj * V3 + l]
+                        acc[i, jj * V3 + l] = OA[ib * MI3 + i, c0 + jj * V3 + l]
             for kk in range(KL):
-                for i in T.unroll(MI):
+                for i in T.unroll(MI3):
                     for jj in T.unroll(NJV):
                         for l in T.vectorized(V3):
-                            acc[i, jj * V3 + l] = T.fma(S[ib * MI + i, kk],
+                            acc[i, jj * V3 + l] = T.fma(S[ib * MI3 + i, kk],
                                                         Vb[task // NQB, k0 + kk, c0 + jj * V3 + l],
                                                         acc[i, jj * V3 + l])
-            for i in T.unroll(MI):
+            for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
-                        OA[ib * MI + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
+                        OA[ib * MI3 + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
 
     def block_macro(L, scores, macros):
         rowmax, expstore = macros[0], macros[1]
@@ -258,7 +266,7 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None) -> 
             Kp = T.alloc_buffer((max(BK // TJ, 1), D, TJ), _F32)  # packed Kt panels of one key block
             OA = T.alloc_buffer((BQ, DV), _F32)  # unnormalized output rows
             st = T.alloc_buffer((BQ, 2), _F32)  # per row: running max, running sum
-            acc = T.alloc_buffer((MI, max(TJ, TC)), _F32, scope="local")
+            acc = T.alloc_buffer((max(MI, MI3), max(TJ, TC)), _F32, scope="local")
             sacc = T.alloc_buffer((2 * UMAX + 1, V), _F32, scope="local")
             for i in range(BQ):
                 st[i, 0] = floor
@@ -306,7 +314,8 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None) -> 
     return f
 
 
-def build_attention_library(s: AttentionShape, target, name: str = "attention", query_block: int | None = None):
+def build_attention_library(s: AttentionShape, target, name: str = "attention", query_block: int | None = None,
+                            tiles: tuple | None = None):
     """Compile one kernel alone into a runtime module with a single function ``name`` (destination passing)."""
-    f = make_attention_kernel(s, query_block).with_attr("global_symbol", name)
+    f = make_attention_kernel(s, query_block, tiles).with_attr("global_symbol", name)
     return tvm.compile(tvm.IRModule({name: f}), target=target)
