@@ -12,9 +12,11 @@ two strided slices, all over N-sized tensors).
 Causal visibility: key j is visible from query i iff j <= i + (T - S) - shift. ``shift`` > 0 excludes the last
 ``shift`` keys of the causal prefix (used by the sliding-window hybrid).
 
-Causal forms (``auto``, the default, is ``chunked`` in eager and for traced self-attention — one symbolic length
-for q and k, as in a model's attention layer —, and ``prefix`` under tracing on an offset axis: distinct symbolic
-S and T, or the hybrid window's shift):
+Causal forms (``auto``, the default, is ``chunked`` in eager and ``prefix`` under tracing: the traced chunked form
+runs in onnxruntime with O(N) memory, and TVM builds it for self-attention with a symbolic length, but not yet with
+a symbolic batch too (TVM's loop splitting fails or miscompiles on the chunk-count extents; see
+docs/causal_decode.md), which every ``softswap compile`` of a converted model has. The decode prefill graph, which
+runs in onnxruntime, asks for ``chunked``; so can any export with ``causal_form="chunked"``):
 - ``chunked``: parallel chunk form, chunk C: intra-chunk tril(φQ φKᵀ)V plus φQ times the exclusive
   cumulative sum of per-chunk states. Memory O(N·C + N/C·F·E); no loops. Under tracing the chunks are cut by a
   gather with a clamped (N // C + 1, C) index grid and a validity mask on the keys (no reshape, no padding), so
@@ -73,20 +75,27 @@ def _split_chunks(x: torch.Tensor, nc: Any, pad: Any, chunk: int) -> torch.Tenso
     return _zero_rows(x, 0, pad).reshape(*x.shape[:-2], nc, chunk, x.shape[-1])
 
 
-def _chunk_grid(n: Any, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symbolic length N: (idx, valid), both (nc, C) with nc = N // C + 2 (≥ 2 provably: no op specialises on a
-    size-1 chunk axis; one chunk more than needed at most); idx = min(c·C + r, N − 1) and valid =
-    (c·C + r < N). Gathering rows by ``idx`` cuts x into chunks without a reshape (which would need torch.export to
-    prove a divisibility it cannot) and without padding (a Concat or Pad whose extent depends on N: TVM's loop
-    splitting fails on it); rows past N repeat row N − 1 and are zeroed by ``valid`` where that matters (keys)."""
+def _plain_symbol(n: Any) -> bool:
+    """True for a length that is one free symbol (self-attention under tracing), not an expression of symbols."""
+    return bool(getattr(getattr(getattr(n, "node", None), "expr", None), "is_Symbol", False))
+
+
+def _chunk_grid(n: Any, chunk: int, device) -> torch.Tensor:
+    """Symbolic length N: the row read by each chunk slot, min(c·C + r, N − 1), as an (nc, C) grid with
+    nc = N // C + 2 (≥ 2 provably: no op specialises on a size-1 chunk axis; at most two chunks more than needed).
+
+    Gathering rows by it cuts x into chunks without a reshape of N + pad rows (torch.export would have to prove a
+    divisibility it cannot) and without padding (a Concat or Pad whose extent depends on N: TVM's loop splitting
+    fails on it). Slots past N repeat row N − 1: within a chunk they come after every real query (the intra-chunk
+    triangle hides them) and their keys enter only the states of chunks whose queries are all padding, so no mask
+    is needed; the caller drops the padded outputs."""
     # For a plain length symbol (self-attention) written (N + 2C) // C: as N // C + 2, TVM's loop splitting cannot
     # prove the chunk-state extent H·(N//C·F·E + 2·F·E) divisible by F·E (InternalError in PadDividendToDivisor).
     # On an offset axis (N an expression such as S + T + w) the same spelling makes torch.export emit modulo guards
     # it cannot prove, so there it is N // C + 2 (that path is exported for onnxruntime; TVM gets ``prefix``).
-    plain = getattr(getattr(getattr(n, "node", None), "expr", None), "is_Symbol", False)
-    nc = (n + 2 * chunk) // chunk if plain else n // chunk + 2
+    nc = (n + 2 * chunk) // chunk if _plain_symbol(n) else n // chunk + 2
     grid = torch.arange(nc, device=device)[:, None] * chunk + torch.arange(chunk, device=device)[None, :]
-    return torch.clamp(grid, max=n - 1), grid < n
+    return torch.clamp(grid, max=n - 1)
 
 
 def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -100,10 +109,9 @@ def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: i
         # k, v (and q) share one length by contract; the checks let export treat their symbols as one
         torch._check(fk.shape[-2] == n)
         torch._check(v.shape[-2] == n)
-        idx, valid = _chunk_grid(n, chunk, fq.device)
-        nc = idx.shape[0]
-        # rows past N: zero keys add nothing to any state or intra-chunk product; their queries' rows are dropped
-        q4, k4, v4 = fq[:, :, idx], fk[:, :, idx] * valid[..., None].to(fk.dtype), v[:, :, idx]
+        grid = _chunk_grid(n, chunk, fq.device)
+        nc = grid.shape[0]
+        q4, k4, v4 = (x[:, :, grid] for x in (fq, fk, v))
     tril = torch.ones(chunk, chunk, dtype=fq.dtype, device=fq.device).tril()
     intra = ((q4 @ k4.transpose(-1, -2)) * tril) @ v4
     states = k4.transpose(-1, -2) @ v4  # (B,H,nc,F,E)
@@ -132,8 +140,7 @@ def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int)
 
 
 def _causal_equal(fq, fk, v, *, chunk: int, form: str) -> torch.Tensor:
-    if form == "auto":  # traced on an offset axis (S ≠ T or a window shift): prefix (its zero-row Concats along
-        # the symbolic axis are what TVM's loop splitting fails on in the chunked form; prefix has been compiled)
+    if form == "auto":  # traced: prefix, which TVM compiles with every dim symbolic (the chunked form does not yet)
         form = "chunked" if isinstance(fq.shape[-2], int) else "prefix"
     if form == "chunked":
         return _chunked_equal(fq, fk, v, chunk)
@@ -188,8 +195,8 @@ def causal_apply(
         raise ValueError(f"shift must be >= 0, got {shift}")
     s_len, t_len = fq.shape[-2], fk.shape[-2]
     if shift == 0 and not _concrete(s_len, t_len) and _same_length(s_len, t_len):
-        # self-attention under tracing: one symbolic length, no offset axis; ``auto`` is the chunked form here
-        return _causal_equal(fq, fk, v, chunk=chunk, form="chunked" if form == "auto" else form)
+        # self-attention under tracing: one symbolic length, no offset axis
+        return _causal_equal(fq, fk, v, chunk=chunk, form=form)
     if _concrete(s_len, t_len):
         if s_len == t_len and shift == 0:
             return _causal_equal(fq, fk, v, chunk=chunk, form=form)
