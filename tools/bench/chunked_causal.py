@@ -3,7 +3,8 @@ self-attention since issue #16) vs the cumsum prefix form, against torch's causa
 
 Each form is one dynamic-length export of self-attention (q, k, v of one length, as in a model layer, so the
 exporter sees one length symbol). Every cell runs in a fresh process: it times the call (best of ``--repeats``
-after one warm-up) and samples the process's resident memory with psutil every millisecond while running; "extra
+after one warm-up; wall time and the process's CPU time, which a loaded host inflates less — both one thread)
+and samples the process's resident memory with psutil every millisecond while running; "extra
 MiB" is the peak RSS during the calls minus the RSS just before the first call (session built, inputs made), i.e.
 what the prefill itself allocates. The cells alternate form by form at each N, so load on a shared host shifts all
 of them alike.
@@ -52,11 +53,12 @@ so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads 
 sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 rng = np.random.default_rng(0)
 feeds = {i.name: rng.standard_normal((1, h, n, d), dtype=np.float32) for i in sess.get_inputs()}
-t = []
+t, c = [], []
 with Peak() as p:
     for _ in range(reps + 1):
-        t0 = time.perf_counter(); sess.run(None, feeds); t.append(time.perf_counter() - t0)
-print(min(t[1:]) * 1e3, p.extra_mib)
+        t0, c0 = time.perf_counter(), time.process_time(); sess.run(None, feeds)
+        t.append(time.perf_counter() - t0); c.append(time.process_time() - c0)
+print(min(t[1:]) * 1e3, min(c[1:]) * 1e3, p.extra_mib)
 """
 
 _SDPA_CHILD = _PEAK + r"""
@@ -65,12 +67,13 @@ n, h, d, reps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.ar
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, h, n, d, generator=g) for _ in range(3))
-t = []
+t, c = [], []
 with torch.no_grad(), Peak() as p:
     for _ in range(reps + 1):
-        t0 = time.perf_counter(); torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        t.append(time.perf_counter() - t0)
-print(min(t[1:]) * 1e3, p.extra_mib)
+        t0, c0 = time.perf_counter(), time.process_time()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        t.append(time.perf_counter() - t0); c.append(time.process_time() - c0)
+print(min(t[1:]) * 1e3, min(c[1:]) * 1e3, p.extra_mib)
 """
 
 
@@ -96,10 +99,11 @@ def _export(form: str, heads: int, dim: int, path: Path) -> None:
     onx.save(str(path))
 
 
-def _child(script: str, *args) -> tuple[float, float]:
+def _child(script: str, *args) -> tuple[float, float, float]:
+    """(wall ms, process CPU ms, extra MiB) of one cell, run in a fresh process."""
     out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, check=True)
-    ms, mib = out.stdout.split()[-2:]
-    return float(ms), float(mib)
+    ms, cpu_ms, mib = out.stdout.split()[-3:]
+    return float(ms), float(cpu_ms), float(mib)
 
 
 def main() -> None:
@@ -123,23 +127,27 @@ def main() -> None:
                 if form == "prefix" and n > a.prefix_max:
                     continue
                 if form == "sdpa":
-                    ms, mib = _child(_SDPA_CHILD, n, a.heads, a.dim, a.repeats)
+                    ms, cpu_ms, mib = _child(_SDPA_CHILD, n, a.heads, a.dim, a.repeats)
                 else:
-                    ms, mib = _child(_ORT_CHILD, paths[form], n, a.heads, a.dim, a.repeats)
+                    ms, cpu_ms, mib = _child(_ORT_CHILD, paths[form], n, a.heads, a.dim, a.repeats)
                 rows.append({"form": form, "runtime": "torch" if form == "sdpa" else "onnxruntime", "n": n,
-                             "ms": ms, "extra_mib": mib})
+                             "ms": ms, "cpu_ms": cpu_ms, "extra_mib": mib})
                 print(f"{form} N={n}: {ms:.1f} ms, {mib:.0f} MiB", file=sys.stderr)
     by = {(r["form"], r["n"]): r for r in rows}
     for r in rows:
         sdpa = by.get(("sdpa", r["n"]))
         if r["form"] != "sdpa" and sdpa:
             r["speedup_vs_sdpa"] = sdpa["ms"] / r["ms"]
+            r["cpu_speedup_vs_sdpa"] = sdpa["cpu_ms"] / r["cpu_ms"]
     cpu = describe()
     print(f"causal attention prefill, 1 thread, B=1 H={a.heads} d={a.dim} — {cpu}; best of {a.repeats}")
-    print(f"{'form':8} {'runtime':12} {'N':>6} {'ms':>9} {'extra MiB':>10} {'× SDPA':>7}")
+    print(f"{'form':8} {'runtime':12} {'N':>6} {'wall ms':>9} {'CPU ms':>9} {'extra MiB':>10} {'× SDPA':>7} "
+          f"{'× SDPA CPU':>11}")
     for r in rows:
         sp = f"{r['speedup_vs_sdpa']:.1f}" if "speedup_vs_sdpa" in r else ""
-        print(f"{r['form']:8} {r['runtime']:12} {r['n']:>6} {r['ms']:>9.1f} {r['extra_mib']:>10.0f} {sp:>7}")
+        spc = f"{r['cpu_speedup_vs_sdpa']:.1f}" if "cpu_speedup_vs_sdpa" in r else ""
+        print(f"{r['form']:8} {r['runtime']:12} {r['n']:>6} {r['ms']:>9.1f} {r['cpu_ms']:>9.1f} "
+              f"{r['extra_mib']:>10.0f} {sp:>7} {spc:>11}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "python": platform.python_version(), "heads": a.heads, "dim": a.dim,
