@@ -224,11 +224,17 @@ def main(argv: list[str] | None = None) -> int:
             table.add_row(r["config"], "+ stage 2", *[f"{r['after_stage2'][k]['mean']:.4f} / "
                                                       f"{r['after_stage2'][k]['min']:.3f}" for k in sets],
                           f"{r['transfer_seconds'] + r['stage2']['seconds']:.0f}", str(r["stage2"]["steps"]))
+    by_len = Table(title="final stage, mean / worst sentence by token count (with [CLS]/[SEP]; n sentences)")
+    for col in ("config", "set", *(f"{lo}-{hi - 1} tok" if hi < 1000 else f">= {lo} tok" for lo, hi in BANDS)):
+        by_len.add_column(col)
+    for r in rows:
         final = r.get("after_stage2", r["after"])
         for k in sets:
-            bands = ", ".join(f"{b} tok: {v['mean']:.4f}/{v['min']:.3f} (n={v['n']})" for b, v in final[k]["bands"].items())
-            table.add_row("", f"  {k} by length", bands, *[""] * (len(sets) + 1))
+            cells = [final[k]["bands"].get(f"{lo}-{hi}") for lo, hi in BANDS]
+            by_len.add_row(r["config"], k, *[f"{c['mean']:.4f} / {c['min']:.3f} ({c['n']})" if c else "-"
+                                            for c in cells])
     console.print(table)
+    console.print(by_len)
     result = {"model": str(minilm_path()), "eval_sentences": {k: len(v) for k, v in sets.items()},
               "eval_sources": sources, "eval_texts": sets,
               "eval_tokens": n_tokens,
