@@ -8,6 +8,11 @@ mostly letters, no code-like lines) and de-duplicated.
 Determinism: for a given Python version the corpus is identical run to run. Sentences are ordered by the SHA-1 of
 their text (a fixed pseudo-shuffle), and the split is by hash too: a sentence is *held out* when
 ``int(sha1, 16) % 10 == 0`` (≈10 %), so calibration and held-out sets never share a sentence.
+
+Further sources built the same way (filter, de-duplication, hash order): installed packages' README / licence prose
+(:func:`package_docs_corpus`; mixed with the docstrings into :func:`offline_corpus`, the default calibration text),
+and, for evaluation, /usr/share/doc (:func:`system_docs_corpus`), manual pages (:func:`man_pages_corpus`) and GNU
+info + Perl pod manuals (:func:`manuals_corpus`).
 """
 from __future__ import annotations
 
@@ -207,7 +212,7 @@ def system_docs_corpus(root: str = "/usr/share/doc") -> Corpus:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Manual pages (a third calibration register) and GNU info / Perl pod manuals (evaluation only).
+# Manual pages (a third register) and GNU info / Perl pod manuals (evaluation only).
 
 _ROFF_ESCAPE = re.compile(r"\\f(\(..|\[[^\]]*\]|.)|\\s[-+]?\d|\\\*(\(..|\[[^\]]*\]|.)|\\[&|^%:,/]"
                           r"|\\\(..|\\\[[^\]]*\]")
@@ -270,7 +275,9 @@ def _man_pages(root: Path, sections: tuple[str, ...]) -> list[Path]:
 @lru_cache(maxsize=2)
 def man_pages_corpus(root: str = "/usr/share/man", sections: tuple[str, ...] = ("man1", "man5", "man7", "man8")
                      ) -> Corpus:
-    """A third calibration register: prose sentences of the English manual pages under ``root``.
+    """A third register of English: prose sentences of the manual pages under ``root``. Not in the default
+    calibration (mixed in as a third register it measured no gain, docs/transfer.md); the fidelity bench scores
+    its held-out split as out-of-domain text.
 
     Reads the roff sources of ``sections`` (plain or gzip; at most ``MAN_PAGES_PER_PREFIX`` pages per name
     prefix), turns them into paragraphs (:func:`roff_text`), then the same sentence filter, de-duplication,
