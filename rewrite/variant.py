@@ -42,7 +42,8 @@ class VariantOption:
     """One user-settable option of a variant: its default, its type and what it means.
 
     ``choices`` (strings) lists the accepted values; ``minimum`` is the smallest accepted number (exclusive when
-    ``exclusive``). Floats must be finite. :meth:`check` enforces all of it.
+    ``exclusive``), ``maximum`` the largest (exclusive when ``maximum_exclusive``). Floats must be finite.
+    :meth:`check` enforces all of it.
     """
 
     name: str
@@ -52,6 +53,8 @@ class VariantOption:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     exclusive: bool = False
+    maximum: float | None = None
+    maximum_exclusive: bool = False
 
     def convert(self, value: Any) -> Any:
         """``value`` (a CLI string or a Python value) as this option's type, checked; ``ValueError`` names the
@@ -90,6 +93,9 @@ class VariantOption:
             if self.minimum is not None and (value <= self.minimum if self.exclusive else value < self.minimum):
                 raise ValueError(f"option {self.name}={value!r}: must be {'>' if self.exclusive else '>='} "
                                  f"{self.minimum:g}")
+            if self.maximum is not None and (value >= self.maximum if self.maximum_exclusive else value > self.maximum):
+                raise ValueError(f"option {self.name}={value!r}: must be {'<' if self.maximum_exclusive else '<='} "
+                                 f"{self.maximum:g}")
             return
         if self.type is str:
             if not isinstance(value, str):

@@ -1,6 +1,8 @@
 """Converter overrides for TVM's ONNX frontend, where its own converter loses what a symbolic-shape build needs.
 
-Installed only for the duration of one import (:func:`overrides`), so TVM itself is never changed globally.
+Installed only for the duration of one import (:func:`overrides`), so TVM itself is never changed globally. The
+frontend's converter table is module state, so the swap holds a lock: concurrent imports in threads run one at a
+time instead of restoring each other's table out of order.
 
 - ``Range`` with constant integer start/step and a symbolic limit (``Range(0, Shape(x)[1], 1)``, which every
   exporter writes for positions and masks): TVM's converter routes the length through a tensor and a fresh shape
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Iterator
 
 from . import _env  # noqa: F401
@@ -99,18 +102,23 @@ class ScalarReshape(_frontend.Reshape):
 _OVERRIDES = {"Range": SymbolicRange, "Reshape": ScalarReshape}
 
 
+#: Serializes :func:`overrides` across threads (re-entrant: a nested import in the same thread is fine).
+_SWAP_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def overrides() -> Iterator[None]:
-    """TVM's ONNX converter map with this module's converters in place, restored on exit."""
-    original = _frontend._get_convert_map
+    """TVM's ONNX converter map with this module's converters in place, restored on exit (thread-safe)."""
+    with _SWAP_LOCK:
+        original = _frontend._get_convert_map
 
-    def patched():
-        table = dict(original())
-        table.update(_OVERRIDES)
-        return table
+        def patched():
+            table = dict(original())
+            table.update(_OVERRIDES)
+            return table
 
-    _frontend._get_convert_map = patched
-    try:
-        yield
-    finally:
-        _frontend._get_convert_map = original
+        _frontend._get_convert_map = patched
+        try:
+            yield
+        finally:
+            _frontend._get_convert_map = original

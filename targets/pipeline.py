@@ -4,6 +4,8 @@ CPU, in order (inside ``with target:``, dlight needs ``Target.current()``):
 
 0. :func:`targets.bitlinear_route.RouteBitLinear` - ``matmul(where(x >= 0, 1, -1), ±1 constant)`` becomes the
    bit-packed XNOR/popcount kernels of :mod:`targets.bitlinear`;
+0b. :func:`targets.attention_route.RouteAttention` - static ``matmul -> [scale] -> [+mask] -> softmax -> matmul``
+   chains become one fused attention kernel (:mod:`targets.attention_kernel`);
 1. :func:`RouteSoftmax` - last-axis float32 ``R.nn.softmax`` becomes ``reshape -> call_tir(hand kernel of
    targets.softmax_kernels) -> reshape`` (a static shape: the rule table's kernel; symbolic dims: the run-time-shaped
    fused three-pass kernel);
@@ -26,6 +28,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cg
 from tvm.s_tir import dlight as dl
 
+from .attention_route import RouteAttention
 from .bitlinear_route import RouteBitLinear
 from .cpu_rules import cpu_rules
 from .softmax_kernels import (choose_kernel, make_softmax_kernel, make_symbolic_softmax_kernel, mcpu_of,
@@ -163,10 +166,13 @@ def _guarded_fuse_transpose_matmul() -> tvm.transform.Pass:
 
 
 def schedule_passes(target: tvm.target.Target, route_softmax: bool = True,
-                    tuning_dir: str | None = None, route_bitlinear: bool = True) -> list:
+                    tuning_dir: str | None = None, route_bitlinear: bool = True,
+                    route_attention: bool = True) -> list:
     """Steps 1-4 of the CPU pipeline (routing, fast math, fusion, legalization, schedules), shared by
     :func:`cpu_pipeline` and :func:`scheduled_module`; call inside ``with target:``."""
     passes = [RouteBitLinear(target)] if route_bitlinear else []
+    # --- fused softmax attention (targets.attention_route); before softmax routing, which would take its softmax
+    passes += [RouteAttention(target)] if route_attention else []
     passes += [RouteSoftmax(target)] if route_softmax else []
     passes.append(relax.transform.FastMathTransform())
     # matmul(a, permute_dims(b)) -> one matmul reading b transposed: no materialized transpose
@@ -179,18 +185,20 @@ def schedule_passes(target: tvm.target.Target, route_softmax: bool = True,
 
 
 def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
-                 tuning_dir: str | None = None, route_bitlinear: bool = True) -> tvm.transform.Pass:
+                 tuning_dir: str | None = None, route_bitlinear: bool = True,
+                 route_attention: bool = True) -> tvm.transform.Pass:
     """The project's CPU Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
 
     ``tuning_dir``: a MetaSchedule database (see :mod:`targets.tuning`); its best schedules are applied before the
     default rules, which then only schedule what the database does not cover.  ``route_bitlinear=False`` leaves
-    binary linears to TVM's float matmul (for comparisons).
+    binary linears to TVM's float matmul (for comparisons); ``route_attention=False`` keeps softmax attention
+    unfused (matmul, routed softmax kernel, matmul).
     """
 
     @tvm.transform.module_pass(opt_level=0, name="SoftswapCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            passes = schedule_passes(target, route_softmax, tuning_dir, route_bitlinear)
+            passes = schedule_passes(target, route_softmax, tuning_dir, route_bitlinear, route_attention)
             passes += [
                 relax.transform.RewriteDataflowReshape(),
                 relax.transform.ToNonDataflow(),

@@ -548,6 +548,13 @@ def _three_pass_macros(L: int, U: int, V: int, S: int, ahead: int = 0, store: bo
     return rowmax, expstore, scale, fill
 
 
+#: Public handle on the three-pass row macros (max / exp-store-sum / scale / fill), for kernels that embed a row
+#: softmax (:mod:`targets.attention_kernel`).
+row_softmax_macros = _three_pass_macros
+#: ... and the exp of non-positive arguments they use (exactly 0 below -87).
+exp_nonpos = _expneg
+
+
 def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFunc:
     V = ch.vector_lanes
     uniform = _f(1.0 / cols)  # a fully masked row (every logit -inf / finfo.min: all exps flushed) is uniform

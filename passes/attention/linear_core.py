@@ -13,11 +13,14 @@ Causal visibility: key j is visible from query i iff j <= i + (T - S) - shift. `
 ``shift`` keys of the causal prefix (used by the sliding-window hybrid).
 
 Causal forms (``auto``, the default, is ``chunked`` in eager and ``prefix`` under tracing: the traced chunked form
-exports with a dynamic length and O(N) memory, but TVM's ONNX importer does not take it without fixed shapes yet;
-ask for it with ``causal_form="chunked"``):
+runs in onnxruntime with O(N) memory, and TVM builds it for self-attention with a symbolic length, but not yet with
+a symbolic batch too (TVM's loop splitting fails or miscompiles on the chunk-count extents; see
+docs/causal_decode.md), which every ``softswap compile`` of a converted model has. The decode prefill graph, which
+runs in onnxruntime, asks for ``chunked``; so can any export with ``causal_form="chunked"``):
 - ``chunked``: parallel chunk form, chunk C: intra-chunk tril(φQ φKᵀ)V plus φQ times the exclusive
   cumulative sum of per-chunk states. Memory O(N·C + N/C·F·E); no loops. Under tracing the chunks are cut by a
-  gather with an index grid (not a reshape), so torch.export and the ONNX exporter keep the length dynamic.
+  gather with a clamped (N // C + 1, C) index grid and a validity mask on the keys (no reshape, no padding), so
+  torch.export and the ONNX exporter keep the length dynamic and TVM compiles it with a symbolic length.
 - ``prefix``: cumulative sum of φ(k_j) v_jᵀ; materialises an N×F×E tensor (tests/small N only).
 - ``loop``: Python loop over chunks with a running F×E state (recurrent form, O(N) memory); eager only.
 """
@@ -68,16 +71,31 @@ def _zero_rows(x: torch.Tensor, before: Any, after: Any) -> torch.Tensor:
 
 
 def _split_chunks(x: torch.Tensor, nc: Any, pad: Any, chunk: int) -> torch.Tensor:
-    """(B,H,N,·) → (B,H,nc,C,·): x with ``pad`` zero rows appended (N + pad = nc·C), cut into chunks.
+    """(B,H,N,·) → (B,H,nc,C,·) for concrete lengths: x with ``pad`` zero rows appended (N + pad = nc·C), reshaped."""
+    return _zero_rows(x, 0, pad).reshape(*x.shape[:-2], nc, chunk, x.shape[-1])
 
-    Concrete lengths: a reshape. Symbolic lengths: a gather with a (nc, C) index grid, which imposes no divisibility
-    guard on the symbols (a reshape would need torch.export to prove (N + pad) % C == 0 with floor/mod expressions
-    it cannot simplify, and the export fails once S and T are unified)."""
-    xp = _zero_rows(x, 0, pad)
-    if isinstance(nc, int):
-        return xp.reshape(*x.shape[:-2], nc, chunk, x.shape[-1])
-    grid = torch.arange(nc, device=x.device)[:, None] * chunk + torch.arange(chunk, device=x.device)[None, :]
-    return xp[:, :, grid]
+
+def _plain_symbol(n: Any) -> bool:
+    """True for a length that is one free symbol (self-attention under tracing), not an expression of symbols."""
+    return bool(getattr(getattr(getattr(n, "node", None), "expr", None), "is_Symbol", False))
+
+
+def _chunk_grid(n: Any, chunk: int, device) -> torch.Tensor:
+    """Symbolic length N: the row read by each chunk slot, min(c·C + r, N − 1), as an (nc, C) grid with
+    nc = N // C + 2 (≥ 2 provably: no op specialises on a size-1 chunk axis; at most two chunks more than needed).
+
+    Gathering rows by it cuts x into chunks without a reshape of N + pad rows (torch.export would have to prove a
+    divisibility it cannot) and without padding (a Concat or Pad whose extent depends on N: TVM's loop splitting
+    fails on it). Slots past N repeat row N − 1: within a chunk they come after every real query (the intra-chunk
+    triangle hides them) and their keys enter only the states of chunks whose queries are all padding, so no mask
+    is needed; the caller drops the padded outputs."""
+    # For a plain length symbol (self-attention) written (N + 2C) // C: as N // C + 2, TVM's loop splitting cannot
+    # prove the chunk-state extent H·(N//C·F·E + 2·F·E) divisible by F·E (InternalError in PadDividendToDivisor).
+    # On an offset axis (N an expression such as S + T + w) the same spelling makes torch.export emit modulo guards
+    # it cannot prove, so there it is N // C + 2 (that path is exported for onnxruntime; TVM gets ``prefix``).
+    nc = (n + 2 * chunk) // chunk if _plain_symbol(n) else n // chunk + 2
+    grid = torch.arange(nc, device=device)[:, None] * chunk + torch.arange(chunk, device=device)[None, :]
+    return torch.clamp(grid, max=n - 1)
 
 
 def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -86,22 +104,22 @@ def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: i
     b, h, n, f = fq.shape
     if isinstance(n, int):
         nc = -(-n // chunk)
-        pad = nc * chunk - n
+        q4, k4, v4 = (_split_chunks(x, nc, nc * chunk - n, chunk) for x in (fq, fk, v))
     else:
         # k, v (and q) share one length by contract; the checks let export treat their symbols as one
         torch._check(fk.shape[-2] == n)
         torch._check(v.shape[-2] == n)
-        # nc >= 2 keeps every op off a size-1 chunk axis (no specialisation to the example); the pad width as
-        # 2C - N mod C has a provable range [C+1, 2C] and N + pad = nc·C
-        nc = n // chunk + 2
-        pad = 2 * chunk - n % chunk
-    q4, k4, v4 = (_split_chunks(x, nc, pad, chunk) for x in (fq, fk, v))
+        grid = _chunk_grid(n, chunk, fq.device)
+        nc = grid.shape[0]
+        q4, k4, v4 = (x[:, :, grid] for x in (fq, fk, v))
     tril = torch.ones(chunk, chunk, dtype=fq.dtype, device=fq.device).tril()
     intra = ((q4 @ k4.transpose(-1, -2)) * tril) @ v4
     states = k4.transpose(-1, -2) @ v4  # (B,H,nc,F,E)
-    # exclusive prefix over chunks without cancellation: shift the inclusive cumsum by one chunk
-    # (prepend a zero chunk and drop the last; no slice of length nc - 1, which could be 1 and specialise)
-    excl = torch.cumsum(torch.cat([torch.zeros_like(states[:, :, :1]), states], dim=2), dim=2).narrow(2, 0, nc)
+    # exclusive prefix over chunks without cancellation: the inclusive cumsum read one chunk back (a gather by
+    # max(c − 1, 0), chunk 0 zeroed; no Concat along the symbolic chunk axis and no slice of length nc − 1)
+    incl = torch.cumsum(states, dim=2)
+    pos = torch.arange(nc, device=fq.device)
+    excl = incl.index_select(2, torch.clamp(pos - 1, min=0)) * (pos > 0).to(states.dtype)[:, None, None]
     out = (intra + q4 @ excl).flatten(2, 3)
     if isinstance(n, int):
         return out[:, :, :n]
@@ -122,7 +140,7 @@ def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int)
 
 
 def _causal_equal(fq, fk, v, *, chunk: int, form: str) -> torch.Tensor:
-    if form == "auto":  # traced: prefix, which TVM imports with symbolic lengths (the traced chunked form does not yet)
+    if form == "auto":  # traced: prefix, which TVM compiles with every dim symbolic (the chunked form does not yet)
         form = "chunked" if isinstance(fq.shape[-2], int) else "prefix"
     if form == "chunked":
         return _chunked_equal(fq, fk, v, chunk)
@@ -177,7 +195,7 @@ def causal_apply(
         raise ValueError(f"shift must be >= 0, got {shift}")
     s_len, t_len = fq.shape[-2], fk.shape[-2]
     if shift == 0 and not _concrete(s_len, t_len) and _same_length(s_len, t_len):
-        # self-attention under tracing: one symbolic length, no offset axis (and no Pad with a computed size)
+        # self-attention under tracing: one symbolic length, no offset axis
         return _causal_equal(fq, fk, v, chunk=chunk, form=form)
     if _concrete(s_len, t_len):
         if s_len == t_len and shift == 0:

@@ -78,9 +78,13 @@ class LinearLayerState(nn.Module):
         return s, z, colsum(vc), colsum(torch.ones_like(vc[..., :1]))
 
     def prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q (B, H, N, D), k/v (B, Hkv, N, D) → (causal output (B, H, N, E), *state after the N tokens)."""
+        """q (B, H, N, D), k/v (B, Hkv, N, D) → (causal output (B, H, N, E), *state after the N tokens).
+        ``causal_form`` ``auto`` means ``chunked`` here (O(N) memory when exported; the same numbers)."""
+        opts = dict(self.options)
+        if opts.get("causal_form", "auto") == "auto":  # the prefill runs in onnxruntime: the O(N)-memory form
+            opts["causal_form"] = "chunked"
         y = self.fn(q, _expand(k, self.groups), _expand(v, self.groups), params=self._params(), scale=self.scale,
-                    causal=True, key_padding=None, **self.options)
+                    causal=True, key_padding=None, **opts)
         return (y, *self._state_of(k, v))
 
     def _token_state(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -41,31 +41,26 @@ OPTIONS: tuple[VariantOption, ...] = (
     VariantOption("sigma", DEFAULT_SIGMA, float, "Gaussian width σ (> 0), in the sigma_convention's units",
                   minimum=0.0, exclusive=True),
     VariantOption("iou", None, float, "N_t in [0, 1]: IoU above which linear decays and hard discards "
-                  "(default: the node's iou_threshold)", minimum=0.0),
+                  "(default: the node's iou_threshold)", minimum=0.0, maximum=1.0),
     VariantOption("score_threshold", None, float, "min_score: boxes whose decayed score falls below it are "
                   "dropped (default: the node's score_threshold, else 0.001; hard: none)"),
     VariantOption("max_det", None, int, "most boxes kept per class and image (default: the node's "
                   "max_output_boxes_per_class)", minimum=0),
-    VariantOption("iou_offset", 0, int, "0 (width x2 − x1) or 1 (Bodla's x2 − x1 + 1)", minimum=0),
+    VariantOption("iou_offset", 0, int, "0 (width x2 − x1) or 1 (Bodla's x2 − x1 + 1)", minimum=0, maximum=1),
     VariantOption("sigma_convention", "bodla", str, "bodla: exp(−o²/σ); tf: exp(−o²/(2σ)) plus the hard N_t gate "
                   "(TensorFlow / OpenVINO)", choices=SIGMA_CONVENTIONS),
 )
 
 
 _BY_NAME = {o.name: o for o in OPTIONS}
-#: Upper bounds VariantOption has no field for (it knows ``minimum`` only).
-_MAXIMUM = {"iou": 1.0, "iou_offset": 1}
 
 
 def _check(name: str, value: Any, where: str) -> None:
-    """:meth:`VariantOption.check` plus :data:`_MAXIMUM`; :class:`OptionError` naming the option."""
+    """:meth:`VariantOption.check` as an :class:`OptionError` naming the option."""
     try:
         _BY_NAME[name].check(value)
     except ValueError as exc:
         raise OptionError(f"{where}: {exc}") from None
-    if value is not None and name in _MAXIMUM and value > _MAXIMUM[name]:
-        raise OptionError(f"{where}: option {name}={value!r}: must be <= {_MAXIMUM[name]:g}"
-                          + (" (0 or 1)" if name == "iou_offset" else ", in [0, 1]"))
 
 
 def resolve_options(given: Mapping[str, Any], where: str = "detect.soft_nms") -> dict[str, Any]:

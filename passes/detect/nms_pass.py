@@ -30,7 +30,8 @@ from rewrite.recognize import recognize
 from rewrite.sites import NMSSite
 
 from .config import DEFAULT_MIN_SCORE, OPTIONS, SoftNMSConfig, resolve_options
-from .onnx_nms import MATRIX_ALWAYS_BOXES, OPSET, soft_nms_graph, use_matrix, use_window
+from .onnx_native import applies
+from .onnx_nms import MATRIX_ALWAYS_BOXES, OPSET, soft_nms_graph, use_matrix, use_top, use_window
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class SoftNMSPass(Pass):
             readers = [g.node_name(u) for u in g.users(site.output)]
             if g.is_graph_output(site.output):
                 changed.append(g.value_name(site.output))
-            matrix, window = _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
+            matrix, window, native, top = _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
             added.append(scores_name)
             reason = ""
             if cfg.max_det == 0:
@@ -106,13 +107,15 @@ class SoftNMSPass(Pass):
             row = {**site.summary(), "status": "replaced", "reason": reason, "method": cfg.method,
                    "options": cfg.summary(), "sources": {k: v[0] for k, v in sources.items()},
                    "scores_output": scores_name, "form": form_name(matrix),
-                   "window": window}
+                   "window": window, "native_nms": native, "top": top}
             rows.append(row)
             lines.append(f"{site.name} ({site.node}): NonMaxSuppression → Soft-NMS {cfg.method} (N_t="
                          f"{_describe(sources['iou'])}, σ={cfg.sigma:g} {cfg.sigma_convention}, min_score="
                          f"{_describe(sources['score_threshold'])}, max_det={_describe(sources['max_det'])}, "
                          f"iou_offset={cfg.iou_offset}, {form_name(matrix)}, "
-                         f"{f'up to {window} picks' if window else '1 pick'} per iteration); decayed "
+                         f"{f'up to {window} picks' if window else '1 pick'} per iteration"
+                         f"{'; NonMaxSuppression where a run-time check proves it equal' if native else ''}"
+                         f"{f'; the {top} top boxes first where provably enough' if top else ''}); decayed "
                          f"scores → output '{scores_name}'")
             if readers:
                 lines.append(f"  note: {', '.join(readers)} read {g.value_name(site.output)}; scores they gather "
@@ -160,11 +163,13 @@ def form_name(matrix: bool | None) -> str:
 
 
 def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, sources: Mapping[str, Any],
-            scores_name: str, taken: set[str]) -> tuple[bool | None, int]:
+            scores_name: str, taken: set[str]) -> tuple[bool | None, int, bool, int]:
     """Insert the Soft-NMS sub-graph before the NMS node, reroute its output and add the scores output. Returns
     whether the sub-graph precomputes the weight matrix (static N ≤ ``MATRIX_MAX_BOXES``), computes IoU rows, or
     (None, unknown N) chooses at run time, and
-    its multi-select window (:func:`passes.detect.onnx_nms.use_window`; 0: one pick per Loop iteration)."""
+    its multi-select window (:func:`passes.detect.onnx_nms.use_window`; 0: one pick per Loop iteration), and
+    whether hard NMS tries onnxruntime's ``NonMaxSuppression`` first (:mod:`passes.detect.onnx_native`), and the
+    top-box window tried first (:func:`passes.detect.onnx_nms.use_top`; 0: none)."""
     graph = model.graph
     prefix = f"softswap/{site.name}/"
     dtype = _ONNX_DTYPES.get(g.dtype(site.scores) or "float32", onnx.TensorProto.FLOAT)
@@ -176,7 +181,11 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
                         else None)
     window = use_window(cfg.method, box_shape[1] if box_shape is not None and len(box_shape) == 3 else None,
                         score_shape[1] if score_shape is not None and len(score_shape) == 3 else None)
-    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix, window=window),
+    top = use_top(cfg.method, box_shape[1] if box_shape is not None and len(box_shape) == 3 else None,
+                  score_shape[1] if score_shape is not None and len(score_shape) == 3 else None,
+                  cfg.max_det if sources["max_det"][0] != "node" or not isinstance(sources["max_det"][1], str)
+                  else None)
+    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix, window=window, top=top),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     sub = ir.from_proto(proto).graph
 
@@ -209,4 +218,4 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
     new_indices.name = old_name  # users and graph outputs keep reading the same name
     new_scores.name = scores_name
     graph.outputs.append(new_scores)
-    return matrix, window
+    return matrix, window, applies(cfg.method, layout, cfg.iou_offset, dtype), top

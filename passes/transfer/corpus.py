@@ -8,6 +8,11 @@ mostly letters, no code-like lines) and de-duplicated.
 Determinism: for a given Python version the corpus is identical run to run. Sentences are ordered by the SHA-1 of
 their text (a fixed pseudo-shuffle), and the split is by hash too: a sentence is *held out* when
 ``int(sha1, 16) % 10 == 0`` (≈10 %), so calibration and held-out sets never share a sentence.
+
+Further sources built the same way (filter, de-duplication, hash order): installed packages' README / licence prose
+(:func:`package_docs_corpus`; mixed with the docstrings into :func:`offline_corpus`, the default calibration text),
+and, for evaluation, /usr/share/doc (:func:`system_docs_corpus`), manual pages (:func:`man_pages_corpus`) and GNU
+info + Perl pod manuals (:func:`manuals_corpus`).
 """
 from __future__ import annotations
 
@@ -204,3 +209,124 @@ def system_docs_corpus(root: str = "/usr/share/doc") -> Corpus:
     held = tuple(s for s in ordered if int(_hash(s), 16) % 10 == 0)
     cal = tuple(s for s in ordered if int(_hash(s), 16) % 10 != 0)
     return Corpus(calibration=cal, held_out=held, source=f"system package docs under {root} ({len(folders)} folders)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Manual pages (a third register) and GNU info / Perl pod manuals (evaluation only).
+
+_ROFF_ESCAPE = re.compile(r"\\f(\(..|\[[^\]]*\]|.)|\\s[-+]?\d|\\\*(\(..|\[[^\]]*\]|.)|\\[&|^%:,/]"
+                          r"|\\\(..|\\\[[^\]]*\]")
+#: roff macros whose arguments are running text (font changes); their words are kept.
+_ROFF_TEXT = frozenset({"B", "I", "BR", "RB", "IR", "RI", "BI", "IB", "SM", "SB"})
+#: roff requests that start a new paragraph (a sentence never runs across them).
+_ROFF_BREAK = frozenset({"PP", "P", "LP", "TP", "TQ", "SH", "SS", "IP", "HP", "TH", "sp", "br", "RS", "RE", "nf",
+                         "fi", "EX", "EE"})
+#: Manual pages read per page-name prefix (text before the first ``_``/``-``/``.``): keeps a tool that installs
+#: thousands of generated pages (e.g. one per sub-command) from dominating the register.
+MAN_PAGES_PER_PREFIX = 40
+
+
+def roff_text(src: str) -> str:
+    """Plain paragraphs of a man page's roff source: requests dropped (font-change macros keep their words),
+    escapes removed, no-fill (example) blocks left out, paragraphs separated by blank lines. Not a renderer:
+    enough to recover the prose sentences."""
+    out: list[str] = []
+    nofill = False
+    for line in src.splitlines():
+        if line.startswith((".", "'")):
+            parts = line[1:].strip().split(None, 1)
+            if not parts:
+                continue
+            mac = parts[0]
+            if mac in ("nf", "EX"):
+                nofill = True
+            elif mac in ("fi", "EE"):
+                nofill = False
+            if mac in _ROFF_TEXT and len(parts) > 1 and not nofill:
+                words = [w.strip('"') for w in re.findall(r'"[^"]*"|\S+', parts[1])]
+                # alternating-font macros (BR, IR, ...) join their arguments without spaces
+                out.append(("" if len(mac) == 2 and mac not in ("SM", "SB") else " ").join(words))
+            elif mac in _ROFF_BREAK:
+                out.append("")
+            continue
+        if nofill:
+            out.append("")
+            continue
+        line = line.replace("\\-", "-").replace("\\e", "\\").replace("\\(em", " - ").replace("\\(aq", "'")
+        out.append(_ROFF_ESCAPE.sub("", line))
+    return "\n".join(out)
+
+
+def _man_pages(root: Path, sections: tuple[str, ...]) -> list[Path]:
+    pages: list[Path] = []
+    for sec in sections:
+        folder = root / sec
+        if not folder.is_dir():
+            continue
+        per_prefix: dict[str, int] = {}
+        for page in sorted(folder.iterdir()):
+            prefix = re.split(r"[_.-]", page.name, maxsplit=1)[0]
+            if page.is_file() and per_prefix.get(prefix, 0) < MAN_PAGES_PER_PREFIX:
+                per_prefix[prefix] = per_prefix.get(prefix, 0) + 1
+                pages.append(page)
+    return pages
+
+
+@lru_cache(maxsize=2)
+def man_pages_corpus(root: str = "/usr/share/man", sections: tuple[str, ...] = ("man1", "man5", "man7", "man8")
+                     ) -> Corpus:
+    """A third register of English: prose sentences of the manual pages under ``root``. Not in the default
+    calibration (mixed in as a third register it measured no gain, docs/transfer.md); the fidelity bench scores
+    its held-out split as out-of-domain text.
+
+    Reads the roff sources of ``sections`` (plain or gzip; at most ``MAN_PAGES_PER_PREFIX`` pages per name
+    prefix), turns them into paragraphs (:func:`roff_text`), then the same sentence filter, de-duplication,
+    ordering and hash split as the other corpora, minus every sentence of the docstring and package-prose corpora.
+    Imperative, descriptive reference English (\"Print only the byte counts.\"). Empty when ``root`` is missing.
+    """
+    base = Path(root)
+    pages = _man_pages(base, sections) if base.is_dir() else []
+    seen: set[str] = set()
+    for page in pages:
+        seen.update(_sentences(roff_text(_read_doc(page))))
+    std, pkg = stdlib_corpus(), package_docs_corpus()
+    seen -= set(std.calibration) | set(std.held_out) | set(pkg.calibration) | set(pkg.held_out)
+    ordered = sorted(seen, key=_hash)
+    held = tuple(s for s in ordered if int(_hash(s), 16) % 10 == 0)
+    cal = tuple(s for s in ordered if int(_hash(s), 16) % 10 != 0)
+    log.info("man-page corpus from %d pages under %s: %d calibration + %d held-out sentences", len(pages), root,
+             len(cal), len(held))
+    return Corpus(calibration=cal, held_out=held, source=f"manual pages under {root} ({len(pages)} pages)")
+
+
+_POD_CODE = re.compile(r"[BICFSLEXZ]<+([^<>]*)>+")
+
+
+def _pod_text(src: str) -> str:
+    """Prose paragraphs of a Perl pod file: ``=`` commands and indented (verbatim) lines dropped, formatting codes
+    (``B<...>``, ``L<text|link>``) replaced by their text."""
+    text = "\n".join("" if line.startswith(("=", " ", "\t")) else line for line in src.splitlines())
+    for _ in range(3):  # nested codes
+        text = _POD_CODE.sub(lambda m: m.group(1).split("|")[0], text)
+    return text
+
+
+@lru_cache(maxsize=2)
+def manuals_corpus(info_root: str = "/usr/share/info", pod_root: str = "/usr/share/perl") -> Corpus:
+    """An evaluation-only source of book-like English: GNU info manuals (``*.info*.gz`` under ``info_root``) and
+    Perl's pod documentation (``*.pod`` under ``pod_root``), minus every sentence of the calibration registers
+    (docstrings, package prose, man pages) and of :func:`system_docs_corpus`. Never calibrates; every sentence is
+    in ``held_out`` (hash order), ``calibration`` is empty."""
+    seen: set[str] = set()
+    info, pod = Path(info_root), Path(pod_root)
+    files = sorted(info.glob("*.gz")) if info.is_dir() else []
+    for path in files:
+        seen.update(_sentences(_read_doc(path)))
+    pods = sorted(pod.rglob("*.pod")) if pod.is_dir() else []
+    for path in pods:
+        seen.update(_sentences(_pod_text(_read_doc(path))))
+    for other in (offline_corpus(), man_pages_corpus(), system_docs_corpus()):
+        seen -= set(other.calibration) | set(other.held_out)
+    return Corpus(calibration=(), held_out=tuple(sorted(seen, key=_hash)),
+                  source=f"GNU info manuals under {info_root} ({len(files)} files) + Perl pod under {pod_root} "
+                         f"({len(pods)} files)")

@@ -33,6 +33,9 @@ def _check_rank(g: GraphView, node: Any, value: Any, rank: int, what: str) -> No
 
 def onnx_nms_site(g: GraphView, node: Any, index: int) -> NMSSite:
     """An ONNX ``NonMaxSuppression``: boxes (B, N, 4), scores (B, C, N), ``center_point_box`` 0 or 1."""
+    rule = dict(getattr(node, "metadata_props", None) or {}).get("rw.rule", "")
+    if rule.startswith("soft_nms:"):  # hard Soft-NMS calls NonMaxSuppression itself (passes/detect/onnx_native.py)
+        raise fail(g, node, "a NonMaxSuppression of the model", f"part of an inserted Soft-NMS ({rule})")
     canon = g.canon(node)
     boxes, scores, max_out, iou, score = canon.inputs
     layout = _LAYOUTS.get(canon.attrs["center_point_box"])

@@ -30,6 +30,19 @@ class _Causal(torch.nn.Module):
         return self.fn(q, k, v, scale=0.35, causal=True, causal_form=self.form, chunk_size=CHUNK, **kw)
 
 
+class _SelfCausal(torch.nn.Module):
+    """Self-attention as in a model: q, k, v cut from one input, so they share one symbolic length under export
+    (the path without the S + T offset axis; ``auto`` is the chunked form there)."""
+
+    def __init__(self, fn, form: str):
+        super().__init__()
+        self.fn, self.form = fn, form
+
+    def forward(self, x):
+        q, k, v = x.chunk(3, dim=-1)
+        return self.fn(q, k, v, scale=0.35, causal=True, causal_form=self.form, chunk_size=CHUNK)
+
+
 def _qkv(n: int, seed: int, t: int | None = None, d: int = 8):
     g = torch.Generator().manual_seed(seed)
     t = n if t is None else t
@@ -107,6 +120,65 @@ def test_exported_distinct_lengths_bottom_right(tmp_path):
         assert _err(ep.module()(q, k, v), ref) <= 1e-5
         got = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), (q, k, v))})[0]
         assert _err(got, ref) <= 1e-5
+
+
+def _export_self(m, d: int = 8):
+    dyn = {"x": {2: torch.export.Dim("S", min=2, max=8192)}}
+    x = torch.randn(1, 2, 12, 3 * d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        ep = torch.export.export(m, (x,), dynamic_shapes=dyn)
+        onx = torch.onnx.export(m, (x,), dynamic_shapes=dyn, dynamo=True, opset_version=18, verbose=False)
+    return ep, onx
+
+
+@pytest.mark.parametrize("name", sorted(FNS))
+@pytest.mark.parametrize("form", ["chunked"])
+def test_exported_self_attention_chunked(name, form, tmp_path):
+    """One symbolic length (self-attention): the chunked form on N rows, not S + T, no
+    prefix-sized tensor, = recurrent in the FX program and onnxruntime at lengths that are not chunk multiples,
+    below one chunk, and exactly one chunk."""
+    fn = FNS[name]
+    ep, onx = _export_self(_SelfCausal(fn, form))
+    path = tmp_path / "m.onnx"
+    onx.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (3, 8, 21, 45):
+        x = torch.randn(1, 2, n, 24, generator=torch.Generator().manual_seed(n))
+        ref = _recurrent(fn, *x.chunk(3, dim=-1))
+        assert _err(ep.module()(x), ref) <= 1e-5, f"FX n={n}"
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == tuple(ref.shape)
+        assert _err(got, ref) <= 1e-5, f"onnxruntime n={n}"
+    # at d = 32: N rows (not S + T = 2N) plus two chunks; the largest tensors are the input (B·H·N·3d), the N·C-type
+    # chunk tensors and the (N/C + 2)·F·(E+1) chunk states; the prefix form holds B·H·N·F·(E+1) elements
+    d, n = 32, 4096
+    ep32, _ = _export_self(_SelfCausal(fn, form), d=d)
+    rows = n + 2 * CHUNK
+    big = _largest_intermediate(ep32, n)
+    assert big <= 2 * max(rows * 3 * d, (rows // CHUNK) * (d + 1) * (d + 2)), big
+    assert big * 4 < 2 * n * d * (d + 1)  # C = 8 here: the chunk states are 1/C of the prefix tensor
+
+
+@pytest.mark.parametrize("name", sorted(FNS))
+def test_tvm_compiles_chunked_with_symbolic_length(name, tmp_path):
+    """The exported chunked self-attention compiles in TVM with the length left symbolic (one artefact; batch and
+    heads static), and is recurrent-exact at lengths that are not chunk multiples."""
+    pytest.importorskip("tvm")
+    from targets import Runner, compile_model
+
+    fn = FNS[name]
+    _, onx = _export_self(_SelfCausal(fn, "chunked"))
+    onx.save(str(tmp_path / "m.onnx"))
+    compile_model(str(tmp_path / "m.onnx"), "host", tmp_path / "m.so", shapes=None)
+    runner = Runner(tmp_path / "m.so")
+    for n in (3, 21, 45):
+        x = torch.randn(1, 2, n, 24, generator=torch.Generator().manual_seed(n))
+        ref = _recurrent(fn, *x.chunk(3, dim=-1))
+        got = list(runner.run({runner.input_names[0]: x.numpy()}).values())[0]
+        assert got.shape == tuple(ref.shape)
+        assert _err(got, ref) <= 1e-5, f"TVM n={n}"
 
 
 def _largest_intermediate(ep, n: int) -> int:

@@ -333,6 +333,124 @@ def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr
     np.testing.assert_allclose(sc, picked, rtol=0, atol=1e-7)  # hard NMS does not decay
 
 
+def _ort_nms_session(layout=0):
+    node = helper.make_node("NonMaxSuppression", ["b", "s", "m", "i", "t"], ["o"], center_point_box=layout)
+    graph = helper.make_graph([node], "nms", [helper.make_tensor_value_info(x, t, None) for x, t in
+                                              zip("bsmit", [1, 1, 7, 1, 1])],
+                              [helper.make_tensor_value_info("o", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian", "hard"])
+@pytest.mark.parametrize("form", [(True, 0), (False, 0), (None, 0), (True, 8), (False, 8)])
+@pytest.mark.parametrize("shape", [(1, 0, 5), (2, 0, 0), (0, 3, 5), (2, 3, 0), (0, 0, 0)])
+def test_empty_batch_class_or_box_axes_give_empty_outputs_like_onnxruntime(method, form, shape):
+    """0 classes (once an integer division / modulo by zero in the multi-select step), 0 images or 0 boxes: both
+    outputs are empty with the dtypes and ranks onnxruntime's own NonMaxSuppression gives (int64 (0, 3))."""
+    batch, classes, n = shape
+    matrix, window = form
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 10, (batch, n, 4)).astype(np.float32)
+    scores = rng.uniform(0.2, 1.0, (batch, classes, n)).astype(np.float32)
+    params = (np.array([5], np.int64), np.array([0.5], np.float32), np.array([0.1], np.float32))
+    expected = _ort_nms_session().run(None, dict(zip("bsmit", (boxes, scores, *params))))[0]
+    sess = session(method, 0.5, "bodla", 0, 0, matrix, window)
+    sel, sc = sess.run(None, dict(zip(("boxes", "scores", "max_output_boxes_per_class", "iou_threshold",
+                                        "score_threshold"), (boxes, scores, *params))))
+    assert expected.shape == (0, 3) and expected.dtype == np.int64
+    assert sel.shape == expected.shape and sel.dtype == expected.dtype
+    assert sc.shape == (0,) and sc.dtype == np.float32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hard: onnxruntime's NonMaxSuppression where a run-time check proves it equal to ours, the Loop otherwise
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def native_session(matrix, window):
+    """The hard graph with the ``If``'s condition (True: NonMaxSuppression's result was taken) as a last output (a
+    test-only wrapper)."""
+    model = soft_nms_model(SoftNMSConfig(method="hard"), 0, matrix=matrix, window=window)
+    branch = next(n for n in model.graph.node if n.op_type == "If" and n.name.endswith("native"))
+    model.graph.output.append(helper.make_tensor_value_info(branch.input[0], TensorProto.BOOL, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run_native(boxes_xyxy, scores, nt, thr, max_det, matrix=True, window=0):
+    boxes_xyxy = boxes_xyxy.astype(np.float32).astype(np.float64)   # what the float32 graph inputs hold
+    scores = scores.astype(np.float32).astype(np.float64)
+    feeds = {"boxes": boxes_xyxy[..., [1, 0, 3, 2]].astype(np.float32), "scores": scores.astype(np.float32),
+             "max_output_boxes_per_class": np.array([max_det], np.int64),
+             "iou_threshold": np.array([nt], np.float32), "score_threshold": np.array([thr], np.float32)}
+    sel, sc, took = native_session(matrix, window).run(None, feeds)
+    cfg = dict(method="hard", sigma=0.5, iou_threshold=float(np.float32(nt)), min_score=float(np.float32(thr)),
+               max_det=max_det, iou_offset=0, sigma_convention="bodla")
+    rows, kept = ref_onnx(cfg, boxes_xyxy, scores)
+    assert [tuple(r) for r in sel.tolist()] == rows
+    np.testing.assert_array_equal(sc.astype(np.float64), np.asarray(kept, np.float64).reshape(-1))
+    ort_rows = _ort_nms_session().run(None, dict(zip("bsmit", (feeds["boxes"], feeds["scores"],
+                                                                feeds["max_output_boxes_per_class"],
+                                                                feeds["iou_threshold"],
+                                                                np.array([np.nextafter(np.float32(thr), -np.inf)],
+                                                                         np.float32)))))[0]
+    return bool(took), [tuple(r) for r in ort_rows.tolist()] == rows
+
+
+@pytest.mark.parametrize("form", [(True, 0), (False, 0), (None, 0), (True, 8), (False, 8)])
+@pytest.mark.parametrize("seed", range(6))
+def test_hard_takes_nonmaxsuppression_on_distinct_scores(form, seed):
+    """Distinct scores, N_t 0.3 / 0.5: the check passes, the op's result is taken, and it equals the reference."""
+    boxes, _ = random_sets(seed, 2, 30)
+    _, scores = random_sets(seed + 1, 6, 30)
+    for nt, thr, cap in ((0.3, 0.0, 25), (0.5, 0.2, 4)):
+        took, same_as_op = run_native(boxes, scores.reshape(2, 3, 30), nt, thr, cap, *form)
+        assert took and same_as_op
+
+
+@pytest.mark.parametrize("form", [(True, 0), (False, 8)])
+def test_hard_falls_back_to_the_loop_where_nonmaxsuppression_is_not_proven(form):
+    """Each condition of passes.detect.onnx_native sends the input to the Loop, whose result equals the reference:
+    a float32-IoU borderline pair (onnxruntime's own NMS keeps both boxes, the float64 reference suppresses one),
+    a selected box tied with another live box, N_t = 0, a coordinate beyond 2^40, a box of area 2^-70."""
+    w, dx = 2423384.0, 1304899.0   # IoU (w - dx) / (w + dx) = 0.30000003 > float32(0.3); float32 rounds it to 0.3
+    pair = np.array([[[0, 0, w, 1], [dx, 0, dx + w, 1]]])
+    took, same_as_op = run_native(pair, np.array([[[0.9, 0.8]]]), 0.3, 0.0, 10, *form)
+    assert not took and not same_as_op
+    boxes, _ = random_sets(3, 1, 20)
+    _, scores = random_sets(4, 1, 20)
+    top = int(np.argmax(scores[0]))
+    tied = scores.copy()
+    tied[0, (top + 1) % 20] = tied[0, top]   # the first pick ties with another live box
+    assert run_native(boxes, tied[None], 0.3, 0.0, 10, *form)[0] is False
+    assert run_native(boxes, scores[None], 0.0, 0.0, 10, *form)[0] is False
+    far = boxes.copy()
+    far[0, 5] += 2.0 ** 41
+    assert run_native(far, scores[None], 0.3, 0.0, 10, *form)[0] is False
+    tiny = boxes.copy()
+    tiny[0, 5] = [0.0, 0.0, 2.0 ** -35, 2.0 ** -35]
+    assert run_native(tiny, scores[None], 0.3, 0.0, 10, *form)[0] is False
+    assert run_native(boxes, scores[None], 0.3, 0.0, 10, *form)[0] is True   # the same input, unchanged: taken
+
+
+def test_nonmaxsuppression_is_used_only_for_hard_corner_boxes_offset_zero():
+    def ops(method, layout=0, offset=0, dtype=TensorProto.FLOAT):
+        model = soft_nms_model(SoftNMSConfig(method=method, iou_offset=offset), layout, dtype, window=0)
+        found = []
+
+        def walk(graph):
+            for node in graph.node:
+                found.append(node.op_type)
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        walk(attr.g)
+        walk(model.graph)
+        return found.count("NonMaxSuppression"), found.count("Loop")
+    assert ops("hard") == (2, 1)
+    assert ops("hard", layout=1) == ops("hard", offset=1) == ops("hard", dtype=TensorProto.DOUBLE) == (0, 1)
+    assert ops("linear")[0] == ops("gaussian")[0] == 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # limit properties (spec §9.5)
 # --------------------------------------------------------------------------------------------------------------
@@ -501,7 +619,12 @@ def test_convert_rewrites_nonmaxsuppression_end_to_end(tmp_path, capsys, layout,
     assert site["form"] == ("run-time choice (weight matrix when N <= 256, else IoU rows)" if dynamic
                             else "weight matrix")
     rewritten = onnx.load(out)
-    assert not any(n.op_type == "NonMaxSuppression" for n in rewritten.graph.node)
+    inserted = [n.name for n in rewritten.graph.node if n.op_type == "NonMaxSuppression"]
+    assert "nms" not in inserted and len(inserted) == (2 if (method, layout) == ("hard", 0) else 0)
+    assert all(n.startswith("softswap/") for n in inserted)  # hard: the op, behind its run-time check
+    assert site["native_nms"] == bool(inserted)
+    assert main(["inspect", str(out), "--json"]) == 0      # ... which inspect does not list as a site
+    assert json.loads(capsys.readouterr().out)["nms_sites"] == []
     assert [o.name for o in rewritten.graph.output][-1] == "selected_indices_scores"
     if not runtime:
         assert report["fidelity"]["changed_outputs"] == ["selected_indices"]
@@ -686,7 +809,7 @@ def window_session(method, convention, offset, matrix, window, counted=False):
     """Our sub-graph with ``window`` candidates per iteration; ``counted`` adds the Loop's scan output (one row per
     iteration) as a last graph output, to count iterations (a test-only wrapper: the pass never does this)."""
     cfg = SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention, iou_offset=offset)
-    model = soft_nms_model(cfg, 0, matrix=matrix, window=window)
+    model = soft_nms_model(cfg, 0, matrix=matrix, window=window, native=not counted)  # counted: the Loop itself
     if counted:
         loop = next(n for n in model.graph.node if n.op_type == "Loop")
         model.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.BOOL, None))
@@ -790,6 +913,80 @@ def test_convert_uses_the_multi_select_step_on_many_static_boxes(tmp_path, capsy
     cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
                max_det=40, iou_offset=0, sigma_convention="bodla")
     rows, kept = ref_onnx(cfg, xyxy_from(got["boxes"].astype(np.float64), 0), got["scores"].astype(np.float64))
+    assert len(rows) > BATCH * CLASSES
+    assert [tuple(r) for r in got["selected_indices"].tolist()] == rows
+    np.testing.assert_allclose(got["selected_indices_scores"], kept, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the top-box window (passes.detect.onnx_top): Soft-NMS on the K best boxes of each group when provably enough
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def top_session(method, convention, layout, top):
+    """The graph with the window's ``If`` condition (True: the window's result was taken) as a last output."""
+    model = soft_nms_model(SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention), layout,
+                           matrix=False, window=0, native=False, top=top)
+    branch = next(n for n in model.graph.node if n.op_type == "If" and n.name.endswith("top"))
+    model.graph.output.append(helper.make_tensor_value_info(branch.input[0], TensorProto.BOOL, None))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("method,convention", [("linear", "bodla"), ("gaussian", "bodla"), ("gaussian", "tf"),
+                                               ("hard", "bodla")])
+@pytest.mark.parametrize("layout", [0, 1])
+def test_top_window_equals_reference_on_both_branches(method, convention, layout):
+    """Window of 12 boxes, caps 3..20, thresholds −1..0.3, distinct and tied scores, 0..39 boxes: every result equals
+    the reference, and both the window's result and the fallback are taken on some inputs."""
+    rng = np.random.default_rng(7)
+    taken = set()
+    for seed in range(24):
+        n = int(rng.integers(0, 40))
+        gen = random_sets if seed % 2 else (lambda s, k, m: sparse_sets(s, k, m, (0.25, 0.5, 0.75)))
+        boxes, _ = gen(seed, 2, n)
+        _, scores = gen(seed + 1, 4, n)
+        scores = scores.reshape(2, 2, n)
+        for nt, thr, cap in ((0.3, 0.001, 5), (0.5, 0.0, 3), (0.3, 0.3, 20), (0.0, -1.0, 8)):
+            cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(nt)), min_score=float(np.float32(thr)),
+                       max_det=cap, iou_offset=0, sigma_convention=convention)
+            sel, sc, took = top_session(method, convention, layout, 12).run(None, {
+                "boxes": to_layout(boxes, layout, rng).astype(np.float32), "scores": scores.astype(np.float32),
+                "max_output_boxes_per_class": np.array([cap], np.int64),
+                "iou_threshold": np.array([nt], np.float32), "score_threshold": np.array([thr], np.float32)})
+            rows, kept = ref_onnx(cfg, boxes, scores)
+            assert [tuple(r) for r in sel.tolist()] == rows
+            np.testing.assert_allclose(sc.astype(np.float64), kept, rtol=0, atol=1e-6)
+            taken.add(bool(took))
+    assert taken == {True, False}
+
+
+def test_top_window_choice():
+    from passes.detect.onnx_nms import use_top
+    assert use_top("linear", 1000, 1, 100) == use_top("linear", 1000, 4, 100) == 200
+    assert use_top("gaussian", 1000, 1, 100) == 200
+    assert use_top("gaussian", 1000, 4, 100) == 0                # Gaussian: one class
+    assert use_top("linear", 400, 3, 40) == 80
+    assert use_top("hard", 1000, 1, 100) == 0                    # onnxruntime's NMS behind its check instead
+    assert use_top("linear", 700, 1, 100) == use_top("linear", 1000, 20, 100) == 0   # N < 4K; many classes
+    assert use_top("linear", 10000, 1, 200) == use_top("linear", None, 1, 100) == use_top("linear", 1000, 1, None) == 0
+
+
+def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "N_BOXES", 400)
+    src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
+    detector(src, 1)
+    assert main(["convert", str(src), "-o", str(out), "--soft-nms", "linear", "--option", "max_det=40",
+                 "--json"]) == 0
+    site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
+    assert site["top"] == 80 and not site["native_nms"]
+    feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 400, FEATURES)).astype(np.float32)}
+    rewritten = onnx.load(out)
+    names = [o.name for o in rewritten.graph.output]
+    got = dict(zip(names, ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)))
+    cfg = dict(method="linear", sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
+               max_det=40, iou_offset=0, sigma_convention="bodla")
+    rows, kept = ref_onnx(cfg, xyxy_from(got["boxes"].astype(np.float64), 1), got["scores"].astype(np.float64))
     assert len(rows) > BATCH * CLASSES
     assert [tuple(r) for r in got["selected_indices"].tolist()] == rows
     np.testing.assert_allclose(got["selected_indices_scores"], kept, rtol=1e-6, atol=1e-6)

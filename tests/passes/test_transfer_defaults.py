@@ -163,3 +163,58 @@ def test_system_docs_corpus_reads_doc_folders_and_excludes_calibration_text(tmp_
     corpus = system_docs_corpus(str(tmp_path))
     assert sorted(corpus.calibration + corpus.held_out) == sorted(own)  # the offline sentence is left out
     assert system_docs_corpus(str(tmp_path / "missing")).calibration == ()
+
+
+def test_man_pages_corpus_reads_roff_prose_and_excludes_other_registers(tmp_path) -> None:
+    """The third register: prose sentences of roff man pages (plain and gzip), requests and escapes stripped,
+    example blocks left out, per-prefix cap, no sentence shared with the docstring / package-prose corpora."""
+    import gzip
+
+    from passes.transfer import corpus as C
+    shared = C.stdlib_corpus().calibration[0]
+    page = (".TH FROB 1\n.SH DESCRIPTION\n.B Frob\nturns every \\fIinput\\fR file into a sorted list of words.\n"
+            ".PP\nThe \\-q option keeps the program quiet while it \\fBruns\\fP over large folders.\n"
+            ".nf\nThis example line is inside a no-fill block and must be left out.\n.fi\n"
+            f".PP\n{shared}\n")
+    (tmp_path / "man1").mkdir()
+    (tmp_path / "man1" / "frob.1").write_text(page, encoding="utf-8")
+    with gzip.open(tmp_path / "man1" / "frob_extra.1.gz", "wt", encoding="utf-8") as f:
+        f.write(".TH X 1\n.PP\nA second page from the same tool is capped by the prefix rule here.\n")
+    (tmp_path / "man5").mkdir()
+    (tmp_path / "man5" / "frob.conf.5.gz").write_bytes(gzip.compress(
+        b".PP\nEach line of the configuration file names one folder to scan for words.\n"))
+    old = C.MAN_PAGES_PER_PREFIX
+    try:
+        C.MAN_PAGES_PER_PREFIX = 1
+        corpus = C.man_pages_corpus(str(tmp_path))
+    finally:
+        C.MAN_PAGES_PER_PREFIX = old
+        C.man_pages_corpus.cache_clear()
+    assert sorted(corpus.calibration + corpus.held_out) == sorted([
+        "Frob turns every input file into a sorted list of words.",
+        "The -q option keeps the program quiet while it runs over large folders.",
+        "Each line of the configuration file names one folder to scan for words."])
+    assert C.man_pages_corpus(str(tmp_path / "missing")).calibration == ()
+    C.man_pages_corpus.cache_clear()
+
+
+def test_manuals_corpus_reads_info_and_pod_and_never_calibrates(tmp_path) -> None:
+    """Evaluation-only manuals: prose of info files and pod paragraphs (commands, verbatim blocks and formatting
+    codes stripped), minus every sentence of the calibration registers; nothing in ``calibration``."""
+    import gzip
+
+    from passes.transfer import corpus as C
+    shared = C.offline_corpus().calibration[0]
+    info, pod = tmp_path / "info", tmp_path / "perl"
+    info.mkdir()
+    pod.mkdir()
+    with gzip.open(info / "frob.info.gz", "wt", encoding="utf-8") as f:
+        f.write(f"File: frob.info\n\nThe manual explains how the program sorts the words of a file.\n\n{shared}\n")
+    (pod / "frob.pod").write_text("=head1 NAME\n\nA paragraph of B<bold> text that names L<the guide|perlfaq> here.\n\n"
+                                  "    This indented verbatim line is an example and must be dropped.\n",
+                                  encoding="utf-8")
+    corpus = C.manuals_corpus(str(info), str(pod))
+    C.manuals_corpus.cache_clear()
+    assert corpus.calibration == ()
+    assert sorted(corpus.held_out) == sorted(["The manual explains how the program sorts the words of a file.",
+                                              "A paragraph of bold text that names the guide here."])

@@ -17,14 +17,19 @@ sentences; then the default stage 2 (``--stage2-steps``, default ``DEFAULT_STAGE
 sets, side by side:
 
 - **in-domain**: the held-out split of the same offline corpus (disjoint by hash);
-- **out-of-domain**: the operating system's package documentation under /usr/share/doc (copyright, README, NEWS,
-  changelog files; :func:`system_docs_corpus`), a source the calibration never saw (no sentence shared with the
-  offline corpus). Where /usr/share/doc is missing, the bench stops and says so.
+- **out-of-domain** (``--ood``, each a source the calibration never saw, no sentence shared with it):
+  ``doc`` — the operating system's package documentation under /usr/share/doc (copyright, README, NEWS,
+  changelog files; :func:`system_docs_corpus`: legal text and terse change notes); ``man`` — held-out sentences
+  of the manual pages (:func:`man_pages_corpus`: imperative reference English); ``manuals`` — book-like prose
+  of the GNU info manuals and Perl's pod documentation (:func:`manuals_corpus`). Where a source is missing on the
+  machine it is left out of the table (said so); with none at all the bench stops.
+
+Every set is reported as mean / worst sentence, and per token-length band (the worst sentences are long ones).
 
 Usage::
 
     .venv/bin/python tools/bench/fidelity.py [--steps N | --minutes M] [--calib 512] [--eval 256]
-        [--configs linear,mala,...] [--plain] [--out tools/bench/results/fidelity.json]
+        [--configs linear,mala,...] [--ood doc,man,manuals] [--plain] [--out tools/bench/results/fidelity.json]
 
 Prints a table and writes JSON.
 """
@@ -54,7 +59,8 @@ from machine import describe  # noqa: E402  (tools/bench/machine.py: the CPU lin
 from passes.attention import get_variant  # noqa: E402
 from passes.transfer import fit_params, transfer_options  # noqa: E402
 from passes.transfer.transfer import DEFAULT_MAX_SAMPLES, DEFAULT_STEPS  # noqa: E402
-from passes.transfer.corpus import offline_corpus, system_docs_corpus  # noqa: E402
+from passes.transfer.corpus import (man_pages_corpus, manuals_corpus, offline_corpus,  # noqa: E402
+                                    system_docs_corpus)
 from passes.transfer.stage2 import DEFAULT_STAGE2_STEPS  # noqa: E402
 from passes.transfer.data import tokenize_lines  # noqa: E402
 from rewrite.attention_pass import AttentionRewritePass  # noqa: E402
@@ -91,8 +97,19 @@ def cosines(ref: list[np.ndarray], cand: list[np.ndarray]) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def _stats(c: np.ndarray) -> dict[str, float]:
-    return {"mean": float(c.mean()), "min": float(c.min()), "p10": float(np.percentile(c, 10))}
+#: Token-length bands (inclusive of [CLS]/[SEP]) reported per set.
+BANDS = ((0, 20), (20, 35), (35, 1000))
+#: Out-of-domain sources by ``--ood`` name (evaluation only; none of them ever calibrates).
+OOD_SOURCES = {"doc": system_docs_corpus, "man": man_pages_corpus, "manuals": manuals_corpus}
+
+
+def _stats(c: np.ndarray, lengths: np.ndarray | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"mean": float(c.mean()), "min": float(c.min()), "p10": float(np.percentile(c, 10))}
+    if lengths is not None:
+        out["bands"] = {f"{lo}-{hi}": {"n": int(m.sum()), "mean": float(c[m].mean()), "min": float(c[m].min())}
+                        for lo, hi in BANDS for m in [(lengths >= lo) & (lengths < hi)] if m.any()}
+        out["worst"] = int(np.argmin(c))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="also measure the parameter-free linear/mala swap")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list from {list(CONFIGS)}")
+    parser.add_argument("--ood", default="doc,man,manuals", help=f"out-of-domain sets from {list(OOD_SOURCES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "tools/bench/results/fidelity.json"))
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -127,23 +145,31 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     loaded = load_model(minilm_path())
     corpus = offline_corpus()
-    ood = system_docs_corpus()
-    if not ood.held_out:
-        raise SystemExit(f"no out-of-domain text: {ood.source} is empty (needs /usr/share/doc)")
     cal_lines = list(corpus.calibration[:args.calib])
-    sets = {"in": list(corpus.held_out[:args.eval]), "ood": list(ood.held_out[:args.eval])}
-    assert not set(cal_lines) & (set(sets["in"]) | set(sets["ood"]))
-    eval_batches = {k: tokenize_lines(v, loaded, batch_size=32, max_length=128, source=k) for k, v in sets.items()}
+    sets = {"in": list(corpus.held_out[:args.eval])}
+    sources = {"in": f"held-out split of {corpus.source}"}
+    for name in [n for n in args.ood.split(",") if n]:
+        src = OOD_SOURCES[name]()
+        if not src.held_out:
+            console.print(f"out-of-domain set {name!r} left out: {src.source} is empty on this machine")
+            continue
+        sets[name], sources[name] = list(src.held_out[:args.eval]), src.source
+    if len(sets) < 2:
+        raise SystemExit("no out-of-domain text on this machine (needs /usr/share/doc or /usr/share/info)")
+    assert not set(cal_lines) & set().union(*map(set, sets.values())), "an evaluation sentence calibrates"
+    eval_batches = {k: tokenize_lines(v, loaded, batch_size=32, max_length=128, source=k, sort_by_length=False)
+                    for k, v in sets.items()}
+    lengths = {k: np.concatenate([b["attention_mask"].sum(1) for b in v]) for k, v in eval_batches.items()}
     ref = {k: embeddings(loaded, v) for k, v in eval_batches.items()}
-    n_tokens = {k: int(sum(b["attention_mask"].sum() for b in v)) for k, v in eval_batches.items()}
+    n_tokens = {k: int(v.sum()) for k, v in lengths.items()}
 
-    def stats(model: Any) -> dict[str, dict[str, float]]:
-        return {k: _stats(cosines(ref[k], embeddings(model, eval_batches[k]))) for k in sets}
+    def stats(model: Any) -> dict[str, dict[str, Any]]:
+        return {k: _stats(cosines(ref[k], embeddings(model, eval_batches[k])), lengths[k]) for k in sets}
 
     console.print(f"CPU: {describe()}")
-    console.print(f"MiniLM loaded; in-domain: {len(sets['in'])} held-out sentences of {corpus.source} "
-                  f"({n_tokens['in']} tokens); out-of-domain: {len(sets['ood'])} sentences of {ood.source} "
-                  f"({n_tokens['ood']} tokens); {time.time() - t0:.1f}s")
+    for k in sets:
+        console.print(f"set {k}: {len(sets[k])} sentences of {sources[k]} ({n_tokens[k]} tokens)")
+    console.print(f"MiniLM loaded, sets built; {time.time() - t0:.1f}s")
 
     rows = []
     for name in [c for c in args.configs.split(",") if c]:
@@ -171,34 +197,46 @@ def main(argv: list[str] | None = None) -> int:
             row["stage2"] = lora_stage2(fitted, loaded, calib.train, rank=args.stage2_rank, steps=args.stage2_steps,
                                         lr=args.stage2_lr, seed=args.seed)
             row["after_stage2"] = stats(fitted)
-            console.print(f"{name}+stage2: in {row['after_stage2']['in']['mean']:.4f} / ood "
-                          f"{row['after_stage2']['ood']['mean']:.4f} (worst {row['after_stage2']['ood']['min']:.4f}; "
-                          f"{row['stage2']['seconds']}s)")
+            console.print(f"{name}+stage2: " + ", ".join(f"{k} {v['mean']:.4f} (worst {v['min']:.4f})"
+                                                       for k, v in row["after_stage2"].items())
+                          + f"; {row['stage2']['seconds']}s")
         row["steps_per_site"] = {k: v["steps"] for k, v in rep["sites"].items()}
         row["site_cosine"] = {k: [round(v["before"]["cosine"], 4), round(v["after"]["cosine"], 4)]
                               for k, v in rep["sites"].items()}
         row["calibration"] = rep["data"]
         rows.append(row)
-        console.print(f"{name}: after in-domain {row['after']['in']['mean']:.4f} / out-of-domain "
-                      f"{row['after']['ood']['mean']:.4f} ({row['transfer_seconds']}s)")
+        console.print(f"{name} stage 1: " + ", ".join(f"{k} {v['mean']:.4f} (worst {v['min']:.4f})"
+                                                     for k, v in row["after"].items())
+                      + f"; {row['transfer_seconds']}s")
 
-    table = Table(title="MiniLM sentence-embedding cosine vs original: in-domain (offline corpus held out) | "
-                        "out-of-domain (/usr/share/doc prose)")
-    for col in ("config", "plain in|ood", "untrained in|ood", "stage 1 in (mean/min)", "stage 1 ood (mean/min)",
-                "+ stage 2 in (mean/min)", "+ stage 2 ood (mean/min)", "transfer s", "steps/site"):
+    table = Table(title="MiniLM sentence-embedding cosine vs original, mean / worst sentence: in-domain (offline "
+                        "corpus held out) | out-of-domain (" + ", ".join(k for k in sets if k != "in") + ")")
+    for col in ("config", "stage", *sets, "transfer s", "steps/site"):
         table.add_column(col)
     for r in rows:
-        plain = f"{r['plain']['in']['mean']:.4f} | {r['plain']['ood']['mean']:.4f}" if "plain" in r else "-"
-        table.add_row(r["config"], plain, f"{r['before']['in']['mean']:.4f} | {r['before']['ood']['mean']:.4f}",
-                      f"{r['after']['in']['mean']:.4f} / {r['after']['in']['min']:.4f}",
-                      f"{r['after']['ood']['mean']:.4f} / {r['after']['ood']['min']:.4f}",
-                      *([f"{r['after_stage2'][k]['mean']:.4f} / {r['after_stage2'][k]['min']:.4f}" for k in ("in", "ood")]
-                        if "after_stage2" in r else ["-", "-"]),
-                      f"{r['transfer_seconds'] + r.get('stage2', {}).get('seconds', 0):.0f}",
-                      str(max(r["steps_per_site"].values())))
+        if "plain" in r:
+            table.add_row(r["config"], "plain swap", *[f"{r['plain'][k]['mean']:.4f}" for k in sets], "-", "-")
+        table.add_row(r["config"], "untrained", *[f"{r['before'][k]['mean']:.4f}" for k in sets], "-", "-")
+        table.add_row(r["config"], "stage 1", *[f"{r['after'][k]['mean']:.4f} / {r['after'][k]['min']:.3f}"
+                                                for k in sets],
+                      f"{r['transfer_seconds']:.0f}", str(max(r["steps_per_site"].values())))
+        if "after_stage2" in r:
+            table.add_row(r["config"], "+ stage 2", *[f"{r['after_stage2'][k]['mean']:.4f} / "
+                                                      f"{r['after_stage2'][k]['min']:.3f}" for k in sets],
+                          f"{r['transfer_seconds'] + r['stage2']['seconds']:.0f}", str(r["stage2"]["steps"]))
+    by_len = Table(title="final stage, mean / worst sentence by token count (with [CLS]/[SEP]; n sentences)")
+    for col in ("config", "set", *(f"{lo}-{hi - 1} tok" if hi < 1000 else f">= {lo} tok" for lo, hi in BANDS)):
+        by_len.add_column(col)
+    for r in rows:
+        final = r.get("after_stage2", r["after"])
+        for k in sets:
+            cells = [final[k]["bands"].get(f"{lo}-{hi}") for lo, hi in BANDS]
+            by_len.add_row(r["config"], k, *[f"{c['mean']:.4f} / {c['min']:.3f} ({c['n']})" if c else "-"
+                                            for c in cells])
     console.print(table)
+    console.print(by_len)
     result = {"model": str(minilm_path()), "eval_sentences": {k: len(v) for k, v in sets.items()},
-              "eval_sources": {"in": f"held-out split of {corpus.source}", "ood": ood.source},
+              "eval_sources": sources, "eval_texts": sets,
               "eval_tokens": n_tokens,
               "calibration_sentences": len(cal_lines), "steps": steps, "minutes": args.minutes, "seed": args.seed,
               "batch_size": args.batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),

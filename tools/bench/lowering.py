@@ -7,6 +7,9 @@
     the measured copy bandwidth (best of numpy's copy and a parallel TVM copy kernel, at the large row's size).
 (b) attention block B=1, H=8, d=64, N in {256, 1024, 4096, 16384}, 2 threads: softmax attention in torch SDPA /
     onnxruntime / TVM vs every catalogue variant in torch / onnxruntime / TVM avx2 / TVM avx512.
+(b2) ``--only attnfused``: softmax attention block B=1, H=8, d=64, N in {256, 1024, 4096}, 1 and 2 threads: TVM
+    with the fused attention kernel (targets.attention_kernel) vs TVM unfused (score matmul with the scale in its
+    epilogue, routed softmax kernel, P·V matmul) vs onnxruntime, per CPU target, timed in alternating rounds.
 (c) BERT-like encoder (batch 8, N=128): TVM (untuned) vs onnxruntime.
 (d) the real MiniLM, original and linear-attention rewrite, batch 8, N in {128, 512}: torch, onnxruntime, TVM host
     (``--tune TRIALS``: also a tuned build of the original at N = 128, with its tuning time).
@@ -21,6 +24,7 @@ Every section runs only code this CPU can execute: TVM avx512 columns are left o
 AVX-512F, the softmax kernels default to ``--target host``, and every table names the CPU (model, LLVM name, ISA).
 
 Usage: ``TVM_NUM_THREADS=2 .venv/bin/python tools/bench/lowering.py [--quick] [--only softmax,attention,bert,minilm]
+[--only attnfused --sizes 1024,4096]
 [--tune TRIALS]``.
 Prints tables, writes ``tools/bench/results/lowering.json``.
 """
@@ -312,6 +316,69 @@ def bench_attention(quick: bool, max_gb: float = 18.0, sizes: list[int] | None =
     return out
 
 
+def _tvm_vm_call(model, target: str, feeds: dict, fused: bool):
+    """Compile ``model`` (ONNX) for ``target`` with the CPU pipeline, fused attention on or off; return a callable
+    running it on ``feeds`` and returning the output as numpy."""
+    from tvm import relax
+
+    from targets.importer import import_model
+    from targets.pipeline import cpu_pipeline
+
+    ensure_executable(target)
+    imp = import_model(model)
+    tgt = get_target(target)
+    ex = tvm.compile(imp.mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, route_attention=fused))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[i["name"]])) for i in imp.inputs]
+    f = vm["main"]
+
+    def result():
+        out = f(*args)
+        return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+    return (lambda: f(*args)), result
+
+
+def bench_attention_fused(quick: bool, sizes: list[int] | None = None) -> list[dict]:
+    """(b2) Softmax attention B=1, H=8, d=64 (SDPA exported by the dynamo ONNX exporter), 1 and 2 threads: TVM fused
+    kernel vs TVM unfused vs onnxruntime on every CPU target this host executes, interleaved rounds; ``vs ORT`` =
+    ORT ms / impl ms (> 1: faster than onnxruntime)."""
+    ns = sizes or ([256] if quick else [256, 1024, 4096])
+    heads, dim = 8, 64
+    out = []
+    print(f"\n(b2) softmax attention B=1 H={heads} d={dim} on {CPU}: fused kernel vs unfused vs onnxruntime, ms (p50)"
+          + ("" if has_avx512() else "; no avx512 rows: this CPU has no AVX-512F"))
+    print(f"{'N':>6} {'T':>2} {'impl':>20} {'ms':>10} {'vs ORT':>7} {'max err':>9}")
+    for n in ns:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
+        feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
+        model = _onnx_of(_SoftmaxAttention(), (q, k, v), ["q", "k", "v"])
+        tvm_fns = {}
+        for t in CPU_TARGETS:
+            for fused in (True, False):
+                tvm_fns[f"TVM {t} {'fused' if fused else 'unfused'}"] = _tvm_vm_call(model, t, feeds, fused)
+        for threads in (2, 1):  # the TVM pool can be lowered at run time, not raised
+            set_tvm_threads(threads)
+            sess = ort_session(model, threads)
+            ref = sess.run(None, feeds)[0]
+            fns = {"ORT": lambda: sess.run(None, feeds)}
+            fns.update({name: pair[0] for name, pair in tvm_fns.items()})
+            errs = {name: float(np.abs(pair[1]() - ref).max()) for name, pair in tvm_fns.items()}
+            budget = 1.0 if quick else (3.0 if n <= 1024 else 6.0)
+            res = _time_interleaved(fns, budget, rounds=3 if n >= 4096 else 5)
+            for name, ms in res.items():
+                row = {"N": n, "threads": threads, "impl": name, "ms": ms, "speedup_vs_ort": res["ORT"] / ms,
+                       "max_err_vs_ort": errs.get(name, 0.0)}
+                out.append(row)
+                print(f"{n:>6} {threads:>2} {name:>20} {ms:10.2f} {row['speedup_vs_ort']:7.2f} "
+                      f"{row['max_err_vs_ort']:9.1e}", flush=True)
+            del sess
+        del tvm_fns
+        gc.collect()
+    return out
+
+
 class _BertLayer(torch.nn.Module):
     def __init__(self, d=256, h=4, ff=1024):
         super().__init__()
@@ -419,11 +486,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--only", default="softmax,attention,bert,minilm",
-                    help="comma list of sections (also: ksplit, dynamic)")
+                    help="comma list of sections (also: ksplit, attnfused, dynamic)")
     ap.add_argument("--target", default="host",
                     help="target of the softmax kernels (default host: the best code this CPU executes)")
     ap.add_argument("--out", default=RESULTS)
-    ap.add_argument("--sizes", default="", help="(b): comma list of N (default 256,1024,4096,16384)")
+    ap.add_argument("--sizes", default="",
+                    help="(b), (b2): comma list of N (default 256,1024,4096,16384; (b2) 256,1024,4096)")
     ap.add_argument("--variants", default="", help="(b): comma list of variants besides softmax (default all)")
     ap.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                     help="(d): also tune the original MiniLM at N=128 with this many MetaSchedule trials")
@@ -436,6 +504,8 @@ def main(argv=None) -> int:
     if "attention" in sections:
         result["attention"] = bench_attention(args.quick, sizes=[int(n) for n in args.sizes.split(",") if n],
                                               variants=[v for v in args.variants.split(",") if v])
+    if "attnfused" in sections:
+        result["attention_fused"] = bench_attention_fused(args.quick, [int(n) for n in args.sizes.split(",") if n])
     if "bert" in sections:
         result["bert"] = bench_bert(args.quick)
     if "minilm" in sections:

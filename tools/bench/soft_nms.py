@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from machine import describe  # noqa: E402  tools/bench/machine.py
 import detection_eval as ev  # noqa: E402  tools/bench/detection_eval.py
 from passes.detect.config import SoftNMSConfig  # noqa: E402
-from passes.detect.onnx_nms import WINDOW, soft_nms_model, use_matrix, use_window  # noqa: E402
+from passes.detect.onnx_nms import WINDOW, soft_nms_model, use_matrix, use_top, use_window  # noqa: E402
 
 MIN_SCORE, MAX_DET, SIGMA = 0.001, 100, 0.5
 
@@ -149,10 +149,13 @@ def scene_speed(n_images: int, batch_sizes: tuple[int, ...], seed: int = 0, nt: 
     rng = np.random.default_rng(seed)
     images = [ev.detections(*ev.scene(seed * 100003 + i), rng) for i in range(n_images)]
     sessions = {"onnxruntime NMS": _session(ort_nms_model())}
+    for method in ("hard", "linear", "gaussian"):  # as the pass builds it for a dynamic N (hard: the op + check)
+        sessions[method] = _session(soft_nms_model(SoftNMSConfig(method=method, sigma=SIGMA), matrix=None,
+                                                   window=0))
     for method in ("hard", "linear", "gaussian"):
         for matrix in (True, False):
             sessions[f"{method} {'matrix' if matrix else 'rows'}"] = _session(soft_nms_model(
-                SoftNMSConfig(method=method, sigma=SIGMA), matrix=matrix, window=0))
+                SoftNMSConfig(method=method, sigma=SIGMA), matrix=matrix, window=0, native=False))
     rows = []
     for batch in batch_sizes:
         feeds_ = [batch_feeds(images[i:i + batch], nt) for i in range(0, n_images, batch)]
@@ -170,9 +173,12 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
     out = []
     ort_nms = _session(ort_nms_model())
     soft = {f"{m} {'matrix' if matrix else 'rows'}{f' multi-{w}' if w else ''}": _session(soft_nms_model(
-        SoftNMSConfig(method=m, sigma=SIGMA), matrix=matrix, window=w))
+        SoftNMSConfig(method=m, sigma=SIGMA), matrix=matrix, window=w, native=False))
         for m in ("linear", "hard", "gaussian") for matrix in (True, False) for w in (0, WINDOW)}
     for n, c in sizes:
+        for m in ("hard", "linear", "gaussian"):  # as the pass builds it for these static N and C
+            soft[m] = _session(soft_nms_model(SoftNMSConfig(method=m, sigma=SIGMA), matrix=use_matrix(n, c, MAX_DET),
+                                              window=use_window(m, n, c), top=use_top(m, n, c, MAX_DET)))
         images = []
         for _ in range(max(batch_sizes)):
             xy = rng.uniform(0, 600, (n, 2))
@@ -186,6 +192,23 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
                     times[name].append(cpu_ms_per_image(sess, feeds_, batch, passes=1))
             out.append({"boxes": n, "classes": c, "batch": batch, **{k: float(np.median(v)) for k, v in times.items()}})
     return out
+
+
+def pass_ratios(scenes: list[dict], fast: list[dict]) -> list[dict]:
+    """Per table row: the time of the graph the pass builds for every method, over onnxruntime NMS's time.
+    Scenes (box count dynamic): hard = the op behind its check, linear / Gaussian = the run-time form choice (the
+    matrix at these N, one pick per iteration). Random boxes (static N and C): ``use_matrix``, ``use_window``,
+    ``use_top``."""
+    rows = []
+    for r in scenes:
+        base = r["onnxruntime NMS"]
+        rows.append({"input": "scenes", "batch": r["batch"], "onnxruntime NMS": base,
+                     **{m: r[m] / base for m in ("hard", "linear", "gaussian")}})
+    for r in fast:
+        rows.append({"input": f"random {r['boxes']} boxes x {r['classes']} classes", "batch": r["batch"],
+                     "onnxruntime NMS": r["onnxruntime NMS"],
+                     **{m: r[f"soft-nms {m}"] / r["onnxruntime NMS"] for m in ("hard", "linear", "gaussian")}})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,13 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in fast:
         print(f"{r['boxes']:>6}{r['classes']:>8}{r['batch']:>6}{r['onnxruntime NMS']:>10.3f}"
               + "".join(f"{r[c]:>24.3f}" for c in cols))
+    built = pass_ratios(scenes, fast)
+    print("\nwhat the pass builds, CPU time per image / onnxruntime NMS's (same row, interleaved):")
+    print(f"{'input':<28}{'batch':>6}{'ORT NMS ms':>12}" + "".join(f"{m:>12}" for m in ("hard", "linear", "gaussian")))
+    for r in built:
+        print(f"{r['input']:<28}{r['batch']:>6}{r['onnxruntime NMS']:>12.4f}"
+              + "".join(f"{r[m]:>11.1f}x" for m in ("hard", "linear", "gaussian")))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "onnxruntime": ort.__version__, "settings": {
         "min_score": MIN_SCORE, "max_det": MAX_DET, "sigma": SIGMA, "window": WINDOW,
         "time": "process CPU time"}, "scenes": stats, "quality": rows,
         "control_scenes": control_stats, "control_quality": control,
-        "scene_speed": scenes, "speed": fast}, indent=1))
+        "scene_speed": scenes, "speed": fast, "pass_ratios": built}, indent=1))
     print(f"\nwrote {out}")
     return 0
 

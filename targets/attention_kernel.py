@@ -1,0 +1,321 @@
+"""Fused softmax attention for CPU targets: one hand-written TIR kernel for ``softmax(Q·Kᵀ·scale + mask)·V``.
+
+Layout (float32, static shapes): ``Q (BH, N, D)``, ``Kt (BH, D, M)`` (keys already transposed, as the score matmul's
+right operand), ``V (BH, M, DV)``, an optional additive mask read through static strides (broadcast dims stride 0,
+so a ``(1, 1, N, M)`` causal mask or a ``(B, 1, 1, M)`` padding mask is never expanded), output ``O (BH, N, DV)``.
+
+Structure (flash attention with an online softmax): the parallel tasks are (head, block of :data:`QUERY_BLOCK`
+query rows) pairs.  A task walks the keys in blocks of :data:`KEY_BLOCK` (the last one shorter) and per block
+
+1. packs the block's ``Kt`` panels (``D x NJ·V``) contiguous (``Kt`` rows are ``M`` floats apart: at a power-of-two
+   ``M`` an unpacked panel's lines share L1 sets), then computes the ``BQ x BK`` score block into a per-task scratch
+   (L1/L2): register tiles of ``MI`` rows x ``NJ`` vectors of keys, fma outer products over ``D`` (a broadcast
+   ``Q`` element times a ``Kt`` vector), panel-major so a panel serves every row tile; scale and mask are applied as
+   the tile is stored (keys past the last full tile: a scalar loop);
+2. per row: the block max (the three-pass row macros of :mod:`targets.softmax_kernels`), the new running max,
+   ``exp(x - max)`` with the same polynomial stored and summed, the running sum and output row rescaled by
+   ``exp(old max - new max)``;
+3. accumulates ``P·V`` into the task's output rows in register tiles (``MI`` rows x the value width) over the
+   block's rows of ``V``;
+
+and finally writes ``O = acc / sum``.  No score or probability tensor ever reaches memory (the unfused graph writes
+and reads ``BH·N·M`` floats three times).  Any ``N``, ``M``: rows past ``N`` in the last query block recompute row
+``N - 1`` and are never stored.
+
+Numerics as the unfused path: ``exp(x - max) = 0`` where ``x - max < -87`` (``-inf`` / ``finfo.min`` masked logits
+never give NaN); a fully masked row (every exp flushed, sum 0) gives the uniform distribution, i.e. the mean of V,
+exactly as the routed softmax kernel does.  All indices are int32 (the pattern checks the sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+from . import _env  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
+import tvm
+from tvm.script import tirx as T
+
+from .softmax_kernels import exp_nonpos, row_softmax_macros
+
+log = logging.getLogger(__name__)
+
+_F32 = "float32"
+#: Keys per block: a task's score block (QUERY_BLOCK x KEY_BLOCK floats) and the block's V rows (64 KiB at d = 64)
+#: stay in L2.
+KEY_BLOCK = 256
+#: Query rows per task (rounded to the 6-row register tile): more rows amortize the K/V reads, fewer give more
+#: tasks to the threads.
+QUERY_BLOCK = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskLayout:
+    """Where element ``(lead..., i, j)`` of an additive float32 mask lives in its flat buffer.
+
+    lead_dims: the score tensor's leading (batch, head, ...) extents, whose product is BH; lead_strides: the mask's
+    stride (elements) along each of them (0 = broadcast); row_stride / col_stride: along queries / keys; size: the
+    mask's element count.
+    """
+
+    lead_dims: tuple
+    lead_strides: tuple
+    row_stride: int
+    col_stride: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """A fused attention problem: ``BH`` heads, ``N`` queries, ``M`` keys, head dim ``D``, value dim ``DV``;
+    ``scale`` multiplies the scores (1.0 = none); ``mask`` an additive mask or None; ``lanes`` the fp32 vector width
+    (16 AVX-512, 8 AVX2)."""
+
+    bh: int
+    n: int
+    m: int
+    d: int
+    dv: int
+    lanes: int
+    scale: float = 1.0
+    mask: MaskLayout | None = None
+
+
+def value_lanes(dv: int, lanes: int) -> int | None:
+    """Vector width for the P·V tiles: ``lanes`` if it divides ``dv``, else 8 or 4 if they do, else None."""
+    for v in (lanes, 8, 4):
+        if v <= lanes and dv % v == 0:
+            return v
+    return None
+
+
+def supported(s: AttentionShape) -> str | None:
+    """None when :func:`make_attention_kernel` can build ``s``, else the reason (for the pattern's log)."""
+    if min(s.bh, s.n, s.m, s.d, s.dv) < 1:
+        return "empty extent"
+    if value_lanes(s.dv, s.lanes) is None:
+        return f"value width {s.dv} is not a multiple of 4"
+    biggest = max(s.bh * s.n * max(s.d, s.dv), s.bh * s.m * max(s.d, s.dv), s.mask.size if s.mask else 0)
+    if biggest >= 1 << 31:
+        return "operands beyond int32 indexing"
+    return None
+
+
+def _unroll(length: int, lanes: int) -> int:
+    u = 4
+    while u > 1 and length < 2 * u * lanes:
+        u //= 2
+    return u
+
+
+def _geometry(s: AttentionShape, query_block: int | None = None, tiles: tuple | None = None) -> dict:
+    V = s.lanes
+    MI = 6
+    NJ = 4 if V == 16 else 2  # score tile: 6 x 64 (zmm: 24 accumulators) or 6 x 16 (ymm: 12)
+    V3 = value_lanes(s.dv, V)
+    NJ3 = max(1, min(s.dv // V3, 64 // V3 if V == 16 else 16 // V3))
+    MI3 = MI
+    if tiles:
+        MI, NJ, MI3, NJ3 = tiles
+    step = MI * MI3 // math.gcd(MI, MI3)  # query blocks hold whole row tiles of both products
+    bq = query_block or QUERY_BLOCK
+    bq = max(step, min(bq, -(-s.n // step) * step)) // step * step
+    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": bq, "BK": min(KEY_BLOCK, s.m)}
+
+
+def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
+                          tiles: tuple | None = None) -> tvm.tirx.PrimFunc:
+    """Destination-passing PrimFunc ``f(Q, Kt, V, [MASK,] O)`` (shapes in the module docstring; ``MASK`` flat, only
+    when ``s.mask``), already scheduled and opaque to fusion.  ``query_block``: query rows per task (default
+    :data:`QUERY_BLOCK`, rounded to the register tiles); ``tiles``: ``(MI, NJ, MI3, NJ3)`` register tiles (rows x
+    vectors) of the score and P·V products instead of the per-ISA defaults (for measurements).  ValueError when
+    :func:`supported` says no."""
+    why = supported(s)
+    if why:
+        raise ValueError(f"fused attention kernel cannot take {s}: {why}")
+    g = _geometry(s, query_block, tiles)
+    V, MI, NJ, V3, NJ3, MI3, BQ, BK = (g[k] for k in ("V", "MI", "NJ", "V3", "NJ3", "MI3", "BQ", "BK"))
+    BH, N, M, D, DV = s.bh, s.n, s.m, s.d, s.dv
+    TJ = NJ * V  # keys per score tile
+    TC = NJ3 * V3  # value columns per P·V tile
+    NCT = DV // TC
+    CT = DV - NCT * TC  # tail value columns (a multiple of V3), own tile
+    NQB = -(-N // BQ)
+    NT = BH * NQB
+    NKB = M // BK  # full key blocks
+    KT = M - NKB * BK  # keys of the last, shorter block
+    SP = BK + V  # score row stride: padded so that it is never a power of two (L1 set conflicts)
+    UMAX = _unroll(BK, V)
+    SS = 2 * UMAX  # result row of the softmax accumulators
+    full = row_softmax_macros(BK, _unroll(BK, V), V, SS)
+    tail = row_softmax_macros(KT, _unroll(KT, V), V, SS) if KT else full
+    floor = T.float32(-3.0e38)  # the row macros' max floor: a fully masked row keeps it
+    scale = T.float32(s.scale)
+    mask = s.mask
+
+    def qrow(task, i):
+        return T.min((task % NQB) * BQ + i, N - 1)  # rows past N (last block) recompute row N-1, never stored
+
+    def mask_at(MASK, task, row, col):
+        lead = task // NQB
+        idx = row * mask.row_stride + col * mask.col_stride
+        rest = BH
+        for dim, stride in zip(mask.lead_dims, mask.lead_strides):
+            rest //= dim
+            if stride:
+                idx = idx + (lead // rest) % dim * stride
+        return MASK[idx]
+
+    def finish(MASK, task, i, col, value):
+        v = value * scale if s.scale != 1.0 else value
+        return v + mask_at(MASK, task, qrow(task, i), col) if mask else v
+
+    def score_macro(L):
+        NFT = L // TJ  # full score tiles
+        LT = L - NFT * TJ  # tail keys (scalar loop)
+
+        @T.macro
+        def scores(Q, K, MASK, S, Kp, acc, task, k0):
+            # S[:, 0:L] = scale * Q[rows] @ Kt[:, k0:k0+L] + mask, key-tile-major; each D x TJ panel of Kt is first
+            # packed contiguous (Kt rows are M floats apart: at a power-of-two M the panel's lines share L1 sets)
+            for jb in range(NFT):
+                for k in range(D):
+                    for l in T.vectorized(TJ):
+                        Kp[jb, k, l] = K[task // NQB, k, k0 + jb * TJ + l]
+                for ib in range(BQ // MI):
+                    for i in T.unroll(MI):
+                        for jj in T.unroll(NJ):
+                            for l in T.vectorized(V):
+                                acc[i, jj * V + l] = T.float32(0.0)
+                    for k in range(D):
+                        for i in T.unroll(MI):
+                            for jj in T.unroll(NJ):
+                                for l in T.vectorized(V):
+                                    acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
+                                                               Kp[jb, k, jj * V + l],
+                                                               acc[i, jj * V + l])
+                    for i in T.unroll(MI):
+                        for jj in T.unroll(NJ):
+                            for l in T.vectorized(V):
+                                S[ib * MI + i, jb * TJ + jj * V + l] = finish(
+                                    MASK, task, ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+            for i in range(BQ):
+                for j in range(LT):
+                    S[i, NFT * TJ + j] = T.float32(0.0)
+                    for k in range(D):
+                        S[i, NFT * TJ + j] = S[i, NFT * TJ + j] + Q[task // NQB, qrow(task, i), k] * \
+                            K[task // NQB, k, k0 + NFT * TJ + j]
+                    S[i, NFT * TJ + j] = finish(MASK, task, i, k0 + NFT * TJ + j, S[i, NFT * TJ + j])
+
+        return scores
+
+    scores_full = score_macro(BK)
+    scores_tail = score_macro(KT) if KT else scores_full
+
+    @T.macro
+    def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV):
+        # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI3-row register tile
+        for ib in range(BQ // MI3):
+            for i in T.unroll(MI3):
+                for jj in T.unroll(NJV):
+                    for l in T.vectorized(V3):
+                        acc[i, jj * V3 + l] = OA[ib * MI3 + i, c0 + jj * V3 + l]
+            for kk in range(KL):
+                for i in T.unroll(MI3):
+                    for jj in T.unroll(NJV):
+                        for l in T.vectorized(V3):
+                            acc[i, jj * V3 + l] = T.fma(S[ib * MI3 + i, kk],
+                                                        Vb[task // NQB, k0 + kk, c0 + jj * V3 + l],
+                                                        acc[i, jj * V3 + l])
+            for i in T.unroll(MI3):
+                for jj in T.unroll(NJV):
+                    for l in T.vectorized(V3):
+                        OA[ib * MI3 + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
+
+    def block_macro(L, scores, macros):
+        rowmax, expstore = macros[0], macros[1]
+
+        @T.macro
+        def block(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, k0):
+            scores(Q, K, MASK, S, Kp, acc, task, k0)
+            for i in range(BQ):
+                # online softmax: new max, exps against it (stored, summed), rescale the running sum and output
+                rowmax(S, sacc, i, 0)
+                sacc[SS, 2] = T.max(st[i, 0], sacc[SS, 0])
+                expstore(S, S, sacc, i, 0, sacc[SS, 2])
+                sacc[SS, 3] = exp_nonpos(st[i, 0] - sacc[SS, 2])
+                st[i, 1] = st[i, 1] * sacc[SS, 3] + sacc[SS, 1]
+                st[i, 0] = sacc[SS, 2]
+                for c in T.vectorized(DV):
+                    OA[i, c] = OA[i, c] * sacc[SS, 3]
+            for cb in range(NCT):
+                pv_tile(Vb, S, OA, acc, task, k0, L, cb * TC, NJ3)
+            if CT > 0:
+                pv_tile(Vb, S, OA, acc, task, k0, L, NCT * TC, CT // V3)
+
+        return block
+
+    block_full = block_macro(BK, scores_full, full)
+    block_tail = block_macro(KT, scores_tail, tail) if KT else block_full
+
+    @T.macro
+    def body(Q, K, Vb, MASK, O):
+        for task in T.parallel(NT):
+            S = T.alloc_buffer((BQ, SP), _F32)  # probabilities of one key block
+            Kp = T.alloc_buffer((max(BK // TJ, 1), D, TJ), _F32)  # packed Kt panels of one key block
+            OA = T.alloc_buffer((BQ, DV), _F32)  # unnormalized output rows
+            st = T.alloc_buffer((BQ, 2), _F32)  # per row: running max, running sum
+            acc = T.alloc_buffer((max(MI, MI3), max(TJ, TC)), _F32, scope="local")
+            sacc = T.alloc_buffer((2 * UMAX + 1, V), _F32, scope="local")
+            for i in range(BQ):
+                st[i, 0] = floor
+                st[i, 1] = T.float32(0.0)
+                for c in T.vectorized(DV):
+                    OA[i, c] = T.float32(0.0)
+            for kb in range(NKB):
+                block_full(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, kb * BK)
+            if KT > 0:
+                block_tail(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, NKB * BK)
+            for i in range(BQ):
+                if (task % NQB) * BQ + i < N:
+                    if st[i, 1] > T.float32(0.0):
+                        for c in T.vectorized(DV):
+                            O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * (T.float32(1.0) / st[i, 1])
+                    else:
+                        # every exp flushed (fully masked row): uniform probabilities, the mean of V (as unfused)
+                        for c in T.vectorized(DV):
+                            OA[i, c] = T.float32(0.0)
+                        for k in range(M):
+                            for c in T.vectorized(DV):
+                                OA[i, c] = OA[i, c] + Vb[task // NQB, k, c]
+                        for c in T.vectorized(DV):
+                            O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * T.float32(1.0 / M)
+
+    if mask:
+        @T.prim_func(s_tir=True)
+        def kernel_mask(Q: T.Buffer((BH, N, D), _F32), K: T.Buffer((BH, D, M), _F32), Vb: T.Buffer((BH, M, DV), _F32),
+                        MASK: T.Buffer((mask.size,), _F32), O: T.Buffer((BH, N, DV), _F32)):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+            with T.sblock("root"):
+                body(Q, K, Vb, MASK, O)
+
+        f = kernel_mask
+    else:
+        @T.prim_func(s_tir=True)
+        def kernel(Q: T.Buffer((BH, N, D), _F32), K: T.Buffer((BH, D, M), _F32), Vb: T.Buffer((BH, M, DV), _F32),
+                   O: T.Buffer((BH, N, DV), _F32)):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+            with T.sblock("root"):
+                body(Q, K, Vb, None, O)
+
+        f = kernel
+    log.debug("fused attention kernel %s, geometry %s", s, g)
+    return f
+
+
+def build_attention_library(s: AttentionShape, target, name: str = "attention", query_block: int | None = None,
+                            tiles: tuple | None = None):
+    """Compile one kernel alone into a runtime module with a single function ``name`` (destination passing)."""
+    f = make_attention_kernel(s, query_block, tiles).with_attr("global_symbol", name)
+    return tvm.compile(tvm.IRModule({name: f}), target=target)
