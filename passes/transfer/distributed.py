@@ -131,6 +131,36 @@ class Shard:
             raise RankFailedError(f"distributed transfer: no rank returned site(s) {missing}")
         return {n: all_fitted[n] for n in order}, {n: all_rows[n] for n in order}
 
+    @property
+    def helper(self) -> int:
+        """The rank that measures the untrained swap's model fidelity while rank 0 rewrites, measures the fitted
+        model and exports (the last rank; rank 0 itself in a one-process run). That work does not depend on the
+        fit, so it overlaps rank 0's tail instead of following it."""
+        return self.world - 1
+
+    def send_to_root(self, obj: Any) -> None:
+        """Send a picklable ``obj`` to rank 0 (point to point; rank 0 takes it with :meth:`receive_from_helper`)."""
+        import torch.distributed as dist
+        try:
+            dist.send_object_list([obj], dst=0, group=self.group)
+        except RuntimeError as exc:
+            self._lost(exc, "sending the untrained model fidelity")
+
+    def receive_from_helper(self) -> Any:
+        """Rank 0: the object the :attr:`helper` rank sent with :meth:`send_to_root`."""
+        import torch.distributed as dist
+        box: list[Any] = [None]
+        try:
+            dist.recv_object_list(box, src=self.helper, group=self.group)
+        except RuntimeError as exc:
+            self._lost(exc, "receiving the untrained model fidelity")
+        return box[0]
+
+    def _lost(self, exc: BaseException, doing: str) -> None:
+        from rewrite.errors import first_line
+        raise PeerLostError(f"rank {self.rank}: lost contact with another rank while {doing} "
+                            f"({first_line(exc)[:200]}); nothing was written") from None
+
     def describe(self) -> dict[str, Any]:
         """JSON-able: world size, backend, which rank fitted which sites."""
         return {"world_size": self.world, "backend": self.backend,
