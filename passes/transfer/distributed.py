@@ -7,8 +7,9 @@ is a pure function of (seed, site index, step) — the batch order and the torch
 the rank — so N ranks give the same parameters as 1 (bit-for-bit on CPU with one thread per rank).
 
 Rank 0 gathers every rank's parameters and report rows (``gather_object``; gloo on CPU, nccl when asked for on GPU
-hosts), then rewrites the model, measures model fidelity and writes the output and the report; the other ranks
-write nothing but their checkpoint shard. Checkpoints: rank ``r`` writes ``<checkpoint>.rank<r>``, keyed by site
+hosts), then rewrites the model, measures the fitted model's fidelity and writes the output and the report, while
+the last rank (:attr:`Shard.helper`) measures the untrained swap's model fidelity (it does not depend on the fit) and
+sends it to rank 0 (``send_object_list``); the other ranks write nothing but their checkpoint shard. Checkpoints: rank ``r`` writes ``<checkpoint>.rank<r>``, keyed by site
 (:mod:`.shards`); any world size resumes from any other's shards; rank 0 folds them into ``<checkpoint>`` at the end.
 
 Entry points:
