@@ -7,8 +7,9 @@ is a pure function of (seed, site index, step) — the batch order and the torch
 the rank — so N ranks give the same parameters as 1 (bit-for-bit on CPU with one thread per rank).
 
 Rank 0 gathers every rank's parameters and report rows (``gather_object``; gloo on CPU, nccl when asked for on GPU
-hosts), then rewrites the model, measures model fidelity and writes the output and the report; the other ranks
-write nothing but their checkpoint shard. Checkpoints: rank ``r`` writes ``<checkpoint>.rank<r>``, keyed by site
+hosts), then rewrites the model, measures the fitted model's fidelity and writes the output and the report, while
+the last rank (:attr:`Shard.helper`) measures the untrained swap's model fidelity (it does not depend on the fit) and
+sends it to rank 0 (``send_object_list``); the other ranks write nothing but their checkpoint shard. Checkpoints: rank ``r`` writes ``<checkpoint>.rank<r>``, keyed by site
 (:mod:`.shards`); any world size resumes from any other's shards; rank 0 folds them into ``<checkpoint>`` at the end.
 
 Entry points:
@@ -130,6 +131,36 @@ class Shard:
         if missing:
             raise RankFailedError(f"distributed transfer: no rank returned site(s) {missing}")
         return {n: all_fitted[n] for n in order}, {n: all_rows[n] for n in order}
+
+    @property
+    def helper(self) -> int:
+        """The rank that measures the untrained swap's model fidelity while rank 0 rewrites, measures the fitted
+        model and exports (the last rank; rank 0 itself in a one-process run). That work does not depend on the
+        fit, so it overlaps rank 0's tail instead of following it."""
+        return self.world - 1
+
+    def send_to_root(self, obj: Any) -> None:
+        """Send a picklable ``obj`` to rank 0 (point to point; rank 0 takes it with :meth:`receive_from_helper`)."""
+        import torch.distributed as dist
+        try:
+            dist.send_object_list([obj], dst=0, group=self.group)
+        except RuntimeError as exc:
+            self._lost(exc, "sending the untrained model fidelity")
+
+    def receive_from_helper(self) -> Any:
+        """Rank 0: the object the :attr:`helper` rank sent with :meth:`send_to_root`."""
+        import torch.distributed as dist
+        box: list[Any] = [None]
+        try:
+            dist.recv_object_list(box, src=self.helper, group=self.group)
+        except RuntimeError as exc:
+            self._lost(exc, "receiving the untrained model fidelity")
+        return box[0]
+
+    def _lost(self, exc: BaseException, doing: str) -> None:
+        from rewrite.errors import first_line
+        raise PeerLostError(f"rank {self.rank}: lost contact with another rank while {doing} "
+                            f"({first_line(exc)[:200]}); nothing was written") from None
 
     def describe(self) -> dict[str, Any]:
         """JSON-able: world size, backend, which rank fitted which sites."""

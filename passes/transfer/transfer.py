@@ -236,7 +236,9 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                 ) -> tuple[mio.LoadedModel, Calibration, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     from passes.attention import get_variant
 
+    from .phases import PhaseClock
     t0 = time.time()
+    clock = PhaseClock()  # report["phases"]: wall seconds per phase (.phases)
     _check_numbers(steps=steps, minutes=minutes, batch_size=batch_size, max_samples=max_samples,
                    max_length=max_length, lr=lr, scalar_lr=scalar_lr, hybrid_window=hybrid_window,
                    attention_ce=attention_ce)
@@ -249,17 +251,19 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
     opts = transfer_options(variant, options, hybrid_window)
     rewrite_pass = AttentionRewritePass(variant, options=opts, layers=layers, keep_softmax=keep_softmax,
                                         measure=False)
-    loaded = mio.load_model(model, example_inputs)
-    g, runnable, _ = _graph(loaded)
-    sites = recognize(g).attention_sites
+    with clock("load"):
+        loaded = mio.load_model(model, example_inputs)
+        g, runnable, _ = _graph(loaded)
+        sites = recognize(g).attention_sites
     decisions = rewrite_pass.decide(sites)
     chosen = [d.site for d in decisions if d.replace]
     if not chosen:
         reasons = "; ".join(f"{d.site.name}: {d.reason}" for d in decisions)
         raise NoSitesError(f"{loaded.source}: nothing to transfer ({reasons or 'no attention site'})")
     resolved = rewrite_pass._options_for(loaded)  # fills n_ref etc. exactly as the pass will
-    calib = load_calibration(loaded, data, batch_size=batch_size, max_length=max_length, max_samples=max_samples,
-                             tokenizer=tokenizer, seed=seed)
+    with clock("calibration"):
+        calib = load_calibration(loaded, data, batch_size=batch_size, max_length=max_length,
+                                 max_samples=max_samples, tokenizer=tokenizer, seed=seed)
     if steps is None and minutes is None:
         steps = DEFAULT_STEPS
     config = FitConfig(lr=lr, scalar_lr=scalar_lr, lambda_ce=float(attention_ce))
@@ -287,12 +291,14 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
             part = chosen[start:start + group]
             train: dict[str, Any] = {s.name: store.samples() for s in part}
             held: dict[str, Any] = {s.name: store.samples() for s in part}
-            for batch in calib.train:
-                for name, tensors in _capture(loaded, runnable, part, batch).items():
-                    train[name].append(tensors)
-            for batch in calib.held_out:
-                for name, tensors in _capture(loaded, runnable, part, batch).items():
-                    held[name].append(tensors)
+            with clock("capture"):
+                for batch in calib.train:
+                    for name, tensors in _capture(loaded, runnable, part, batch).items():
+                        train[name].append(tensors)
+                for batch in calib.held_out:
+                    for name, tensors in _capture(loaded, runnable, part, batch).items():
+                        held[name].append(tensors)
+            fit_start = time.perf_counter()
             for pos, site in enumerate(part):
                 remaining = len(chosen) - (start + pos)
                 init = None
@@ -334,9 +340,11 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                          state.step)
                 if shard is not None:
                     shard.site_done(site.name)
+            clock.add("fit", time.perf_counter() - fit_start)
             del train, held
     if shard is not None:  # rank 0 receives every rank's params and rows (in site order); the others get {}
-        fitted, site_rows = shard.gather(fitted, site_rows, [s.name for s in all_chosen])
+        with clock("gather"):
+            fitted, site_rows = shard.gather(fitted, site_rows, [s.name for s in all_chosen])
         if shard.writes and checkpoint is not None:
             _Checkpoint(checkpoint, meta).save()  # fold the ranks' shards into the one checkpoint file
     report: dict[str, Any] = {
@@ -347,6 +355,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
         "skipped": {d.site.name: d.reason for d in decisions if not d.replace},
         "fit_seconds": round(time.time() - t0, 2), "checkpoint": str(checkpoint) if checkpoint else None,
         "lines": [calib.warning] if calib.warning else [],
+        "phases": clock.as_dict(),
     }
     if store.spilled:
         report["capture"] = store.describe()
@@ -433,8 +442,11 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         mio.check_output_path(report_path, (".json",))
     _check_numbers(stage2_steps=stage2_steps, stage2_rank=stage2_rank, stage2_lr=stage2_lr)
     from .data import has_tokenizer
+    from .phases import PhaseClock
     from .stage2 import STAGE1_SHARE, lora_stage2, stage2_plan
-    model = mio.load_model(model, example_inputs)
+    clock = PhaseClock()
+    with clock("load"):
+        model = mio.load_model(model, example_inputs)
     # decided (and refused, for an explicit request it cannot serve) before any work; the rewritten program has
     # the original's kind and weight names
     n_stage2, why_not = stage2_plan(model, stage2_steps, real_data=data is not None or has_tokenizer(model, tokenizer))
@@ -446,15 +458,26 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         max_length=max_length, lr=lr, scalar_lr=scalar_lr, sites_per_capture=sites_per_capture, tokenizer=tokenizer,
         threads=threads, attention_ce=attention_ce, shard=shard, max_memory=max_memory,
         capture_dir=out_path.parent if out_path is not None else None)
+    for phase, seconds in report.get("phases", {}).items():
+        clock.add(phase, seconds)
+    from passes.attention import get_variant
+    variant = get_variant(attention)
+    opts = transfer_options(variant, options, hybrid_window)
+
+    def fidelity_before() -> dict[str, Any]:  # the untrained swap's model fidelity: independent of the fit
+        untrained, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, None)
+        return _model_fidelity(loaded, untrained, calib.held_out)
+
     if shard is not None and not shard.writes:  # distributed: rank 0 rewrites, measures and writes
+        if measure_model and shard.rank == shard.helper:  # ... while the helper rank measures the untrained swap
+            shard.send_to_root(fidelity_before())
         return loaded, report
     if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
         from rewrite.errors import OutputPathError
         raise OutputPathError(f"{out_path}: an ONNX model can only be written as .onnx")
-    from passes.attention import get_variant
-    variant = get_variant(attention)
-    opts = transfer_options(variant, options, hybrid_window)
-    new_model, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, fitted)
+    with clock("rewrite"):
+        new_model, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, fitted)
+    t_stage2 = time.perf_counter()
     if n_stage2:  # LoLCATs stage 2, merged into the weights (the graph stays plain)
         deadline_min = None if minutes is None else max(0.05, minutes - (time.time() - t0) / 60.0)
         # same threads as stage 1 (default 1): on a shared 2-core machine two threads measured no faster
@@ -469,14 +492,19 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     elif why_not:
         report["stage2"] = {"steps": 0, "note": why_not}
         report["lines"].append(f"stage 2 off: {why_not}")
+    clock.add("stage2", time.perf_counter() - t_stage2)
     if measure_model:
-        untrained, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, None)
-        report["model_fidelity"] = {"before": _model_fidelity(loaded, untrained, calib.held_out),
-                                    "after": _model_fidelity(loaded, new_model, calib.held_out)}
+        with clock("model_fidelity"):
+            after = _model_fidelity(loaded, new_model, calib.held_out)
+            helped = shard is not None and shard.helper != shard.rank
+            report["model_fidelity"] = {"before": shard.receive_from_helper() if helped else fidelity_before(),
+                                        "after": after}
     if out_path is not None:
         from rewrite.api import export
-        export(new_model, out_path)
+        with clock("export"):
+            export(new_model, out_path)
         report["output"] = str(out_path)
+    report["phases"] = clock.as_dict()
     report["seconds"] = round(time.time() - t0, 2)
     if report_path is not None:
         import json

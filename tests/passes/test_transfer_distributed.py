@@ -1,7 +1,8 @@
 """Distributed attention transfer (passes/transfer/distributed.py) on the tiny BERT, as an ONNX file, with gloo ranks
 on 127.0.0.1 launched by ``softswap transfer --nproc N`` (torch.distributed.run).
 
-Reference: the same command in one process. Asserted: 2 ranks give the same params (1e-6) and the same report rows;
+Reference: the same command in one process. Asserted: 2 ranks give the same params (1e-6), the same report rows and
+the same model fidelity before (measured on rank 1) and after (rank 0);
 a rank that dies mid-run gives one error line naming it, a non-zero status, no output or report, and checkpoint
 shards from which a 1-process run resumes to the same params; the site partition covers every site once, balanced.
 """
@@ -98,6 +99,13 @@ def test_two_ranks_equal_one_rank(model_and_data: tuple[Path, Path], one_rank: P
     assert _rows(r2) == _rows(r1)
     for name, after in r1["model_fidelity"]["after"]["outputs"].items():
         assert r2["model_fidelity"]["after"]["outputs"][name] == pytest.approx(after, rel=1e-6)
+    # the untrained swap's fidelity is measured on rank 1 (beside rank 0's rewrite and export): same numbers
+    for name, before in r1["model_fidelity"]["before"]["outputs"].items():
+        assert r2["model_fidelity"]["before"]["outputs"][name] == pytest.approx(before, rel=1e-6)
+    assert r2["model_fidelity"]["before"]["batches"] == r1["model_fidelity"]["before"]["batches"] > 0
+    for report in (r1, r2):  # wall time per phase, rank 0's view
+        assert {"load", "calibration", "capture", "fit", "rewrite", "model_fidelity", "export"} <= set(report["phases"])
+    assert "gather" in r2["phases"] and "gather" not in r1["phases"]
     assert r2["distributed"]["world_size"] == 2
     assert sorted(sum(r2["distributed"]["assignment"].values(), [])) == ["attn0", "attn1"]
 

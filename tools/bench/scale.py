@@ -3,17 +3,20 @@
 Two measurements, each run in fresh processes and **interleaved** (A B A B ...) so that load from other work on a
 shared host hits both sides alike:
 
-1. **ranks**: ``softswap transfer MINILM --attention linear --steps S`` with 1 process and with ``--nproc 2``
-   (torch.distributed gloo ranks, 1 torch thread each). Reported: end-to-end wall time of the command, and the
-   report's ``fit_seconds`` (load + capture + fit, on rank 0 including the wait for rank 1's sites), the part the
-   ranks split; model fidelity and writing the output stay on rank 0.
+1. **ranks**: ``softswap transfer MINILM --attention linear --stage2-steps 0`` (stage 1 at the transfer's default
+   budget, 1500 steps per site, unless ``--steps`` is given) with 1 process and with ``--nproc 2`` (torch.distributed
+   gloo ranks, 1 torch thread each). Reported: end-to-end wall time of the command, the report's ``fit_seconds``
+   (load + calibration + capture + fit, on rank 0 including the wait for rank 1's sites) and rank 0's wall time per
+   phase (``report["phases"]``: load, calibration, capture, fit, gather, rewrite, model_fidelity, export), so the
+   serial part (Amdahl) is visible. Per rank: model load, calibration text and capture are not split; the fits are
+   (by site); rank 0 rewrites and exports while the last rank measures the untrained swap's model fidelity.
 2. **memory**: peak RSS (psutil, sampled every 5 ms, minus the RSS right after import) of :func:`transfer` on a
    calibration set of ``--samples`` sentences (1x, in RAM), 4x that (in RAM), and 4x with ``max_memory=0`` (every
    captured value on disk, :mod:`passes.transfer.capture_store`). Texts are truncated to ``--max-length`` tokens.
 
 Usage::
 
-    .venv/bin/python tools/bench/scale.py [--steps 150] [--repeats 2] [--samples 48] [--max-length 64]
+    .venv/bin/python tools/bench/scale.py [--steps N] [--repeats 2] [--samples 48] [--max-length 64]
         [--out tools/bench/results/scale.json]
 
 Prints a table and writes JSON (with the CPU line of tools/bench/machine.py and the host load at start and end).
@@ -85,19 +88,25 @@ def ranks(args: argparse.Namespace, minilm: str, folder: Path) -> dict[str, Any]
     for rep in range(args.repeats):
         for n in ("1", "2"):
             report = folder / f"r{n}-{rep}.json"
+            steps = ["--steps", str(args.steps)] if args.steps is not None else []  # default: transfer's own
             cmd = [sys.executable, "-m", "rewrite.cli", "transfer", minilm, "-o", str(folder / f"o{n}.pt2"),
-                   "--attention", "linear", "--steps", str(args.steps), "--max-samples", str(args.rank_samples),
+                   "--attention", "linear", *steps, "--max-samples", str(args.rank_samples),
                    "--no-progress", "--report", str(report),
                    # stage 1 is what the ranks split; stage 2 (end to end, on by default for MiniLM) runs on rank 0
                    "--stage2-steps", "0"] + (["--nproc", n] if n != "1" else [])
             _, wall, peak, _ = _watch(cmd)
             rep_json = json.loads(report.read_text())
+            phases = rep_json.get("phases", {})
             rows[n].append({"wall_s": round(wall, 2), "fit_s": rep_json["fit_seconds"],
-                            "peak_rss_mb": round(peak / 2 ** 20, 1)})
-            print(f"  ranks={n} rep {rep}: wall {wall:.1f}s, fit {rep_json['fit_seconds']:.1f}s", flush=True)
+                            "peak_rss_mb": round(peak / 2 ** 20, 1), "steps": rep_json["steps"],
+                            "phases_rank0_s": phases, "load_avg_1min": round(os.getloadavg()[0], 2)})
+            print(f"  ranks={n} rep {rep}: wall {wall:.1f}s, fit {rep_json['fit_seconds']:.1f}s; rank 0 phases "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
     best = {n: {k: min(r[k] for r in rs) for k in ("wall_s", "fit_s")} for n, rs in rows.items()}
+    # the ratio of each interleaved pair (same load on both sides) besides the best-of ratio
+    pairs = [round(a["wall_s"] / b["wall_s"], 3) for a, b in zip(rows["1"], rows["2"])]
     return {"runs": rows, "best": best, "speedup_fit": round(best["1"]["fit_s"] / best["2"]["fit_s"], 3),
-            "speedup_wall": round(best["1"]["wall_s"] / best["2"]["wall_s"], 3)}
+            "speedup_wall": round(best["1"]["wall_s"] / best["2"]["wall_s"], 3), "speedup_wall_pairs": pairs}
 
 
 def memory(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -120,7 +129,8 @@ def memory(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150, help="fit steps per site (ranks measurement)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fit steps per site (ranks measurement; default: the transfer's default, 1500)")
     ap.add_argument("--rank-samples", type=int, default=96, help="calibration sentences (ranks measurement)")
     ap.add_argument("--rss-steps", type=int, default=5, help="fit steps per site (memory measurement)")
     ap.add_argument("--samples", type=int, default=48, help="1x calibration sentences (memory measurement)")
@@ -137,7 +147,8 @@ def main() -> int:
                               "settings": vars(args), "shared_host": True}
     with tempfile.TemporaryDirectory(prefix="softswap-scale-") as tmp:
         if args.only in (None, "ranks"):
-            print(f"ranks: MiniLM, linear (Hedgehog), {args.steps} steps/site, {args.rank_samples} sentences")
+            print(f"ranks: MiniLM, linear (Hedgehog), {args.steps or 'default'} steps/site, "
+                  f"{args.rank_samples} sentences")
             result["ranks"] = ranks(args, minilm, Path(tmp))
         if args.only in (None, "memory"):
             print(f"memory: MiniLM, {args.samples} vs {4 * args.samples} sentences, max length {args.max_length}")
@@ -149,7 +160,12 @@ def main() -> int:
         print(f"{'ranks':>6} {'wall s (best)':>14} {'fit s (best)':>13}")
         for n in ("1", "2"):
             print(f"{n:>6} {r['best'][n]['wall_s']:>14.1f} {r['best'][n]['fit_s']:>13.1f}")
-        print(f"speedup at 2 ranks: fit {r['speedup_fit']:.2f}x, end to end {r['speedup_wall']:.2f}x")
+        print(f"speedup at 2 ranks: fit {r['speedup_fit']:.2f}x, end to end {r['speedup_wall']:.2f}x "
+              f"(interleaved pairs: {r['speedup_wall_pairs']})")
+        for n in ("1", "2"):
+            run = min(r["runs"][n], key=lambda x: x["wall_s"])
+            print(f"  rank 0 phases at {n} rank(s), s: " + ", ".join(f"{k} {v:.1f}"
+                                                                for k, v in run["phases_rank0_s"].items()))
     if "memory" in result:
         print(f"{'capture':>12} {'samples':>8} {'peak RSS growth MiB (min)':>27}")
         for name, m in result["memory"].items():
