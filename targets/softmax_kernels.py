@@ -559,29 +559,8 @@ def _build_three_pass(rows: int, cols: int, ch: KernelChoice) -> tvm.tirx.PrimFu
     V = ch.vector_lanes
     uniform = _f(1.0 / cols)  # a fully masked row (every logit -inf / finfo.min: all exps flushed) is uniform
     if ch.layout == "fused":
-        U = _pick_unroll(cols, V, ch.unroll)
-        S = 2 * U
-        rowmax, expstore, scale, fill = _three_pass_macros(cols, U, V, S)
-        P = max(1, min(ch.tasks, rows))
-        RPT = (rows + P - 1) // P
-
-        @T.prim_func(s_tir=True)
-        def kernel(X: T.Buffer((rows, cols), _F32), Y: T.Buffer((rows, cols), _F32)):
-            T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
-            with T.sblock("root"):
-                for task in T.parallel(P):
-                    acc = T.alloc_buffer((2 * U + 1, V), _F32, scope="local")
-                    acc[S, 1] = _f(0.0)  # touched here so the buffer is allocated once per task, not per row
-                    for rr in range(RPT):
-                        if task * RPT + rr < rows:
-                            rowmax(X, acc, task * RPT + rr, 0)
-                            expstore(X, Y, acc, task * RPT + rr, 0, acc[S, 0])
-                            if acc[S, 1] > _f(0.0):
-                                scale(Y, task * RPT + rr, 0, _f(_FLT_MIN) * acc[S, 1], _f(1.0) / acc[S, 1])
-                            else:
-                                fill(Y, task * RPT + rr, 0, uniform)
-
-        return kernel
+        return _fused_three_pass(rows, cols, _pick_unroll(cols, V, ch.unroll), V, max(1, min(ch.tasks, rows)),
+                                 uniform, 0)
 
     # blocked: every (row, chunk) pair is one task; max and exp-store of a chunk run back to back while the chunk
     # is in L2, then per row the chunk results combine (M = max m_c, S = sum s_c exp(m_c - M)), then every chunk
@@ -702,12 +681,20 @@ def make_symbolic_softmax_kernel(lanes: int, unroll: int = 4, tasks: int = 64) -
     masking behaviour as the static fused three-pass kernel (:func:`make_softmax_kernel`), rows split over at most
     ``tasks`` parallel tasks; the vector / unroll tails are run-time loops instead of unrolled code.  Rows of any
     length are handled (rows beyond L2 would be faster with the static rule's chunked kernels)."""
-    V, U = lanes, unroll
-    S = 2 * U
     rows = tvm.tirx.Var("rows", "int64")
     cols = tvm.tirx.Var("cols", "int64")
+    parallel = tvm.tirx.max(tvm.tirx.min(rows, tvm.tirx.const(tasks, "int64")), tvm.tirx.const(1, "int64"))
+    return _fused_three_pass(rows, cols, unroll, lanes, parallel, _f(1.0) / tvm.tirx.Cast(_F32, cols),
+                             tvm.tirx.const(0, "int64"))
+
+
+def _fused_three_pass(rows, cols, U: int, V: int, P, uniform, zero) -> tvm.tirx.PrimFunc:
+    """The fused three-pass kernel, static or symbolic: ``rows``/``cols`` are ints or int64 ``tirx.Var`` (bound from
+    the arguments' shapes), ``P`` the parallel tasks (≥ 1), ``uniform`` the value of a fully masked row (1/cols),
+    ``zero`` the row offset 0 in the index dtype.  Each task runs ``ceil(rows / P)`` whole rows: max, exp-store
+    with the running sum, then scale (or fill with ``uniform`` when every exp flushed to 0)."""
+    S = 2 * U
     rowmax, expstore, scale, fill = _three_pass_macros(cols, U, V, S)
-    P = tvm.tirx.min(rows, tvm.tirx.const(tasks, "int64"))  # parallel tasks
     RPT = (rows + P - 1) // P  # rows per task
 
     @T.prim_func(s_tir=True)
@@ -721,12 +708,12 @@ def make_symbolic_softmax_kernel(lanes: int, unroll: int = 4, tasks: int = 64) -
                 acc[S, 1] = _f(0.0)  # touched here so the buffer is allocated once per task, not per row
                 for rr in range(RPT):
                     if task * RPT + rr < rows:
-                        rowmax(X, acc, task * RPT + rr, T.int64(0))
-                        expstore(X, Y, acc, task * RPT + rr, T.int64(0), acc[S, 0])
+                        rowmax(X, acc, task * RPT + rr, zero)
+                        expstore(X, Y, acc, task * RPT + rr, zero, acc[S, 0])
                         if acc[S, 1] > _f(0.0):
-                            scale(Y, task * RPT + rr, T.int64(0), _f(_FLT_MIN) * acc[S, 1], _f(1.0) / acc[S, 1])
+                            scale(Y, task * RPT + rr, zero, _f(_FLT_MIN) * acc[S, 1], _f(1.0) / acc[S, 1])
                         else:
-                            fill(Y, task * RPT + rr, T.int64(0), _f(1.0) / T.Cast(_F32, cols))
+                            fill(Y, task * RPT + rr, zero, uniform)
 
     return kernel
 
