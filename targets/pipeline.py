@@ -90,15 +90,16 @@ class _SoftmaxRouter(relax.PyExprMutator):
             log.info("softmax of %d elements left to TVM's own lowering (hand kernels index with int32)", rows * cols)
             return call
         choice = choose_kernel(rows, cols, self.bits, self.threads, self.mcpu)
-        key = (rows, cols, choice)
+        return self._call_kernel((rows, cols, choice), f"softmax_{choice.algo}_{choice.layout}_{rows}x{cols}",
+                                 lambda: make_softmax_kernel(rows, cols, choice), call.args[0], rows, cols, shape)
+
+    def _call_kernel(self, key, name: str, make, x, rows, cols, shape):
+        """``x`` reshaped to (rows, cols), the kernel ``key`` applied (added to the module once, built by ``make``),
+        reshaped back to ``shape``; counts one routed softmax."""
         if key not in self.kernels:
-            name = f"softmax_{choice.algo}_{choice.layout}_{rows}x{cols}"
-            f = make_softmax_kernel(rows, cols, choice).with_attr("global_symbol", name)
-            self.kernels[key] = self.builder_.add_func(f, name)
-        x2 = self.builder_.emit(relax.op.reshape(call.args[0], (rows, cols)))
-        y2 = self.builder_.emit(
-            relax.call_tir(self.kernels[key], [x2], relax.TensorType((rows, cols), "float32"))
-        )
+            self.kernels[key] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
+        x2 = self.builder_.emit(relax.op.reshape(x, (rows, cols)))
+        y2 = self.builder_.emit(relax.call_tir(self.kernels[key], [x2], relax.TensorType((rows, cols), "float32")))
         self.routed += 1
         return relax.op.reshape(y2, shape)
 
@@ -117,17 +118,8 @@ class _SoftmaxRouter(relax.PyExprMutator):
         for d in dims[:-1]:
             rows = rows * d
         cols = dims[-1]
-        key = ("symbolic", self.bits)
-        if key not in self.kernels:
-            name = f"softmax_three_pass_symbolic_v{self.bits // 32}"
-            f = make_symbolic_softmax_kernel(self.bits // 32).with_attr("global_symbol", name)
-            self.kernels[key] = self.builder_.add_func(f, name)
-        x2 = self.builder_.emit(relax.op.reshape(call.args[0], (rows, cols)))
-        y2 = self.builder_.emit(
-            relax.call_tir(self.kernels[key], [x2], relax.TensorType((rows, cols), "float32"))
-        )
-        self.routed += 1
-        return relax.op.reshape(y2, dims)
+        return self._call_kernel(("symbolic", self.bits), f"softmax_three_pass_symbolic_v{self.bits // 32}",
+                                 lambda: make_symbolic_softmax_kernel(self.bits // 32), call.args[0], rows, cols, dims)
 
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():

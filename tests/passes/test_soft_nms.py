@@ -318,14 +318,8 @@ def test_onnx_hard_equals_onnxruntime_nonmaxsuppression(seed, n, layout, nt, thr
     cfg = dict(method="hard", sigma=0.5, sigma_convention="bodla", iou_offset=0, max_det=max_det,
                iou_threshold=nt, min_score=thr)
     sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix, window)
-    node = helper.make_node("NonMaxSuppression", ["b", "s", "m", "i", "t"], ["o"], center_point_box=layout)
-    graph = helper.make_graph([node], "nms", [helper.make_tensor_value_info(x, t, None) for x, t in
-                                              zip("bsmit", [1, 1, 7, 1, 1])],
-                              [helper.make_tensor_value_info("o", TensorProto.INT64, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
     rng = np.random.default_rng(seed)
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {
+    expected = _ort_nms_session(layout).run(None, {
         "b": to_layout(boxes, layout, rng).astype(np.float32), "s": scores.astype(np.float32),
         "m": np.array([max_det], np.int64), "i": np.array([nt], np.float32), "t": np.array([thr], np.float32)})[0]
     assert sel.tolist() == expected.reshape(-1, 3).tolist()
