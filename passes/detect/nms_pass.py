@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -99,7 +100,8 @@ class SoftNMSPass(Pass):
             readers = [g.node_name(u) for u in g.users(site.output)]
             if g.is_graph_output(site.output):
                 changed.append(g.value_name(site.output))
-            matrix, window, native, top = _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
+            form = _splice(onnx_model, g, site, cfg, sources, scores_name, taken)
+            matrix, window, native, top = form.matrix, form.window, form.native, form.top
             added.append(scores_name)
             reason = ""
             if cfg.max_det == 0:
@@ -162,14 +164,26 @@ def form_name(matrix: bool | None) -> str:
     return "weight matrix" if matrix else "IoU rows"
 
 
+@dataclass(frozen=True)
+class SpliceForm:
+    """How :func:`_splice` built one site's sub-graph (for the report).
+
+    ``matrix``: the weight matrix is precomputed (True; static N ≤ ``MATRIX_MAX_BOXES``), IoU rows are computed in
+    the loop (False), or the graph chooses at run time (None: unknown N). ``window``: the multi-select window
+    (:func:`passes.detect.onnx_nms.use_window`; 0: one pick per Loop iteration). ``native``: hard NMS tries
+    onnxruntime's ``NonMaxSuppression`` first (:mod:`passes.detect.onnx_native`). ``top``: the top-box window
+    tried first (:func:`passes.detect.onnx_nms.use_top`; 0: none)."""
+
+    matrix: bool | None
+    window: int
+    native: bool
+    top: int
+
+
 def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, sources: Mapping[str, Any],
-            scores_name: str, taken: set[str]) -> tuple[bool | None, int, bool, int]:
-    """Insert the Soft-NMS sub-graph before the NMS node, reroute its output and add the scores output. Returns
-    whether the sub-graph precomputes the weight matrix (static N ≤ ``MATRIX_MAX_BOXES``), computes IoU rows, or
-    (None, unknown N) chooses at run time, and
-    its multi-select window (:func:`passes.detect.onnx_nms.use_window`; 0: one pick per Loop iteration), and
-    whether hard NMS tries onnxruntime's ``NonMaxSuppression`` first (:mod:`passes.detect.onnx_native`), and the
-    top-box window tried first (:func:`passes.detect.onnx_nms.use_top`; 0: none)."""
+            scores_name: str, taken: set[str]) -> SpliceForm:
+    """Insert the Soft-NMS sub-graph before the NMS node, reroute its output and add the scores output; returns the
+    form it built (:class:`SpliceForm`)."""
     graph = model.graph
     prefix = f"softswap/{site.name}/"
     dtype = _ONNX_DTYPES.get(g.dtype(site.scores) or "float32", onnx.TensorProto.FLOAT)
@@ -218,4 +232,4 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
     new_indices.name = old_name  # users and graph outputs keep reading the same name
     new_scores.name = scores_name
     graph.outputs.append(new_scores)
-    return matrix, window, applies(cfg.method, layout, cfg.iou_offset, dtype), top
+    return SpliceForm(matrix, window, applies(cfg.method, layout, cfg.iou_offset, dtype), top)
