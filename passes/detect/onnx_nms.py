@@ -101,14 +101,15 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: tuple[str, ...]) -> list[o
     return keep[::-1]
 
 
-def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str) -> str:
+def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str | None) -> str:
     """IoU of boxes ``r`` against boxes ``c`` (coordinate and ``area`` tensors that broadcast, float64); a union
-    ≤ 0 gives 0. The same ops in the same order as :mod:`passes.detect.soft_nms`, so both pick the same boxes."""
+    ≤ 0 gives 0. The same ops in the same order as :mod:`passes.detect.soft_nms`, so both pick the same boxes.
+    ``offset`` None: an offset of 0, not added (x + 0 is x, or +0 for −0, which no later operation tells apart)."""
     zero, one = b.const(0.0, np.float64), b.const(1.0, np.float64)
 
     def extent(lo: str, hi: str) -> str:
         width = b.op("Sub", [b.op("Min", [c[hi], r[hi]]), b.op("Max", [c[lo], r[lo]])])
-        return b.op("Max", [b.op("Add", [width, offset]), zero])
+        return b.op("Max", [b.op("Add", [width, offset]) if offset else width, zero])
 
     inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
     union = b.op("Sub", [b.op("Add", [c["area"], r["area"]]), inter])
@@ -116,9 +117,13 @@ def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str) -> str:
     return b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
 
 
-def _area(b: _Builder, d: dict[str, str], offset: str) -> str:
-    return b.op("Mul", [b.op("Add", [b.op("Sub", [d["x2"], d["x1"]]), offset]),
-                        b.op("Add", [b.op("Sub", [d["y2"], d["y1"]]), offset])])
+def _area(b: _Builder, d: dict[str, str], offset: str | None) -> str:
+    """(x2 − x1 + offset)·(y2 − y1 + offset); ``offset`` None adds nothing (see :func:`_iou`)."""
+    def side(lo: str, hi: str) -> str:
+        width = b.op("Sub", [d[hi], d[lo]])
+        return b.op("Add", [width, offset]) if offset else width
+
+    return b.op("Mul", [side("x1", "x2"), side("y1", "y2")])
 
 
 def _weights(b: _Builder, cfg: SoftNMSConfig, iou: str, iou_t: str) -> tuple[str | None, str | None]:

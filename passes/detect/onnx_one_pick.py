@@ -119,11 +119,12 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
     if mode is None and cfg.method == "hard":
         mode = "min"
     if mode is None:
-        def fast(b: _Builder) -> str:
-            thr = b.op("Cast", [INPUT_NAMES[4]], to=TensorProto.DOUBLE)
-            top = b.op("ReduceMax", [b.op("Cast", [INPUT_NAMES[1]], to=TensorProto.DOUBLE)], keepdims=0)
-            return b.op("And", [b.op("Greater", [thr, b.const(0.0, np.float64)]),
-                                b.op("Less", [top, b.const(np.inf, np.float64)])])
+        def fast(b: _Builder) -> str:  # float32 / float64 scores are compared as they are (same truth values)
+            native = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}.get(score_dtype)
+            scores = INPUT_NAMES[1] if native else b.op("Cast", [INPUT_NAMES[1]], to=TensorProto.DOUBLE)
+            top = b.op("ReduceMax", [scores], keepdims=0)
+            return b.op("And", [b.op("Greater", [INPUT_NAMES[4], b.const(0.0, np.float32)]),
+                                b.op("Less", [top, b.const(np.inf, native or np.float64)])])
         return _choice(prefix, "kill", fast, *(one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{m}/",
                                                                matrix, max_matrix_boxes, m) for m in ("zero", "nan")))
     b = _Builder(prefix)
@@ -131,7 +132,8 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
     f64 = lambda v: b.const(v, np.float64)  # noqa: E731
     boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
     k = {"one": f64(1.0), "nan": f64(np.nan), "neg_inf": f64(-np.inf), "pos_inf": f64(np.inf), "mode": mode,
-         "offset": f64(float(cfg.iou_offset)), "iou": b.op("Cast", [iou_in], to=TensorProto.DOUBLE)}
+         "offset": f64(float(cfg.iou_offset)) if cfg.iou_offset else None,  # 0: not added
+         "iou": b.op("Cast", [iou_in], to=TensorProto.DOUBLE)}
     dead = f64(0.0) if mode == "zero" else k["neg_inf"]  # the score of a box that is not live
     k["kill"] = f64(0.0) if mode == "zero" else k["nan"]  # the factor that removes a box (min mode: −∞)
     if mode == "min":
@@ -143,11 +145,11 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
     shape = b.op("Shape", [scores])                                                     # [B, C, N]
     n = b.op("Slice", [shape, i64([2]), i64([3])])
     batch_classes_1 = b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([2])]), i64([1])], axis=0)  # [B, C, 1]
-    # boxes → (B, N + 1, 4) float64 with a zero box appended (Pad fails on N = 0), then (B, N + 1) coordinates
-    pad = b.op("ConstantOfShape", [b.op("Concat", [b.op("Slice", [shape, i64([0]), i64([1])]), i64([1, 4])], axis=0)],
-               value=helper.make_tensor("z", TensorProto.DOUBLE, [1], [0.0]))
-    padded = b.op("Concat", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), pad], axis=1)
-    coords = [b.op("Gather", [padded, i64(a)], axis=2) for a in range(4)]                # 4 × (B, N')
+    # boxes → (B, N + 1, 4) float64 with a zero box appended (``Pad`` handles N = 0 in onnxruntime 1.32; tested)
+    padded = b.op("Pad", [b.op("Cast", [boxes], to=TensorProto.DOUBLE), i64([0, 0, 0, 0, 1, 0]), f64(0.0)])
+    # coordinates (B, N', 1) each: Gather with a 1-element index keeps the axis; the matrix form gets the (B, 1, N')
+    # rows from one Concat + Transpose + Split instead of an Unsqueeze per tensor and side
+    coords = [b.op("Gather", [padded, i64([a])], axis=2) for a in range(4)]              # 4 × (B, N', 1)
     if center_point_box == 0:  # [y1, x1, y2, x2], either diagonal
         ya, xa, yb, xb = coords
         x1, x2, y1, y2 = b.op("Min", [xa, xb]), b.op("Max", [xa, xb]), b.op("Min", [ya, yb]), b.op("Max", [ya, yb])
@@ -156,25 +158,24 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
         hw, hh = b.op("Mul", [w, f64(0.5)]), b.op("Mul", [h, f64(0.5)])
         x1, x2, y1, y2 = b.op("Sub", [xc, hw]), b.op("Add", [xc, hw]), b.op("Sub", [yc, hh]), b.op("Add", [yc, hh])
     box = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
-    box["area"] = _area(b, box, k["offset"])                                            # (B, N')
+    box["area"] = _area(b, box, k["offset"])                                            # (B, N', 1)
     if matrix:  # [b, p, j]: the factor picking p applies to j; NaN on the diagonal (the pick leaves)
-        r = {c: b.op("Unsqueeze", [v, i64([2])]) for c, v in box.items()}               # (B, N', 1): the pick
-        c = {q: b.op("Unsqueeze", [v, i64([1])]) for q, v in box.items()}               # (B, 1, N')
-        factor = _factor(b, cfg, _iou(b, r, c, k["offset"]), k)
+        rows = b.op("Split", [b.op("Transpose", [b.op("Concat", list(box.values()), axis=2)], perm=[0, 2, 1])],
+                    n_out=5, axis=1, num_outputs=5)                                     # 5 × (B, 1, N')
+        factor = _factor(b, cfg, _iou(b, box, dict(zip(box, rows)), k["offset"]), k)
         n1 = b.op("Add", [n, i64([1])])
         eye = b.op("Cast", [b.op("EyeLike", [b.op("ConstantOfShape", [b.op("Concat", [n1, n1], axis=0)])])],
                    to=TensorProto.BOOL)
         k["factor"] = b.op("Where", [eye, k["kill"], factor])
     else:  # columns (B, 1, N') and packed (B, N', 5) to gather the pick's row
         for c, v in box.items():
-            k[f"{c}_cols"] = b.op("Unsqueeze", [v, i64([1])])
-        k["packed"] = b.op("Concat", [b.op("Unsqueeze", [v, i64([2])]) for v in box.values()], axis=2)
+            k[f"{c}_cols"] = b.op("Transpose", [v], perm=[0, 2, 1])
+        k["packed"] = b.op("Concat", list(box.values()), axis=2)
         kill = {"zero": 0.0, "min": -np.inf}.get(mode, np.nan)
         k["kill_column"] = b.op("ConstantOfShape", [batch_classes_1],
                                 value=helper.make_tensor("q", TensorProto.DOUBLE, [1], [kill]))
-    s = b.op("Concat", [b.op("Cast", [scores], to=TensorProto.DOUBLE), b.op(
-        "ConstantOfShape", [batch_classes_1], value=helper.make_tensor("m", TensorProto.DOUBLE, [1], [-np.inf]))],
-        axis=2)                                                                         # (B, C, N + 1)
+    s = b.op("Pad", [b.op("Cast", [scores], to=TensorProto.DOUBLE), i64([0, 0, 0, 0, 0, 1]),
+                     k["neg_inf"]])                                                     # (B, C, N + 1)
     s0 = b.op("Where", [b.op("GreaterOrEqual", [s, k["min_score"]]), s, dead])  # NaN scores: never live
     trips = b.op("Reshape", [b.op("Max", [b.op("Min", [max_in, n]), i64([1])]), i64(np.zeros(0, np.int64))])
     _, picks, bests = b.op("Loop", [trips, b.const(True, np.bool_), s0], n_out=3, body=_body(cfg, k, matrix))
