@@ -228,6 +228,14 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
     # a fully masked row is the mean of V (M = 0: zeros)
     inv_m = T.float32(1.0) / T.Cast(_F32, T.max(M, 1)) if sym else T.float32(1.0 / M)
 
+    step = MI * MI3 // math.gcd(MI, MI3)
+
+    def rows(task):
+        """Rows a task walks: BQ, or (run-time shapes) its rows before N rounded up to whole register tiles."""
+        if not sym:
+            return BQ
+        return T.min(BQ, (N - (task % NQB) * BQ + step - 1) // step * step)
+
     def qrow(task, i):
         return T.min((task % NQB) * BQ + i, N - 1)  # rows past N (last block) recompute row N-1, never stored
 
@@ -267,7 +275,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                 for k in range(D):
                     for l in T.vectorized(TJ):
                         Kp[jb, k, l] = K[task // NQB, k, k0 + jb * TJ + l]
-            for ib in range(BQ // MI):
+            for ib in range(rows(task) // MI):
                 for i in T.unroll(MI):
                     for jj in T.unroll(NJ):
                         for l in T.vectorized(V):
@@ -334,7 +342,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
     @T.macro
     def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV):
         # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI3-row register tile
-        for ib in range(BQ // MI3):
+        for ib in range(rows(task) // MI3):
             for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
@@ -358,7 +366,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         @T.macro
         def block(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, k0):
             scores(Q, K, MASK, S, Kp, acc, task, k0)
-            for i in range(BQ):
+            for i in range(rows(task)):
                 # online softmax: new max, exps against it (stored, summed), rescale the running sum and output
                 rowmax(S, sacc, i, 0)
                 sacc[SS, 2] = T.max(st[i, 0], sacc[SS, 0])
