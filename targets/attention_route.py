@@ -31,7 +31,7 @@ from tvm import relax
 from tvm.sym.analyzer import Analyzer
 
 from .attention_kernel import (AttentionShape, MaskLayout, SymbolicAttention, SymbolicMask, make_attention_kernel,
-                               make_symbolic_attention_kernel, supported)
+                               make_symbolic_attention_kernel, supported, value_lanes)
 from .bitlinear_route import _tensor_const
 
 log = logging.getLogger(__name__)
@@ -117,13 +117,6 @@ def _mask_layout(mshape: list[int], score: list[int]) -> MaskLayout | None:
         strides[ax] = acc if full[ax] != 1 else 0
         acc *= full[ax]
     return MaskLayout(tuple(score[:-2]), tuple(strides[:-2]), strides[-2], strides[-1], acc)
-
-
-def value_lanes_ok(s: SymbolicAttention) -> bool:
-    """Whether the P·V tiles of ``s`` have a vector width (the value width is a multiple of 4)."""
-    from .attention_kernel import value_lanes
-
-    return value_lanes(s.dv, s.lanes) is not None
 
 
 def _symbolic_mask(mdims: list, score: list) -> SymbolicMask | None:
@@ -320,7 +313,7 @@ class _AttentionRouter(relax.PyExprMutator):
                 log.debug("symbolic attention chain not fused: mask shape %s vs scores %s", mdims, score)
                 return super().visit_call_(call)
         shape = SymbolicAttention(d, dv, self.lanes, float(scale), smask)
-        if value_lanes_ok(shape) is False:
+        if value_lanes(dv, self.lanes) is None:
             log.debug("symbolic attention chain not fused: value width %d is not a multiple of 4", dv)
             return super().visit_call_(call)
         if shape not in self.kernels:
