@@ -25,6 +25,9 @@ and reads ``BH·N·M`` floats three times).  Any ``N``, ``M``: rows past ``N`` i
 Numerics as the unfused path: ``exp(x - max) = 0`` where ``x - max < -87`` (``-inf`` / ``finfo.min`` masked logits
 never give NaN); a fully masked row (every exp flushed, sum 0) gives the uniform distribution, i.e. the mean of V,
 exactly as the routed softmax kernel does.  All indices are int32 (the pattern checks the sizes).
+
+:func:`make_symbolic_attention_kernel` builds the same kernel with ``BH``, ``N`` and ``M`` bound at run time (int64
+indices): full key blocks run the static block code, the last one is padded to whole score tiles with ``-inf``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,35 @@ class AttentionShape:
     mask: MaskLayout | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class SymbolicMask:
+    """An additive float32 mask of a run-time-shaped problem (:func:`make_symbolic_attention_kernel`), passed as a
+    ``(G, R, C)`` buffer: ``G`` the product of the mask's non-broadcast leading dims (run time), ``R`` = ``N`` when
+    ``row_full`` else 1, ``C`` = ``M`` when ``col_full`` else 1.
+
+    groups: the head -> group map, ``g(bh) = sum((bh // after) % extent * stride)`` over ``(after, extent, stride)``
+    triples, static ints (``extent`` None for the outermost leading dim, whose run-time extent never needs a modulo:
+    ``bh < BH``), one per non-broadcast leading dim of the mask; empty = one group shared by every head.
+    """
+
+    groups: tuple
+    row_full: bool
+    col_full: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SymbolicAttention:
+    """A fused attention problem whose batch·heads ``BH``, query length ``N`` and key length ``M`` are known only at
+    run time (bound from the arguments' shapes); head dim ``d``, value dim ``dv``, ``lanes``, ``scale`` as in
+    :class:`AttentionShape`; ``mask`` a :class:`SymbolicMask` or None."""
+
+    d: int
+    dv: int
+    lanes: int
+    scale: float = 1.0
+    mask: SymbolicMask | None = None
+
+
 def value_lanes(dv: int, lanes: int) -> int | None:
     """Vector width for the P·V tiles: ``lanes`` if it divides ``dv``, else 8 or 4 if they do, else None."""
     for v in (lanes, 8, 4):
@@ -109,7 +141,7 @@ def _unroll(length: int, lanes: int) -> int:
     return u
 
 
-def _geometry(s: AttentionShape, query_block: int | None = None, tiles: tuple | None = None) -> dict:
+def _geometry(s, query_block: int | None = None, tiles: tuple | None = None) -> dict:
     V = s.lanes
     MI = 6
     NJ = 4 if V == 16 else 2  # score tile: 6 x 64 (zmm: 24 accumulators) or 6 x 16 (ymm: 12)
@@ -120,6 +152,9 @@ def _geometry(s: AttentionShape, query_block: int | None = None, tiles: tuple | 
         MI, NJ, MI3, NJ3 = tiles
     step = MI * MI3 // math.gcd(MI, MI3)  # query blocks hold whole row tiles of both products
     bq = query_block or QUERY_BLOCK
+    if isinstance(s, SymbolicAttention):  # lengths known at run time: full-size blocks
+        return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": max(step, bq) // step * step,
+                "BK": KEY_BLOCK}
     bq = max(step, min(bq, -(-s.n // step) * step)) // step * step
     return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": bq, "BK": min(KEY_BLOCK, s.m)}
 
@@ -134,31 +169,85 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
     why = supported(s)
     if why:
         raise ValueError(f"fused attention kernel cannot take {s}: {why}")
+    return _build(s, query_block, tiles)
+
+
+def make_symbolic_attention_kernel(s: SymbolicAttention, query_block: int | None = None,
+                                   tiles: tuple | None = None) -> tvm.tirx.PrimFunc:
+    """The fused kernel with ``BH``, ``N`` and ``M`` bound at run time from the arguments' shapes (int64 indexing):
+    ``f(Q (BH, N, D), Kt (BH, D, M), V (BH, M, DV), [MASK (G, R, C),] O (BH, N, DV))``, ``MASK`` as
+    :class:`SymbolicMask` says.  One compiled function serves every batch and length.
+
+    Same tiles and numerics as :func:`make_attention_kernel`; what differs: the last query block's rows past ``N``
+    recompute row ``N - 1`` (clamped reads, only the write-back guarded, as before); the key blocks are
+    ``ceil(M / KEY_BLOCK)`` at run time, the full ones run the static block code, the last one (``1..KEY_BLOCK``
+    keys) walks ``ceil(keys / TJ)`` score tiles whose keys past ``M`` read key ``M - 1`` (clamped, packed by a scalar
+    loop) and are stored as ``-inf`` (exp 0 after any running max), and its row softmax runs over that padded length
+    with run-time loop counts; P·V of the last block reads only the true keys.  ``M = 0`` gives zeros.  ValueError
+    when the value width is not a multiple of 4."""
+    if min(s.d, s.dv) < 1 or value_lanes(s.dv, s.lanes) is None:
+        raise ValueError(f"fused attention kernel cannot take {s}: value width {s.dv} is not a multiple of 4")
+    return _build(s, query_block, tiles)
+
+
+def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc:
+    """The kernel of :func:`make_attention_kernel` (``s`` an :class:`AttentionShape`: static extents, int32
+    indexing) or of :func:`make_symbolic_attention_kernel` (``s`` a :class:`SymbolicAttention`)."""
+    sym = isinstance(s, SymbolicAttention)
     g = _geometry(s, query_block, tiles)
     V, MI, NJ, V3, NJ3, MI3, BQ, BK = (g[k] for k in ("V", "MI", "NJ", "V3", "NJ3", "MI3", "BQ", "BK"))
-    BH, N, M, D, DV = s.bh, s.n, s.m, s.d, s.dv
+    if sym:
+        BH, N, M = (tvm.tirx.Var(x, "int64") for x in ("bh", "n", "m"))
+        D, DV = s.d, s.dv
+    else:
+        BH, N, M, D, DV = s.bh, s.n, s.m, s.d, s.dv
     TJ = NJ * V  # keys per score tile
     TC = NJ3 * V3  # value columns per P·V tile
     NCT = DV // TC
     CT = DV - NCT * TC  # tail value columns (a multiple of V3), own tile
-    NQB = -(-N // BQ)
+    NQB = (N + BQ - 1) // BQ if sym else -(-N // BQ)
     NT = BH * NQB
-    NKB = M // BK  # full key blocks
-    KT = M - NKB * BK  # keys of the last, shorter block
+    if sym:
+        NKB = (M - 1) // BK  # full key blocks before the last one (which holds 1..BK keys when M >= 1)
+        KL = M - NKB * BK  # keys of the last block
+        KT = None
+    else:
+        NKB = M // BK  # full key blocks
+        KT = M - NKB * BK  # keys of the last, shorter block
     SP = BK + V  # score row stride: padded so that it is never a power of two (L1 set conflicts)
     UMAX = _unroll(BK, V)
     SS = 2 * UMAX  # result row of the softmax accumulators
     full = row_softmax_macros(BK, _unroll(BK, V), V, SS)
-    tail = row_softmax_macros(KT, _unroll(KT, V), V, SS) if KT else full
+    if sym:  # the last block's row softmax runs over its keys padded to whole score tiles (pads are -inf)
+        tail = row_softmax_macros((KL + TJ - 1) // TJ * TJ, UMAX, V, SS)
+    else:
+        tail = row_softmax_macros(KT, _unroll(KT, V), V, SS) if KT else full
     floor = T.float32(-3.0e38)  # the row macros' max floor: a fully masked row keeps it
     scale = T.float32(s.scale)
     mask = s.mask
+    # a fully masked row is the mean of V (M = 0: zeros)
+    inv_m = T.float32(1.0) / T.Cast(_F32, T.max(M, 1)) if sym else T.float32(1.0 / M)
+
+    step = MI * MI3 // math.gcd(MI, MI3)
+
+    def rows(task):
+        """Rows a task walks: BQ, or (run-time shapes) its rows before N rounded up to whole register tiles."""
+        if not sym:
+            return BQ
+        return T.min(BQ, (N - (task % NQB) * BQ + step - 1) // step * step)
 
     def qrow(task, i):
         return T.min((task % NQB) * BQ + i, N - 1)  # rows past N (last block) recompute row N-1, never stored
 
     def mask_at(MASK, task, row, col):
         lead = task // NQB
+        if sym:
+            grp = 0
+            for after, extent, stride in mask.groups:
+                part = lead // after if after != 1 else lead
+                part = part % extent if extent is not None else part
+                grp = grp + (part * stride if stride != 1 else part)
+            return MASK[grp, row if mask.row_full else 0, col if mask.col_full else 0]
         idx = row * mask.row_stride + col * mask.col_stride
         rest = BH
         for dim, stride in zip(mask.lead_dims, mask.lead_strides):
@@ -171,6 +260,51 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
         v = value * scale if s.scale != 1.0 else value
         return v + mask_at(MASK, task, qrow(task, i), col) if mask else v
 
+    def tile_macro(padded: bool):
+        """Score tile ``jb`` of the block at ``k0``: pack its ``D x TJ`` panel of Kt, ``S[:, jb*TJ:(jb+1)*TJ]`` =
+        finished products.  ``padded``: keys at or past ``M`` are read clamped and stored as ``-inf``."""
+        minus_inf = T.float32(float("-inf"))
+
+        @T.macro
+        def tile(Q, K, MASK, S, Kp, acc, task, k0, jb):
+            if padded:
+                for k in range(D):
+                    for l in range(TJ):
+                        Kp[jb, k, l] = K[task // NQB, k, T.min(k0 + jb * TJ + l, M - 1)]
+            else:
+                for k in range(D):
+                    for l in T.vectorized(TJ):
+                        Kp[jb, k, l] = K[task // NQB, k, k0 + jb * TJ + l]
+            for ib in range(rows(task) // MI):
+                for i in T.unroll(MI):
+                    for jj in T.unroll(NJ):
+                        for l in T.vectorized(V):
+                            acc[i, jj * V + l] = T.float32(0.0)
+                for k in range(D):
+                    for i in T.unroll(MI):
+                        for jj in T.unroll(NJ):
+                            for l in T.vectorized(V):
+                                acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
+                                                           Kp[jb, k, jj * V + l],
+                                                           acc[i, jj * V + l])
+                for i in T.unroll(MI):
+                    for jj in T.unroll(NJ):
+                        for l in T.vectorized(V):
+                            if padded:
+                                S[ib * MI + i, jb * TJ + jj * V + l] = T.Select(
+                                    k0 + jb * TJ + jj * V + l < M,
+                                    finish(MASK, task, ib * MI + i, T.min(k0 + jb * TJ + jj * V + l, M - 1),
+                                           acc[i, jj * V + l]),
+                                    minus_inf)
+                            else:
+                                S[ib * MI + i, jb * TJ + jj * V + l] = finish(
+                                    MASK, task, ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+
+        return tile
+
+    tile_full = tile_macro(False)
+    tile_padded = tile_macro(True) if sym else None
+
     def score_macro(L):
         NFT = L // TJ  # full score tiles
         LT = L - NFT * TJ  # tail keys (scalar loop)
@@ -180,26 +314,7 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
             # S[:, 0:L] = scale * Q[rows] @ Kt[:, k0:k0+L] + mask, key-tile-major; each D x TJ panel of Kt is first
             # packed contiguous (Kt rows are M floats apart: at a power-of-two M the panel's lines share L1 sets)
             for jb in range(NFT):
-                for k in range(D):
-                    for l in T.vectorized(TJ):
-                        Kp[jb, k, l] = K[task // NQB, k, k0 + jb * TJ + l]
-                for ib in range(BQ // MI):
-                    for i in T.unroll(MI):
-                        for jj in T.unroll(NJ):
-                            for l in T.vectorized(V):
-                                acc[i, jj * V + l] = T.float32(0.0)
-                    for k in range(D):
-                        for i in T.unroll(MI):
-                            for jj in T.unroll(NJ):
-                                for l in T.vectorized(V):
-                                    acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
-                                                               Kp[jb, k, jj * V + l],
-                                                               acc[i, jj * V + l])
-                    for i in T.unroll(MI):
-                        for jj in T.unroll(NJ):
-                            for l in T.vectorized(V):
-                                S[ib * MI + i, jb * TJ + jj * V + l] = finish(
-                                    MASK, task, ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+                tile_full(Q, K, MASK, S, Kp, acc, task, k0, jb)
             for i in range(BQ):
                 for j in range(LT):
                     S[i, NFT * TJ + j] = T.float32(0.0)
@@ -210,13 +325,24 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
 
         return scores
 
+    @T.macro
+    def scores_last(Q, K, MASK, S, Kp, acc, task, k0):
+        # symbolic: the last block's M - k0 keys (1..BK) as whole tiles, the partial one padded with -inf
+        for jb in range(KL // TJ):
+            tile_full(Q, K, MASK, S, Kp, acc, task, k0, jb)
+        if KL % TJ > 0:
+            tile_padded(Q, K, MASK, S, Kp, acc, task, k0, KL // TJ)
+
     scores_full = score_macro(BK)
-    scores_tail = score_macro(KT) if KT else scores_full
+    if sym:
+        scores_tail = scores_last
+    else:
+        scores_tail = score_macro(KT) if KT else scores_full
 
     @T.macro
     def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV):
         # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI3-row register tile
-        for ib in range(BQ // MI3):
+        for ib in range(rows(task) // MI3):
             for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
@@ -234,12 +360,13 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
                         OA[ib * MI3 + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
 
     def block_macro(L, scores, macros):
+        """One key block of ``L`` keys (P·V reads exactly these; ``scores``/``macros`` may pad the row)."""
         rowmax, expstore = macros[0], macros[1]
 
         @T.macro
         def block(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, k0):
             scores(Q, K, MASK, S, Kp, acc, task, k0)
-            for i in range(BQ):
+            for i in range(rows(task)):
                 # online softmax: new max, exps against it (stored, summed), rescale the running sum and output
                 rowmax(S, sacc, i, 0)
                 sacc[SS, 2] = T.max(st[i, 0], sacc[SS, 0])
@@ -257,7 +384,12 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
         return block
 
     block_full = block_macro(BK, scores_full, full)
-    block_tail = block_macro(KT, scores_tail, tail) if KT else block_full
+    if sym:
+        block_tail = block_macro(KL, scores_tail, tail)
+        has_tail = M > 0
+    else:
+        block_tail = block_macro(KT, scores_tail, tail) if KT else block_full
+        has_tail = KT > 0
 
     @T.macro
     def body(Q, K, Vb, MASK, O):
@@ -275,7 +407,7 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
                     OA[i, c] = T.float32(0.0)
             for kb in range(NKB):
                 block_full(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, kb * BK)
-            if KT > 0:
+            if has_tail:
                 block_tail(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, NKB * BK)
             for i in range(BQ):
                 if (task % NQB) * BQ + i < N:
@@ -290,9 +422,37 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
                             for c in T.vectorized(DV):
                                 OA[i, c] = OA[i, c] + Vb[task // NQB, k, c]
                         for c in T.vectorized(DV):
-                            O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * T.float32(1.0 / M)
+                            O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * inv_m
 
-    if mask:
+    attrs = {"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True}
+    if sym and mask:
+        mshape = (tvm.tirx.Var("mask_groups", "int64"), N if mask.row_full else 1, M if mask.col_full else 1)
+
+        @T.prim_func(s_tir=True)
+        def kernel_sym_mask(q: T.handle, kt: T.handle, v: T.handle, mk: T.handle, o: T.handle):
+            T.func_attr(attrs)
+            Q = T.match_buffer(q, (BH, N, D), _F32)
+            K = T.match_buffer(kt, (BH, D, M), _F32)
+            Vb = T.match_buffer(v, (BH, M, DV), _F32)
+            MASK = T.match_buffer(mk, mshape, _F32)
+            O = T.match_buffer(o, (BH, N, DV), _F32)
+            with T.sblock("root"):
+                body(Q, K, Vb, MASK, O)
+
+        f = kernel_sym_mask
+    elif sym:
+        @T.prim_func(s_tir=True)
+        def kernel_sym(q: T.handle, kt: T.handle, v: T.handle, o: T.handle):
+            T.func_attr(attrs)
+            Q = T.match_buffer(q, (BH, N, D), _F32)
+            K = T.match_buffer(kt, (BH, D, M), _F32)
+            Vb = T.match_buffer(v, (BH, M, DV), _F32)
+            O = T.match_buffer(o, (BH, N, DV), _F32)
+            with T.sblock("root"):
+                body(Q, K, Vb, None, O)
+
+        f = kernel_sym
+    elif mask:
         @T.prim_func(s_tir=True)
         def kernel_mask(Q: T.Buffer((BH, N, D), _F32), K: T.Buffer((BH, D, M), _F32), Vb: T.Buffer((BH, M, DV), _F32),
                         MASK: T.Buffer((mask.size,), _F32), O: T.Buffer((BH, N, DV), _F32)):
@@ -314,8 +474,10 @@ def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
     return f
 
 
-def build_attention_library(s: AttentionShape, target, name: str = "attention", query_block: int | None = None,
+def build_attention_library(s, target, name: str = "attention", query_block: int | None = None,
                             tiles: tuple | None = None):
-    """Compile one kernel alone into a runtime module with a single function ``name`` (destination passing)."""
-    f = make_attention_kernel(s, query_block, tiles).with_attr("global_symbol", name)
+    """Compile one kernel alone (static :class:`AttentionShape` or run-time :class:`SymbolicAttention`) into a
+    runtime module with a single function ``name`` (destination passing)."""
+    make = make_symbolic_attention_kernel if isinstance(s, SymbolicAttention) else make_attention_kernel
+    f = make(s, query_block, tiles).with_attr("global_symbol", name)
     return tvm.compile(tvm.IRModule({name: f}), target=target)

@@ -5,15 +5,19 @@ Matched chain (both importers' shapes): ``S = matmul(A, B)`` with ``A (L..., N, 
 with a float32 mask broadcastable to ``(L..., N, M)``; ``softmax(axis=-1)``; ``matmul(P, V)`` with
 ``V (L..., M, DV)``; the SDPA exporters' NaN guard ``where(isnan(P), 0, P)`` between softmax and the second matmul
 is accepted (a no-op: neither path produces NaN).  Every intermediate must have exactly one use (a graph that also
-returns the probabilities is left alone), all shapes static, float32, leading dims of the same total size on every
-operand (no broadcast batch).  Single-use ``reshape``s that keep the last two dims and identity ``broadcast_to``s
-around the matmuls (the torch frontend's batched-matmul wrapping) are stepped through.
+returns the probabilities is left alone), float32, leading dims of the same total size on every operand (no
+broadcast batch).  Static shapes get a kernel built for them; shapes with run-time dims (batch, ``N``, ``M``) get
+the run-time-shaped kernel (:func:`targets.attention_kernel.make_symbolic_attention_kernel`, one per head dims,
+scale and mask layout) when the head dims ``D``/``DV`` and every leading dim but the first are static and the
+mask provably broadcasts ((B, 1, 1, M) / (B, 1, N, M) / (1, 1, N, M) ...).  Single-use ``reshape``s that keep
+the last two dims and identity ``broadcast_to``s around the matmuls (the torch frontend's batched-matmul wrapping)
+are stepped through.
 What feeds ``A`` and ``B`` (head split, ``permute_dims`` of K, ``sqrt(scale)`` multiplies) stays in the graph:
 those are O(N·D) elementwise ops the default rules schedule.
 
 The chain becomes ``reshape -> call_tir(targets.attention_kernel) -> reshape``; the dead matmuls/softmax are
-removed.  Anything else (symbolic N, a bool ``where`` mask, a value width not a multiple of 4, a different op
-order) keeps the unfused path (the routed softmax kernel between two scheduled matmuls); the pass logs how many
+removed.  Anything else (a run-time head dim, a bool ``where`` mask, a value width not a multiple of 4, a different
+op order) keeps the unfused path (the routed softmax kernel between two scheduled matmuls); the pass logs how many
 blocks it fused and, at debug level, why a candidate was skipped.
 """
 
@@ -24,8 +28,10 @@ import logging
 from . import _env  # noqa: F401
 import tvm
 from tvm import relax
+from tvm.sym.analyzer import Analyzer
 
-from .attention_kernel import AttentionShape, MaskLayout, make_attention_kernel, supported
+from .attention_kernel import (AttentionShape, MaskLayout, SymbolicAttention, SymbolicMask, make_attention_kernel,
+                               make_symbolic_attention_kernel, supported, value_lanes)
 from .bitlinear_route import _tensor_const
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,40 @@ def _shape(expr) -> list[int] | None:
         return [int(d) for d in sinfo.shape.values]
     except (TypeError, AttributeError):
         return None
+
+
+def _dims(expr) -> list | None:
+    """The dims of a float32 tensor: ints where static, tirx expressions where symbolic; None when unknown."""
+    sinfo = expr.ty
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None or sinfo.dtype != "float32":
+        return None
+    values = getattr(sinfo.shape, "values", None)
+    if values is None:
+        return None
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in values]
+
+
+_ANALYZER = Analyzer()
+
+
+def _same(a, b) -> bool:
+    """Whether two dims (ints or tirx expressions) are provably equal."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(_ANALYZER.can_prove_equal(tvm.tirx.const(a, "int64") if isinstance(a, int) else a,
+                                          tvm.tirx.const(b, "int64") if isinstance(b, int) else b))
+
+
+def _same_dims(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _prod_any(dims):
+    """Product of dims: an int when all are ints, else a tirx expression."""
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
 
 
 def _prod(dims) -> int:
@@ -79,6 +119,33 @@ def _mask_layout(mshape: list[int], score: list[int]) -> MaskLayout | None:
     return MaskLayout(tuple(score[:-2]), tuple(strides[:-2]), strides[-2], strides[-1], acc)
 
 
+def _symbolic_mask(mdims: list, score: list) -> SymbolicMask | None:
+    """How a mask of dims ``mdims`` (ints / tirx expressions) broadcasts to the run-time score dims, or None when it
+    does not provably broadcast or a group index would need a run-time extent (see :class:`SymbolicMask`)."""
+    if len(mdims) > len(score):
+        return None
+    full = [1] * (len(score) - len(mdims)) + list(mdims)
+
+    def bcast(x) -> bool:
+        return isinstance(x, int) and x == 1
+
+    for x, s in zip(full, score):
+        if not (bcast(x) or _same(x, s)):
+            return None
+    lead, mlead = score[:-2], full[:-2]
+    groups = []
+    for ax, x in enumerate(mlead):
+        if bcast(x):
+            continue
+        after = _prod_any(lead[ax + 1:])
+        stride = _prod_any([y for y in mlead[ax + 1:] if not bcast(y)])
+        extent = None if ax == 0 else lead[ax]
+        if not all(isinstance(v, int) for v in (after, stride)) or not (extent is None or isinstance(extent, int)):
+            return None
+        groups.append((after, extent, stride))
+    return SymbolicMask(tuple(groups), not bcast(full[-2]), not bcast(full[-1]))
+
+
 @relax.expr_functor.mutator
 class _AttentionRouter(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int):
@@ -105,12 +172,12 @@ class _AttentionRouter(relax.PyExprMutator):
             val = self._value(expr)
             if not (_op(val, "relax.reshape") or _op(val, "relax.broadcast_to")):
                 return expr
-            src, dst = _shape(val.args[0]), _shape(val)
-            if src is None or dst is None or len(src) < 2 or len(dst) < 2 or src[-2:] != dst[-2:]:
+            src, dst = _dims(val.args[0]), _dims(val)
+            if src is None or dst is None or len(src) < 2 or len(dst) < 2 or not _same_dims(src[-2:], dst[-2:]):
                 return expr
-            if _op(val, "relax.broadcast_to") and src != dst:
+            if _op(val, "relax.broadcast_to") and not _same_dims(src, dst):
                 return expr
-            if _prod(src) != _prod(dst):
+            if not _same(_prod_any(src), _prod_any(dst)):
                 return expr
             expr = val.args[0]
 
@@ -143,7 +210,7 @@ class _AttentionRouter(relax.PyExprMutator):
         sm = self._value(guarded, single_use=False) if guarded is not None else self._value(p)
         if not _op(sm, "relax.nn.softmax"):
             return None
-        score = _shape(sm)
+        score = _dims(sm)
         if score is None or len(score) < 2 or int(sm.attrs.axis) not in (-1, len(score) - 1):
             return None
         x, mask, scale = sm.args[0], None, 1.0
@@ -185,6 +252,9 @@ class _AttentionRouter(relax.PyExprMutator):
             return super().visit_call_(call)
         a, b, vv, mask, scale, score = m
         sa, sb, sv, so = _shape(a), _shape(b), _shape(vv), _shape(call)
+        if None in (sa, sb, sv, so) or not all(isinstance(x, int) for x in score) or \
+                (mask is not None and _shape(mask) is None):
+            return self._route_symbolic(call, m)
         lead = score[:-2]
         if None in (sa, sb, sv, so) or any(len(s) < 2 or _prod(s[:-2]) != _prod(lead) for s in (sa, sb, sv, so)):
             log.debug("attention chain not fused: operand shapes %s %s %s vs scores %s", sa, sb, sv, score)
@@ -219,6 +289,49 @@ class _AttentionRouter(relax.PyExprMutator):
         self.routed += 1
         return relax.op.reshape(out, so)
 
+    def _route_symbolic(self, call, m):
+        """The chain ``m`` with run-time dims: the run-time-shaped kernel (one per head dims, scale and mask layout)
+        when the head dims are static and every leading dim but the first is static, else the unfused path."""
+        a, b, vv, mask, scale, score = m
+        da, db, dv_, do = _dims(a), _dims(b), _dims(vv), _dims(call)
+        lead = score[:-2]
+        if None in (da, db, dv_, do) or any(len(x) < 2 or not _same(_prod_any(x[:-2]), _prod_any(lead))
+                                            for x in (da, db, dv_, do)):
+            log.debug("symbolic attention chain not fused: operand shapes %s %s %s vs scores %s", da, db, dv_, score)
+            return super().visit_call_(call)
+        n, d, mm, dv = da[-2], da[-1], db[-1], dv_[-1]
+        if not (isinstance(d, int) and isinstance(dv, int)) or any(not isinstance(x, int) for x in lead[1:]):
+            log.debug("symbolic attention chain not fused: run-time head or inner leading dims %s", score)
+            return super().visit_call_(call)
+        if not (_same(db[-2], d) and _same(dv_[-2], mm) and _same_dims(score[-2:], [n, mm])):
+            return super().visit_call_(call)
+        smask, mdims = None, None
+        if mask is not None:
+            mdims = _dims(mask)
+            smask = _symbolic_mask(mdims, score) if mdims is not None else None
+            if smask is None:
+                log.debug("symbolic attention chain not fused: mask shape %s vs scores %s", mdims, score)
+                return super().visit_call_(call)
+        shape = SymbolicAttention(d, dv, self.lanes, float(scale), smask)
+        if value_lanes(dv, self.lanes) is None:
+            log.debug("symbolic attention chain not fused: value width %d is not a multiple of 4", dv)
+            return super().visit_call_(call)
+        if shape not in self.kernels:
+            name = f"attention_fused_symbolic_{d}x{dv}_{len(self.kernels)}" + ("_mask" if smask else "")
+            f = make_symbolic_attention_kernel(shape).with_attr("global_symbol", name)
+            self.kernels[shape] = self.builder_.add_func(f, name)
+        bh = _prod_any(lead)
+        args = [self.builder_.emit(relax.op.reshape(self.visit_expr(a), (bh, n, d))),
+                self.builder_.emit(relax.op.reshape(self.visit_expr(b), (bh, d, mm))),
+                self.builder_.emit(relax.op.reshape(self.visit_expr(vv), (bh, mm, dv)))]
+        if smask is not None:
+            full = [1] * (len(score) - len(mdims)) + list(mdims)
+            args.append(self.builder_.emit(relax.op.reshape(self.visit_expr(mask),
+                                                            (_prod_any(full[:-2]), full[-2], full[-1]))))
+        out = self.builder_.emit(relax.call_tir(self.kernels[shape], args, relax.TensorType((bh, n, dv), "float32")))
+        self.routed += 1
+        return relax.op.reshape(out, do)
+
     def run(self) -> tvm.IRModule:
         for gv, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
@@ -231,8 +344,8 @@ class _AttentionRouter(relax.PyExprMutator):
 
 
 def RouteAttention(target: tvm.target.Target):  # noqa: N802 - pass constructor naming, like TVM's
-    """Module pass replacing static softmax-attention chains by the fused kernel (see module docstring); run it
-    before softmax routing and fast math."""
+    """Module pass replacing softmax-attention chains (static or run-time shapes) by the fused kernels (see module
+    docstring); run it before softmax routing and fast math."""
     from .softmax_kernels import vector_bits_of
 
     lanes = 16 if vector_bits_of(target) >= 512 else 8

@@ -1,6 +1,7 @@
 """The fused softmax attention kernel (targets.attention_kernel) against a float64 numpy reference, and its Relax
 pattern (targets.attention_route): it fires on the zoo BERT ONNX and on the torch frontend's graph, the compiled
-model matches onnxruntime / torch, fully masked rows behave like the unfused path, symbolic lengths fall back."""
+model matches onnxruntime / torch, fully masked rows behave like the unfused path; the run-time-shaped kernel
+serves symbolic batch and length from one build."""
 from __future__ import annotations
 
 import numpy as np
@@ -204,33 +205,114 @@ def test_pattern_fires_on_torch_frontend_graph():
     np.testing.assert_allclose(got, Block()(*args).numpy(), rtol=0, atol=1e-5)
 
 
-def test_symbolic_length_keeps_unfused_path():
-    """A symbolic sequence length is not fused (the kernel is built per static shape): the module keeps its
-    matmul -> softmax -> matmul chain; the same graph with a static length fuses."""
-    import tvm
+def _symbolic_module(n, d: int = 64, mask_dims=None):
+    """q, k, v (1, 8, n, d) [+ mask of ``mask_dims``] -> softmax(q kᵀ [+ mask]) v, as the ONNX importer emits it."""
+    import tvm  # noqa: F401
     from tvm import relax
+
+    bb = relax.BlockBuilder()
+    q, k, v = (relax.Var(x, relax.TensorType((1, 8, n, d), "float32")) for x in "qkv")
+    params = [q, k, v] + ([relax.Var("m", relax.TensorType(mask_dims, "float32"))] if mask_dims else [])
+    with bb.function("main", params):
+        with bb.dataflow():
+            kt = bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))
+            s = bb.emit(relax.op.matmul(q, kt))
+            if mask_dims:
+                s = bb.emit(relax.op.add(s, params[3]))
+            p = bb.emit(relax.op.nn.softmax(s, axis=-1))
+            o = bb.emit_output(relax.op.matmul(p, v))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def test_symbolic_length_fuses_unless_head_dim_symbolic():
+    """A symbolic sequence length (and a mask broadcast over it) takes the run-time-shaped kernel; the same graph
+    with a static length takes the static one; a symbolic head dim, or a mask whose leading dim is an unrelated
+    symbol, keeps the unfused matmul -> softmax -> matmul chain."""
+    import tvm
 
     from targets.attention_route import RouteAttention
     from targets.table import get_target
 
-    def module(n):
-        bb = relax.BlockBuilder()
-        q, k, v = (relax.Var(x, relax.TensorType((1, 8, n, 64), "float32")) for x in "qkv")
-        with bb.function("main", [q, k, v]):
-            with bb.dataflow():
-                kt = bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))
-                s = bb.emit(relax.op.matmul(q, kt))
-                p = bb.emit(relax.op.nn.softmax(s, axis=-1))
-                o = bb.emit_output(relax.op.matmul(p, v))
-            bb.emit_func_output(o)
-        return bb.get()
-
     tgt = get_target("avx2")
+    n = tvm.tirx.Var("n", "int64")
+    sym = RouteAttention(tgt)(_symbolic_module(n, mask_dims=(1, 1, 1, n)))["main"].script()
+    assert "R.nn.softmax" not in sym and "attention_fused_symbolic" in sym
+    static = RouteAttention(tgt)(_symbolic_module(96))["main"].script()
+    assert "R.nn.softmax" not in static and "attention_fused_8x96x96" in static
+    for mod in (_symbolic_module(n, d=tvm.tirx.Var("d", "int64")),
+                _symbolic_module(n, mask_dims=(tvm.tirx.Var("b", "int64"), 1, 1, n))):
+        text = RouteAttention(tgt)(mod)["main"].script()
+        assert "R.nn.softmax" in text and "attention_fused" not in text
 
-    def ops(mod):
-        return mod["main"].script()
 
-    sym = RouteAttention(tgt)(module(tvm.tirx.Var("n", "int64")))
-    assert "R.nn.softmax" in ops(sym) and "attention_fused" not in ops(sym)
-    static = RouteAttention(tgt)(module(96))
-    assert "R.nn.softmax" not in ops(static) and "attention_fused" in ops(static)
+#: lengths of the one-artefact checks: below a register tile, odd, past one 256-key block, past one and a half
+SYMBOLIC_LENGTHS = (1, 7, 49, 130, 300)
+
+
+@pytest.mark.parametrize("target", exec_targets())
+@pytest.mark.parametrize("kind", ["padding", "full", "none"])
+def test_symbolic_kernel_matches_float64_reference(kind, target, rng):
+    """ONE compiled run-time-shaped kernel per mask layout serves batch 1 and 3 at every length in
+    SYMBOLIC_LENGTHS (not multiples of the 6-row tile, the 48-row query block or the 256-key block):
+    ``padding`` a (B, 1, 1, N) -inf mask that masks the whole first key block of one sequence, ``full`` a
+    (B, 1, N, N) mask with one fully masked row (uniform, as the unfused path), ``none`` M = N + 5 keys."""
+    import tvm
+
+    from targets.attention_kernel import SymbolicAttention, SymbolicMask, build_attention_library
+    from targets.table import get_target
+
+    heads, d, dv = 2, 16, 8 if kind == "none" else 16
+    smask = {"padding": SymbolicMask(((heads, None, 1),), False, True),
+             "full": SymbolicMask(((heads, None, 1),), True, True), "none": None}[kind]
+    lib = build_attention_library(SymbolicAttention(d, dv, _lanes(target), 0.25, smask), get_target(target))
+    for b in (1, 3):
+        for n in SYMBOLIC_LENGTHS:
+            bh, m = b * heads, n + 5 if kind == "none" else n
+            q = rng.standard_normal((bh, n, d)).astype(np.float32)
+            k = rng.standard_normal((bh, m, d)).astype(np.float32)
+            v = rng.standard_normal((bh, m, dv)).astype(np.float32)
+            args, full = [q, k.transpose(0, 2, 1), v], None
+            if kind == "padding":
+                keep = rng.random((b, 1, m)) > 0.3
+                keep[0, :, : min(256, m - 1)] = False  # the whole first key block when m > 256
+                keep[:, :, -1] = True
+                small = np.where(keep, 0.0, -np.inf).astype(np.float32)
+                full = np.broadcast_to(small[:, None], (b, heads, n, m)).reshape(bh, n, m)
+                args.append(small)
+            elif kind == "full":
+                small = rng.standard_normal((b, n, m)).astype(np.float32)
+                small[-1, n // 2, :] = -np.inf
+                full = np.broadcast_to(small[:, None], (b, heads, n, m)).reshape(bh, n, m)
+                args.append(small)
+            out = tvm.runtime.tensor(np.zeros((bh, n, dv), np.float32))
+            lib["attention"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+            want = _reference(q, k, v, 0.25, full)
+            got = out.numpy()
+            assert np.isfinite(got).all(), (b, n)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max()),
+                                       err_msg=f"batch {b}, length {n}")
+
+
+def test_symbolic_bert_one_artefact_matches_onnxruntime(zoo_onnx, tmp_path):
+    """The zoo BERT (dynamo export) compiled once with batch and length symbolic fuses both attention blocks into
+    the run-time-shaped kernel and matches onnxruntime within 1e-4 at several batches and lengths (padding masks)."""
+    from rewrite.io import load_onnx
+    from rewrite.verify import run
+    from targets import Runner, compile_model
+    from targets.importer import import_model
+
+    path = zoo_onnx("hf_bert_sdpa", "dynamo")
+    assert any(f.startswith("attention_fused_symbolic") for f in _fused_functions(import_model(str(path)).mod,
+                                                                                  "avx2"))
+    compile_model(str(path), "avx2", tmp_path / "bert.so", shapes={"input_ids": [(1, 4), (1, 64)]})
+    runner, loaded = Runner(tmp_path / "bert.so"), load_onnx(path)
+    rng = np.random.default_rng(3)
+    for b, n in ((1, 1), (2, 7), (1, 49), (3, 64)):
+        mask = np.ones((b, n), np.int64)
+        mask[-1, n - n // 3:] = 0
+        feeds = {"input_ids": rng.integers(0, 100, (b, n)), "attention_mask": mask,
+                 "token_type_ids": np.zeros((b, n), np.int64)}
+        feeds = {k: feeds[k] for k in loaded.input_names}
+        for want, got in zip(run(loaded, feeds).values(), runner.run(feeds).values()):
+            assert np.abs(want - got).max() <= 1e-4 * max(1.0, np.abs(want).max()), (b, n)
