@@ -750,10 +750,13 @@ def _tile_transpose(sch: s_tir.Schedule, loops, lanes: int) -> bool:
 
 def _tile_symbolic_transpose(sch: s_tir.Schedule, loops, lanes: int) -> bool:
     """Transpose whose last two loops are one static and one symbolic extent (``(h, n, 64) -> (h, 64, n)``): the
-    static loop is cut into tiles of 16 (8, 4) rows, the loop order becomes (outer..., tile, symbolic loop, row in
-    tile), parallel over outer x tiles: each step reads 16 contiguous floats of one row and writes one float to
-    each of 16 output streams (or, when the static loop is the output's innermost, writes 16 contiguous floats),
-    with no division by the run-time extent.  False when the pattern does not hold."""
+    static loop is cut into tiles of 16 (8, 4) rows, parallel over outer x tiles.  When the run-time axis is the
+    output's innermost (and the tile is 16), it is cut into tiles of 16 too: 16 x 16 tiles as in the static schedule
+    (gathers within L1, vector stores), the ragged last tile guarded by a ``likely`` predicate that LoopPartition
+    splits off.  Otherwise the order is (outer..., tile, symbolic loop, row in tile): each step reads 16 contiguous
+    floats of one row and writes one float to each of 16 output streams (or, when the static loop is the output's
+    innermost, writes 16 contiguous floats).  No division by the run-time extent.  False when the pattern does not
+    hold."""
     if len(loops) < 2:
         return False
     e_a, e_b = _extent(sch, loops[-2]), _extent(sch, loops[-1])
@@ -765,7 +768,19 @@ def _tile_symbolic_transpose(sch: s_tir.Schedule, loops, lanes: int) -> bool:
     if t == 1:
         return False
     sym_loop, st_loop = (loops[-2], loops[-1]) if static_last else (loops[-1], loops[-2])
+    block = sch.get_sblock(sch.get(loops[-1]).body.block.name_hint)
     st_o, st_i = sch.split(st_loop, factors=[None, t])
+    if not static_last and t == TRANSPOSE_TILE and t % lanes == 0:
+        # the run-time axis is the output's innermost: t x t tiles as in the static schedule (gathers within L1,
+        # contiguous vector stores); the ragged last tile is guarded and split off by LoopPartition
+        sym_o, sym_i = sch.split(sym_loop, factors=[None, t])
+        sch.reorder(*loops[:-2], st_o, sym_o, st_i, sym_i)
+        sch.parallel(sch.fuse(*loops[:-2], st_o) if len(loops) > 2 else st_o)
+        sch.unroll(st_i)
+        _, v = sch.split(sym_i, factors=[None, lanes])
+        sch.vectorize(v)
+        _mark_likely(sch, block)
+        return True
     sch.reorder(*loops[:-2], st_o, sym_loop, st_i)
     sch.parallel(sch.fuse(*loops[:-2], st_o) if len(loops) > 2 else st_o)
     if static_last and t % lanes == 0:

@@ -14,7 +14,8 @@ CPU, in order (inside ``with target:``, dlight needs ``Target.current()``):
 4. ``ApplyDefaultSchedule`` with :func:`targets.cpu_rules.cpu_rules` (never ``dl.cpu.GEMV``);
 5. dataflow lowering + ``cpu_generic.finalize_passes``.
 
-CUDA: TVM's own GPU pipeline (``relax.get_default_pipeline``) with dlight GPU rules.
+CUDA: TVM's own GPU pipeline (``relax.get_default_pipeline``) with dlight GPU rules, after routing cumsums with
+run-time dims (:mod:`targets.gpu_cumsum`).
 """
 
 from __future__ import annotations
@@ -205,8 +206,12 @@ def cpu_pipeline(target: tvm.target.Target, route_softmax: bool = True,
 
 
 def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CUDA pipeline (legalize, fuse, dlight GPU Matmul/GEMV/Reduction/GeneralReduction/Fallback, lower)."""
-    return relax.get_default_pipeline(target)
+    """TVM's CUDA pipeline (legalize, fuse, dlight GPU Matmul/GEMV/Reduction/GeneralReduction/Fallback, lower),
+    after :func:`targets.gpu_cumsum.RouteSymbolicCumsum` (cumsums over a non-last axis with run-time dims, which
+    TVM's scan cannot lower)."""
+    from .gpu_cumsum import RouteSymbolicCumsum
+
+    return tvm.transform.Sequential([RouteSymbolicCumsum(), relax.get_default_pipeline(target)])
 
 
 def pipeline_for(target: tvm.target.Target, tuning_dir: str | None = None) -> tvm.transform.Pass:
