@@ -32,7 +32,7 @@ from tvm.sym.analyzer import Analyzer
 
 from .attention_kernel import (AttentionShape, MaskLayout, SymbolicAttention, SymbolicMask, make_attention_kernel,
                                make_symbolic_attention_kernel, supported, value_lanes)
-from .bitlinear_route import _tensor_const
+from .relax_util import dim_product, tensor_const
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ def _same(a, b) -> bool:
 
 def _same_dims(a: list, b: list) -> bool:
     return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-
-
-def _prod_any(dims):
-    """Product of dims: an int when all are ints, else a tirx expression."""
-    out = 1
-    for d in dims:
-        out = out * d
-    return out
 
 
 def _prod(dims) -> int:
@@ -137,8 +129,8 @@ def _symbolic_mask(mdims: list, score: list) -> SymbolicMask | None:
     for ax, x in enumerate(mlead):
         if bcast(x):
             continue
-        after = _prod_any(lead[ax + 1:])
-        stride = _prod_any([y for y in mlead[ax + 1:] if not bcast(y)])
+        after = dim_product(lead[ax + 1:])
+        stride = dim_product([y for y in mlead[ax + 1:] if not bcast(y)])
         extent = None if ax == 0 else lead[ax]
         if not all(isinstance(v, int) for v in (after, stride)) or not (extent is None or isinstance(extent, int)):
             return None
@@ -177,7 +169,7 @@ class _AttentionRouter(relax.PyExprMutator):
                 return expr
             if _op(val, "relax.broadcast_to") and not _same_dims(src, dst):
                 return expr
-            if not _same(_prod_any(src), _prod_any(dst)):
+            if not _same(dim_product(src), dim_product(dst)):
                 return expr
             expr = val.args[0]
 
@@ -197,7 +189,7 @@ class _AttentionRouter(relax.PyExprMutator):
     def _scalar(self, expr) -> float | None:
         if isinstance(expr, relax.Var):
             expr = self.var2val.get(expr)
-        data = _tensor_const(expr)
+        data = tensor_const(expr)
         if data is None or data.dtype != "float32" or data.size != 1:
             return None
         return float(data.reshape(-1)[0])
@@ -295,7 +287,7 @@ class _AttentionRouter(relax.PyExprMutator):
         a, b, vv, mask, scale, score = m
         da, db, dv_, do = _dims(a), _dims(b), _dims(vv), _dims(call)
         lead = score[:-2]
-        if None in (da, db, dv_, do) or any(len(x) < 2 or not _same(_prod_any(x[:-2]), _prod_any(lead))
+        if None in (da, db, dv_, do) or any(len(x) < 2 or not _same(dim_product(x[:-2]), dim_product(lead))
                                             for x in (da, db, dv_, do)):
             log.debug("symbolic attention chain not fused: operand shapes %s %s %s vs scores %s", da, db, dv_, score)
             return super().visit_call_(call)
@@ -320,14 +312,14 @@ class _AttentionRouter(relax.PyExprMutator):
             name = f"attention_fused_symbolic_{d}x{dv}_{len(self.kernels)}" + ("_mask" if smask else "")
             f = make_symbolic_attention_kernel(shape).with_attr("global_symbol", name)
             self.kernels[shape] = self.builder_.add_func(f, name)
-        bh = _prod_any(lead)
+        bh = dim_product(lead)
         args = [self.builder_.emit(relax.op.reshape(self.visit_expr(a), (bh, n, d))),
                 self.builder_.emit(relax.op.reshape(self.visit_expr(b), (bh, d, mm))),
                 self.builder_.emit(relax.op.reshape(self.visit_expr(vv), (bh, mm, dv)))]
         if smask is not None:
             full = [1] * (len(score) - len(mdims)) + list(mdims)
             args.append(self.builder_.emit(relax.op.reshape(self.visit_expr(mask),
-                                                            (_prod_any(full[:-2]), full[-2], full[-1]))))
+                                                            (dim_product(full[:-2]), full[-2], full[-1]))))
         out = self.builder_.emit(relax.call_tir(self.kernels[shape], args, relax.TensorType((bh, n, dv), "float32")))
         self.routed += 1
         return relax.op.reshape(out, do)

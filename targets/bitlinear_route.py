@@ -31,6 +31,7 @@ import tvm
 from tvm import relax
 from tvm.sym.analyzer import Analyzer
 
+from .relax_util import dim_product, op_name, tensor_const
 from .bitlinear import (MAX_INPUTS, choose_bit_kernel, make_bgemm_kernel, make_pack_kernel, pack_weights,
                         padded_outputs, words_of)
 
@@ -63,10 +64,6 @@ class BinaryLinear:
         return not isinstance(self.m, int)
 
 
-def _op_name(expr) -> str:
-    return expr.op.name if isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) else ""
-
-
 def _resolve(expr, var2val: dict):
     """Follow variable bindings to the bound value (at most ``_MAX_WALK`` steps)."""
     for _ in range(_MAX_WALK):
@@ -77,16 +74,8 @@ def _resolve(expr, var2val: dict):
     return expr
 
 
-def _tensor_const(value) -> np.ndarray | None:
-    """The array of a Relax tensor constant (``tvm.ir.GenericConst`` in TVM 0.27), else None."""
-    if not isinstance(value, tvm.ir.GenericConst):
-        return None
-    data = value.value
-    return data.numpy() if isinstance(data, tvm.runtime.Tensor) else None
-
-
 def _const(expr, var2val: dict) -> np.ndarray | None:
-    return _tensor_const(_resolve(expr, var2val))
+    return tensor_const(_resolve(expr, var2val))
 
 
 def _is_const_all(expr, var2val: dict, target: float) -> bool:
@@ -101,13 +90,6 @@ def _dims(ty) -> tuple | None:
     return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in ty.shape.values)
 
 
-def _prod(dims) -> object:
-    out = 1
-    for d in dims:
-        out = out * d
-    return out
-
-
 def _dtype(ty) -> str:
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else ""
 
@@ -117,16 +99,16 @@ def sign_source(expr, var2val: dict):
     None when ``expr`` is not such a sign."""
     value = _resolve(expr, var2val)
     for _ in range(_MAX_WALK):
-        if _op_name(value) not in _ORDER_KEEPING:
+        if op_name(value) not in _ORDER_KEEPING:
             break
         value = _resolve(value.args[0], var2val)
-    if _op_name(value) != "relax.where":
+    if op_name(value) != "relax.where":
         return None
     cond, pos, neg = value.args
     if not (_is_const_all(pos, var2val, 1.0) and _is_const_all(neg, var2val, -1.0)):
         return None
     cond = _resolve(cond, var2val)
-    if _op_name(cond) != "relax.greater_equal" or not _is_const_all(cond.args[1], var2val, 0.0):
+    if op_name(cond) != "relax.greater_equal" or not _is_const_all(cond.args[1], var2val, 0.0):
         return None
     return cond.args[0]
 
@@ -134,10 +116,10 @@ def sign_source(expr, var2val: dict):
 def _weight(expr, var2val: dict) -> tuple[np.ndarray | None, str]:
     """The (k, n) right operand as an array, or (None, why not)."""
     value = _resolve(expr, var2val)
-    w = _tensor_const(value)
+    w = tensor_const(value)
     if w is not None:
         return (w, "") if w.ndim == 2 else (None, f"weight is {w.ndim}-D, not 2-D")
-    if _op_name(value) == "relax.permute_dims":
+    if op_name(value) == "relax.permute_dims":
         inner = _const(value.args[0], var2val)
         if inner is None:
             return None, "weight is a transpose of a non-constant"
@@ -151,7 +133,7 @@ def _weight(expr, var2val: dict) -> tuple[np.ndarray | None, str]:
 def match_binary_linear(call: relax.Call, var2val: dict) -> BinaryLinear | str | None:
     """``call`` (a ``relax.matmul`` of the original function) as a :class:`BinaryLinear`; a string saying why not
     when its left operand is a sign but the rest does not fit; None when the left operand is not a sign."""
-    if _op_name(call) != "relax.matmul":
+    if op_name(call) != "relax.matmul":
         return None
     x = sign_source(call.args[0], var2val)
     if x is None:
@@ -176,13 +158,13 @@ def match_binary_linear(call: relax.Call, var2val: dict) -> BinaryLinear | str |
         return f"left operand shape {list(lhs_shape)} does not end in {k} (the features must be static)"
     if k >= MAX_INPUTS:
         return f"{k} inputs: the ±1 dot product is not exact in float32"
-    m = _prod(lhs_shape[:-1])
+    m = dim_product(lhs_shape[:-1])
     if isinstance(m, int):
         if not all(isinstance(d, int) for d in x_shape) or math.prod(x_shape) != m * k:
             return f"sign input {list(x_shape)} does not flatten to ({m}, {k})"
         if m == 0 or n == 0:
             return "empty product"
-    elif not Analyzer().can_prove_equal(_prod(x_shape), m * k):
+    elif not Analyzer().can_prove_equal(dim_product(x_shape), m * k):
         return f"sign input {list(x_shape)} does not provably flatten to ({m}, {k})"
     return BinaryLinear(x, np.ascontiguousarray(w), m, k, n, out_shape)
 
