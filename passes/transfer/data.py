@@ -240,7 +240,8 @@ def load_calibration(loaded: LoadedModel, data: Any = None, *, batch_size: int =
                            warning=SYNTHETIC_WARNING)
     if isinstance(data, str) and data in ("stdlib", "offline"):
         from .corpus import offline_corpus, stdlib_corpus
-        corpus = stdlib_corpus() if data == "stdlib" else offline_corpus()
+        from .corpus_cache import cached_corpus  # built once per machine, not per run and rank
+        corpus = cached_corpus(data, stdlib_corpus if data == "stdlib" else offline_corpus)
         label = f"stdlib docstrings ({corpus.source})" if data == "stdlib" else f"offline text ({corpus.source})"
         return _from_lines(list(corpus.calibration), loaded, label,
                            tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,

@@ -79,6 +79,8 @@ class Shard:
     group: Any = None
     backend: str = "gloo"
     assignment: dict[int, list[str]] = field(default_factory=dict)
+    #: every rank (not only rank 0) receives all params in :meth:`gather` (set when stage 2 runs data-parallel)
+    gather_to_all: bool = False
     _done: int = 0
 
     @property
@@ -108,18 +110,23 @@ class Shard:
 
     def gather(self, fitted: Mapping[str, Any], rows: Mapping[str, Any], order: Sequence[str]
                ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Rank 0: every rank's (params, report rows) merged in site ``order``; other ranks: empty dicts."""
+        """Rank 0 (every rank with :attr:`gather_to_all`): every rank's (params, report rows) merged in site
+        ``order``; other ranks: empty dicts."""
         parts = [(dict(fitted), dict(rows))]
         if self.world > 1:
             import torch.distributed as dist
-            received: list[Any] | None = [None] * self.world if self.rank == 0 else None
+            everyone = self.gather_to_all
+            received: list[Any] | None = [None] * self.world if self.rank == 0 or everyone else None
             try:
-                dist.gather_object(parts[0], received, dst=0, group=self.group)
+                if everyone:
+                    dist.all_gather_object(received, parts[0], group=self.group)
+                else:
+                    dist.gather_object(parts[0], received, dst=0, group=self.group)
             except RuntimeError as exc:  # gloo/nccl: a peer closed its connection or the timeout passed
                 from rewrite.errors import first_line
                 raise PeerLostError(f"rank {self.rank}: lost contact with another rank while gathering the fitted "
                                     f"params ({first_line(exc)[:200]}); nothing was written") from None
-            if self.rank != 0:
+            if self.rank != 0 and not everyone:
                 return {}, {}
             parts = received  # type: ignore[assignment]
         all_fitted: dict[str, Any] = {}

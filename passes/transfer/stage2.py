@@ -25,6 +25,7 @@ from rewrite.io import LoadedModel
 from rewrite.verify import run as run_model
 
 from .data import Batch
+from .stage2_dp import RowSplit
 from .transfer import TransferError
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,10 @@ def stage2_plan(model: LoadedModel, steps: int | None, *, real_data: bool = True
     return 0, why
 
 
-def _teacher(original: LoadedModel, batches: list[Batch]) -> list[torch.Tensor]:
+def _teacher(original: LoadedModel, batches: list[Batch | None]) -> list[torch.Tensor | None]:
     name = original.output_names[0]
-    return [torch.as_tensor(np.asarray(run_model(original, b)[name]), dtype=torch.float32) for b in batches]
+    return [None if b is None else torch.as_tensor(np.asarray(run_model(original, b)[name]), dtype=torch.float32)
+            for b in batches]
 
 
 def _loss(out: torch.Tensor, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -88,12 +90,15 @@ def _loss(out: torch.Tensor, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], *, rank: int = 8,
                 alpha: float = 16.0, steps: int = 100, lr: float = 1e-3, seed: int = 0,
-                targets: Sequence[str] = DEFAULT_TARGETS, minutes: float | None = None) -> dict[str, Any]:
+                targets: Sequence[str] = DEFAULT_TARGETS, minutes: float | None = None,
+                dp: Any = None) -> dict[str, Any]:
     """Fine-tune low-rank updates of ``fitted``'s attention projections against ``original`` and merge them.
 
     ``fitted`` (FX) is modified in place: its program's weights become ``W + (alpha/rank) B A``. Returns a report
     ``{"weights": [names], "rank", "steps", "seconds", "loss_first", "loss_last"}``. Raises :class:`TransferError`
-    for a non-FX model or when no weight matches ``targets``.
+    for a non-FX model or when no weight matches ``targets``. ``dp``: the distributed transfer's
+    :class:`passes.transfer.distributed.Shard` — every rank calls this with the same arguments and trains on its
+    slice of each batch's rows, gradients summed over the ranks (:mod:`.stage2_dp`); None = one process.
     """
     if fitted.kind != "fx" or fitted.ep is None:
         raise TransferError(f"{fitted.source}: LoRA stage 2 needs an FX program (got {fitted.kind})")
@@ -111,25 +116,31 @@ def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], 
         a = (torch.randn(rank, w.shape[1], generator=gen) / w.shape[1] ** 0.5).requires_grad_(True)
         b = torch.zeros(w.shape[0], rank, requires_grad=True)
         factors[name] = (a, b)
-    opt = torch.optim.Adam([t for ab in factors.values() for t in ab], lr=lr)
-    refs = _teacher(original, train)
+    trainable = [t for ab in factors.values() for t in ab]
+    opt = torch.optim.Adam(trainable, lr=lr)
+    split = RowSplit.of(dp)  # data parallel over ranks (.stage2_dp); one process: the whole batch, share 1
+    shares = [split.local(b) for b in train]
+    refs = _teacher(original, [b for b, _ in shares])
     order = torch.Generator().manual_seed(seed + 1)
     losses: list[float] = []
     deadline = t0 + 60.0 * minutes if minutes is not None else None
     for step in range(steps):
-        if deadline is not None and time.time() > deadline:
+        if split.stop(deadline is not None and time.time() > deadline):  # every rank stops at the same step
             break
         i = int(torch.randint(len(train), (1,), generator=order))
-        batch = train[i]
-        feeds = {k: torch.as_tensor(v) for k, v in batch.items()}
-        override = {n: w + scale * (b @ a) for n, (w, (a, b)) in zip(weights, zip(weights.values(), factors.values()))}
-        out = torch.func.functional_call(gm, override, (), feeds)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        loss = _loss(out, refs[i], batch)
+        batch, share = shares[i]
         opt.zero_grad()
-        loss.backward()
+        loss = torch.zeros(())
+        if batch is not None:  # None: this rank has no rows of a batch smaller than the world
+            feeds = {k: torch.as_tensor(v) for k, v in batch.items()}
+            override = {n: w + scale * (b @ a)
+                        for n, (w, (a, b)) in zip(weights, zip(weights.values(), factors.values()))}
+            out = torch.func.functional_call(gm, override, (), feeds)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            loss = _loss(out, refs[i], batch) * share
+            loss.backward()
+        losses.append(split.reduce(trainable, float(loss.detach())))  # grads summed over ranks; batch loss
         opt.step()
-        losses.append(float(loss.detach()))
     # merge into the program's weights: the graph keeps its ops, only the tensors change
     with torch.no_grad():
         for name, (a, b) in factors.items():

@@ -451,6 +451,10 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     # the original's kind and weight names
     n_stage2, why_not = stage2_plan(model, stage2_steps, real_data=data is not None or has_tokenizer(model, tokenizer))
     minutes_stage1 = minutes * STAGE1_SHARE if minutes is not None and n_stage2 else minutes
+    # distributed: stage 2 runs data-parallel on every rank (.stage2_dp), so every rank receives all fitted params
+    dp = shard if n_stage2 and shard is not None and shard.world > 1 else None
+    if dp is not None:
+        dp.gather_to_all = True
     loaded, calib, fitted, report = fit_params(
         model, attention=attention, options=options, hybrid_window=hybrid_window, data=data, steps=steps,
         minutes=minutes_stage1, seed=seed, layers=layers, keep_softmax=keep_softmax, checkpoint=checkpoint,
@@ -468,7 +472,7 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         untrained, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, None)
         return _model_fidelity(loaded, untrained, calib.held_out)
 
-    if shard is not None and not shard.writes:  # distributed: rank 0 rewrites, measures and writes
+    if shard is not None and not shard.writes and dp is None:  # distributed: rank 0 rewrites, measures, writes
         if measure_model and shard.rank == shard.helper:  # ... while the helper rank measures the untrained swap
             shard.send_to_root(fidelity_before())
         return loaded, report
@@ -486,9 +490,15 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
             torch.set_num_threads(threads)
         try:
             report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=n_stage2,
-                                           lr=stage2_lr, seed=seed, minutes=deadline_min)
+                                           lr=stage2_lr, seed=seed, minutes=deadline_min, dp=dp)
         finally:
             torch.set_num_threads(previous_threads)
+        if dp is not None:
+            report["stage2"]["data_parallel_ranks"] = dp.world
+        if dp is not None and not dp.writes:  # stage 2 done together; rank 0 measures and writes
+            if measure_model and dp.rank == dp.helper:
+                dp.send_to_root(fidelity_before())
+            return loaded, report
     elif why_not:
         report["stage2"] = {"steps": 0, "note": why_not}
         report["lines"].append(f"stage 2 off: {why_not}")

@@ -3,20 +3,23 @@
 Two measurements, each run in fresh processes and **interleaved** (A B A B ...) so that load from other work on a
 shared host hits both sides alike:
 
-1. **ranks**: ``softswap transfer MINILM --attention linear --stage2-steps 0`` (stage 1 at the transfer's default
-   budget, 1500 steps per site, unless ``--steps`` is given) with 1 process and with ``--nproc 2`` (torch.distributed
-   gloo ranks, 1 torch thread each). Reported: end-to-end wall time of the command, the report's ``fit_seconds``
+1. **ranks**: ``softswap transfer MINILM --attention linear`` — the default transfer (1024 calibration lines,
+   stage 1 at 1500 steps per site, LoLCATs stage 2 at 600 steps, data-parallel over the ranks) unless ``--steps``,
+   ``--rank-samples`` or ``--stage2-steps`` say otherwise (``--rank-samples 96 --stage2-steps 0`` is session 6's
+   stage-1-only setup) — with 1 process and with ``--nproc 2`` (torch.distributed gloo ranks, 1 torch thread each). Reported: end-to-end wall time of the command, the report's ``fit_seconds``
    (load + calibration + capture + fit, on rank 0 including the wait for rank 1's sites) and rank 0's wall time per
-   phase (``report["phases"]``: load, calibration, capture, fit, gather, rewrite, model_fidelity, export), so the
-   serial part (Amdahl) is visible. Per rank: model load, calibration text and capture are not split; the fits are
-   (by site); rank 0 rewrites and exports while the last rank measures the untrained swap's model fidelity.
-2. **memory**: peak RSS (psutil, sampled every 5 ms, minus the RSS right after import) of :func:`transfer` on a
+   phase (``report["phases"]``: load, calibration, capture, fit, gather, rewrite, stage2, model_fidelity, export),
+   so the serial part (Amdahl) is visible. Per rank: model load, calibration text and capture are not split; the
+   fits are (by site); stage 2 is split by batch rows; rank 0 measures the fitted model and exports while the last
+   rank measures the untrained swap's model fidelity.
+2. **memory**: peak RSS (psutil, sampled every 25 ms, minus the RSS right after import) of :func:`transfer` on a
    calibration set of ``--samples`` sentences (1x, in RAM), 4x that (in RAM), and 4x with ``max_memory=0`` (every
    captured value on disk, :mod:`passes.transfer.capture_store`). Texts are truncated to ``--max-length`` tokens.
 
 Usage::
 
-    .venv/bin/python tools/bench/scale.py [--steps N] [--repeats 2] [--samples 48] [--max-length 64]
+    .venv/bin/python tools/bench/scale.py [--only ranks|memory] [--steps N] [--stage2-steps N] [--rank-samples N]
+        [--repeats 2] [--samples 48] [--max-length 64]
         [--out tools/bench/results/scale.json]
 
 Prints a table and writes JSON (with the CPU line of tools/bench/machine.py and the host load at start and end).
@@ -74,7 +77,7 @@ def _watch(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float, int
                 peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
-            time.sleep(0.005)
+            time.sleep(0.025)  # 40 Hz: the watcher itself must not load the 2 cores it measures
         wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)
         res = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
@@ -83,21 +86,33 @@ def _watch(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float, int
     return res, wall, peak, None
 
 
+def warm_corpus() -> float:
+    """Build the default calibration text's file cache (:mod:`passes.transfer.corpus_cache`) once before the timed
+    runs, so the 1- and 2-rank runs both find it warm (as every transfer after the first on a machine does)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from passes.transfer.corpus import offline_corpus\n"
+                    "from passes.transfer.corpus_cache import cached_corpus\ncached_corpus('offline', offline_corpus)"],
+                   check=True, env=_env(), cwd=ROOT)
+    return round(time.perf_counter() - t0, 2)
+
+
 def ranks(args: argparse.Namespace, minilm: str, folder: Path) -> dict[str, Any]:
     rows: dict[str, list[dict[str, float]]] = {"1": [], "2": []}
     for rep in range(args.repeats):
         for n in ("1", "2"):
             report = folder / f"r{n}-{rep}.json"
-            steps = ["--steps", str(args.steps)] if args.steps is not None else []  # default: transfer's own
+            # None: the transfer's own default for each knob
+            knobs = [(flag, value) for flag, value in (("--steps", args.steps), ("--max-samples", args.rank_samples),
+                                                         ("--stage2-steps", args.stage2_steps)) if value is not None]
             cmd = [sys.executable, "-m", "rewrite.cli", "transfer", minilm, "-o", str(folder / f"o{n}.pt2"),
-                   "--attention", "linear", *steps, "--max-samples", str(args.rank_samples),
-                   "--no-progress", "--report", str(report),
-                   # stage 1 is what the ranks split; stage 2 (end to end, on by default for MiniLM) runs on rank 0
-                   "--stage2-steps", "0"] + (["--nproc", n] if n != "1" else [])
+                   "--attention", "linear", *[str(x) for kv in knobs for x in kv],
+                   "--no-progress", "--report", str(report)] + (["--nproc", n] if n != "1" else [])
             _, wall, peak, _ = _watch(cmd)
             rep_json = json.loads(report.read_text())
             phases = rep_json.get("phases", {})
             rows[n].append({"wall_s": round(wall, 2), "fit_s": rep_json["fit_seconds"],
+                            "stage2": {k: rep_json.get("stage2", {}).get(k) for k in
+                                       ("steps", "loss_first", "loss_last", "data_parallel_ranks")},
                             "peak_rss_mb": round(peak / 2 ** 20, 1), "steps": rep_json["steps"],
                             "phases_rank0_s": phases, "load_avg_1min": round(os.getloadavg()[0], 2)})
             print(f"  ranks={n} rep {rep}: wall {wall:.1f}s, fit {rep_json['fit_seconds']:.1f}s; rank 0 phases "
@@ -131,7 +146,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None,
                     help="fit steps per site (ranks measurement; default: the transfer's default, 1500)")
-    ap.add_argument("--rank-samples", type=int, default=96, help="calibration sentences (ranks measurement)")
+    ap.add_argument("--rank-samples", type=int, default=None,
+                    help="calibration sentences (ranks measurement; default: the transfer's default, 1024)")
+    ap.add_argument("--stage2-steps", type=int, default=None,
+                    help="LoLCATs stage-2 steps (ranks measurement; default: the transfer's default, 600; 0 = off)")
     ap.add_argument("--rss-steps", type=int, default=5, help="fit steps per site (memory measurement)")
     ap.add_argument("--samples", type=int, default=48, help="1x calibration sentences (memory measurement)")
     ap.add_argument("--max-length", type=int, default=64)
@@ -147,9 +165,13 @@ def main() -> int:
                               "settings": vars(args), "shared_host": True}
     with tempfile.TemporaryDirectory(prefix="softswap-scale-") as tmp:
         if args.only in (None, "ranks"):
-            print(f"ranks: MiniLM, linear (Hedgehog), {args.steps or 'default'} steps/site, "
-                  f"{args.rank_samples} sentences")
+            print(f"ranks: MiniLM, linear (Hedgehog), {args.steps or 'default'} steps/site, stage 2 "
+                  f"{'default' if args.stage2_steps is None else args.stage2_steps} steps, "
+                  f"{args.rank_samples or 'default'} sentences")
+            warm = warm_corpus()
+            print(f"  calibration corpus cache warmed ({warm:.1f}s incl. process start)")
             result["ranks"] = ranks(args, minilm, Path(tmp))
+            result["ranks"]["corpus_cache_warmup_s"] = warm
         if args.only in (None, "memory"):
             print(f"memory: MiniLM, {args.samples} vs {4 * args.samples} sentences, max length {args.max_length}")
             result["memory"] = memory(args, Path(tmp))
