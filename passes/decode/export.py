@@ -86,8 +86,6 @@ def _sites(loaded: mio.LoadedModel, name: str, options: Mapping[str, Any] | None
     from rewrite.graph.fx import FxGraph
     from rewrite.passes import get_pass
     apass = get_pass(f"attention.{name}", options=dict(options or {}), params=params)
-    if apass.variant_options.get("window", 0):
-        raise OptionError("--decode: the hybrid sliding window (option window) has no decode form yet")
     decisions, _, chosen, modules = apass._plan(FxGraph(loaded.ep.module()), loaded)
     src = loaded.source
     sites = {d.site.name: d.site for d in decisions}
@@ -189,6 +187,7 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
         manifest = {
             "format": FORMAT, "family": adapter.family, "architecture": type(lm).__name__, "variant": name,
             "options": {k: v for k, v in apass.variant_options.items()}, "layers": adapter.layers,
+            "window": int(apass.variant_options.get("window", 0) or 0),
             "heads": adapter.heads, "kv_heads": adapter.kv_heads, "head_dim": adapter.head_dim,
             "vocab_size": vocab, "eos_token_id": getattr(cfg, "eos_token_id", None),
             "bos_token_id": getattr(cfg, "bos_token_id", None), "max_positions": adapter.max_positions or None,
