@@ -3,8 +3,9 @@
 ``OUT_DIR/prefill.onnx``: (input_ids, positions) → (logits, next_state.{i}.S, next_state.{i}.z for every layer i);
 ``OUT_DIR/step.onnx``: (input_ids (B, 1), positions (B, 1), state.{i}.S, state.{i}.z) → (logits (B, 1, vocab),
 next_state.{i}.S, next_state.{i}.z) (names: :mod:`passes.decode.graphs`);
-``OUT_DIR/decode.json``: the manifest (family, variant and options, vocabulary size, eos/bos ids, the state names
-and shapes, the maximum position); tokenizer files are copied beside them when the model folder has them.
+(with the hybrid window W, each layer's state adds the last W keys/values and their slot mask:
+:mod:`passes.decode.state`); ``OUT_DIR/decode.json``: the manifest (family, variant and options, window, vocabulary
+size, eos/bos ids, the state names and shapes, the maximum position); tokenizer files are copied beside them when the model folder has them.
 
 The attention pass runs first on the model's exported program (recognition, per-site options and parameters: the
 same as ``softswap convert``, so parameters given as ``params`` — e.g. from ``softswap transfer`` — carry over);
