@@ -5,7 +5,8 @@
 next_state.{i}.S, next_state.{i}.z) (names: :mod:`passes.decode.graphs`);
 (with the hybrid window W, each layer's state adds the last W keys/values and their slot mask:
 :mod:`passes.decode.state`); ``OUT_DIR/decode.json``: the manifest (family, variant and options, window, vocabulary
-size, eos/bos ids, the state names and shapes, the maximum position); tokenizer files are copied beside them when the model folder has them.
+size, eos/bos ids, the state names and shapes, the maximum position); tokenizer files are copied beside them when
+the model folder has them.
 
 The attention pass runs first on the model's exported program (recognition, per-site options and parameters: the
 same as ``softswap convert``, so parameters given as ``params`` — e.g. from ``softswap transfer`` — carry over);

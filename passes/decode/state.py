@@ -143,8 +143,8 @@ class LinearLayerState(nn.Module):
         one = torch.ones_like(m0)
         if self.window == 1:
             return sums, (k.to(bk.dtype), v.to(bv.dtype), one)
-        return sums, (torch.cat([bk[:, :, 1:], k.to(bk.dtype)], dim=2), torch.cat([bv[:, :, 1:], v.to(bv.dtype)], dim=2),
-                      torch.cat([bm[:, :, 1:], one], dim=2))
+        return sums, (torch.cat([bk[:, :, 1:], k.to(bk.dtype)], dim=2),
+                      torch.cat([bv[:, :, 1:], v.to(bv.dtype)], dim=2), torch.cat([bm[:, :, 1:], one], dim=2))
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *state: torch.Tensor
              ) -> tuple[torch.Tensor, ...]:
