@@ -175,8 +175,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     passes = [p for p in (args.passes or "").split(",") if p]
     if args.params and not args.decode:
         raise OptionError("--params is read by --decode (per-site parameters of a transfer checkpoint)")
+    options: dict[str, str] = parse_options(args.option)
+    if args.hybrid_window is not None:  # the sliding-window hybrid: the variant option ``window``
+        if "window" in options:
+            raise OptionError(f"--hybrid-window {args.hybrid_window} and --option window={options['window']}: "
+                              "give one")
+        options["window"] = str(args.hybrid_window)
     _, report = convert(args.model, args.output, attention=args.attention, passes=passes,
-                        options=parse_options(args.option), layers=args.layers, keep_softmax=args.keep_softmax,
+                        options=options, layers=args.layers, keep_softmax=args.keep_softmax,
                         verify=not args.no_verify, report_path=args.report, dump_dir=args.dump_ir,
                         head=args.head, soft_nms=args.soft_nms, ood=args.ood, binarize=args.binarize, fit=args.fit,
                         decode=args.decode, params=args.params)
@@ -245,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the feature layers to score")
     p.add_argument("--keep-softmax", help="keep these attention sites as softmax")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="variant option (repeatable)")
+    p.add_argument("--hybrid-window", type=int, metavar="W", help="linear/mala: exact softmax over the last W keys, "
+                                                                   "the variant over the older ones (= --option "
+                                                                   "window=W)")
     p.add_argument("--report", help="write the report as JSON here")
     p.add_argument("--dump-ir", help="dump the graph after each pass into this folder")
     p.add_argument("--no-verify", action="store_true", help="skip the fidelity check")

@@ -69,9 +69,21 @@ def window_softmax_terms(
     keep = valid.unsqueeze(0).unsqueeze(0)  # (1,1,S,R)
     if key_padding is not None:
         keep = keep & key_padding.to(torch.bool)[:, idx_c].unsqueeze(1)  # (B,1,S,R)
+    return softmax_terms(q, kg, vg, keep, scale=scale)
+
+
+def softmax_terms(q: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor, keep: torch.Tensor, *, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window's softmax terms over gathered keys: (Σ_r e_r vg_r, Σ_r e_r) with e_r = exp(s q·kg_r − c) where
+    ``keep``, 0 elsewhere, c = the largest kept logit.
+
+    q (B,H,S,D); kg (B,H,S,R,D) and vg (B,H,S,R,Dv), the R window keys/values of each query (any axis may be 1 and
+    broadcast: the decode step passes its (B,Hkv,1,W,D) key buffer with q grouped as (B,Hkv,G,D)); keep (…,S,R)
+    bool, broadcast against the logits (B,H,S,R). → ((B,H,S,Dv), (B,H,S,1)) in q's dtype. Rows with nothing kept
+    give 0 and 0 (:func:`mix` then returns the rest operator's output)."""
     logits = (kg @ q.unsqueeze(-1)).squeeze(-1) * scale  # (B,H,S,R)
     low = torch.finfo(logits.dtype).min
-    masked = torch.where(keep, logits, torch.full((), low, dtype=logits.dtype, device=dev))
+    masked = torch.where(keep, logits, torch.full((), low, dtype=logits.dtype, device=q.device))
     c = masked.amax(-1, keepdim=True)
     e = torch.exp(masked - c) * keep.to(logits.dtype)
     num = (e.unsqueeze(-2) @ vg).squeeze(-2)

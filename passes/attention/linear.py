@@ -106,14 +106,24 @@ def linear_attention(
     else:  # non-causal without a window returned above
         r = causal_apply(fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form) + reverse_apply(
             fq, fk, v1, shift=w, chunk=chunk_size, form=causal_form)
-    num, den = r[..., :-1], r[..., -1:]
-    out = num / (den + eps)
+    win = gamma = None
     if w:
-        wn, wd = hybrid.window_softmax_terms(q.to(cd), k.to(cd), vc, scale=scale, window=w, causal=causal,
-                                             key_padding=key_padding)
+        win = hybrid.window_softmax_terms(q.to(cd), k.to(cd), vc, scale=scale, window=w, causal=causal,
+                                          key_padding=key_padding)
         gamma = hybrid.window_gamma(params, q.shape[1], cd, q.device)
-        out = hybrid.mix(wn, wd, num, den, out, gamma)
-    return out.to(q.dtype)
+    return readout(r[..., :-1], r[..., -1:], eps=eps, window_terms=win, gamma=gamma).to(q.dtype)
+
+
+def readout(num: torch.Tensor, den: torch.Tensor, *, eps: float,
+            window_terms: tuple[torch.Tensor, torch.Tensor] | None = None, gamma: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Linear attention's output from the rest operator's numerator φ(q)ᵀΣφ(k)vᵀ (…,E) and mass φ(q)·Σφ(k)
+    (…,1): num / (den + ε); with the hybrid window's softmax terms (:func:`hybrid.softmax_terms`) and gate γ, the
+    two mixed by :func:`hybrid.mix`. Shared by the eager/exported forms and the decode step."""
+    out = num / (den + eps)
+    if window_terms is None:
+        return out
+    return hybrid.mix(*window_terms, num, den, out, gamma)
 
 
 def init_params(heads: int, head_dim: int, options: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -166,6 +166,23 @@ def _apply_offset(fq, fk, v, a, b, rq, rk, *, chunk: int, form: str) -> torch.Te
     return out[:, :, b:b + s_len]
 
 
+def _shifted_equal(fq, fk, v, shift: int, *, chunk: int, form: str) -> torch.Tensor:
+    """Equal symbolic lengths N with ``shift`` > 0 (the hybrid window): out_i = fq_iᵀ Σ_{j <= i - shift} fk_j v_jᵀ.
+
+    Query i is read at row i − shift of the plain causal form (which sums keys j <= that row): the queries are
+    gathered ``shift`` rows up (rows past N − shift repeat the last query; never read back) and the result gathered
+    ``shift`` rows down, rows i < shift zeroed. Gathers by clamped indices, no Concat or Pad with an N-dependent
+    extent and no S + T + shift offset axis (half its rows)."""
+    n = fq.shape[-2]
+    torch._check(fk.shape[-2] == n)
+    torch._check(v.shape[-2] == n)
+    rows = torch.arange(n, device=fq.device)
+    up = fq.index_select(-2, torch.clamp(rows + shift, max=n - 1))
+    out = _causal_equal(up, fk, v, chunk=chunk, form=form)
+    down = out.index_select(-2, torch.clamp(rows - shift, min=0))
+    return down * (rows >= shift).to(out.dtype)[:, None]
+
+
 def _same_length(a, b) -> bool:
     """True when two (possibly symbolic) lengths are provably equal without adding a guard."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -194,9 +211,11 @@ def causal_apply(
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
     s_len, t_len = fq.shape[-2], fk.shape[-2]
-    if shift == 0 and not _concrete(s_len, t_len) and _same_length(s_len, t_len):
+    if not _concrete(s_len, t_len) and _same_length(s_len, t_len):
         # self-attention under tracing: one symbolic length, no offset axis
-        return _causal_equal(fq, fk, v, chunk=chunk, form=form)
+        if shift == 0:
+            return _causal_equal(fq, fk, v, chunk=chunk, form=form)
+        return _shifted_equal(fq, fk, v, shift, chunk=chunk, form=form)
     if _concrete(s_len, t_len):
         if s_len == t_len and shift == 0:
             return _causal_equal(fq, fk, v, chunk=chunk, form=form)

@@ -123,13 +123,25 @@ def mala_attention(
     c = core(ones_q, mk)
     num_raw, z_raw = r[..., :-1], r[..., -1:]
     sum_v, n = c[..., :-1], c[..., -1:]
-    y = mala_readout(num_raw, z_raw, sum_v, n, scale=scale, eps=eps)
+    win = gamma = None
     if w:
-        wn, wd = hybrid.window_softmax_terms(q.to(cd), k.to(cd), vc, scale=scale, window=w, causal=causal,
-                                             key_padding=key_padding)
+        win = hybrid.window_softmax_terms(q.to(cd), k.to(cd), vc, scale=scale, window=w, causal=causal,
+                                          key_padding=key_padding)
         gamma = hybrid.window_gamma(params, h, cd, q.device)
-        y = hybrid.mix(wn, wd, z_raw * y, z_raw, y, gamma)
-    return y.to(q.dtype)
+    return hybrid_readout(num_raw, z_raw, sum_v, n, scale=scale, eps=eps, window_terms=win, gamma=gamma
+                          ).to(q.dtype)
+
+
+def hybrid_readout(num_raw, z_raw, sum_v, n, *, scale: float, eps: float,
+                   window_terms: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   gamma: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`mala_readout` over the rest keys; with the hybrid window's softmax terms and gate γ, mixed by
+    :func:`hybrid.mix` with the rest weighted by its raw linear mass z_raw = φ(q)·Σ_rest φ(k). Shared by the
+    eager/exported forms and the decode step."""
+    y = mala_readout(num_raw, z_raw, sum_v, n, scale=scale, eps=eps)
+    if window_terms is None:
+        return y
+    return hybrid.mix(*window_terms, z_raw * y, z_raw, y, gamma)
 
 
 def init_params(heads: int, head_dim: int, options: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -3,8 +3,10 @@
 ``OUT_DIR/prefill.onnx``: (input_ids, positions) → (logits, next_state.{i}.S, next_state.{i}.z for every layer i);
 ``OUT_DIR/step.onnx``: (input_ids (B, 1), positions (B, 1), state.{i}.S, state.{i}.z) → (logits (B, 1, vocab),
 next_state.{i}.S, next_state.{i}.z) (names: :mod:`passes.decode.graphs`);
-``OUT_DIR/decode.json``: the manifest (family, variant and options, vocabulary size, eos/bos ids, the state names
-and shapes, the maximum position); tokenizer files are copied beside them when the model folder has them.
+(with the hybrid window W, each layer's state adds the last W keys/values and their slot mask:
+:mod:`passes.decode.state`); ``OUT_DIR/decode.json``: the manifest (family, variant and options, window, vocabulary
+size, eos/bos ids, the state names and shapes, the maximum position); tokenizer files are copied beside them when
+the model folder has them.
 
 The attention pass runs first on the model's exported program (recognition, per-site options and parameters: the
 same as ``softswap convert``, so parameters given as ``params`` — e.g. from ``softswap transfer`` — carry over);
@@ -86,8 +88,6 @@ def _sites(loaded: mio.LoadedModel, name: str, options: Mapping[str, Any] | None
     from rewrite.graph.fx import FxGraph
     from rewrite.passes import get_pass
     apass = get_pass(f"attention.{name}", options=dict(options or {}), params=params)
-    if apass.variant_options.get("window", 0):
-        raise OptionError("--decode: the hybrid sliding window (option window) has no decode form yet")
     decisions, _, chosen, modules = apass._plan(FxGraph(loaded.ep.module()), loaded)
     src = loaded.source
     sites = {d.site.name: d.site for d in decisions}
@@ -189,6 +189,7 @@ def export_decode(model: Any, out_dir: str | os.PathLike[str], *, attention: str
         manifest = {
             "format": FORMAT, "family": adapter.family, "architecture": type(lm).__name__, "variant": name,
             "options": {k: v for k, v in apass.variant_options.items()}, "layers": adapter.layers,
+            "window": int(apass.variant_options.get("window", 0) or 0),
             "heads": adapter.heads, "kv_heads": adapter.kv_heads, "head_dim": adapter.head_dim,
             "vocab_size": vocab, "eos_token_id": getattr(cfg, "eos_token_id", None),
             "bos_token_id": getattr(cfg, "bos_token_id", None), "max_positions": adapter.max_positions or None,

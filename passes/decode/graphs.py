@@ -2,7 +2,8 @@
 + new state). Inputs and outputs are flat tensors, named by :func:`io_names`: ``input_ids`` (B, N) int64,
 ``positions`` (B, N) int64, ``logits`` (B, N, vocab), and per layer the state inputs ``state.{i}.S`` (B, Hs, F, E)
 and ``state.{i}.z`` (B, Hs, F, 1) (MALA also ``state.{i}.v`` (B, Hs, 1, E) and ``state.{i}.n`` (B, Hs, 1, 1)) and
-the state outputs ``next_state.{i}.S`` / ``next_state.{i}.z`` (same shapes;
+with the hybrid window (W) also ``state.{i}.win_k`` (B, Hkv, W, D), ``state.{i}.win_v`` (B, Hkv, W, E) and
+``state.{i}.win_m`` (B, 1, W, 1); the state outputs ``next_state.{i}.S`` / ``next_state.{i}.z`` … (same shapes;
 ONNX forbids one name for an input and an output). Feed a graph's ``next_state.*`` to the next step's ``state.*``."""
 from __future__ import annotations
 

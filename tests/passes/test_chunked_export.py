@@ -34,13 +34,14 @@ class _SelfCausal(torch.nn.Module):
     """Self-attention as in a model: q, k, v cut from one input, so they share one symbolic length under export
     (the path without the S + T offset axis; ``auto`` is the chunked form there)."""
 
-    def __init__(self, fn, form: str):
+    def __init__(self, fn, form: str, window: int = 0):
         super().__init__()
-        self.fn, self.form = fn, form
+        self.fn, self.form, self.window = fn, form, window
 
     def forward(self, x):
         q, k, v = x.chunk(3, dim=-1)
-        return self.fn(q, k, v, scale=0.35, causal=True, causal_form=self.form, chunk_size=CHUNK)
+        kw = {"window": self.window} if self.window else {}
+        return self.fn(q, k, v, scale=0.35, causal=True, causal_form=self.form, chunk_size=CHUNK, **kw)
 
 
 def _qkv(n: int, seed: int, t: int | None = None, d: int = 8):
@@ -218,3 +219,29 @@ def test_exported_memory_does_not_grow_as_n_f_e(form, grows_as_nfe):
         rows = 2 * n + 2 * CHUNK
         assert big <= 2 * max(rows * max(CHUNK, d + 1), (rows // CHUNK + 1) * d * (d + 1)), big
         assert big * 3 < nfe
+
+
+@pytest.mark.parametrize("name,window", [("linear", 3), ("mala", 3), ("linear", 30)])
+def test_exported_self_attention_hybrid_matches_eager(name, window, tmp_path):
+    """The hybrid window on one shared length symbol (the form a model's prefill exports: the rest keys read by
+    shifted gathers, no offset axis): FX and onnxruntime at N = 21 and 45 (window 30: N below and above it) equal
+    the eager prefix form in fp64 to 1e-5."""
+    fn = FNS[name]
+    m = _SelfCausal(fn, "chunked", window)
+    x0 = torch.cat(_qkv(12, 0), dim=-1)
+    dim = torch.export.Dim("N", min=2, max=8192)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        ep = torch.export.export(m, (x0,), dynamic_shapes={"x": {2: dim}})
+        onx = torch.onnx.export(m, (x0,), dynamic_shapes={"x": {2: dim}}, dynamo=True, opset_version=18,
+                                verbose=False)
+    onx.save(str(tmp_path / "m.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for n in (21, 45):
+        q, k, v = _qkv(n, n)
+        ref = fn(q.double(), k.double(), v.double(), scale=0.35, causal=True, causal_form="prefix",
+                 window=window).float()
+        x = torch.cat([q, k, v], dim=-1)
+        assert _err(ep.module()(x), ref) <= 1e-5, f"FX n={n}"
+        assert _err(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref) <= 1e-5, f"onnxruntime n={n}"

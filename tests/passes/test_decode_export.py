@@ -216,7 +216,6 @@ def test_convert_decode_refusals(folders, tmp_path, capsys):
     cases = [
         ([str(_bert_folder(tmp_path)), "--attention", "linear"], "bert"),  # encoder: unsupported family
         ([str(folders["gpt2"]), "--attention", "sigmoid"], "no decode form"),
-        ([str(folders["gpt2"]), "--attention", "linear", "--option", "window=4"], "window"),
         ([str(folders["gpt2"]), "--attention", "linear", "--head", "svm"], "--head"),
     ]
     base = tmp_path / "gpt2_base"
