@@ -17,6 +17,7 @@ Sources (:func:`load_calibration`):
 
 Every batch is a ``dict[str, np.ndarray]`` keyed by the model's input names, with the dtypes the model expects.
 The split is deterministic: the last ``held_out`` fraction of the samples (in the given order) is held out.
+:func:`stage2_batches` adds, for the default text only, further corpus lines for LoRA stage 2.
 """
 from __future__ import annotations
 
@@ -327,7 +328,8 @@ def stage2_batches(loaded: LoadedModel, data: Any, calib: Calibration, *, tokeni
     if pack_tokens:
         tok = _tokenizer_for(loaded, tokenizer, "stage-2 text")
         lengths = [len(ids) - 2 for ids in tok(lines)["input_ids"]]
-        lines, size, max_length = pack_lines(lines, lengths, pack_tokens), packed_batch, max(max_length, pack_tokens + 2)
+        lines, size = pack_lines(lines, lengths, pack_tokens), packed_batch
+        max_length = max(max_length, pack_tokens + 2)
     extra = tokenize_lines(lines, loaded, tokenizer=tokenizer, batch_size=size, max_length=max_length,
                            source="stage-2 text")
     return list(calib.train) + extra

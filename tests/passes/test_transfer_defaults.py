@@ -257,7 +257,8 @@ def test_default_stage2_text_adds_later_corpus_lines_packed(minilm: LoadedModel,
     # unpacked (the default): one corpus line per sample, batched like the calibration
     plain = stage2_batches(minilm, None, cal, max_samples=160, extra_lines=40, pack_tokens=0)
     assert all(b["input_ids"].shape[0] <= 16 for b in plain)
-    assert sorted(_decode(plain[len(cal.train):], tok)) == sorted(" ".join(words(s)) for s in corpus.calibration[160:200])
+    assert sorted(_decode(plain[len(cal.train):], tok)) == \
+        sorted(" ".join(words(s)) for s in corpus.calibration[160:200])
     # a user's own text: stage 2 trains on its calibration split only
     path = tmp_path / "mine.txt"
     path.write_text("\n".join(f"Sentence number {i} of mine." for i in range(40)))

@@ -13,7 +13,9 @@ as the mean (and minimum) cosine between the original and converted sentence emb
 Calibration is what ``softswap transfer`` does by default (``data=None``): for MiniLM, whose folder ships a
 tokenizer, the calibration split of the offline corpus (:func:`passes.transfer.corpus.offline_corpus`:
 standard-library docstrings and installed packages' README/licence prose, interleaved), first ``--calib``
-sentences; then the default stage 2 (``--stage2-steps``, default ``DEFAULT_STAGE2_STEPS``; 0 = off). Two evaluation
+sentences; then the default stage 2 (``--stage2-steps``, default ``DEFAULT_STAGE2_STEPS``; 0 = off) over the
+transfer's default stage-2 text (:func:`passes.transfer.data.stage2_batches`: the train split plus the next
+``STAGE2_EXTRA_LINES`` corpus lines, none of them in any evaluation set — asserted). Two evaluation
 sets, side by side:
 
 - **in-domain**: the held-out split of the same offline corpus (disjoint by hash);
