@@ -441,7 +441,7 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     if report_path is not None:
         mio.check_output_path(report_path, (".json",))
     _check_numbers(stage2_steps=stage2_steps, stage2_rank=stage2_rank, stage2_lr=stage2_lr)
-    from .data import has_tokenizer
+    from .data import has_tokenizer, stage2_batches
     from .phases import PhaseClock
     from .stage2 import STAGE1_SHARE, lora_stage2, stage2_plan
     clock = PhaseClock()
@@ -489,8 +489,11 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         if threads:
             torch.set_num_threads(threads)
         try:
-            report["stage2"] = lora_stage2(new_model, loaded, calib.train, rank=stage2_rank, steps=n_stage2,
+            s2_train = stage2_batches(loaded, data, calib, tokenizer=tokenizer, max_samples=max_samples,
+                                      max_length=max_length)  # default text: calib.train + further (long) samples
+            report["stage2"] = lora_stage2(new_model, loaded, s2_train, rank=stage2_rank, steps=n_stage2,
                                            lr=stage2_lr, seed=seed, minutes=deadline_min, dp=dp)
+            report["stage2"]["train_batches"] = len(s2_train)
         finally:
             torch.set_num_threads(previous_threads)
         if dp is not None:

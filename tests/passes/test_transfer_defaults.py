@@ -218,3 +218,49 @@ def test_manuals_corpus_reads_info_and_pod_and_never_calibrates(tmp_path) -> Non
     assert corpus.calibration == ()
     assert sorted(corpus.held_out) == sorted(["The manual explains how the program sorts the words of a file.",
                                               "A paragraph of bold text that names the guide here."])
+
+
+def test_pack_lines_joins_consecutive_lines_to_a_token_target() -> None:
+    from passes.transfer.data import pack_lines
+    lines = [f"s{i}" for i in range(40)]
+    lengths = [3 + (i * 7) % 11 for i in range(40)]
+    packed = pack_lines(lines, lengths, 20, seed=0)
+    # every line once, in order; each sample but the last reaches at least half the budget, and a sample only
+    # goes past the budget by its last line
+    assert " ".join(packed).split() == lines
+    by_name = dict(zip(lines, lengths))
+    for sample in packed[:-1]:
+        n = [by_name[w] for w in sample.split()]
+        assert sum(n) >= 10 and sum(n[:-1]) < 20
+    assert packed == pack_lines(lines, lengths, 20, seed=0) and len(packed) > 5
+
+
+def test_default_stage2_text_adds_later_corpus_lines_packed(minilm: LoadedModel, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from passes.transfer.data import stage2_batches
+    tok = AutoTokenizer.from_pretrained(str(minilm.extra["hf"].tokenizer_path), local_files_only=True)
+    cal = load_calibration(minilm, None, batch_size=16, max_samples=160)
+    batches = stage2_batches(minilm, None, cal, max_samples=160, extra_lines=60, pack_tokens=64, packed_batch=4)
+    assert _same(batches[:len(cal.train)], cal.train)
+    extra = batches[len(cal.train):]
+    assert extra and all(b["input_ids"].shape[0] <= 4 for b in extra)
+    corpus = offline_corpus()
+    words = lambda s: tok.decode(tok(s)["input_ids"], skip_special_tokens=True).split()  # noqa: E731
+    # the packed samples hold exactly the 60 corpus lines after the first 160, none of the held-out text
+    assert sorted(w for s in _decode(extra, tok) for w in s.split()) == \
+        sorted(w for s in corpus.calibration[160:220] for w in words(s))
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in extra]
+    assert max(lengths) > 40 and max(lengths) <= 128
+    again = stage2_batches(minilm, None, cal, max_samples=160, extra_lines=60, pack_tokens=64, packed_batch=4)
+    assert _same(batches, again)
+    # unpacked (the default): one corpus line per sample, batched like the calibration
+    plain = stage2_batches(minilm, None, cal, max_samples=160, extra_lines=40, pack_tokens=0)
+    assert all(b["input_ids"].shape[0] <= 16 for b in plain)
+    assert sorted(_decode(plain[len(cal.train):], tok)) == \
+        sorted(" ".join(words(s)) for s in corpus.calibration[160:200])
+    # a user's own text: stage 2 trains on its calibration split only
+    path = tmp_path / "mine.txt"
+    path.write_text("\n".join(f"Sentence number {i} of mine." for i in range(40)))
+    own = load_calibration(minilm, str(path), batch_size=8)
+    assert _same(stage2_batches(minilm, str(path), own, max_samples=160), own.train)

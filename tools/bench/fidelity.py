@@ -13,7 +13,9 @@ as the mean (and minimum) cosine between the original and converted sentence emb
 Calibration is what ``softswap transfer`` does by default (``data=None``): for MiniLM, whose folder ships a
 tokenizer, the calibration split of the offline corpus (:func:`passes.transfer.corpus.offline_corpus`:
 standard-library docstrings and installed packages' README/licence prose, interleaved), first ``--calib``
-sentences; then the default stage 2 (``--stage2-steps``, default ``DEFAULT_STAGE2_STEPS``; 0 = off). Two evaluation
+sentences; then the default stage 2 (``--stage2-steps``, default ``DEFAULT_STAGE2_STEPS``; 0 = off) over the
+transfer's default stage-2 text (:func:`passes.transfer.data.stage2_batches`: the train split plus the next
+``STAGE2_EXTRA_LINES`` corpus lines, none of them in any evaluation set — asserted). Two evaluation
 sets, side by side:
 
 - **in-domain**: the held-out split of the same offline corpus (disjoint by hash);
@@ -62,7 +64,7 @@ from passes.transfer.transfer import DEFAULT_MAX_SAMPLES, DEFAULT_STEPS  # noqa:
 from passes.transfer.corpus import (man_pages_corpus, manuals_corpus, offline_corpus,  # noqa: E402
                                     system_docs_corpus)
 from passes.transfer.stage2 import DEFAULT_STAGE2_STEPS  # noqa: E402
-from passes.transfer.data import tokenize_lines  # noqa: E402
+from passes.transfer.data import STAGE2_EXTRA_LINES, stage2_batches, tokenize_lines  # noqa: E402
 from rewrite.attention_pass import AttentionRewritePass  # noqa: E402
 from rewrite.hf import minilm_path  # noqa: E402
 from rewrite.io import load_model  # noqa: E402
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     loaded = load_model(minilm_path())
     corpus = offline_corpus()
-    cal_lines = list(corpus.calibration[:args.calib])
+    cal_lines = list(corpus.calibration[:args.calib + STAGE2_EXTRA_LINES])  # stage 1 + the default stage-2 text
     sets = {"in": list(corpus.held_out[:args.eval])}
     sources = {"in": f"held-out split of {corpus.source}"}
     for name in [n for n in args.ood.split(",") if n]:
@@ -194,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage2_steps and variant_name in ("linear", "mala"):
             from passes.transfer.stage2 import lora_stage2
             torch.set_num_threads(1)  # as the transfer default (threads=1) does
-            row["stage2"] = lora_stage2(fitted, loaded, calib.train, rank=args.stage2_rank, steps=args.stage2_steps,
+            s2_train = stage2_batches(loaded, None, calib, max_samples=args.calib)  # as the transfer default
+            row["stage2"] = lora_stage2(fitted, loaded, s2_train, rank=args.stage2_rank, steps=args.stage2_steps,
                                         lr=args.stage2_lr, seed=args.seed)
+            row["stage2"]["train_batches"] = len(s2_train)
             row["after_stage2"] = stats(fitted)
             console.print(f"{name}+stage2: " + ", ".join(f"{k} {v['mean']:.4f} (worst {v['min']:.4f})"
                                                        for k, v in row["after_stage2"].items())
@@ -238,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": str(minilm_path()), "eval_sentences": {k: len(v) for k, v in sets.items()},
               "eval_sources": sources, "eval_texts": sets,
               "eval_tokens": n_tokens,
-              "calibration_sentences": len(cal_lines), "steps": steps, "minutes": args.minutes, "seed": args.seed,
+              "calibration_sentences": args.calib, "stage2_extra_lines": STAGE2_EXTRA_LINES, "steps": steps,
+              "minutes": args.minutes, "seed": args.seed,
               "batch_size": args.batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.platform(), "cpu": describe(), "rows": rows, "seconds": round(time.time() - t0, 1)}
     out = Path(args.out)
