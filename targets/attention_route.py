@@ -32,7 +32,7 @@ from tvm.sym.analyzer import Analyzer
 
 from .attention_kernel import (AttentionShape, MaskLayout, SymbolicAttention, SymbolicMask, make_attention_kernel,
                                make_symbolic_attention_kernel, supported, value_lanes)
-from .relax_util import dim_product, tensor_const
+from .relax_util import dim_product, rewrite_functions, routing_pass, tensor_const
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,18 @@ def _same_dims(a: list, b: list) -> bool:
     return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= int(d)
-    return out
+def _chain_dims(a, b, vv, out, score: list) -> tuple[list, list, list, list] | str:
+    """The dims of q (…, N, D), kᵀ (…, D, M), v (…, M, Dv) and the output of an attention chain whose scores have
+    dims ``score`` (…, N, M), when every operand's leading dims multiply to the scores' and the inner dims chain
+    (static ints or provably equal run-time extents); else the reason they do not."""
+    dims = [_dims(x) for x in (a, b, vv, out)]
+    lead = dim_product(score[:-2])
+    if any(x is None or len(x) < 2 or not _same(dim_product(x[:-2]), lead) for x in dims):
+        return f"operand shapes {dims[0]} {dims[1]} {dims[2]} vs scores {score}"
+    da, db, dv_, _ = dims
+    if not (_same(db[-2], da[-1]) and _same(dv_[-2], db[-1]) and _same_dims(score[-2:], [da[-2], db[-1]])):
+        return f"inner dims do not chain: q {da}, k {db}, v {dv_}, scores {score}"
+    return dims[0], dims[1], dims[2], dims[3]
 
 
 def _op(expr, name: str) -> bool:
@@ -247,13 +254,11 @@ class _AttentionRouter(relax.PyExprMutator):
         if None in (sa, sb, sv, so) or not all(isinstance(x, int) for x in score) or \
                 (mask is not None and _shape(mask) is None):
             return self._route_symbolic(call, m)
-        lead = score[:-2]
-        if None in (sa, sb, sv, so) or any(len(s) < 2 or _prod(s[:-2]) != _prod(lead) for s in (sa, sb, sv, so)):
-            log.debug("attention chain not fused: operand shapes %s %s %s vs scores %s", sa, sb, sv, score)
+        chain = _chain_dims(a, b, vv, call, score)
+        if isinstance(chain, str):
+            log.debug("attention chain not fused: %s", chain)
             return super().visit_call_(call)
         n, d, mm, dv = sa[-2], sa[-1], sb[-1], sv[-1]
-        if sb[-2] != d or sv[-2] != mm or score[-2:] != [n, mm]:
-            return super().visit_call_(call)
         layout = None
         if mask is not None:
             ms = _shape(mask)
@@ -261,7 +266,7 @@ class _AttentionRouter(relax.PyExprMutator):
             if layout is None:
                 log.debug("attention chain not fused: mask shape %s does not broadcast to %s", ms, score)
                 return super().visit_call_(call)
-        bh = _prod(lead)
+        bh = dim_product(score[:-2])
         shape = AttentionShape(bh, n, mm, d, dv, self.lanes, float(scale), layout)
         why = supported(shape)
         if why:
@@ -285,17 +290,15 @@ class _AttentionRouter(relax.PyExprMutator):
         """The chain ``m`` with run-time dims: the run-time-shaped kernel (one per head dims, scale and mask layout)
         when the head dims are static and every leading dim but the first is static, else the unfused path."""
         a, b, vv, mask, scale, score = m
-        da, db, dv_, do = _dims(a), _dims(b), _dims(vv), _dims(call)
-        lead = score[:-2]
-        if None in (da, db, dv_, do) or any(len(x) < 2 or not _same(dim_product(x[:-2]), dim_product(lead))
-                                            for x in (da, db, dv_, do)):
-            log.debug("symbolic attention chain not fused: operand shapes %s %s %s vs scores %s", da, db, dv_, score)
+        chain = _chain_dims(a, b, vv, call, score)
+        if isinstance(chain, str):
+            log.debug("symbolic attention chain not fused: %s", chain)
             return super().visit_call_(call)
+        da, db, dv_, do = chain
+        lead = score[:-2]
         n, d, mm, dv = da[-2], da[-1], db[-1], dv_[-1]
         if not (isinstance(d, int) and isinstance(dv, int)) or any(not isinstance(x, int) for x in lead[1:]):
             log.debug("symbolic attention chain not fused: run-time head or inner leading dims %s", score)
-            return super().visit_call_(call)
-        if not (_same(db[-2], d) and _same(dv_[-2], mm) and _same_dims(score[-2:], [n, mm])):
             return super().visit_call_(call)
         smask, mdims = None, None
         if mask is not None:
@@ -325,14 +328,13 @@ class _AttentionRouter(relax.PyExprMutator):
         return relax.op.reshape(out, do)
 
     def run(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.var2val = relax.analysis.get_var2val(func)
-                counter = _UseCounter()
-                counter.visit_expr(func)
-                self.uses = counter.uses
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        def read(func: relax.Function) -> None:
+            self.var2val = relax.analysis.get_var2val(func)
+            counter = _UseCounter()
+            counter.visit_expr(func)
+            self.uses = counter.uses
+
+        return rewrite_functions(self, read)
 
 
 def RouteAttention(target: tvm.target.Target):  # noqa: N802 - pass constructor naming, like TVM's
@@ -341,14 +343,6 @@ def RouteAttention(target: tvm.target.Target):  # noqa: N802 - pass constructor 
     from .softmax_kernels import vector_bits_of
 
     lanes = 16 if vector_bits_of(target) >= 512 else 8
-
-    @tvm.transform.module_pass(opt_level=0, name="RouteAttention")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        router = _AttentionRouter(mod, lanes)
-        out = router.run()
-        if router.routed:
-            out = relax.transform.DeadCodeElimination()(out)
-        log.info("fused %d softmax attention block(s) into hand kernels", router.routed)
-        return out
-
-    return _pass
+    return routing_pass("RouteAttention", lambda mod: _AttentionRouter(mod, lanes),
+                        "fused %d softmax attention block(s) into hand kernels", drop_dead_code=True,
+                        log_when_none=True, logger=log)

@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 from tvm.sym.analyzer import Analyzer
 
-from .relax_util import dim_product, op_name, tensor_const
+from .relax_util import dim_product, op_name, rewrite_functions, routing_pass, tensor_const
 from .bitlinear import (MAX_INPUTS, choose_bit_kernel, make_bgemm_kernel, make_pack_kernel, pack_weights,
                         padded_outputs, words_of)
 
@@ -218,27 +218,21 @@ class _BitLinearRouter(relax.PyExprMutator):
         return relax.op.reshape(y, b.out_shape)
 
     def run(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.var2val = dict(relax.analysis.get_var2val(func))
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        def read(func: relax.Function) -> None:
+            self.var2val = dict(relax.analysis.get_var2val(func))
+
+        return rewrite_functions(self, read)
 
 
 def RouteBitLinear(target: tvm.target.Target):  # noqa: N802 - pass constructor naming, like TVM's
     """Module pass replacing binary linears by the bit-packed kernels (module docstring); the signs and float
     weights they no longer need are removed."""
 
-    @tvm.transform.module_pass(opt_level=0, name="RouteBitLinear")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        router = _BitLinearRouter(mod, target)
-        out = router.run()
-        if router.routed:
-            out = relax.transform.DeadCodeElimination()(out)
-            log.info("routed %d binary linear(s) to bit-packed kernels", router.routed)
+    def report_skipped(router: _BitLinearRouter) -> None:
         if router.skipped:
             reasons = sorted({r.split(" (")[0] for r in router.skipped})
             log.info("%d sign-input matmul(s) left to TVM's matmul: %s", len(router.skipped), "; ".join(reasons))
-        return out
 
-    return _pass
+    return routing_pass("RouteBitLinear", lambda mod: _BitLinearRouter(mod, target),
+                        "routed %d binary linear(s) to bit-packed kernels", drop_dead_code=True,
+                        report=report_skipped, logger=log)

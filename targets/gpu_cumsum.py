@@ -22,6 +22,8 @@ from . import _env  # noqa: F401
 import tvm
 from tvm import relax
 
+from .relax_util import rewrite_functions, routing_pass
+
 log = logging.getLogger(__name__)
 
 
@@ -71,22 +73,11 @@ class _CumsumRouter(relax.PyExprMutator):
         return relax.op.reshape(y3, ty.shape)
 
     def run(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return rewrite_functions(self)
 
 
 def RouteSymbolicCumsum():  # noqa: N802 - pass constructor naming, like TVM's
     """Module pass: non-last-axis ``relax.cumsum`` with run-time dims -> TVM's serial axis-1 scan kernel (see the
     module docstring); logs how many calls it rewrote."""
-
-    @tvm.transform.module_pass(opt_level=0, name="RouteSymbolicCumsum")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        router = _CumsumRouter(mod)
-        out = router.run()
-        if router.routed:
-            log.info("routed %d cumsum call(s) with run-time dims to the serial-scan CUDA kernel", router.routed)
-        return out
-
-    return _pass
+    return routing_pass("RouteSymbolicCumsum", _CumsumRouter,
+                        "routed %d cumsum call(s) with run-time dims to the serial-scan CUDA kernel", logger=log)
