@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from machine import describe  # noqa: E402  tools/bench/machine.py
 import detection_eval as ev  # noqa: E402  tools/bench/detection_eval.py
 from passes.detect.config import SoftNMSConfig  # noqa: E402
-from passes.detect.onnx_nms import WINDOW, soft_nms_model, use_matrix, use_top, use_window  # noqa: E402
+from passes.detect.onnx_nms import (STEPS, WINDOW, soft_nms_model, use_isolate, use_matrix,  # noqa: E402
+                                    use_top, use_window)
 
 MIN_SCORE, MAX_DET, SIGMA = 0.001, 100, 0.5
 
@@ -152,6 +153,9 @@ def scene_speed(n_images: int, batch_sizes: tuple[int, ...], seed: int = 0, nt: 
     for method in ("hard", "linear", "gaussian"):  # as the pass builds it for a dynamic N (hard: the op + check)
         sessions[method] = _session(soft_nms_model(SoftNMSConfig(method=method, sigma=SIGMA), matrix=None,
                                                    window=0))
+    for method in ("linear", "gaussian"):  # the same with one pick per Loop iteration (before session 8)
+        sessions[f"{method} 1 step"] = _session(soft_nms_model(SoftNMSConfig(method=method, sigma=SIGMA),
+                                                               matrix=None, window=0, steps=1))
     for method in ("hard", "linear", "gaussian"):
         for matrix in (True, False):
             sessions[f"{method} {'matrix' if matrix else 'rows'}"] = _session(soft_nms_model(
@@ -178,7 +182,8 @@ def speed(sizes: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1, 8), s
     for n, c in sizes:
         for m in ("hard", "linear", "gaussian"):  # as the pass builds it for these static N and C
             soft[m] = _session(soft_nms_model(SoftNMSConfig(method=m, sigma=SIGMA), matrix=use_matrix(n, c, MAX_DET),
-                                              window=use_window(m, n, c), top=use_top(m, n, c, MAX_DET)))
+                                              window=use_window(m, n, c), top=use_top(m, n, c, MAX_DET),
+                                              isolate=use_isolate(m, n)))
         images = []
         for _ in range(max(batch_sizes)):
             xy = rng.uniform(0, 600, (n, 2))
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ms_per_image']:>9.3f}")
     scene_cols = [k for k in scenes[0] if k not in ("batch", "iou_threshold")]
     print(f"\nscenes, CPU ms per image, N_t {scenes[0]['iou_threshold']}, images run `batch` at a time "
-          "(one pick per Loop iteration; ratio: Soft-NMS / onnxruntime NMS)")
+          f"({STEPS} picks per Loop iteration, '1 step': one; ratio: Soft-NMS / onnxruntime NMS)")
     print(f"{'batch':>6}" + "".join(f"{c:>18}" for c in scene_cols))
     for r in scenes:
         base = r["onnxruntime NMS"]
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "onnxruntime": ort.__version__, "settings": {
-        "min_score": MIN_SCORE, "max_det": MAX_DET, "sigma": SIGMA, "window": WINDOW,
+        "min_score": MIN_SCORE, "max_det": MAX_DET, "sigma": SIGMA, "window": WINDOW, "steps": STEPS,
         "time": "process CPU time"}, "scenes": stats, "quality": rows,
         "control_scenes": control_stats, "control_quality": control,
         "scene_speed": scenes, "speed": fast, "pass_ratios": built}, indent=1))
