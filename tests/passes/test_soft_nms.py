@@ -966,9 +966,10 @@ def test_convert_uses_multi_select_or_isolation_on_many_static_boxes(tmp_path, c
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def top_session(method, convention, layout, top):
-    """The graph with the window's ``If`` condition (True: the window's result was taken) as a last output."""
+    """The graph with the window's ``If`` condition (True: the window's result was taken) as a last output (linear:
+    isolated boxes outside the loop, as the pass builds it)."""
     model = soft_nms_model(SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention), layout,
-                           matrix=False, window=0, native=False, top=top)
+                           matrix=False, window=0, native=False, top=top, isolate=method == "linear")
     branch = next(n for n in model.graph.node if n.op_type == "If" and n.name.endswith("top"))
     model.graph.output.append(helper.make_tensor_value_info(branch.input[0], TensorProto.BOOL, None))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -1004,12 +1005,13 @@ def test_top_window_equals_reference_on_both_branches(method, convention, layout
 
 def test_top_window_choice():
     from passes.detect.onnx_nms import use_top
-    assert use_top("linear", 1000, 1, 100) == use_top("linear", 1000, 4, 100) == 200
-    assert use_top("gaussian", 1000, 1, 100) == 200
+    assert use_top("linear", 1000, 1, 100) == use_top("linear", 1000, 4, 100) == 150  # linear: 1.5 max_det
+    assert use_top("gaussian", 1000, 1, 100) == 200                                    # Gaussian: 2 max_det
     assert use_top("gaussian", 1000, 4, 100) == 0                # Gaussian: one class
-    assert use_top("linear", 400, 3, 40) == 80
+    assert use_top("linear", 400, 3, 40) == 60 and use_top("gaussian", 400, 1, 40) == 80
     assert use_top("hard", 1000, 1, 100) == 0                    # onnxruntime's NMS behind its check instead
-    assert use_top("linear", 700, 1, 100) == use_top("linear", 1000, 20, 100) == 0   # N < 4K; many classes
+    assert use_top("linear", 590, 1, 100) == use_top("gaussian", 700, 1, 100) == 0    # N < 4K
+    assert use_top("linear", 1000, 20, 100) == 0                                       # many classes
     assert use_top("linear", 10000, 1, 200) == use_top("linear", None, 1, 100) == use_top("linear", 1000, 1, None) == 0
 
 
@@ -1022,7 +1024,7 @@ def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monk
     assert main(["convert", str(src), "-o", str(out), "--soft-nms", "linear", "--option", "max_det=40",
                  "--json"]) == 0
     site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
-    assert site["top"] == 80 and not site["native_nms"]
+    assert site["top"] == 60 and site["isolate"] and not site["native_nms"]
     feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 400, FEATURES)).astype(np.float32)}
     rewritten = onnx.load(out)
     names = [o.name for o in rewritten.graph.output]
