@@ -32,7 +32,7 @@ from rewrite.sites import NMSSite
 
 from .config import DEFAULT_MIN_SCORE, OPTIONS, SoftNMSConfig, resolve_options
 from .onnx_native import applies
-from .onnx_nms import MATRIX_ALWAYS_BOXES, OPSET, soft_nms_graph, use_matrix, use_top, use_window
+from .onnx_nms import MATRIX_ALWAYS_BOXES, OPSET, soft_nms_graph, use_isolate, use_matrix, use_top, use_window
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class SoftNMSPass(Pass):
             row = {**site.summary(), "status": "replaced", "reason": reason, "method": cfg.method,
                    "options": cfg.summary(), "sources": {k: v[0] for k, v in sources.items()},
                    "scores_output": scores_name, "form": form_name(matrix),
-                   "window": window, "native_nms": native, "top": top}
+                   "window": window, "native_nms": native, "top": top, "isolate": form.isolate}
             rows.append(row)
             lines.append(f"{site.name} ({site.node}): NonMaxSuppression → Soft-NMS {cfg.method} (N_t="
                          f"{_describe(sources['iou'])}, σ={cfg.sigma:g} {cfg.sigma_convention}, min_score="
@@ -117,7 +117,8 @@ class SoftNMSPass(Pass):
                          f"iou_offset={cfg.iou_offset}, {form_name(matrix)}, "
                          f"{f'up to {window} picks' if window else '1 pick'} per iteration"
                          f"{'; NonMaxSuppression where a run-time check proves it equal' if native else ''}"
-                         f"{f'; the {top} top boxes first where provably enough' if top else ''}); decayed "
+                         f"{f'; the {top} top boxes first where provably enough' if top else ''}"
+                         f"{'; isolated boxes outside the loop' if form.isolate else ''}); decayed "
                          f"scores → output '{scores_name}'")
             if readers:
                 lines.append(f"  note: {', '.join(readers)} read {g.value_name(site.output)}; scores they gather "
@@ -172,12 +173,14 @@ class SpliceForm:
     the loop (False), or the graph chooses at run time (None: unknown N). ``window``: the multi-select window
     (:func:`passes.detect.onnx_nms.use_window`; 0: one pick per Loop iteration). ``native``: hard NMS tries
     onnxruntime's ``NonMaxSuppression`` first (:mod:`passes.detect.onnx_native`). ``top``: the top-box window
-    tried first (:func:`passes.detect.onnx_nms.use_top`; 0: none)."""
+    tried first (:func:`passes.detect.onnx_nms.use_top`; 0: none). ``isolate``: boxes no other box changes skip
+    the loop (:func:`passes.detect.onnx_nms.use_isolate`)."""
 
     matrix: bool | None
     window: int
     native: bool
     top: int
+    isolate: bool = False
 
 
 def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, sources: Mapping[str, Any],
@@ -199,7 +202,9 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
                   score_shape[1] if score_shape is not None and len(score_shape) == 3 else None,
                   cfg.max_det if sources["max_det"][0] != "node" or not isinstance(sources["max_det"][1], str)
                   else None)
-    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix, window=window, top=top),
+    isolate = use_isolate(cfg.method, box_shape[1] if box_shape is not None and len(box_shape) == 3 else None)
+    proto = helper.make_model(soft_nms_graph(cfg, layout, dtype, prefix, matrix=matrix, window=window, top=top,
+                                             isolate=isolate),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     sub = ir.from_proto(proto).graph
 
@@ -232,4 +237,4 @@ def _splice(model: ir.Model, g: OnnxGraph, site: NMSSite, cfg: SoftNMSConfig, so
     new_indices.name = old_name  # users and graph outputs keep reading the same name
     new_scores.name = scores_name
     graph.outputs.append(new_scores)
-    return SpliceForm(matrix, window, applies(cfg.method, layout, cfg.iou_offset, dtype), top)
+    return SpliceForm(matrix, window, applies(cfg.method, layout, cfg.iou_offset, dtype), top, isolate)

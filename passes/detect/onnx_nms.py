@@ -15,7 +15,8 @@ class), 0 selecting nothing as in ONNX. The caller may feed constants instead (p
 Structure: all B·C groups are processed together. One ``Loop`` iteration picks, per group, the live box with the
 largest current score (``ArgMax``) and applies its factors (weights, discards) to every box; the picks are scan
 outputs, compacted after the loop with ``NonZero``. The one-pick graph (``window=0``) lives in
-:mod:`passes.detect.onnx_one_pick` (6 ops per iteration in the usual cases). The factors are either gathered from
+:mod:`passes.detect.onnx_one_pick` (4 ops per pick in the usual cases, :data:`STEPS` picks and one condition
+per iteration; isolated boxes can skip the loop, :func:`use_isolate`). The factors are either gathered from
 a (B, N+1, N+1) matrix computed once before the loop (``matrix=True``: fewest ops per iteration) or computed from
 the pick's IoU row inside the loop (memory O(B·C·N)); :func:`use_matrix` chooses from the static box count, or
 leaves it to an ``If`` at run time. The trip count is min(max_output_boxes_per_class, N) (at least 1; a cap of 0
@@ -55,6 +56,12 @@ WINDOW = 8
 WINDOW_MIN_BOXES = 100
 WINDOW_MAX_CLASSES = 4
 MATRIX_MAX_BOXES = 2048
+#: Sequential picks per ``Loop`` iteration of the one-pick graph (the same ops as one pick per iteration, the loop
+#: condition tested once per iteration; :mod:`passes.detect.onnx_one_pick`). Measured (docs/soft_nms.md, session 8):
+#: 4 cuts the scenes' time at batch 1 by ~10–20% against 1; 8 is within noise of 4 at batch 1 and slower at 32.
+STEPS = 4
+#: Static box count from which :func:`use_isolate` takes isolated boxes out of the loop (linear).
+ISOLATE_MIN_BOXES = 100
 
 
 class _Builder:
@@ -222,7 +229,8 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
 
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
                    prefix: str = "", matrix: bool | None = True, window: int | None = None,
-                   native: bool = True, top: int = 0) -> onnx.GraphProto:
+                   native: bool = True, top: int = 0, steps: int | None = None,
+                   isolate: bool | None = None) -> onnx.GraphProto:
     """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
     ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
     graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted).
@@ -240,6 +248,10 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     ``NonMaxSuppression`` first and keep its result where a run-time check proves it equal to ours
     (:mod:`passes.detect.onnx_native`); the ``Loop`` otherwise.
 
+    ``steps``: sequential picks per ``Loop`` iteration of the one-pick graph (default :data:`STEPS`).
+    ``isolate``: boxes that no other box changes skip the one-pick loop (matrix form, usual mode; default off,
+    :func:`use_isolate`); see :mod:`passes.detect.onnx_one_pick`.
+
     ``top`` > 0 (not with ``native`` hard): run Soft-NMS on the ``top`` highest-scoring boxes of every group first
     and keep that result where a run-time bound proves the other boxes irrelevant (:mod:`passes.detect.onnx_top`);
     the full graph otherwise."""
@@ -249,15 +261,19 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
     from .onnx_native import applies, native_hard_graph
     if top > 0 and not (native and applies(cfg.method, center_point_box, cfg.iou_offset, score_dtype)):
         from .onnx_top import top_window_graph
-        return top_window_graph(soft_nms_graph(cfg, center_point_box, score_dtype, f"{prefix}win/", True, 0, native),
-                                soft_nms_graph(cfg, center_point_box, score_dtype, prefix, matrix, window, native),
+        return top_window_graph(soft_nms_graph(cfg, center_point_box, score_dtype, f"{prefix}win/", True, 0, native,
+                                               steps=steps, isolate=isolate),
+                                soft_nms_graph(cfg, center_point_box, score_dtype, prefix, matrix, window, native,
+                                               steps=steps, isolate=isolate),
                                 top, prefix)
     if native and applies(cfg.method, center_point_box, cfg.iou_offset, score_dtype):
         return native_hard_graph(soft_nms_graph(cfg, center_point_box, score_dtype, prefix, matrix, window,
-                                                native=False), prefix)
+                                                native=False, steps=steps, isolate=isolate), prefix)
     if window == 0:
         from .onnx_one_pick import one_pick_graph
-        return one_pick_graph(cfg, center_point_box, score_dtype, prefix, matrix, MATRIX_ALWAYS_BOXES)
+        return one_pick_graph(cfg, center_point_box, score_dtype, prefix, matrix, MATRIX_ALWAYS_BOXES,
+                              steps=STEPS if steps is None else int(steps),
+                              isolate=bool(isolate))
     matrix = bool(matrix)  # the multi-select step has no run-time choice: None means IoU rows
     pad = max(1, window)  # never-live zero boxes appended to every image (TopK needs >= window columns)
     b = _Builder(prefix)
@@ -392,35 +408,54 @@ def use_window(method: str, n_boxes: int | None, n_classes: int | None = None) -
     ≥ :data:`WINDOW_MIN_BOXES` random boxes of ≤ :data:`WINDOW_MAX_CLASSES` classes gain at batch 1 (most
     top-scoring candidates do not overlap) and tie or lose batched; 20 classes lose (one pick 3.6 ms against
     5.8 ms per image at 300 boxes); the ~30-box scenes lose; Bodla's Gaussian, which decays every box with IoU > 0,
-    ends the prefix at the first overlap of any size, so it keeps the one-pick body. Unknown N or C: one pick.
+    ends the prefix at the first overlap of any size, so it keeps the one-pick body. Linear (session 8) keeps the
+    one-pick body with isolated boxes out of the loop (:func:`use_isolate`): 100 random boxes × 1 class 6.5× against
+    13.9× onnxruntime's NMS at batch 1 with the multi-select step, a tie at 1000 × 4. Unknown N or C: one pick.
     """
-    if method == "gaussian" or not isinstance(n_boxes, int) or n_boxes < WINDOW_MIN_BOXES or \
+    if method != "hard" or not isinstance(n_boxes, int) or n_boxes < WINDOW_MIN_BOXES or \
             not isinstance(n_classes, int) or n_classes > WINDOW_MAX_CLASSES:
         return 0
     return WINDOW
 
 
+def use_isolate(method: str, n_boxes: int | None) -> bool:
+    """Whether the one-pick graph takes isolated boxes (no other box changes them: factor exactly 1) out of the
+    loop, from the method and the static box count (None: unknown). Linear only, for N ≥ :data:`ISOLATE_MIN_BOXES`:
+    on 100–300 random boxes most linear interactions vanish (IoU ≤ N_t leaves a score unchanged), so the loop
+    runs for the few boxes that interact (simulated iterations, 100 picks: 100 × 1 class 100 → 6, 300 × 20 classes
+    100 → 51, the 200-box top window of 1000 boxes 100 → 27) at the price of ~6 ops around it; on the ~30-box
+    scenes (most boxes overlap) it saves ~2 of 27 iterations and costs ~10%, and Bodla's Gaussian changes every
+    overlapping box, so neither uses it (docs/soft_nms.md, session 8)."""
+    return method == "linear" and isinstance(n_boxes, int) and n_boxes >= ISOLATE_MIN_BOXES
+
+
 def use_top(method: str, n_boxes: int | None, n_classes: int | None, max_det: int | None) -> int:
     """The window of :mod:`passes.detect.onnx_top` the pass uses (0: none), from static counts (None: unknown):
-    K = 2·max_det when N ≥ 4·K, K ≤ :data:`MATRIX_ALWAYS_BOXES` and at most :data:`WINDOW_MAX_CLASSES` classes
+    K = 2·max_det (Gaussian) or ⌈1.5·max_det⌉ (linear) when N ≥ 4·K, K ≤ :data:`MATRIX_ALWAYS_BOXES` and at most
+    :data:`WINDOW_MAX_CLASSES` classes
     (Gaussian: one class); not for hard (onnxruntime's NonMaxSuppression handles it,
     :mod:`passes.detect.onnx_native`). Measured on 1000 random boxes, 100 picks (docs/soft_nms.md): linear and
     Gaussian 1.5–2.6× faster with K = 200; with 20 classes a window per group costs more than the shared matrix;
     Gaussian (which decays every overlapping box) falls back when any group's 100th pick drops below the 201st input
-    score, which with 4 classes × 8 images happened and cost 1.5× the plain loop."""
+    score, which with 4 classes × 8 images happened and cost 1.5× the plain loop. Linear with isolated boxes
+    outside the loop (session 8): the window's N² matrix is most of the time, and linear rarely decays the top
+    boxes, so K = 1.5·max_det: 1000 × 1 and 1000 × 4 boxes at N_t 0.3 and 0.5, batch 1 and 8, took the window with
+    K = 144 or 200 every time (≈ 8–10× against 12–18× onnxruntime's NMS with K = 200); K = 128 fell back once
+    (1000 × 4, N_t 0.3, batch 8: 29×), K = 112 every time."""
     if method == "hard" or not all(isinstance(v, int) for v in (n_boxes, n_classes, max_det)):
         return 0
-    k = 2 * max_det
+    k = 2 * max_det if method == "gaussian" else max_det + (max_det + 1) // 2
     classes = 1 if method == "gaussian" else WINDOW_MAX_CLASSES
     return k if 0 < k <= MATRIX_ALWAYS_BOXES and n_boxes >= 4 * k and n_classes <= classes else 0
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
-                   matrix: bool | None = True, window: int | None = None, native: bool = True, top: int = 0
-                   ) -> onnx.ModelProto:
+                   matrix: bool | None = True, window: int | None = None, native: bool = True, top: int = 0,
+                   steps: int | None = None, isolate: bool | None = None) -> onnx.ModelProto:
     """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
     model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix, window=window,
-                                             native=native, top=top),
+                                             native=native, top=top, steps=steps,
+                                             isolate=isolate),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)

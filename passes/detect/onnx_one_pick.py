@@ -22,6 +22,24 @@ exact (the same picks and the same float64 decayed scores as the reference loop)
   ``d = s·factor[p]; s' = where(d ≥ min_score, d, −∞); cond = max(s') > −∞``; a pick is real iff
   best > −∞.
 
+``steps`` > 1 unrolls the loop: each iteration makes ``steps`` picks one after the other (each step the ops of a
+one-pick iteration, so the same numbers) and tests the loop condition once, after the last. A step after its
+group ran out of live boxes makes an invalid pick, as a one-pick iteration after that would, and changes no live
+score (zero: every score is then < ``min_score`` and stays so; nan / min: −∞ stays −∞). The trip count is
+⌈T / steps⌉ (T = min(cap, N), at least 1) and picks past T are cut after the loop. Fewer iterations cost less:
+the ``Loop``'s own overhead, the condition and a scan output per iteration.
+
+``isolate`` (matrix form, zero mode; linear): a box whose factor from every other box is exactly 1 (IoU ≤ N_t for
+linear; factors are symmetric, so it changes no other box either) is *isolated*: its score never changes, so it
+is selected with its input score (if ≥ ``min_score``) wherever that falls in the order, and the loop runs without
+it. The order is then recovered by one sort: in a group, the score a pick is selected with is the maximum of the
+current scores, and scores only go down, so selection scores never increase; among equal ones the lower index
+goes first (a box of equal current score and lower index would have been picked before). So the selection order
+is (selection score descending, index ascending) — ``TopK``'s order — over the loop's picks and the isolated
+boxes, and its first T entries are the capped result (the loop's picks in that order are its own order, so its
+first T picks suffice). The picks are written back in place with ``ScatterElements(reduction="max")``: an invalid
+pick's score is < ``min_score`` ≤ every real one.
+
 ``mode`` None builds ``min`` for hard and an ``If`` (``zero`` else ``nan``) for linear / Gaussian; ``matrix`` None
 an ``If`` on the run-time box count. A cap of 0 (``max_output_boxes_per_class``) turns ``min_score`` into NaN:
 nothing is live. One deviation from the reference loop: a box whose input score is −∞ is never selected (the
@@ -49,38 +67,48 @@ def _factor(b, cfg: SoftNMSConfig, iou: str, k: dict[str, str]) -> str:
     return factor
 
 
-def _body(cfg: SoftNMSConfig, k: dict[str, str], matrix: bool) -> onnx.GraphProto:
-    """One iteration: (i, cond, s) → (cond', s', pick (B, C, 1) int64, its score (B, C, 1))."""
+def _body(cfg: SoftNMSConfig, k: dict[str, str], matrix: bool, steps: int = 1) -> onnx.GraphProto:
+    """One iteration, ``steps`` sequential picks (each the same ops as a one-pick iteration, so the same float64
+    numbers): (i, cond, s) → (cond', s', picks (B, C, steps) int64, their scores (B, C, steps)). The condition is
+    tested once per iteration, after the last step: a step after a group ran out of live boxes picks a box that is
+    not live (an invalid pick: its score fails the validity test after the loop) and changes no live score."""
     from .onnx_nms import _Builder, _iou
     b = _Builder("body/")
     i, cond, s = "body/i", "body/cond_in", "body/s"
-    idx = b.op("ArgMax", [s], axis=2, keepdims=1)                                        # (B, C, 1)
-    best = b.op("GatherElements", [s, idx], axis=2)
-    if matrix:
-        factor = b.op("GatherND", [k["factor"], idx], batch_dims=1)                     # (B, C, N')
+    picks, bests = [], []
+    for _ in range(steps):
+        idx = b.op("ArgMax", [s], axis=2, keepdims=1)                                    # (B, C, 1)
+        picks.append(idx)
+        bests.append(b.op("GatherElements", [s, idx], axis=2))
+        if matrix:
+            factor = b.op("GatherND", [k["factor"], idx], batch_dims=1)                 # (B, C, N')
+        else:
+            keys = ("x1", "y1", "x2", "y2", "area")
+            pick = b.op("Split", [b.op("GatherND", [k["packed"], idx], batch_dims=1)], n_out=5, axis=2,
+                        num_outputs=5)                                                  # 5 × (B, C, 1)
+            iou = _iou(b, dict(zip(keys, pick)), {c: k[f"{c}_cols"] for c in keys}, k["offset"])  # (B, C, N')
+            factor = b.op("ScatterElements", [_factor(b, cfg, iou, k), idx, k["kill_column"]], axis=2)  # pick leaves
+        if k["mode"] == "min":  # hard: scores never change; discarded boxes (and the pick) become −∞
+            s = b.op("Min", [s, factor])
+        elif k["mode"] == "zero":  # min_score > 0: a box below it can never be selected again, no need to mark it
+            s = b.op("Mul", [s, factor])
+        else:
+            decayed = b.op("Mul", [s, factor])
+            s = b.op("Where", [b.op("GreaterOrEqual", [decayed, k["min_score"]]), decayed, k["neg_inf"]])
+    if k["mode"] == "zero":
+        cond_out = b.op("GreaterOrEqual", [b.op("ReduceMax", [s], keepdims=0), k["min_score_scalar"]])
     else:
-        keys = ("x1", "y1", "x2", "y2", "area")
-        pick = b.op("Split", [b.op("GatherND", [k["packed"], idx], batch_dims=1)], n_out=5, axis=2,
-                    num_outputs=5)                                                      # 5 × (B, C, 1)
-        iou = _iou(b, dict(zip(keys, pick)), {c: k[f"{c}_cols"] for c in keys}, k["offset"])  # (B, C, N')
-        factor = b.op("ScatterElements", [_factor(b, cfg, iou, k), idx, k["kill_column"]], axis=2)  # pick leaves
-    if k["mode"] == "min":  # hard: scores never change; discarded boxes (and the pick) become −∞
-        s_out = b.op("Min", [s, factor])
-        cond_out = b.op("Greater", [b.op("ReduceMax", [s_out], keepdims=0), k["neg_inf"]])
-    elif k["mode"] == "zero":  # min_score > 0: a box below it can never be selected again, no need to mark it
-        s_out = b.op("Mul", [s, factor])
-        cond_out = b.op("GreaterOrEqual", [b.op("ReduceMax", [s_out], keepdims=0), k["min_score_scalar"]])
-    else:
-        decayed = b.op("Mul", [s, factor])
-        s_out = b.op("Where", [b.op("GreaterOrEqual", [decayed, k["min_score"]]), decayed, k["neg_inf"]])
-        cond_out = b.op("Greater", [b.op("ReduceMax", [s_out], keepdims=0), k["neg_inf"]])
+        cond_out = b.op("Greater", [b.op("ReduceMax", [s], keepdims=0), k["neg_inf"]])
+    if steps > 1:
+        picks, bests = [b.op("Concat", picks, axis=2)], [b.op("Concat", bests, axis=2)]
     value = helper.make_tensor_value_info
     return helper.make_graph(
         b.nodes, "soft_nms_step",
         [value(i, TensorProto.INT64, []), value(cond, TensorProto.BOOL, []),
-         value(s, TensorProto.DOUBLE, ["B", "C", "N1"])],
-        [value(cond_out, TensorProto.BOOL, []), value(s_out, TensorProto.DOUBLE, ["B", "C", "N1"]),
-         value(idx, TensorProto.INT64, ["B", "C", 1]), value(best, TensorProto.DOUBLE, ["B", "C", 1])])
+         value("body/s", TensorProto.DOUBLE, ["B", "C", "N1"])],
+        [value(cond_out, TensorProto.BOOL, []), value(s, TensorProto.DOUBLE, ["B", "C", "N1"]),
+         value(picks[0], TensorProto.INT64, ["B", "C", steps]),
+         value(bests[0], TensorProto.DOUBLE, ["B", "C", steps])])
 
 
 def _choice(prefix: str, tag: str, condition, then_graph: onnx.GraphProto, else_graph: onnx.GraphProto
@@ -103,7 +131,8 @@ def _choice(prefix: str, tag: str, condition, then_graph: onnx.GraphProto, else_
 
 
 def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str,
-                   matrix: bool | None, max_matrix_boxes: int = 256, mode: str | None = None) -> onnx.GraphProto:
+                   matrix: bool | None, max_matrix_boxes: int = 256, mode: str | None = None, steps: int = 1,
+                   isolate: bool = False) -> onnx.GraphProto:
     """The graph (inputs ``INPUT_NAMES``, outputs ``OUTPUT_NAMES`` of :mod:`passes.detect.onnx_nms`).
     ``matrix`` None: chosen at run time, the matrix when N ≤ ``max_matrix_boxes`` (an ``If``). ``mode`` (module
     docstring) None: ``min`` for hard; for linear / Gaussian an ``If`` takes ``zero`` when min_score > 0 and every
@@ -114,7 +143,7 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
             n = b.op("Slice", [b.op("Shape", [INPUT_NAMES[1]]), b.const([2], np.int64), b.const([3], np.int64)])
             return b.op("LessOrEqual", [n, b.const([max_matrix_boxes], np.int64)])
         return _choice(prefix, "form", small, *(one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{t}/",
-                                                                m, max_matrix_boxes, mode)
+                                                                m, max_matrix_boxes, mode, steps, isolate)
                                                  for t, m in (("matrix", True), ("rows", False))))
     if mode is None and cfg.method == "hard":
         mode = "min"
@@ -126,7 +155,8 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
             return b.op("And", [b.op("Greater", [INPUT_NAMES[4], b.const(0.0, np.float32)]),
                                 b.op("Less", [top, b.const(np.inf, native or np.float64)])])
         return _choice(prefix, "kill", fast, *(one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{m}/",
-                                                               matrix, max_matrix_boxes, m) for m in ("zero", "nan")))
+                                                               matrix, max_matrix_boxes, m, steps, isolate)
+                                                 for m in ("zero", "nan")))
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     f64 = lambda v: b.const(v, np.float64)  # noqa: E731
@@ -159,6 +189,7 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
         x1, x2, y1, y2 = b.op("Sub", [xc, hw]), b.op("Add", [xc, hw]), b.op("Sub", [yc, hh]), b.op("Add", [yc, hh])
     box = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
     box["area"] = _area(b, box, k["offset"])                                            # (B, N', 1)
+    isolate = isolate and matrix and mode == "zero"
     if matrix:  # [b, p, j]: the factor picking p applies to j; NaN on the diagonal (the pick leaves)
         rows = b.op("Split", [b.op("Transpose", [b.op("Concat", list(box.values()), axis=2)], perm=[0, 2, 1])],
                     n_out=5, axis=1, num_outputs=5)                                     # 5 × (B, 1, N')
@@ -167,6 +198,9 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
         eye = b.op("Cast", [b.op("EyeLike", [b.op("ConstantOfShape", [b.op("Concat", [n1, n1], axis=0)])])],
                    to=TensorProto.BOOL)
         k["factor"] = b.op("Where", [eye, k["kill"], factor])
+        if isolate:  # boxes no other box changes (factor exactly 1 off the diagonal; symmetric), (B, 1, N')
+            isolated = b.op("Equal", [b.op("ReduceMin", [b.op("Where", [eye, k["one"], factor]), i64([1])],
+                                           keepdims=1), k["one"]])
     else:  # columns (B, 1, N') and packed (B, N', 5) to gather the pick's row
         for c, v in box.items():
             k[f"{c}_cols"] = b.op("Transpose", [v], perm=[0, 2, 1])
@@ -177,10 +211,26 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
     s = b.op("Pad", [b.op("Cast", [scores], to=TensorProto.DOUBLE), i64([0, 0, 0, 0, 0, 1]),
                      k["neg_inf"]])                                                     # (B, C, N + 1)
     s0 = b.op("Where", [b.op("GreaterOrEqual", [s, k["min_score"]]), s, dead])  # NaN scores: never live
-    trips = b.op("Reshape", [b.op("Max", [b.op("Min", [max_in, n]), i64([1])]), i64(np.zeros(0, np.int64))])
-    _, picks, bests = b.op("Loop", [trips, b.const(True, np.bool_), s0], n_out=3, body=_body(cfg, k, matrix))
+    if isolate:  # isolated boxes leave the loop: each is selected with its input score (module docstring)
+        recorded = b.op("Where", [isolated, s0, dead])
+        s0 = b.op("Where", [isolated, dead, s0])
+    picks_max = b.op("Max", [b.op("Min", [max_in, n]), i64([1])])                       # [T]
+    trips = picks_max if steps == 1 else b.op("Div", [b.op("Add", [picks_max, i64([steps - 1])]), i64([steps])])
+    trips = b.op("Reshape", [trips, i64(np.zeros(0, np.int64))])
+    _, picks, bests = b.op("Loop", [trips, b.const(True, np.bool_), s0], n_out=3,
+                           body=_body(cfg, k, matrix, steps))                            # (iterations, B, C, steps)
     picks = b.op("Transpose", [picks], perm=[1, 2, 0, 3])                                # (B, C, T, 1)
     bests = b.op("Transpose", [bests], perm=[1, 2, 0, 3])
+    if steps > 1 or isolate:  # (B, C, iterations, steps) → (B, C, iterations·steps) (the loop may stop early,
+        # so the iteration count is read from the shape; an explicit shape: -1 fails on an empty batch)
+        flat = b.op("Mul", [b.op("Slice", [b.op("Shape", [picks]), i64([0]), i64([3])]), i64([1, 1, steps])])
+        picks, bests = (b.op("Reshape", [v, flat]) for v in (picks, bests))
+    if isolate:  # every selected box's score at its selection, in place; the order: by that score, ties to the
+        # lower index (TopK's order), the first T of it (the cap)
+        recorded = b.op("ScatterElements", [recorded, picks, bests], axis=2, reduction="max")
+        bests, picks = b.op("TopK", [recorded, picks_max], n_out=2, axis=2, largest=1, sorted=1)  # (B, C, T)
+    elif steps > 1:  # the picks past the cap T are cut
+        picks, bests = (b.op("Slice", [v, i64([0]), picks_max, i64([2])]) for v in (picks, bests))
     valid = b.op("GreaterOrEqual", [bests, k["min_score"]]) if mode == "zero" else \
         b.op("Greater", [bests, k["neg_inf"]])                                          # the pick was live
     where = b.op("Transpose", [b.op("NonZero", [valid])], perm=[1, 0])                  # (M, 4)

@@ -248,9 +248,10 @@ def test_append_soft_nms_per_class_via_labels():
 # the ONNX sub-graph in onnxruntime
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def session(method, sigma, convention, offset, layout, matrix, window=None):
+def session(method, sigma, convention, offset, layout, matrix, window=None, steps=None, isolate=None):
     cfg = SoftNMSConfig(method=method, sigma=sigma, sigma_convention=convention, iou_offset=offset)
-    return ort.InferenceSession(soft_nms_model(cfg, layout, matrix=matrix, window=window).SerializeToString(),
+    return ort.InferenceSession(soft_nms_model(cfg, layout, matrix=matrix, window=window, steps=steps,
+                                               isolate=isolate).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -263,10 +264,12 @@ def to_layout(boxes_xyxy, layout, rng):
                     -1)
 
 
-def run_onnx(cfg, boxes_bn, scores_bcn, layout, rng, matrix=True, window=None):
+def run_onnx(cfg, boxes_bn, scores_bcn, layout, rng, matrix=True, window=None, steps=None, isolate=None):
     """Our sub-graph in onnxruntime (``matrix``: precomputed weight matrix, else IoU rows in the loop; ``window``:
-    0 one pick per Loop iteration, None the default multi-select step)."""
-    sess = session(cfg["method"], cfg["sigma"], cfg["sigma_convention"], cfg["iou_offset"], layout, matrix, window)
+    0 one pick per Loop iteration, None the default multi-select step; ``steps``: picks per one-pick iteration;
+    ``isolate``: isolated boxes outside the one-pick loop)."""
+    sess = session(cfg["method"], cfg["sigma"], cfg["sigma_convention"], cfg["iou_offset"], layout, matrix, window,
+                   steps, isolate)
     feeds = {"boxes": to_layout(boxes_bn, layout, rng).astype(np.float32), "scores": scores_bcn.astype(np.float32),
              "max_output_boxes_per_class": np.array([cfg["max_det"]], np.int64),
              "iou_threshold": np.array([cfg["iou_threshold"]], np.float32),
@@ -290,14 +293,14 @@ def ref_onnx(cfg, boxes_bn, scores_bcn):
 @settings(FAST, max_examples=200)
 @given(cfg=configs, seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 30), layout=st.sampled_from([0, 1]),
        batch=st.integers(1, 3), classes=st.integers(1, 4), matrix=st.sampled_from([True, False, None]),
-       window=st.sampled_from([0, None]))
-def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, matrix, window):
+       window=st.sampled_from([0, None]), steps=st.sampled_from([1, 3, None]), isolate=st.booleans())
+def test_onnx_subgraph_equals_reference(cfg, seed, n, layout, batch, classes, matrix, window, steps, isolate):
     cfg = {**cfg, "iou_threshold": float(np.float32(cfg["iou_threshold"])), "min_score": float(np.float32(cfg["min_score"]))}
     boxes, _ = random_sets(seed, batch, n)
     _, scores = random_sets(seed + 1, batch * classes, n)
     scores = scores.reshape(batch, classes, n)
     rng = np.random.default_rng(seed)
-    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix, window)
+    sel, sc = run_onnx(cfg, boxes, scores, layout, rng, matrix, window, steps, isolate)
     rows, kept = ref_onnx(cfg, boxes, scores)
     assert sel.dtype == np.int64 and sel.shape == (len(rows), 3)
     assert [tuple(r) for r in sel.tolist()] == rows
@@ -338,19 +341,20 @@ def _ort_nms_session(layout=0):
 
 
 @pytest.mark.parametrize("method", ["linear", "gaussian", "hard"])
-@pytest.mark.parametrize("form", [(True, 0), (False, 0), (None, 0), (True, 8), (False, 8)])
+@pytest.mark.parametrize("form", [(True, 0), (False, 0), (None, 0), (True, 8), (False, 8), (True, 0, 1, True),
+                                  (None, 0, 3, True)])
 @pytest.mark.parametrize("shape", [(1, 0, 5), (2, 0, 0), (0, 3, 5), (2, 3, 0), (0, 0, 0)])
 def test_empty_batch_class_or_box_axes_give_empty_outputs_like_onnxruntime(method, form, shape):
     """0 classes (once an integer division / modulo by zero in the multi-select step), 0 images or 0 boxes: both
     outputs are empty with the dtypes and ranks onnxruntime's own NonMaxSuppression gives (int64 (0, 3))."""
     batch, classes, n = shape
-    matrix, window = form
+    matrix, window, steps, isolate = (*form, None, None)[:4]
     rng = np.random.default_rng(0)
     boxes = rng.uniform(0, 10, (batch, n, 4)).astype(np.float32)
     scores = rng.uniform(0.2, 1.0, (batch, classes, n)).astype(np.float32)
     params = (np.array([5], np.int64), np.array([0.5], np.float32), np.array([0.1], np.float32))
     expected = _ort_nms_session().run(None, dict(zip("bsmit", (boxes, scores, *params))))[0]
-    sess = session(method, 0.5, "bodla", 0, 0, matrix, window)
+    sess = session(method, 0.5, "bodla", 0, 0, matrix, window, steps, isolate)
     sel, sc = sess.run(None, dict(zip(("boxes", "scores", "max_output_boxes_per_class", "iou_threshold",
                                         "score_threshold"), (boxes, scores, *params))))
     assert expected.shape == (0, 3) and expected.dtype == np.int64
@@ -799,11 +803,13 @@ def test_run_time_form_choice_equals_reference_on_both_branches(method, n):
 # the multi-select Loop step (several boxes per iteration): same results as the reference, fewer iterations
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def window_session(method, convention, offset, matrix, window, counted=False):
-    """Our sub-graph with ``window`` candidates per iteration; ``counted`` adds the Loop's scan output (one row per
-    iteration) as a last graph output, to count iterations (a test-only wrapper: the pass never does this)."""
+def window_session(method, convention, offset, matrix, window, counted=False, steps=None, isolate=None):
+    """Our sub-graph with ``window`` candidates per iteration (0: ``steps`` one-pick steps, ``isolate``); ``counted``
+    adds the Loop's scan output (one row per iteration) as a last graph output, to count iterations (a test-only
+    wrapper: the pass never does this)."""
     cfg = SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention, iou_offset=offset)
-    model = soft_nms_model(cfg, 0, matrix=matrix, window=window, native=not counted)  # counted: the Loop itself
+    model = soft_nms_model(cfg, 0, matrix=matrix, window=window, native=not counted, steps=steps,
+                           isolate=isolate)  # counted: the Loop itself
     if counted:
         loop = next(n for n in model.graph.node if n.op_type == "Loop")
         model.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.BOOL, None))
@@ -832,16 +838,19 @@ def sparse_sets(seed, sets, n, score_values):
        offset=st.sampled_from([0, 1]), matrix=st.booleans(), window=st.sampled_from([0, 1, 2, 3, 8, 16]),
        seed=st.integers(0, 2 ** 32 - 1), n=st.integers(0, 40), nt=st.sampled_from([0.0, 0.3, 0.5]),
        thr=st.sampled_from([0.0, 0.001, 0.3, -1.0]), max_det=st.integers(0, 45),
-       values=st.sampled_from([(0.25, 0.5, 0.75), (0.0, 0.5, 1.0), (-0.5, 0.0, 0.25, 0.5), (0.9,)]))
+       values=st.sampled_from([(0.25, 0.5, 0.75), (0.0, 0.5, 1.0), (-0.5, 0.0, 0.25, 0.5), (0.9,)]),
+       steps=st.sampled_from([1, 2, 4]), isolate=st.booleans())
 def test_multi_select_with_ties_and_disjoint_boxes_equals_reference(method, convention, offset, matrix, window,
-                                                                    seed, n, nt, thr, max_det, values):
+                                                                    seed, n, nt, thr, max_det, values, steps, isolate):
+    """The multi-select step, and the one-pick graph (window 0) with ``steps`` picks per iteration and isolated boxes
+    outside the loop: mostly disjoint boxes with many tied scores (the isolated boxes' order comes from a sort)."""
     cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(nt)), min_score=float(np.float32(thr)),
                max_det=max_det, iou_offset=offset, sigma_convention=convention)
     batch, classes = 2, 2
     boxes, _ = sparse_sets(seed, batch, n, values)
     _, scores = sparse_sets(seed + 1, batch * classes, n, values)
     scores = scores.reshape(batch, classes, n)
-    sess = window_session(method, convention, offset, matrix, window)
+    sess = window_session(method, convention, offset, matrix, window, steps=steps, isolate=isolate)
     sel, sc = sess.run(None, {"boxes": boxes[..., [1, 0, 3, 2]].astype(np.float32),
                               "scores": scores.astype(np.float32),
                               "max_output_boxes_per_class": np.array([max_det], np.int64),
@@ -875,6 +884,44 @@ def test_multi_select_needs_fewer_iterations_than_picks_on_disjoint_boxes(method
     assert iterations[8] == 4            # ⌈30 / 8⌉: every candidate is disjoint from the others
 
 
+@pytest.mark.parametrize("isolate", [False, True])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_steps_and_isolation_cut_iterations_on_disjoint_boxes(steps, isolate):
+    """36 disjoint boxes, 30 picks (linear, matrix, zero mode): ``steps`` picks per iteration need ⌈30 / steps⌉
+    iterations, and with isolated boxes outside the loop one iteration (nothing interacts); the same rows and
+    scores as the reference either way. A pair of overlapping boxes stays in the loop."""
+    from passes.detect.onnx_nms import INPUT_NAMES
+    from passes.detect.onnx_one_pick import one_pick_graph
+    corner = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2) * 30.0
+    boxes = np.concatenate([corner, corner + 20.0], -1)[None]
+    boxes[0, 7] = boxes[0, 3] + [2.0, 0.0, 2.0, 0.0]                                      # IoU 0.82 with box 3
+    scores = np.random.default_rng(3).permutation(36).astype(np.float64)[None, None] / 36 + 0.01
+    graph = one_pick_graph(SoftNMSConfig(method="linear"), 0, TensorProto.FLOAT, "", True, mode="zero", steps=steps,
+                           isolate=isolate)
+    loop = next(n for n in graph.node if n.op_type == "Loop")
+    graph.output.append(helper.make_tensor_value_info(loop.output[1], TensorProto.INT64, None))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    sel, sc, scan = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, dict(zip(INPUT_NAMES, (boxes[..., [1, 0, 3, 2]].astype(np.float32), scores.astype(np.float32),
+                                     np.array([30], np.int64), np.array([0.3], np.float32),
+                                     np.array([0.001], np.float32)))))
+    cfg = dict(method="linear", sigma=0.5, iou_threshold=float(np.float32(0.3)), min_score=float(np.float32(0.001)),
+               max_det=30, iou_offset=0, sigma_convention="bodla")
+    rows, kept = ref_onnx(cfg, boxes, scores)
+    assert len(rows) == 30 and [tuple(r) for r in sel.tolist()] == rows
+    np.testing.assert_allclose(sc.astype(np.float64), kept, rtol=0, atol=1e-6)
+    assert scan.shape[0] == (1 if isolate and steps == 4 else 2 if isolate else -(-30 // steps))
+    assert scan.shape[-1] == steps
+
+
+def test_isolation_choice():
+    from passes.detect.onnx_nms import use_isolate
+    assert use_isolate("linear", 100) and use_isolate("linear", 1000)
+    assert not (use_isolate("linear", 99) or use_isolate("linear", None) or use_isolate("gaussian", 1000)
+                or use_isolate("hard", 1000))
+
+
 def test_pass_graph_has_no_iteration_output_and_window_is_documented():
     from passes.detect.onnx_nms import OUTPUT_NAMES, WINDOW, soft_nms_graph
     graph = soft_nms_graph(SoftNMSConfig(method="linear"), window=WINDOW)
@@ -885,13 +932,14 @@ def test_pass_graph_has_no_iteration_output_and_window_is_documented():
 
 def test_window_choice():
     from passes.detect.onnx_nms import WINDOW, use_window
-    assert use_window("linear", 1000, 1) == use_window("hard", 100, 4) == WINDOW > 0
-    assert use_window("linear", 48, 1) == use_window("linear", None, 1) == use_window("gaussian", 1000, 1) == 0
+    assert use_window("hard", 1000, 1) == use_window("hard", 100, 4) == WINDOW > 0
+    assert use_window("hard", 48, 1) == use_window("hard", None, 1) == use_window("gaussian", 1000, 1) == 0
+    assert use_window("linear", 1000, 1) == 0                  # one pick, isolated boxes outside the loop
     assert use_window("linear", 300, 20) == use_window("hard", 1000, None) == 0  # many or unknown classes
 
 
 @pytest.mark.parametrize("method", ["linear", "hard"])
-def test_convert_uses_the_multi_select_step_on_many_static_boxes(tmp_path, capsys, monkeypatch, method):
+def test_convert_uses_multi_select_or_isolation_on_many_static_boxes(tmp_path, capsys, monkeypatch, method):
     import json
     import sys
     monkeypatch.setattr(sys.modules[__name__], "N_BOXES", 160)
@@ -899,7 +947,8 @@ def test_convert_uses_the_multi_select_step_on_many_static_boxes(tmp_path, capsy
     detector(src, 0)
     assert main(["convert", str(src), "-o", str(out), "--soft-nms", method, "--option", "max_det=40", "--json"]) == 0
     site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
-    assert site["window"] > 0 and site["form"] == "weight matrix"
+    assert site["form"] == "weight matrix"
+    assert (site["window"] > 0, site["isolate"]) == ((True, False) if method == "hard" else (False, True))
     feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 160, FEATURES)).astype(np.float32)}
     rewritten = onnx.load(out)
     names = [o.name for o in rewritten.graph.output]
@@ -917,9 +966,10 @@ def test_convert_uses_the_multi_select_step_on_many_static_boxes(tmp_path, capsy
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def top_session(method, convention, layout, top):
-    """The graph with the window's ``If`` condition (True: the window's result was taken) as a last output."""
+    """The graph with the window's ``If`` condition (True: the window's result was taken) as a last output (linear:
+    isolated boxes outside the loop, as the pass builds it)."""
     model = soft_nms_model(SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention), layout,
-                           matrix=False, window=0, native=False, top=top)
+                           matrix=False, window=0, native=False, top=top, isolate=method == "linear")
     branch = next(n for n in model.graph.node if n.op_type == "If" and n.name.endswith("top"))
     model.graph.output.append(helper.make_tensor_value_info(branch.input[0], TensorProto.BOOL, None))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -955,12 +1005,13 @@ def test_top_window_equals_reference_on_both_branches(method, convention, layout
 
 def test_top_window_choice():
     from passes.detect.onnx_nms import use_top
-    assert use_top("linear", 1000, 1, 100) == use_top("linear", 1000, 4, 100) == 200
-    assert use_top("gaussian", 1000, 1, 100) == 200
+    assert use_top("linear", 1000, 1, 100) == use_top("linear", 1000, 4, 100) == 150  # linear: 1.5 max_det
+    assert use_top("gaussian", 1000, 1, 100) == 200                                    # Gaussian: 2 max_det
     assert use_top("gaussian", 1000, 4, 100) == 0                # Gaussian: one class
-    assert use_top("linear", 400, 3, 40) == 80
+    assert use_top("linear", 400, 3, 40) == 60 and use_top("gaussian", 400, 1, 40) == 80
     assert use_top("hard", 1000, 1, 100) == 0                    # onnxruntime's NMS behind its check instead
-    assert use_top("linear", 700, 1, 100) == use_top("linear", 1000, 20, 100) == 0   # N < 4K; many classes
+    assert use_top("linear", 590, 1, 100) == use_top("gaussian", 700, 1, 100) == 0    # N < 4K
+    assert use_top("linear", 1000, 20, 100) == 0                                       # many classes
     assert use_top("linear", 10000, 1, 200) == use_top("linear", None, 1, 100) == use_top("linear", 1000, 1, None) == 0
 
 
@@ -973,7 +1024,7 @@ def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monk
     assert main(["convert", str(src), "-o", str(out), "--soft-nms", "linear", "--option", "max_det=40",
                  "--json"]) == 0
     site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
-    assert site["top"] == 80 and not site["native_nms"]
+    assert site["top"] == 60 and site["isolate"] and not site["native_nms"]
     feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 400, FEATURES)).astype(np.float32)}
     rewritten = onnx.load(out)
     names = [o.name for o in rewritten.graph.output]
