@@ -7,12 +7,14 @@ nested reduction); ``cpu.GEMV`` hangs compilation and is never used here.  Rules
 
 1. :class:`MatmulRule` - one multiply-accumulate reduction block ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
    (prologue/epilogue elementwise blocks fused): register tile ``MI x NJ`` (MI=4, NJ = 2 vectors), accumulators in
-   ``local``, reduction loop outside the tile, vectorized column tile, unrolled row tile, epilogue per tile;
+   ``local`` (on the stack where an extent is run-time), reduction loop outside the tile, vectorized column tile, unrolled row tile, epilogue per tile;
    parallel over batch x row tiles x column tiles, or, for K >= ``PACK_MIN_K``, over batch x column panels with B
    packed into a contiguous (K x NJ) panel per task that all row tiles reuse.  Long-K small-output matmuls
    (φ(K)ᵀV) get the K-split instead: partial sums over K chunks in parallel, then a vectorized sum (a run-time K:
    the ragged last chunk split off by LoopPartition).  A run-time row or column extent takes
-   :func:`_apply_symbolic` (tile-padded domain, clamped operand reads, guarded write-back only).
+   :func:`_apply_symbolic` (tile-padded domain, clamped operand reads, guarded write-back only; static columns
+   with K >= ``PACK_MIN_K``: B packed into column panels as above; accumulator tiles on the stack, see
+   :data:`SYMBOLIC_ACC_SCOPE`).
 2. :class:`GuardedReduction` - ``dl.cpu.Reduction`` only where the fused leading spatial extent is > 1.
 3. :class:`InjectiveRule` - elementwise / broadcast: all loops fused, split by the vector width and a parallel
    chunk; a block reading a transposed buffer gets 16 x 16 tiles instead (parallel over tiles, contiguous vector
@@ -371,7 +373,9 @@ def _apply_symbolic(func, lanes: int):
     padded in memory: the operands' padded rows / columns read the last real row / column (clamped indices,
     :func:`_clamp_pad_block`, inlined into the multiply-accumulate, so the hot loop has neither guards nor copies;
     a column-padded operand whose columns are contiguous is instead copied once into a clamped panel, keeping the
-    vector loads contiguous), the accumulators are a constant ``rows x columns`` tile in ``local`` memory, and the
+    vector loads contiguous), the accumulators are a constant ``rows x columns`` tile on the stack
+    (:data:`SYMBOLIC_ACC_SCOPE`), B is packed into (K x columns) panels when the columns are static and K is long
+    (:data:`SYMBOLIC_PACK_ROWS`), and the
     write-back of each tile to the real output (with the fused epilogue) carries the only guard: rows < n, and
     columns < n for a symbolic column extent.  Returns None for fewer static columns than a register tile needs
     (matrix-vector products, left to the reduction rules); raises when a primitive does not apply (the caller
