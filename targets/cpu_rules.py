@@ -7,12 +7,14 @@ nested reduction); ``cpu.GEMV`` hangs compilation and is never used here.  Rules
 
 1. :class:`MatmulRule` - one multiply-accumulate reduction block ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
    (prologue/epilogue elementwise blocks fused): register tile ``MI x NJ`` (MI=4, NJ = 2 vectors), accumulators in
-   ``local``, reduction loop outside the tile, vectorized column tile, unrolled row tile, epilogue per tile;
+   ``local`` (on the stack where an extent is run-time), reduction loop outside the tile, vectorized column tile, unrolled row tile, epilogue per tile;
    parallel over batch x row tiles x column tiles, or, for K >= ``PACK_MIN_K``, over batch x column panels with B
    packed into a contiguous (K x NJ) panel per task that all row tiles reuse.  Long-K small-output matmuls
    (φ(K)ᵀV) get the K-split instead: partial sums over K chunks in parallel, then a vectorized sum (a run-time K:
    the ragged last chunk split off by LoopPartition).  A run-time row or column extent takes
-   :func:`_apply_symbolic` (tile-padded domain, clamped operand reads, guarded write-back only).
+   :func:`_apply_symbolic` (tile-padded domain, clamped operand reads, guarded write-back only; static columns
+   with K >= ``PACK_MIN_K``: B packed into column panels as above; accumulator tiles on the stack, see
+   :data:`SYMBOLIC_ACC_SCOPE`).
 2. :class:`GuardedReduction` - ``dl.cpu.Reduction`` only where the fused leading spatial extent is > 1.
 3. :class:`InjectiveRule` - elementwise / broadcast: all loops fused, split by the vector width and a parallel
    chunk; a block reading a transposed buffer gets 16 x 16 tiles instead (parallel over tiles, contiguous vector
@@ -206,7 +208,7 @@ class MatmulRule(CPUScheduleRule):
             sch.reorder(*batch, i_o, j_o, k, i_i, j_i)
             outer = sch.fuse(*batch, i_o, j_o)
             tile = outer
-        acc = sch.cache_write(rb.block_rv, 0, "local")
+        acc = sch.cache_write(rb.block_rv, 0, _acc_scope(symbolic or symbolic_cols))
         sch.reverse_compute_at(acc, tile, preserve_unit_loops=True)
         for epi in infos[idx + 1 :]:
             try:
@@ -343,6 +345,25 @@ SYMBOLIC_ROW_TILE = 4
 #: call when its O(columns x K) copy is amortized over at least this many rows (always for run-time rows);
 #: below it (phi(Q)·sum(phi(K)) per head: 8 rows) the multiply-accumulate gathers it like the static schedule.
 PACK_GATHERED_MIN_ROWS = 64
+#: Rows assumed for a run-time row extent when deciding whether B is packed into column panels (panel-major order
+#: re-reads A once per panel, so A should stay near the core: PACK_MAX_A_BYTES); 128 rows: K <= 2048 packs, which
+#: covers every MiniLM/BERT-base linear layer (a run-time K, P·V of unfused attention, never packs).  Measured
+#: (1536 -> 384 + bias, Zen 4, 1 thread, shared host) against the static build: 1 x 512 0.99x unpacked / 0.87x
+#: packed, 8 x 128 1.28x / 1.01x -- at 512 rows the 3 MiB of A re-read per panel still comes from L3.
+SYMBOLIC_PACK_ROWS = 128
+#: Storage scope of the register-tile accumulators of the symbolic schedules.  ``global``, not ``local``: TVM's
+#: LowerTVMBuiltin turns every non-global allocation on a CPU into a TVMBackendAllocWorkspace call, and LLVM
+#: then kept the accumulators of the int64-indexed symbolic kernels in that heap memory, storing all eight
+#: vectors after every multiply-accumulate (the static kernels' vector-typed tile happened to be promoted to
+#: registers); a global allocation of constant size below 1 KiB stays an ``alloca``, which LLVM promotes.
+#: Measured on the MiniLM FFN shape (384 -> 1536 + bias + Relu, 1 x 512, 1 thread): 2.5x -> 1.04x static.
+SYMBOLIC_ACC_SCOPE = "global"
+
+
+def _acc_scope(symbolic: bool) -> str:
+    """Scope of a register-tile accumulator: :data:`SYMBOLIC_ACC_SCOPE` in a function with a run-time extent,
+    else ``local`` (static builds keep the schedule they were measured with)."""
+    return SYMBOLIC_ACC_SCOPE if symbolic else "local"
 
 
 def _apply_symbolic(func, lanes: int):
@@ -352,7 +373,9 @@ def _apply_symbolic(func, lanes: int):
     padded in memory: the operands' padded rows / columns read the last real row / column (clamped indices,
     :func:`_clamp_pad_block`, inlined into the multiply-accumulate, so the hot loop has neither guards nor copies;
     a column-padded operand whose columns are contiguous is instead copied once into a clamped panel, keeping the
-    vector loads contiguous), the accumulators are a constant ``rows x columns`` tile in ``local`` memory, and the
+    vector loads contiguous), the accumulators are a constant ``rows x columns`` tile on the stack
+    (:data:`SYMBOLIC_ACC_SCOPE`), B is packed into (K x columns) panels when the columns are static and K is long
+    (:data:`SYMBOLIC_PACK_ROWS`), and the
     write-back of each tile to the real output (with the fused epilogue) carries the only guard: rows < n, and
     columns < n for a symbolic column extent.  Returns None for fewer static columns than a register tile needs
     (matrix-vector products, left to the reduction rules); raises when a primitive does not apply (the caller
@@ -427,13 +450,27 @@ def _apply_symbolic(func, lanes: int):
         sch.reverse_compute_inline(epi.block_rv)
     loops = sch.get_loops(block_rv)
     sp, rd = loops[:nspatial], loops[nspatial:]
+    nk = 1
+    for e in exts[nspatial:]:
+        nk = nk * e if (nk is not None and e is not None) else None
+    b_read = _column_operand(sch.get(block_rv), nspatial) if pad_j == 1 and nj is not None else None
+    pack = b_read is not None and nk is not None and nk >= PACK_MIN_K and (ni is None or ni > ti) \
+        and (ni if ni is not None else SYMBOLIC_PACK_ROWS) * nk * 4 <= PACK_MAX_A_BYTES
     i_o, i_i = sch.split(sp[-2], factors=[None, ti])
     j_o, j_i = sch.split(sp[-1], factors=[None, tj])
     k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
     batch = list(sp[:-2])
     sch.reorder(*batch, i_o, j_o, k, i_i, j_i)
     static_batch = all(_extent(sch, lp) is not None for lp in batch)
-    if nj is None and ni is not None and static_batch:
+    if pack:
+        # static columns, K >= PACK_MIN_K (every linear layer of a dynamic-length model): column panels outermost,
+        # B packed into a contiguous (K x tj) panel per parallel task that all (run-time many) row tiles reuse, as
+        # in MatmulRule's static schedule (without it the tile reads B with a row stride of the full width: the
+        # MiniLM FFN matmul + GELU ran 1.6x its static build)
+        sch.reorder(*batch, j_o, i_o)
+        outer = sch.fuse(*batch, j_o) if batch else j_o
+        tile = i_o
+    elif nj is None and ni is not None and static_batch:
         # few static rows, run-time columns (a matrix-vector product per head): parallel over column tiles
         # outermost, so the column tile is ``fused // (batch x row tiles)`` and LoopPartition (below) can still
         # split off the ragged last column tile
@@ -448,8 +485,14 @@ def _apply_symbolic(func, lanes: int):
     else:
         outer = sch.fuse(*batch, i_o, j_o)
         tile = outer
-    sch.set_scope(block_rv, 0, "local")
+    sch.set_scope(block_rv, 0, SYMBOLIC_ACC_SCOPE)
     sch.reverse_compute_at(crop, tile, preserve_unit_loops=True)
+    if pack:
+        panel = sch.cache_read(block_rv, b_read, "global")
+        sch.compute_at(panel, outer, preserve_unit_loops=True)
+        pe = _extent(sch, sch.get_loops(panel)[-1])
+        if pe is not None and pe >= 4:
+            sch.vectorize(sch.get_loops(panel)[-1])
     sch.parallel(outer)
     sch.unroll(i_i)
     sch.vectorize(j_i)
@@ -570,7 +613,7 @@ def _apply_ksplit(sch: s_tir.Schedule, block_rv, epilogues: list, nspatial: int,
     j_o, j_i = sch.split(j, factors=[None, nj_tile])
     sch.reorder(ko, *batch, i_o, j_o, ki, i_i, j_i)
     outer = sch.fuse(ko, *batch)
-    acc = sch.cache_write(rf, 0, "local")
+    acc = sch.cache_write(rf, 0, _acc_scope(any(_extent(sch, lp) is None for lp in sch.get_loops(rf))))
     sch.reverse_compute_at(acc, j_o, preserve_unit_loops=True)
     sch.parallel(outer)
     sch.unroll(i_i)
@@ -656,8 +699,9 @@ class StridedReductionRule(CPUScheduleRule):
             total *= e if e is not None else SMALL_WORK  # a symbolic extent counts as large
         outer_sp, kept, rd = loops[: nspatial - 1], loops[nspatial - 1], loops[nspatial:]
         sch.reorder(*outer_sp, *rd, kept)
+        symbolic = any(_extent(sch, lp) is None for lp in loops)
         outer = sch.fuse(*outer_sp) if len(outer_sp) > 1 else (outer_sp[0] if outer_sp else None)
-        acc = sch.cache_write(rb.block_rv, 0, "local")
+        acc = sch.cache_write(rb.block_rv, 0, _acc_scope(symbolic))
         if outer is not None:
             sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
         if outer is not None and total >= SMALL_WORK:

@@ -214,3 +214,56 @@ def test_symbolic_column_matmul_is_padded_tiled_and_vectorized():
     (text,) = [f.script() for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
     assert "T.parallel(" in text and "T.vectorized(T.int64(16))" in text  # 2 AVX2 vectors per column tile
     assert "// T.int64(16) * T.int64(16)" in text  # the column extent padded to a multiple of the tile
+
+
+def _symbolic_gelu_linear_model(n_in: int, n_out: int, rng):
+    """MatMul by a constant (n_in, n_out) weight, bias and the erf GELU (the BERT FFN's first half), on an input
+    (batch, seq, n_in) with both leading dims symbolic."""
+    from onnx import numpy_helper
+    w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    consts = {"w": w, "bias": bias, "sqrt2": np.float32(np.sqrt(2.0)), "one": np.float32(1.0),
+              "half": np.float32(0.5)}
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "bias"], ["a"]),
+                           helper.make_node("Div", ["a", "sqrt2"], ["s"]), helper.make_node("Erf", ["s"], ["e"]),
+                           helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["a", "e1"], ["p"]),
+                           helper.make_node("Mul", ["p", "half"], ["y"])], "ffn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", n_in])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", n_out])],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", exec_targets())
+@pytest.mark.parametrize("n_in,n_out", [(160, 96), (256, 40)])
+def test_symbolic_packed_matmul_with_gelu_matches_onnxruntime(target, n_in, n_out, rng, tmp_path):
+    """One build with symbolic batch and length of a K >= PACK_MIN_K matmul + bias + erf GELU (the packed
+    column-panel schedule with its accumulator tile on the stack): row counts that are not a multiple of the
+    4-row tile (1, 7, 13) and a width that is not a multiple of two vectors (40) equal onnxruntime within 1e-4."""
+    import onnxruntime as ort
+
+    from targets import Runner, compile_model
+    path = tmp_path / "ffn.onnx"
+    path.write_bytes(_symbolic_gelu_linear_model(n_in, n_out, rng).SerializeToString())
+    compile_model(str(path), target, tmp_path / "ffn.so", shapes=None)
+    runner = Runner(tmp_path / "ffn.so")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((1, 1), (2, 7), (3, 13), (1, 64)):
+        x = rng.standard_normal(shape + (n_in,)).astype(np.float32)
+        got = runner.run({"x": x})["y"]
+        want = sess.run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_symbolic_packed_matmul_schedule_and_static_unchanged(rng):
+    """The symbolic build packs the weight into column panels (a ``param_0_global`` copy inside the parallel loop)
+    and keeps the register tile out of ``local`` scope (which TVM lowers to a heap workspace on CPUs); the static
+    build of the same layer keeps its ``local`` accumulator tile."""
+    model = _symbolic_gelu_linear_model(160, 96, rng)
+    mod = scheduled_module(import_onnx(model).mod, get_target("avx512"))
+    (text,) = [f.script() for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
+    assert "param_0_global" in text and "T.parallel(" in text and "T.vectorized(" in text
+    assert 'scope="local"' not in text
+    smod = scheduled_module(import_onnx(model, shapes={"x": [2, 64, 160]}).mod, get_target("avx512"))
+    (stext,) = [f.script() for gv, f in smod.functions_items() if "matmul" in gv.name_hint]
+    assert 'scope="local"' in stext
