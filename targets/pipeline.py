@@ -32,6 +32,7 @@ from tvm.s_tir import dlight as dl
 from .attention_route import RouteAttention
 from .bitlinear_route import RouteBitLinear
 from .cpu_rules import cpu_rules
+from .relax_util import rewrite_functions, routing_pass
 from .softmax_kernels import (choose_kernel, make_softmax_kernel, make_symbolic_softmax_kernel, mcpu_of,
                               rows_cols, vector_bits_of)
 
@@ -123,23 +124,13 @@ class _SoftmaxRouter(relax.PyExprMutator):
                                  lambda: make_symbolic_softmax_kernel(self.bits // 32), call.args[0], rows, cols, dims)
 
     def run(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return rewrite_functions(self)
 
 
 def RouteSoftmax(target: tvm.target.Target):  # noqa: N802 - pass constructor naming, like TVM's
     """Module pass replacing static last-axis fp32 softmax by the hand kernels (see module docstring)."""
-
-    @tvm.transform.module_pass(opt_level=0, name="RouteSoftmax")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        router = _SoftmaxRouter(mod, target)
-        out = router.run()
-        log.info("routed %d softmax call(s) to hand kernels", router.routed)
-        return out
-
-    return _pass
+    return routing_pass("RouteSoftmax", lambda mod: _SoftmaxRouter(mod, target),
+                        "routed %d softmax call(s) to hand kernels", log_when_none=True, logger=log)
 
 
 def _guarded_fuse_transpose_matmul() -> tvm.transform.Pass:

@@ -6,7 +6,8 @@ Where :mod:`lowering_dynamic` times whole models, this splits the time by the VM
 -> ``fused_matmul_add``... keeps the op names, drops TVM's numbering), the static and dynamic runs alternate.
 Run it at 1 thread (``TVM_NUM_THREADS=1``): with more the time of a kernel includes its thread-pool launch.
 
-Usage (the host's ``host`` target; artefacts are cached under ``--cache``, delete it after changing targets/)::
+Usage (the host's ``host`` target; artefacts are cached under ``--cache`` in a folder keyed by the source of
+``targets/`` and ``rewrite/``, so a change to either builds them anew)::
 
     TVM_NUM_THREADS=1 python tools/bench/dynamic_profile.py minilm 1 512
     TVM_NUM_THREADS=1 python tools/bench/dynamic_profile.py linear 1024
@@ -57,6 +58,20 @@ def profile_calls(runner, feeds: dict, reps: int) -> dict[str, float]:
     finally:
         runner.vm.set_instrument(lambda *_a: 0)
     return {k: v / reps for k, v in acc.items()}
+
+
+def _source_key() -> str:
+    """A short hash of every ``.py`` file under targets/ and rewrite/ (what decides the compiled artefacts)."""
+    import hashlib
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    h = hashlib.sha256()
+    for pkg in ("targets", "rewrite"):
+        for dirpath, _dirs, files in sorted(os.walk(os.path.join(root, pkg))):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(dirpath, f), "rb") as fh:
+                        h.update(f.encode() + b"\0" + fh.read())
+    return h.hexdigest()[:16]
 
 
 def _artefacts(kind: str, dims: list[int], cache: str):
@@ -111,7 +126,7 @@ def main(argv=None) -> int:
 
     threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
     set_tvm_threads(threads)
-    model, dyn_path, static_path, feeds = _artefacts(args.kind, args.dims, args.cache)
+    model, dyn_path, static_path, feeds = _artefacts(args.kind, args.dims, os.path.join(args.cache, _source_key()))
     runners = {"static": Runner(static_path), "dynamic": Runner(dyn_path)}
     want = ort_session(model, 1).run(None, feeds)
     for name, r in runners.items():
