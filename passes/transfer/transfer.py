@@ -32,7 +32,7 @@ from rewrite.binding import site_module
 from rewrite.capture import capture_fx, capture_onnx
 from rewrite.errors import NoSitesError, OptionError, SoftswapError
 from rewrite.recognize import recognize
-from rewrite.verify import verify as _verify
+from rewrite.verify import compare, runner
 
 from .data import Batch, Calibration, load_calibration
 from .fit import FitConfig, SiteState, fit_site
@@ -98,8 +98,9 @@ def _model_fidelity(original: mio.LoadedModel, rewritten: mio.LoadedModel, batch
                     ) -> dict[str, Any]:
     """Per-output cosine / relative error averaged over ``batches`` (each compared with rewrite.verify)."""
     per: dict[str, dict[str, list[float]]] = {}
+    run_original, run_rewritten = runner(original), runner(rewritten)  # each module built once, not per batch
     for batch in batches:
-        for o in _verify(original, rewritten, batch).outputs:
+        for o in compare(run_original(batch), run_rewritten(batch)):
             d = per.setdefault(o.name, {"cosine": [], "rel_error": []})
             d["cosine"].append(o.cosine)
             d["rel_error"].append(o.rel_error)
