@@ -106,9 +106,9 @@ def _frozen(gm: torch.nn.Module) -> Iterator[None]:
 
 
 def _train(gm: torch.nn.Module, weights: dict[str, torch.Tensor],
-           factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, opt: torch.optim.Optimizer, shares: list[tuple[Batch | None, float]],
-           refs: list[torch.Tensor | None], *, steps: int, seed: int, split: RowSplit, deadline: float | None,
-           clock: PhaseClock) -> list[float]:
+           factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, opt: torch.optim.Optimizer,
+           shares: list[tuple[Batch | None, float]], refs: list[torch.Tensor | None], *, steps: int, seed: int,
+           split: RowSplit, deadline: float | None, clock: PhaseClock) -> list[float]:
     """Stage 2's Adam loop; returns the whole batch's loss per step. ``clock`` gets the wall seconds of ``agree``
     (the stop check before the first step), ``forward`` (W + s·BA and the program run), ``backward``, ``reduce``
     (the gradient all_reduce, including waiting for the slower rank) and ``optimizer``."""
@@ -153,9 +153,10 @@ def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], 
     ``fitted`` (FX) is modified in place: its program's weights become ``W + (alpha/rank) B A``. Returns a report
     ``{"weights": [names], "rank", "steps", "seconds", "loss_first", "loss_last", "timing"}`` (``timing``: this
     rank's wall seconds of ``teacher`` and, summed over the steps, ``agree`` / ``forward`` / ``backward`` /
-    ``reduce`` / ``optimizer``). Raises :class:`TransferError` for a non-FX model or when no weight matches ``targets``. ``dp``: the distributed transfer's
-    :class:`passes.transfer.distributed.Shard` — every rank calls this with the same arguments and trains on its
-    slice of each batch's rows, gradients summed over the ranks (:mod:`.stage2_dp`); None = one process.
+    ``reduce`` / ``optimizer``). Raises :class:`TransferError` for a non-FX model or when no weight matches
+    ``targets``. ``dp``: the distributed transfer's :class:`passes.transfer.distributed.Shard` — every rank calls
+    this with the same arguments and trains on its slice of each batch's rows, gradients summed over the ranks
+    (:mod:`.stage2_dp`); None = one process.
     """
     if fitted.kind != "fx" or fitted.ep is None:
         raise TransferError(f"{fitted.source}: LoRA stage 2 needs an FX program (got {fitted.kind})")
