@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -70,31 +70,50 @@ def default_inputs(model: LoadedModel, seed: int = 0) -> dict[str, np.ndarray]:
 
 def run(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of ``model`` on named ``inputs``, keyed by output name."""
-    missing = [n for n in model.input_names if n not in inputs]
-    if missing:
-        raise VerificationError(f"{model.source}: inputs {missing} not provided (have {sorted(inputs)})")
+    return runner(model)(inputs)
+
+
+def runner(model: LoadedModel) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    """:func:`run` for many input sets: the FX program's module (or the ONNX session) is built once, here.
+
+    Building an FX module (``ep.module()``) costs ~0.1 s for MiniLM, as much as a forward pass of a small batch.
+    The module is a snapshot: weights changed in ``model.ep`` afterwards are not seen — make a new runner."""
     if model.kind == "fx":
         module = model.ep.module()
-        leaves = [inputs[n] if isinstance(inputs[n], torch.Tensor) else torch.from_numpy(np.array(inputs[n]))
-                  for n in model.input_names]
-        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, model.ep.call_spec.in_spec)
-        try:
-            with torch.no_grad():
-                out = module(*args, **kwargs)
-        except Exception as exc:  # shape / dtype errors of the program on these inputs
-            from .errors import first_line
-            from .interrupts import reraise_if_interrupted
-            reraise_if_interrupted(exc)
-            raise VerificationError(f"{model.source}: running the program failed ({first_line(exc)})") from exc
-        flat = [t for t in torch.utils._pytree.tree_leaves(out)]
-        return {name: t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
-                for name, t in zip(model.output_names, flat)}
+
+        def call(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            _check_inputs(model, inputs)
+            leaves = [inputs[n] if isinstance(inputs[n], torch.Tensor) else torch.from_numpy(np.array(inputs[n]))
+                      for n in model.input_names]
+            args, kwargs = torch.utils._pytree.tree_unflatten(leaves, model.ep.call_spec.in_spec)
+            try:
+                with torch.no_grad():
+                    out = module(*args, **kwargs)
+            except Exception as exc:  # shape / dtype errors of the program on these inputs
+                from .errors import first_line
+                from .interrupts import reraise_if_interrupted
+                reraise_if_interrupted(exc)
+                raise VerificationError(f"{model.source}: running the program failed ({first_line(exc)})") from exc
+            flat = [t for t in torch.utils._pytree.tree_leaves(out)]
+            return {name: t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+                    for name, t in zip(model.output_names, flat)}
+        return call
     from .io import ort_run, ort_session
     session = ort_session(model.onnx, source=model.source)
     names = [o.name for o in session.get_outputs()]
-    feeds = {i.name: (inputs[i.name].float().numpy() if isinstance(inputs[i.name], torch.Tensor)
-                      else np.asarray(inputs[i.name])) for i in session.get_inputs()}
-    return dict(zip(names, ort_run(session, feeds, model.onnx, model.source)))
+
+    def call_onnx(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _check_inputs(model, inputs)
+        feeds = {i.name: (inputs[i.name].float().numpy() if isinstance(inputs[i.name], torch.Tensor)
+                          else np.asarray(inputs[i.name])) for i in session.get_inputs()}
+        return dict(zip(names, ort_run(session, feeds, model.onnx, model.source)))
+    return call_onnx
+
+
+def _check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> None:
+    missing = [n for n in model.input_names if n not in inputs]
+    if missing:
+        raise VerificationError(f"{model.source}: inputs {missing} not provided (have {sorted(inputs)})")
 
 
 def added_outputs(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:

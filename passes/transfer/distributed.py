@@ -8,9 +8,11 @@ the rank — so N ranks give the same parameters as 1 (bit-for-bit on CPU with o
 
 Rank 0 gathers every rank's parameters and report rows (``gather_object``; gloo on CPU, nccl when asked for on GPU
 hosts), then rewrites the model, measures the fitted model's fidelity and writes the output and the report, while
-the last rank (:attr:`Shard.helper`) measures the untrained swap's model fidelity (it does not depend on the fit) and
-sends it to rank 0 (``send_object_list``); the other ranks write nothing but their checkpoint shard. Checkpoints: rank ``r`` writes ``<checkpoint>.rank<r>``, keyed by site
-(:mod:`.shards`); any world size resumes from any other's shards; rank 0 folds them into ``<checkpoint>`` at the end.
+the last rank (:attr:`Shard.helper`) runs the untrained swap on the held-out batches (it does not depend on the
+fit) and sends its outputs to rank 0 (``send_object_list``), which compares them with the original's; the other
+ranks write nothing but their checkpoint shard. Checkpoints: rank ``r`` writes ``<checkpoint>.rank<r>``, keyed by
+site (:mod:`.shards`); any world size resumes from any other's shards; rank 0 folds them into ``<checkpoint>`` at
+the end.
 
 Entry points:
 
@@ -141,9 +143,9 @@ class Shard:
 
     @property
     def helper(self) -> int:
-        """The rank that measures the untrained swap's model fidelity while rank 0 rewrites, measures the fitted
-        model and exports (the last rank; rank 0 itself in a one-process run). That work does not depend on the
-        fit, so it overlaps rank 0's tail instead of following it."""
+        """The rank that runs the untrained swap on the held-out batches (its outputs go to rank 0, which measures
+        that swap's model fidelity) while rank 0 rewrites, measures the fitted model and exports (the last rank;
+        rank 0 itself in a one-process run). That work does not depend on the fit, so it overlaps rank 0's tail instead of following it."""
         return self.world - 1
 
     def send_to_root(self, obj: Any) -> None:
@@ -152,7 +154,7 @@ class Shard:
         try:
             dist.send_object_list([obj], dst=0, group=self.group)
         except RuntimeError as exc:
-            self._lost(exc, "sending the untrained model fidelity")
+            self._lost(exc, "sending the untrained swap's outputs")
 
     def receive_from_helper(self) -> Any:
         """Rank 0: the object the :attr:`helper` rank sent with :meth:`send_to_root`."""
@@ -161,7 +163,7 @@ class Shard:
         try:
             dist.recv_object_list(box, src=self.helper, group=self.group)
         except RuntimeError as exc:
-            self._lost(exc, "receiving the untrained model fidelity")
+            self._lost(exc, "receiving the untrained swap's outputs")
         return box[0]
 
     def _lost(self, exc: BaseException, doing: str) -> None:

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from rewrite.io import LoadedModel
-from rewrite.verify import run as run_model
+from rewrite.verify import runner
 
 from .data import Batch
+from .phases import PhaseClock
 from .stage2_dp import RowSplit
 from .transfer import TransferError
 
@@ -74,8 +76,10 @@ def stage2_plan(model: LoadedModel, steps: int | None, *, real_data: bool = True
 
 
 def _teacher(original: LoadedModel, batches: list[Batch | None]) -> list[torch.Tensor | None]:
+    """The original's first output on each batch (None stays None); its module is built once for all batches."""
     name = original.output_names[0]
-    return [None if b is None else torch.as_tensor(np.asarray(run_model(original, b)[name]), dtype=torch.float32)
+    run_original = runner(original)
+    return [None if b is None else torch.as_tensor(np.asarray(run_original(b)[name]), dtype=torch.float32)
             for b in batches]
 
 
@@ -88,6 +92,58 @@ def _loss(out: torch.Tensor, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
     return diff.mean()
 
 
+@contextmanager
+def _frozen(gm: torch.nn.Module) -> Iterator[None]:
+    """Every parameter of ``gm`` with ``requires_grad`` off inside the block; the flags restored on leaving it."""
+    flags = [(p, p.requires_grad) for p in gm.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _train(gm: torch.nn.Module, weights: dict[str, torch.Tensor],
+           factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, opt: torch.optim.Optimizer,
+           shares: list[tuple[Batch | None, float]], refs: list[torch.Tensor | None], *, steps: int, seed: int,
+           split: RowSplit, deadline: float | None, clock: PhaseClock) -> list[float]:
+    """Stage 2's Adam loop; returns the whole batch's loss per step. ``clock`` gets the wall seconds of ``agree``
+    (the stop check before the first step), ``forward`` (W + s·BA and the program run), ``backward``, ``reduce``
+    (the gradient all_reduce, including waiting for the slower rank) and ``optimizer``."""
+    trainable = [t for ab in factors.values() for t in ab]
+    order = torch.Generator().manual_seed(seed + 1)
+    losses: list[float] = []
+
+    def late() -> bool:
+        return deadline is not None and time.time() > deadline
+
+    with clock("agree"):
+        stop = split.stop(late())  # once; then every step's all_reduce carries the flag: all ranks stop together
+    while not stop and len(losses) < steps:
+        i = int(torch.randint(len(shares), (1,), generator=order))
+        batch, share = shares[i]
+        opt.zero_grad()
+        loss = torch.zeros(())
+        if batch is not None:  # None: this rank has no rows of a batch smaller than the world
+            with clock("forward"):
+                feeds = {k: torch.as_tensor(v) for k, v in batch.items()}
+                override = {n: w + scale * (b @ a)
+                            for n, (w, (a, b)) in zip(weights, zip(weights.values(), factors.values()))}
+                out = torch.func.functional_call(gm, override, (), feeds)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                loss = _loss(out, refs[i], batch) * share
+            with clock("backward"):
+                loss.backward()
+        with clock("reduce"):  # grads summed over ranks (waiting for the slower one); the batch loss; any rank late
+            total, stop = split.reduce(trainable, float(loss.detach()), late())
+        losses.append(total)
+        with clock("optimizer"):
+            opt.step()
+    return losses
+
+
 def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], *, rank: int = 8,
                 alpha: float = 16.0, steps: int = 100, lr: float = 1e-3, seed: int = 0,
                 targets: Sequence[str] = DEFAULT_TARGETS, minutes: float | None = None,
@@ -95,10 +151,12 @@ def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], 
     """Fine-tune low-rank updates of ``fitted``'s attention projections against ``original`` and merge them.
 
     ``fitted`` (FX) is modified in place: its program's weights become ``W + (alpha/rank) B A``. Returns a report
-    ``{"weights": [names], "rank", "steps", "seconds", "loss_first", "loss_last"}``. Raises :class:`TransferError`
-    for a non-FX model or when no weight matches ``targets``. ``dp``: the distributed transfer's
-    :class:`passes.transfer.distributed.Shard` — every rank calls this with the same arguments and trains on its
-    slice of each batch's rows, gradients summed over the ranks (:mod:`.stage2_dp`); None = one process.
+    ``{"weights": [names], "rank", "steps", "seconds", "loss_first", "loss_last", "timing"}`` (``timing``: this
+    rank's wall seconds of ``teacher`` and, summed over the steps, ``agree`` / ``forward`` / ``backward`` /
+    ``reduce`` / ``optimizer``). Raises :class:`TransferError` for a non-FX model or when no weight matches
+    ``targets``. ``dp``: the distributed transfer's :class:`passes.transfer.distributed.Shard` — every rank calls
+    this with the same arguments and trains on its slice of each batch's rows, gradients summed over the ranks
+    (:mod:`.stage2_dp`); None = one process.
     """
     if fitted.kind != "fx" or fitted.ep is None:
         raise TransferError(f"{fitted.source}: LoRA stage 2 needs an FX program (got {fitted.kind})")
@@ -119,35 +177,15 @@ def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], 
     trainable = [t for ab in factors.values() for t in ab]
     opt = torch.optim.Adam(trainable, lr=lr)
     # only the low-rank factors train: without this, backward also builds every program weight's gradient
-    # (measured 1.5x the step time on MiniLM); the flags are restored before the merge
-    frozen = [(p, p.requires_grad) for p in gm.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    split = RowSplit.of(dp)  # data parallel over ranks (.stage2_dp); one process: the whole batch, share 1
-    shares = [split.local(b) for b in train]
-    refs = _teacher(original, [b for b, _ in shares])
-    order = torch.Generator().manual_seed(seed + 1)
-    losses: list[float] = []
-    deadline = t0 + 60.0 * minutes if minutes is not None else None
-    for step in range(steps):
-        if split.stop(deadline is not None and time.time() > deadline):  # every rank stops at the same step
-            break
-        i = int(torch.randint(len(train), (1,), generator=order))
-        batch, share = shares[i]
-        opt.zero_grad()
-        loss = torch.zeros(())
-        if batch is not None:  # None: this rank has no rows of a batch smaller than the world
-            feeds = {k: torch.as_tensor(v) for k, v in batch.items()}
-            override = {n: w + scale * (b @ a)
-                        for n, (w, (a, b)) in zip(weights, zip(weights.values(), factors.values()))}
-            out = torch.func.functional_call(gm, override, (), feeds)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            loss = _loss(out, refs[i], batch) * share
-            loss.backward()
-        losses.append(split.reduce(trainable, float(loss.detach())))  # grads summed over ranks; batch loss
-        opt.step()
-    for p, flag in frozen:
-        p.requires_grad_(flag)
+    # (measured 1.5x the step time on MiniLM); the flags are restored (also on an exception) before the merge
+    clock = PhaseClock()  # report["timing"]: wall seconds per part of stage 2 (where a rank's step time goes)
+    with _frozen(gm):
+        split = RowSplit.of(dp)  # data parallel over ranks (.stage2_dp); one process: the whole batch, share 1
+        shares = [split.local(b) for b in train]
+        with clock("teacher"):
+            refs = _teacher(original, [b for b, _ in shares])
+        losses = _train(gm, weights, factors, scale, opt, shares, refs, steps=steps, seed=seed, split=split,
+                        deadline=t0 + 60.0 * minutes if minutes is not None else None, clock=clock)
     # merge into the program's weights: the graph keeps its ops, only the tensors change
     with torch.no_grad():
         for name, (a, b) in factors.items():
@@ -158,7 +196,7 @@ def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], 
                 if isinstance(old, torch.nn.Parameter) else new
     report = {"weights": sorted(weights), "rank": rank, "alpha": alpha, "steps": len(losses),
               "seconds": round(time.time() - t0, 2), "loss_first": losses[0] if losses else None,
-              "loss_last": losses[-1] if losses else None}
+              "loss_last": losses[-1] if losses else None, "timing": clock.as_dict()}
     log.info("LoRA stage 2: %d weights, rank %d, %d steps, loss %s -> %s", len(weights), rank, len(losses),
              report["loss_first"], report["loss_last"])
     return report

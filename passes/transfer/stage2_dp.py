@@ -10,8 +10,9 @@ is the masked mean (the first output is (batch, tokens, ...) and the batch has a
 has no mask; with a mask but another output shape the slices are weighted by their mask sums (an approximation). Initialisation and
 batch order come from the seed on every rank alike, so all ranks hold the same factors after every step.
 
-A wall-clock deadline is agreed on: every step starts with a one-element ``all_reduce`` (max) of "this rank is
-past its deadline", so all ranks stop at the same step. One process (``group`` None) is the identity: its own batch,
+A wall-clock deadline is agreed on: before the first step a one-element ``all_reduce`` (max) of "this rank is past
+its deadline", then one more element of every step's gradient ``all_reduce`` (the count of late ranks), so all ranks
+stop at the same step with one collective per step. One process (``group`` None) is the identity: its own batch,
 share 1, no communication.
 """
 from __future__ import annotations
@@ -70,21 +71,23 @@ class RowSplit:
         self._collective(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group))
         return bool(flag.item() > 0)
 
-    def reduce(self, params: Sequence[torch.Tensor], loss: float) -> float:
-        """Sum every ``param.grad`` (None counts as zero) and the scaled ``loss`` over the ranks, in one
-        ``all_reduce``; returns the whole batch's loss. The grads are replaced in place by the sums."""
+    def reduce(self, params: Sequence[torch.Tensor], loss: float, late: bool = False) -> tuple[float, bool]:
+        """Sum every ``param.grad`` (None counts as zero) and the scaled ``loss`` over the ranks, and agree on
+        whether any rank is ``late`` (past its deadline), in one ``all_reduce``; returns (the whole batch's loss,
+        any rank late). The grads are replaced in place by the sums. One collective per step: a separate stop
+        check would make every step wait twice for the slower rank."""
         if self.world == 1:
-            return float(loss)
+            return float(loss), late
         import torch.distributed as dist
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                         + [torch.tensor([float(loss)], dtype=params[0].dtype)])
+                         + [torch.tensor([float(loss), 1.0 if late else 0.0], dtype=params[0].dtype)])
         self._collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group))
         at = 0
         for p in params:
             n = p.numel()
             p.grad = flat[at:at + n].view_as(p).clone()
             at += n
-        return float(flat[-1])
+        return float(flat[-2]), bool(flat[-1].item() > 0)
 
     def _collective(self, call: Any) -> None:
         """Run one collective; a peer that died or hung becomes :class:`.distributed.PeerLostError`."""

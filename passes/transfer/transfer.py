@@ -32,7 +32,7 @@ from rewrite.binding import site_module
 from rewrite.capture import capture_fx, capture_onnx
 from rewrite.errors import NoSitesError, OptionError, SoftswapError
 from rewrite.recognize import recognize
-from rewrite.verify import verify as _verify
+from rewrite.verify import compare, runner
 
 from .data import Batch, Calibration, load_calibration
 from .fit import FitConfig, SiteState, fit_site
@@ -94,18 +94,30 @@ def _capture(loaded: mio.LoadedModel, runnable: Any, sites: Sequence[Any], batch
     return capture_onnx(runnable, sites, batch, source=loaded.source)
 
 
-def _model_fidelity(original: mio.LoadedModel, rewritten: mio.LoadedModel, batches: Sequence[Batch]
-                    ) -> dict[str, Any]:
-    """Per-output cosine / relative error averaged over ``batches`` (each compared with rewrite.verify)."""
+def _outputs(model: mio.LoadedModel, batches: Sequence[Batch]) -> list[dict[str, np.ndarray]]:
+    """``model``'s outputs on each batch (its module built once, not per batch)."""
+    call = runner(model)
+    return [call(batch) for batch in batches]
+
+
+def _fidelity_of(reference: Sequence[Mapping[str, np.ndarray]], candidate: Sequence[Mapping[str, np.ndarray]]
+                 ) -> dict[str, Any]:
+    """Per-output cosine / relative error (rewrite.verify.compare) averaged over paired per-batch outputs."""
     per: dict[str, dict[str, list[float]]] = {}
-    for batch in batches:
-        for o in _verify(original, rewritten, batch).outputs:
+    for ref, cand in zip(reference, candidate, strict=True):
+        for o in compare(ref, cand):
             d = per.setdefault(o.name, {"cosine": [], "rel_error": []})
             d["cosine"].append(o.cosine)
             d["rel_error"].append(o.rel_error)
     outputs = {n: {k: float(np.mean(v)) for k, v in d.items()} for n, d in per.items()}
     return {"outputs": outputs, "min_cosine": min((o["cosine"] for o in outputs.values()), default=1.0),
-            "batches": len(batches)}
+            "batches": len(reference)}
+
+
+def _model_fidelity(original: mio.LoadedModel, rewritten: mio.LoadedModel, batches: Sequence[Batch]
+                    ) -> dict[str, Any]:
+    """Per-output cosine / relative error of ``rewritten`` against ``original``, averaged over ``batches``."""
+    return _fidelity_of(_outputs(original, batches), _outputs(rewritten, batches))
 
 
 def _rewrite(loaded: mio.LoadedModel, variant: Any, options: Mapping[str, Any], layers: Any, keep_softmax: Any,
@@ -468,13 +480,13 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     variant = get_variant(attention)
     opts = transfer_options(variant, options, hybrid_window)
 
-    def fidelity_before() -> dict[str, Any]:  # the untrained swap's model fidelity: independent of the fit
+    def untrained_outputs() -> list[dict[str, np.ndarray]]:  # the untrained swap's held-out outputs (fit-free)
         untrained, _ = _rewrite(loaded, variant, opts, layers, keep_softmax, None)
-        return _model_fidelity(loaded, untrained, calib.held_out)
+        return _outputs(untrained, calib.held_out)
 
     if shard is not None and not shard.writes and dp is None:  # distributed: rank 0 rewrites, measures, writes
-        if measure_model and shard.rank == shard.helper:  # ... while the helper rank measures the untrained swap
-            shard.send_to_root(fidelity_before())
+        if measure_model and shard.rank == shard.helper:  # ... while the helper rank runs the untrained swap
+            shard.send_to_root(untrained_outputs())
         return loaded, report
     if out_path is not None and out_path.suffix == ".pt2" and loaded.kind == "onnx":
         from rewrite.errors import OutputPathError
@@ -500,7 +512,7 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
             report["stage2"]["data_parallel_ranks"] = dp.world
         if dp is not None and not dp.writes:  # stage 2 done together; rank 0 measures and writes
             if measure_model and dp.rank == dp.helper:
-                dp.send_to_root(fidelity_before())
+                dp.send_to_root(untrained_outputs())
             return loaded, report
     elif why_not:
         report["stage2"] = {"steps": 0, "note": why_not}
@@ -508,10 +520,13 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
     clock.add("stage2", time.perf_counter() - t_stage2)
     if measure_model:
         with clock("model_fidelity"):
-            after = _model_fidelity(loaded, new_model, calib.held_out)
+            # the original's held-out outputs once, for both comparisons; with ranks the helper sends the untrained
+            # swap's outputs (it skips the original's run: rank 0 waits less for it)
+            reference = _outputs(loaded, calib.held_out)
+            after = _fidelity_of(reference, _outputs(new_model, calib.held_out))
             helped = shard is not None and shard.helper != shard.rank
-            report["model_fidelity"] = {"before": shard.receive_from_helper() if helped else fidelity_before(),
-                                        "after": after}
+            untrained = shard.receive_from_helper() if helped else untrained_outputs()
+            report["model_fidelity"] = {"before": _fidelity_of(reference, untrained), "after": after}
     if out_path is not None:
         from rewrite.api import export
         with clock("export"):

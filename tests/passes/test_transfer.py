@@ -174,3 +174,24 @@ def test_cli(tiny_onnx: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "o.onnx").exists() and (tmp_path / "r.json").exists()
     assert "cosine after" in capsys.readouterr().out
+
+
+def test_model_fidelity_against_numpy(tiny_fx: LoadedModel) -> None:
+    """The report's model fidelity (the original's outputs computed once, compared with the rewritten model's per
+    batch): each output's cosine and relative error are numpy's, float64, averaged over the batches."""
+    from passes.transfer.transfer import _model_fidelity
+    rewritten = rewrite_with_params(tiny_fx, {}, attention="linear")
+    batches = [{k: v.numpy() for k, v in tiny_fx.extra["hf"].make_inputs(3, 9 + s, seed=s).items()} for s in range(3)]
+    got = _model_fidelity(tiny_fx, rewritten, batches)
+    assert got["batches"] == 3
+    for name in ("last_hidden_state", "pooler_output"):
+        cos, rel = [], []
+        for b in batches:
+            r = run_model(tiny_fx, b)[name].astype(np.float64).ravel()
+            c = run_model(rewritten, b)[name].astype(np.float64).ravel()
+            cos.append(r @ c / (np.linalg.norm(r) * np.linalg.norm(c)))
+            rel.append(np.linalg.norm(c - r) / np.linalg.norm(r))
+        assert got["outputs"][name]["cosine"] == pytest.approx(float(np.mean(cos)), rel=1e-9)
+        assert got["outputs"][name]["rel_error"] == pytest.approx(float(np.mean(rel)), rel=1e-9)
+    assert got["min_cosine"] == min(o["cosine"] for o in got["outputs"].values())
+    assert got["outputs"]["last_hidden_state"]["rel_error"] > 1e-5  # the swap changed the outputs (not vacuous)

@@ -97,3 +97,44 @@ def test_transfer_api_runs_stage2(setup) -> None:
     changed = [n for n in report["stage2"]["weights"]
                if not torch.equal(plain.ep.state_dict[n], staged.ep.state_dict[n])]
     assert changed == report["stage2"]["weights"]
+
+
+def test_freeze_restores_flags_when_training_fails(setup) -> None:
+    """An error inside stage 2 (here: a batch without the program's inputs) leaves every parameter's
+    requires_grad as it was (the freeze of the program's weights is undone in a finally)."""
+    from passes.transfer.stage2 import _frozen
+    original, fitted, _, feeds = setup
+    gm = fitted.ep.module()
+    gm.get_parameter(next(n for n, _ in gm.named_parameters())).requires_grad_(False)  # a mixed set of flags
+    before = [p.requires_grad for p in gm.parameters()]
+    assert any(before) and not all(before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with _frozen(gm):
+            assert not any(p.requires_grad for p in gm.parameters())
+            raise RuntimeError("boom")
+    assert [p.requires_grad for p in gm.parameters()] == before
+
+
+def test_stage2_reports_timing_per_part(setup) -> None:
+    original, fitted, _, feeds = setup
+    from passes.transfer.transfer import rewrite_with_params
+    model = rewrite_with_params(original, {}, attention="linear")
+    report = lora_stage2(model, original, feeds[:2], steps=3, seed=1)
+    timing = report["timing"]
+    assert set(timing) == {"teacher", "agree", "forward", "backward", "reduce", "optimizer"}
+    assert all(v >= 0 for v in timing.values()) and report["steps"] == 3
+    assert sum(timing.values()) <= report["seconds"] + 0.02  # parts of stage 2's own wall time (rounded to 10 ms)
+
+
+def test_runner_builds_once_and_matches_a_direct_module_call(setup) -> None:
+    """rewrite.verify.runner: one module for many batches, outputs equal to calling the program's module directly."""
+    from rewrite.verify import runner
+    original, _, _, feeds = setup
+    call = runner(original)
+    module = original.ep.module()
+    for batch in feeds[:3]:
+        args, kwargs = torch.utils._pytree.tree_unflatten(
+            [torch.from_numpy(batch[n]) for n in original.input_names], original.ep.call_spec.in_spec)
+        with torch.no_grad():
+            want = module(*args, **kwargs)
+        np.testing.assert_array_equal(call(batch)["last_hidden_state"], want[0].numpy())

@@ -109,3 +109,41 @@ def test_two_ranks_stage2_equals_one_rank(model_and_data: tuple[Path, Path], tmp
         assert sorted(f1) == sorted(f2)
         for name in f1:
             assert f2[name]["cosine"] == pytest.approx(f1[name]["cosine"], rel=rel)
+
+
+def _reduce_worker(rank: int, world: int, init: str, late_rank: int, box: dict) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        split = RowSplit(rank=rank, world=world, group=dist.group.WORLD)
+        params = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
+        params[0].grad = torch.full((3,), float(rank + 1))
+        params[1].grad = None if rank == 1 else torch.arange(4.0).reshape(2, 2)  # None counts as zero
+        loss, late = split.reduce(params, 0.25 * (rank + 1), late=rank == late_rank)
+        box[rank] = (loss, late, params[0].grad.tolist(), params[1].grad.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("late_rank", [-1, 0, 2])
+def test_reduce_sums_grads_and_loss_and_agrees_on_late(late_rank: int, tmp_path: Path) -> None:
+    """One all_reduce (gloo, 3 ranks) carries the grads, the loss and the late flag; every rank gets the same."""
+    import torch.multiprocessing as mp
+    world = 3
+    with mp.Manager() as manager:
+        box = manager.dict()
+        mp.spawn(_reduce_worker, args=(world, f"file://{tmp_path / 'store'}", late_rank, box), nprocs=world)
+        got = dict(box)
+    for rank in range(world):
+        loss, late, g0, g1 = got[rank]
+        assert loss == pytest.approx(0.25 * (1 + 2 + 3))
+        assert late is (late_rank >= 0)  # one late rank stops them all; none late: nobody stops
+        assert g0 == [6.0, 6.0, 6.0]
+        assert g1 == [[0.0, 2.0], [4.0, 6.0]]  # ranks 0 and 2 sent arange, rank 1 None
+
+
+def test_one_process_reduce_is_the_identity() -> None:
+    p = torch.ones(2, requires_grad=True)
+    p.grad = torch.tensor([1.0, 2.0])
+    assert RowSplit().reduce([p], 0.5, late=True) == (0.5, True)
+    assert p.grad.tolist() == [1.0, 2.0]

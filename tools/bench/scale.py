@@ -9,7 +9,8 @@ shared host hits both sides alike:
    stage-1-only setup) — with 1 process and with ``--nproc 2`` (torch.distributed gloo ranks, 1 torch thread each). Reported: end-to-end wall time of the command, the report's ``fit_seconds``
    (load + calibration + capture + fit, on rank 0 including the wait for rank 1's sites) and rank 0's wall time per
    phase (``report["phases"]``: load, calibration, capture, fit, gather, rewrite, stage2, model_fidelity, export),
-   so the serial part (Amdahl) is visible. Per rank: model load, calibration text and capture are not split; the
+   so the serial part (Amdahl) is visible, and rank 0's stage-2 split (``report["stage2"]["timing"]``: teacher,
+   forward, backward, reduce, optimizer). Per rank: model load, calibration text and capture are not split; the
    fits are (by site); stage 2 is split by batch rows; rank 0 measures the fitted model and exports while the last
    rank measures the untrained swap's model fidelity.
 2. **memory**: peak RSS (psutil, sampled every 25 ms, minus the RSS right after import) of :func:`transfer` on a
@@ -112,11 +113,14 @@ def ranks(args: argparse.Namespace, minilm: str, folder: Path) -> dict[str, Any]
             phases = rep_json.get("phases", {})
             rows[n].append({"wall_s": round(wall, 2), "fit_s": rep_json["fit_seconds"],
                             "stage2": {k: rep_json.get("stage2", {}).get(k) for k in
-                                       ("steps", "loss_first", "loss_last", "data_parallel_ranks")},
+                                       ("steps", "loss_first", "loss_last", "data_parallel_ranks", "timing")},
                             "peak_rss_mb": round(peak / 2 ** 20, 1), "steps": rep_json["steps"],
                             "phases_rank0_s": phases, "load_avg_1min": round(os.getloadavg()[0], 2)})
             print(f"  ranks={n} rep {rep}: wall {wall:.1f}s, fit {rep_json['fit_seconds']:.1f}s; rank 0 phases "
                   + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
+            timing = rep_json.get("stage2", {}).get("timing") or {}
+            if timing:  # where rank 0's stage-2 seconds went (reduce includes waiting for the slower rank)
+                print("    stage 2 on rank 0, s: " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()), flush=True)
     best = {n: {k: min(r[k] for r in rs) for k in ("wall_s", "fit_s")} for n, rs in rows.items()}
     # the ratio of each interleaved pair (same load on both sides) besides the best-of ratio
     pairs = [round(a["wall_s"] / b["wall_s"], 3) for a, b in zip(rows["1"], rows["2"])]
