@@ -162,16 +162,18 @@ def test_exported_self_attention_chunked(name, form, tmp_path):
     assert big * 4 < 2 * n * d * (d + 1)  # C = 8 here: the chunk states are 1/C of the prefix tensor
 
 
-@pytest.mark.parametrize("name", sorted(FNS))
-def test_tvm_compiles_default_chunked_with_symbolic_batch_and_length(name, tmp_path):
+@pytest.mark.parametrize("name,window", [("linear", 0), ("mala", 0), ("linear", 3)])
+def test_tvm_compiles_default_chunked_with_symbolic_batch_and_length(name, window, tmp_path):
     """The default (``auto``) causal form exported with batch and length symbolic (the chunked one when traced:
     test_exported_memory_does_not_grow_as_n_f_e) and one TVM build of it (every dim symbolic, as ``softswap compile`` leaves a converted model) serves several batches and
-    lengths that are not chunk multiples: TVM = onnxruntime = eager prefix = recurrent to 1e-5 (fp32)."""
+    lengths that are not chunk multiples: TVM = onnxruntime = eager prefix = recurrent to 1e-5 (fp32); with the
+    hybrid window (w = 3) against the fp64 eager prefix form."""
     pytest.importorskip("tvm")
     from targets import Runner, compile_model
 
     fn = FNS[name]
-    m = _SelfCausal(fn, "auto")
+    m = _SelfCausal(fn, "auto", window)
+    kw = {"window": window} if window else {}
     dyn = {"x": {0: torch.export.Dim("B", min=1, max=64), 2: torch.export.Dim("S", min=2, max=8192)}}
     x0 = torch.randn(2, 2, 12, 24)
     with warnings.catch_warnings():
@@ -185,8 +187,9 @@ def test_tvm_compiles_default_chunked_with_symbolic_batch_and_length(name, tmp_p
     for b, n in ((1, 21), (3, 45), (2, 5)):
         x = torch.randn(b, 2, n, 24, generator=torch.Generator().manual_seed(n))
         q, k, v = x.chunk(3, dim=-1)
-        ref = _recurrent(fn, q, k, v)
-        prefix = fn(q, k, v, scale=0.35, causal=True, causal_form="prefix", chunk_size=CHUNK)
+        ref = _recurrent(fn, q, k, v) if not window else fn(
+            q.double(), k.double(), v.double(), scale=0.35, causal=True, causal_form="prefix", **kw).float()
+        prefix = fn(q, k, v, scale=0.35, causal=True, causal_form="prefix", chunk_size=CHUNK, **kw)
         assert _err(prefix, ref) <= 1e-5
         got = list(runner.run({runner.input_names[0]: x.numpy()}).values())[0]
         assert got.shape == tuple(ref.shape)
