@@ -191,6 +191,31 @@ def test_tvm_compiled_step_generates_the_same_tokens(decoded, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"tokens": want.tokens}
 
 
+def test_tvm_compiled_prefill_matches_onnxruntime(decoded, tmp_path):
+    """`softswap compile` of prefill.onnx (GPT-2, the chunked causal form by default, batch and length symbolic):
+    one artefact gives onnxruntime's logits and every layer's state at three (batch, length) pairs, lengths not
+    multiples of the chunk, 1e-4."""
+    pytest.importorskip("tvm")
+    import onnxruntime as ort
+    from targets import Runner
+
+    folder, _ = decoded["gpt2"]
+    lib = tmp_path / "prefill.so"
+    assert main(["compile", str(folder / "prefill.onnx"), "--target", "host", "-o", str(lib)]) == 0
+    runner = Runner(lib)
+    sess = ort.InferenceSession(str(folder / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    for b, n in ((1, 7), (3, 45), (2, 100)):
+        rng = np.random.default_rng(n)
+        feeds = {"input_ids": rng.integers(0, 100, (b, n)).astype(np.int64),
+                 "positions": np.tile(np.arange(n, dtype=np.int64), (b, 1))}
+        want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        got = runner.run(feeds)
+        assert sorted(got) == sorted(want) and any(k.startswith("next_state.") for k in want)
+        for name, w in want.items():
+            assert got[name].shape == w.shape, name
+            assert _max_err([got[name]], [torch.from_numpy(w)]) <= 1e-4, (name, b, n)
+
+
 def test_tvm_add_of_length1_matmul(tmp_path):
     """The pattern the step graph first had (S + φ(k)ᵀv for one token): onnxruntime vs the compiled artefact. (The
     CPU injective rule once inlined the Add into the K = 1 matmul, adding S to the init and again to the update.)"""
