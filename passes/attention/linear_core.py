@@ -73,7 +73,16 @@ def _split_chunks(x: torch.Tensor, nc: Any, pad: Any, chunk: int) -> torch.Tenso
     return _zero_rows(x, 0, pad).reshape(*x.shape[:-2], nc, chunk, x.shape[-1])
 
 
-def _chunk_grid(n: Any, chunk: int, device, fixed: int = 0) -> torch.Tensor:
+def _constant_part(n: Any) -> int:
+    """The positive integer term of a symbolic length (3 in S + T + 3); 0 for a plain symbol."""
+    expr = getattr(getattr(n, "node", None), "expr", None)
+    if expr is None:
+        return 0
+    c = expr.as_coeff_Add()[0]
+    return int(c) if c.is_Integer and c > 0 else 0
+
+
+def _chunk_grid(n: Any, chunk: int, device) -> torch.Tensor:
     """Symbolic length N: the row read by each chunk slot, min(c·C + r, N − 1), as an (nc, C) grid with
     nc = (N + 2C) // C (≥ 2 provably: no op specialises on a size-1 chunk axis; at most two chunks more than
     needed).
@@ -83,12 +92,13 @@ def _chunk_grid(n: Any, chunk: int, device, fixed: int = 0) -> torch.Tensor:
     fails on it). Slots past N repeat row N − 1: within a chunk they come after every real query (the intra-chunk
     triangle hides them) and their keys enter only the states of chunks whose queries are all padding, so no mask
     is needed; the caller drops the padded outputs."""
-    # Spelled (M + 2C) // C + ⌈fixed / C⌉ for N = M + fixed (``fixed``: the constant rows of an offset axis
-    # T + S + w, here w): one floordiv of the symbolic rows. Spelled N // C + 2, TVM's schedule of the chunk
+    # Spelled (M + 2C) // C + ⌈w / C⌉ for N = M + w (w: the constant term of an offset axis T + S + w): one
+    # floordiv of the symbolic rows. Spelled N // C + 2, TVM's schedule of the chunk
     # products fails with a symbolic batch (cache_write: InternalError in PadDividendToDivisor) once S and T are
     # one symbol s in the imported graph (loops read floordiv(s, 32) + 2, buffers floordiv(s + s, 64) + 2);
     # spelled as a sum of one floordiv per symbol, TVM builds it but computes wrong numbers; with the constant
     # inside the floordiv, torch.export emits guards it cannot prove.
+    fixed = _constant_part(n)
     nc = (n - fixed + 2 * chunk) // chunk + -(-fixed // chunk)
     grid = torch.arange(nc, device=device)[:, None] * chunk + torch.arange(chunk, device=device)[None, :]
     return torch.clamp(grid, max=n - 1)
@@ -108,8 +118,7 @@ def _gather_chunks(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return picked.reshape(grid.shape[0], grid.shape[1], b, h, f).permute(2, 3, 0, 1, 4)
 
 
-def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int, fixed: int = 0
-                   ) -> torch.Tensor:
+def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
     """Chunked causal form on equal lengths N: intra-chunk tril(fq fkᵀ) v plus fq times the exclusive prefix of
     the per-chunk states. Memory O(N·C + N/C·F·E); with symbolic N it exports (torch.export, ONNX) guard-free."""
     b, h, n, f = fq.shape
@@ -120,7 +129,7 @@ def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: i
         # k, v (and q) share one length by contract; the checks let export treat their symbols as one
         torch._check(fk.shape[-2] == n)
         torch._check(v.shape[-2] == n)
-        grid = _chunk_grid(n, chunk, fq.device, fixed)
+        grid = _chunk_grid(n, chunk, fq.device)
         nc = grid.shape[0]
         q4, k4, v4 = (_gather_chunks(x, grid) for x in (fq, fk, v))
     tril = torch.ones(chunk, chunk, dtype=fq.dtype, device=fq.device).tril()
@@ -150,10 +159,9 @@ def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int)
     return torch.cat(outs, dim=-2)
 
 
-def _causal_equal(fq, fk, v, *, chunk: int, form: str, fixed: int = 0) -> torch.Tensor:
-    """``fixed``: rows of a traced length that are a constant (the window's on an offset axis)."""
+def _causal_equal(fq, fk, v, *, chunk: int, form: str) -> torch.Tensor:
     if form in ("auto", "chunked"):
-        return _chunked_equal(fq, fk, v, chunk, fixed)
+        return _chunked_equal(fq, fk, v, chunk)
     if form == "prefix":
         return _prefix_equal(fq, fk, v)
     if form == "loop":
@@ -172,8 +180,7 @@ def _apply_offset(fq, fk, v, a, b, rq, rk, *, chunk: int, form: str) -> torch.Te
     fq_p = _zero_rows(fq, b, rq)
     fk_p = _zero_rows(fk, a, rk)
     v_p = _zero_rows(v, a, rk)
-    fixed = sum(x for x in (b, rq) if isinstance(x, int)) if not _concrete(fq_p.shape[-2]) else 0
-    out = _causal_equal(fq_p, fk_p, v_p, chunk=chunk, form=form, fixed=fixed)
+    out = _causal_equal(fq_p, fk_p, v_p, chunk=chunk, form=form)
     return out[:, :, b:b + s_len]
 
 
