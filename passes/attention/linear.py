@@ -30,7 +30,7 @@ OPTIONS = (
                   minimum=0),
     VariantOption("scale_qk", False, bool, "multiply q and k by √scale before φ (off in the official code)"),
     VariantOption("chunk_size", 64, int, "chunk length C of the causal chunked form", minimum=1),
-    VariantOption("causal_form", "auto", str, "auto (= chunked in eager, prefix when traced), chunked (O(N) memory, also when exported), prefix, loop",
+    VariantOption("causal_form", "auto", str, "auto (= chunked, eager and exported), chunked (O(N) memory), prefix (O(N·F·E) memory), loop (eager only)",
                   choices=("auto", "chunked", "prefix", "loop")),
     VariantOption("window", 0, int, "sliding softmax window width w (0 = off; the LoLCATs hybrid)", minimum=0),
 )

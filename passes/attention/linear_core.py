@@ -12,16 +12,14 @@ two strided slices, all over N-sized tensors).
 Causal visibility: key j is visible from query i iff j <= i + (T - S) - shift. ``shift`` > 0 excludes the last
 ``shift`` keys of the causal prefix (used by the sliding-window hybrid).
 
-Causal forms (``auto``, the default, is ``chunked`` in eager and ``prefix`` under tracing: the traced chunked form
-runs in onnxruntime with O(N) memory, and TVM builds it for self-attention with a symbolic length, but not yet with
-a symbolic batch too (TVM's loop splitting fails or miscompiles on the chunk-count extents; see
-docs/causal_decode.md), which every ``softswap compile`` of a converted model has. The decode prefill graph, which
-runs in onnxruntime, asks for ``chunked``; so can any export with ``causal_form="chunked"``):
+Causal forms (``auto``, the default, is ``chunked``, in eager and under tracing: FX programs and ONNX exports get
+the O(N)-memory form, and TVM builds it with a symbolic batch and length; ``prefix`` stays selectable):
 - ``chunked``: parallel chunk form, chunk C: intra-chunk tril(φQ φKᵀ)V plus φQ times the exclusive
   cumulative sum of per-chunk states. Memory O(N·C + N/C·F·E); no loops. Under tracing the chunks are cut by a
-  gather with a clamped (N // C + 1, C) index grid and a validity mask on the keys (no reshape, no padding), so
-  torch.export and the ONNX exporter keep the length dynamic and TVM compiles it with a symbolic length.
-- ``prefix``: cumulative sum of φ(k_j) v_jᵀ; materialises an N×F×E tensor (tests/small N only).
+  gather of rows by a clamped ((N + 2C) // C, C) index grid (no reshape of N rows, no padding), so
+  torch.export and the ONNX exporter keep the length dynamic and TVM compiles it with symbolic batch and length.
+- ``prefix``: cumulative sum of φ(k_j) v_jᵀ; materialises an N×F×E tensor (tests/small N only; exported on
+  request with ``causal_form=prefix``).
 - ``loop``: Python loop over chunks with a running F×E state (recurrent form, O(N) memory); eager only.
 """
 from __future__ import annotations
@@ -75,27 +73,49 @@ def _split_chunks(x: torch.Tensor, nc: Any, pad: Any, chunk: int) -> torch.Tenso
     return _zero_rows(x, 0, pad).reshape(*x.shape[:-2], nc, chunk, x.shape[-1])
 
 
-def _plain_symbol(n: Any) -> bool:
-    """True for a length that is one free symbol (self-attention under tracing), not an expression of symbols."""
-    return bool(getattr(getattr(getattr(n, "node", None), "expr", None), "is_Symbol", False))
+def _constant_part(n: Any) -> int:
+    """The positive integer term of a symbolic length (3 in S + T + 3); 0 for a plain symbol."""
+    expr = getattr(getattr(n, "node", None), "expr", None)
+    if expr is None:
+        return 0
+    c = expr.as_coeff_Add()[0]
+    return int(c) if c.is_Integer and c > 0 else 0
 
 
 def _chunk_grid(n: Any, chunk: int, device) -> torch.Tensor:
     """Symbolic length N: the row read by each chunk slot, min(c·C + r, N − 1), as an (nc, C) grid with
-    nc = N // C + 2 (≥ 2 provably: no op specialises on a size-1 chunk axis; at most two chunks more than needed).
+    nc = (N + 2C) // C (≥ 2 provably: no op specialises on a size-1 chunk axis; at most two chunks more than
+    needed).
 
     Gathering rows by it cuts x into chunks without a reshape of N + pad rows (torch.export would have to prove a
     divisibility it cannot) and without padding (a Concat or Pad whose extent depends on N: TVM's loop splitting
     fails on it). Slots past N repeat row N − 1: within a chunk they come after every real query (the intra-chunk
     triangle hides them) and their keys enter only the states of chunks whose queries are all padding, so no mask
     is needed; the caller drops the padded outputs."""
-    # For a plain length symbol (self-attention) written (N + 2C) // C: as N // C + 2, TVM's loop splitting cannot
-    # prove the chunk-state extent H·(N//C·F·E + 2·F·E) divisible by F·E (InternalError in PadDividendToDivisor).
-    # On an offset axis (N an expression such as S + T + w) the same spelling makes torch.export emit modulo guards
-    # it cannot prove, so there it is N // C + 2 (that path is exported for onnxruntime; TVM gets ``prefix``).
-    nc = (n + 2 * chunk) // chunk if _plain_symbol(n) else n // chunk + 2
+    # Spelled (M + 2C) // C + ⌈w / C⌉ for N = M + w (w: the constant term of an offset axis T + S + w): one
+    # floordiv of the symbolic rows. Spelled N // C + 2, TVM's schedule of the chunk
+    # products fails with a symbolic batch (cache_write: InternalError in PadDividendToDivisor) once S and T are
+    # one symbol s in the imported graph (loops read floordiv(s, 32) + 2, buffers floordiv(s + s, 64) + 2);
+    # spelled as a sum of one floordiv per symbol, TVM builds it but computes wrong numbers; with the constant
+    # inside the floordiv, torch.export emits guards it cannot prove.
+    fixed = _constant_part(n)
+    nc = (n - fixed + 2 * chunk) // chunk + -(-fixed // chunk)
     grid = torch.arange(nc, device=device)[:, None] * chunk + torch.arange(chunk, device=device)[None, :]
     return torch.clamp(grid, max=n - 1)
+
+
+def _gather_chunks(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(B,H,N,F) → (B,H,nc,C,F): row grid[c, r] of x in slot (c, r), as an embedding lookup of the rows of x
+    viewed as (N, B·H·F).
+
+    Not the advanced index ``x[:, :, grid]``: it exports as a Gather with a negative-index fix-up (Shape, Less,
+    Add, Where) that TVM's FuseTIR cannot fuse once the batch is symbolic too (VarRemapGet check in RenewDefs).
+    Not ``index_select`` of the flat grid + ``unflatten``: torch.export then guards on (8·(N//8 + 2)) % (N//8 + 2).
+    """
+    b, h, n, f = x.shape
+    rows = x.permute(2, 0, 1, 3).reshape(n, b * h * f)
+    picked = torch.nn.functional.embedding(grid, rows)  # (nc, C, B·H·F)
+    return picked.reshape(grid.shape[0], grid.shape[1], b, h, f).permute(2, 3, 0, 1, 4)
 
 
 def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -111,7 +131,7 @@ def _chunked_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: i
         torch._check(v.shape[-2] == n)
         grid = _chunk_grid(n, chunk, fq.device)
         nc = grid.shape[0]
-        q4, k4, v4 = (x[:, :, grid] for x in (fq, fk, v))
+        q4, k4, v4 = (_gather_chunks(x, grid) for x in (fq, fk, v))
     tril = torch.ones(chunk, chunk, dtype=fq.dtype, device=fq.device).tril()
     intra = ((q4 @ k4.transpose(-1, -2)) * tril) @ v4
     states = k4.transpose(-1, -2) @ v4  # (B,H,nc,F,E)
@@ -140,9 +160,7 @@ def _loop_equal(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int)
 
 
 def _causal_equal(fq, fk, v, *, chunk: int, form: str) -> torch.Tensor:
-    if form == "auto":  # traced: prefix, which TVM compiles with every dim symbolic (the chunked form does not yet)
-        form = "chunked" if isinstance(fq.shape[-2], int) else "prefix"
-    if form == "chunked":
+    if form in ("auto", "chunked"):
         return _chunked_equal(fq, fk, v, chunk)
     if form == "prefix":
         return _prefix_equal(fq, fk, v)

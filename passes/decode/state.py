@@ -109,10 +109,8 @@ class LinearLayerState(nn.Module):
 
     def prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q (B, H, N, D), k/v (B, Hkv, N, D) → (causal output (B, H, N, E), *state after the N tokens).
-        ``causal_form`` ``auto`` means ``chunked`` here (O(N) memory when exported; the same numbers)."""
+        ``causal_form`` ``auto`` is the chunked form (O(N) memory when exported)."""
         opts = dict(self.options)
-        if opts.get("causal_form", "auto") == "auto":  # the prefill runs in onnxruntime: the O(N)-memory form
-            opts["causal_form"] = "chunked"
         y = self.fn(q, _expand(k, self.groups), _expand(v, self.groups), params=self._params(), scale=self.scale,
                     causal=True, key_padding=None, **opts)
         if not self.window:

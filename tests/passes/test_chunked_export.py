@@ -162,24 +162,39 @@ def test_exported_self_attention_chunked(name, form, tmp_path):
     assert big * 4 < 2 * n * d * (d + 1)  # C = 8 here: the chunk states are 1/C of the prefix tensor
 
 
-@pytest.mark.parametrize("name", sorted(FNS))
-def test_tvm_compiles_chunked_with_symbolic_length(name, tmp_path):
-    """The exported chunked self-attention compiles in TVM with the length left symbolic (one artefact; batch and
-    heads static), and is recurrent-exact at lengths that are not chunk multiples."""
+@pytest.mark.parametrize("name,window", [("linear", 0), ("mala", 0), ("linear", 3)])
+def test_tvm_compiles_default_chunked_with_symbolic_batch_and_length(name, window, tmp_path):
+    """The default (``auto``) causal form exported with batch and length symbolic (the chunked one when traced:
+    test_exported_memory_does_not_grow_as_n_f_e) and one TVM build of it (every dim symbolic, as ``softswap compile`` leaves a converted model) serves several batches and
+    lengths that are not chunk multiples: TVM = onnxruntime = eager prefix = recurrent to 1e-5 (fp32); with the
+    hybrid window (w = 3) against the fp64 eager prefix form."""
     pytest.importorskip("tvm")
     from targets import Runner, compile_model
 
     fn = FNS[name]
-    _, onx = _export_self(_SelfCausal(fn, "chunked"))
+    m = _SelfCausal(fn, "auto", window)
+    kw = {"window": window} if window else {}
+    dyn = {"x": {0: torch.export.Dim("B", min=1, max=64), 2: torch.export.Dim("S", min=2, max=8192)}}
+    x0 = torch.randn(2, 2, 12, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        onx = torch.onnx.export(m, (x0,), dynamic_shapes=dyn, dynamo=True, opset_version=18, verbose=False)
     onx.save(str(tmp_path / "m.onnx"))
     compile_model(str(tmp_path / "m.onnx"), "host", tmp_path / "m.so", shapes=None)
     runner = Runner(tmp_path / "m.so")
-    for n in (3, 21, 45):
-        x = torch.randn(1, 2, n, 24, generator=torch.Generator().manual_seed(n))
-        ref = _recurrent(fn, *x.chunk(3, dim=-1))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for b, n in ((1, 21), (3, 45), (2, 5)):
+        x = torch.randn(b, 2, n, 24, generator=torch.Generator().manual_seed(n))
+        q, k, v = x.chunk(3, dim=-1)
+        ref = _recurrent(fn, q, k, v) if not window else fn(
+            q.double(), k.double(), v.double(), scale=0.35, causal=True, causal_form="prefix", **kw).float()
+        prefix = fn(q, k, v, scale=0.35, causal=True, causal_form="prefix", chunk_size=CHUNK, **kw)
+        assert _err(prefix, ref) <= 1e-5
         got = list(runner.run({runner.input_names[0]: x.numpy()}).values())[0]
         assert got.shape == tuple(ref.shape)
-        assert _err(got, ref) <= 1e-5, f"TVM n={n}"
+        assert _err(got, ref) <= 1e-5, f"TVM b={b} n={n}"
+        assert _err(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref) <= 1e-5, f"ORT b={b} n={n}"
 
 
 def _largest_intermediate(ep, n: int) -> int:
@@ -200,9 +215,10 @@ def _largest_intermediate(ep, n: int) -> int:
     return best
 
 
-@pytest.mark.parametrize("form,grows_as_nfe", [("chunked", False), ("prefix", True)])
+@pytest.mark.parametrize("form,grows_as_nfe", [("chunked", False), ("auto", False), ("prefix", True)])
 def test_exported_memory_does_not_grow_as_n_f_e(form, grows_as_nfe):
-    """The prefix form holds a (B,H,N,F,E+1) tensor; the chunked one N·C- and N/C·F·E-sized ones."""
+    """The prefix form holds a (B,H,N,F,E+1) tensor; the chunked one (also the default, ``auto``, when traced)
+    N·C- and N/C·F·E-sized ones."""
     d = 32
     m = _Causal(linear_attention, form)
     ep = torch.export.export(m, _qkv(12, 0, d=d), dynamic_shapes={"q": {2: torch.export.Dim("S", min=2, max=8192)},
@@ -214,9 +230,10 @@ def test_exported_memory_does_not_grow_as_n_f_e(form, grows_as_nfe):
     if grows_as_nfe:
         assert big >= nfe
     else:
-        # the traced offset axis has S + T = 2N rows plus two padding chunks; the largest tensors are the
-        # N·C-type chunk tensors (≤ B·H·L·max(C, F, E+1)) and the per-chunk states (≤ B·H·(L/C + 1)·F·(E+1))
-        rows = 2 * n + 2 * CHUNK
+        # the traced offset axis has S + T = 2N rows plus up to four padding chunks (one per part of the axis and
+        # one more); the largest tensors are the N·C-type chunk tensors (≤ B·H·L·max(C, F, E+1)) and the per-chunk
+        # states (≤ B·H·(L/C + 1)·F·(E+1))
+        rows = 2 * n + 4 * CHUNK
         assert big <= 2 * max(rows * max(CHUNK, d + 1), (rows // CHUNK + 1) * d * (d + 1)), big
         assert big * 3 < nfe
 

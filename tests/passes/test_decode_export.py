@@ -10,100 +10,43 @@ tokens exceed the zoo's 64) and weights drawn with std 0.3, so greedy decoding d
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from passes.decode import DecodeSession, export_decode, generate
-from rewrite import api
-from rewrite.cli import main
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_models import (NEW, PROMPT, _lm, _max_err, _reference_tokens,  # noqa: E402,F401
+                           _reference_tokens_from, lm_folders)
 
-PROMPT = [5, 17, 42]
-NEW = 64
-
-
-def _lm(family: str) -> torch.nn.Module:
-    if family == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-        cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=128, attn_implementation="sdpa",
-                         bos_token_id=1, eos_token_id=2, use_cache=False)
-        lm = GPT2LMHeadModel(cfg)
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                          attn_implementation="sdpa", use_cache=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        lm = LlamaForCausalLM(cfg)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in lm.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return lm.eval()
+from passes.decode import DecodeSession, export_decode, generate  # noqa: E402
+from rewrite import api  # noqa: E402
+from rewrite.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decode")
-    out = {}
-    for family in ("gpt2", "llama"):
-        _lm(family).save_pretrained(root / family)
-        out[family] = root / family
-    return out
-
-
-@pytest.fixture(scope="module")
-def decoded(folders, tmp_path_factory):
+def decoded(lm_folders, tmp_path_factory):
     """family → (decode folder, convert report). GPT-2 through the CLI, Llama through the API."""
     root = tmp_path_factory.mktemp("decoded")
     result = {}
     gpt2 = root / "gpt2_dec"
-    assert main(["convert", str(folders["gpt2"]), "-o", str(gpt2), "--attention", "linear", "--decode",
+    assert main(["convert", str(lm_folders["gpt2"]), "-o", str(gpt2), "--attention", "linear", "--decode",
                  "--report", str(root / "gpt2.json"), "--json"]) == 0
     result["gpt2"] = (gpt2, json.loads((root / "gpt2.json").read_text()))
     llama = root / "llama_dec"
-    _, report = api.convert(folders["llama"], llama, attention="linear", decode=True)
+    _, report = api.convert(lm_folders["llama"], llama, attention="linear", decode=True)
     result["llama"] = (llama, report)
     return result
 
 
-def _reference_tokens(program: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding by re-running the whole converted model on the growing sequence (no state)."""
-    seq, toks, logits = list(prompt), [], []
-    for _ in range(n):
-        ids = torch.tensor([seq])
-        with torch.no_grad():
-            last = program(input_ids=ids, attention_mask=torch.ones_like(ids))[0][0, -1]
-        toks.append(int(last.argmax()))
-        logits.append(last)
-        seq.append(toks[-1])
-    return toks, logits
-
-
-def _reference_tokens_from(prompt, program, n):
-    """As :func:`_reference_tokens`, for a one-token prompt (the exported program takes N >= 2: the first token
-    is read from a 2-token run's first position, which causal attention makes independent of the second)."""
-    toks, logits = [], []
-    with torch.no_grad():
-        ids = torch.tensor([prompt + [0]])
-        first = program(input_ids=ids, attention_mask=torch.ones_like(ids))[0][0, 0]
-    toks.append(int(first.argmax()))
-    logits.append(first)
-    more, more_logits = _reference_tokens(program, prompt + toks, n - 1)
-    return toks + more, logits + more_logits
-
-
-def _max_err(got: list[np.ndarray], ref: list[torch.Tensor]) -> float:
-    return max(float(np.abs(g - r.numpy()).max() / max(1.0, float(r.abs().max()))) for g, r in zip(got, ref))
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_greedy_tokens_equal_full_converted_model(family, folders, decoded):
+def test_greedy_tokens_equal_full_converted_model(family, lm_folders, decoded):
     folder, report = decoded[family]
     assert {p.name for p in folder.iterdir()} >= {"prefill.onnx", "step.onnx", "decode.json"}
     assert report["passes"][0]["replaced"] == 2
-    converted, _ = api.convert(folders[family], None, attention="linear", verify=False)  # the ordinary convert
+    converted, _ = api.convert(lm_folders[family], None, attention="linear", verify=False)  # the ordinary convert
     ref_toks, ref_logits = _reference_tokens(converted.ep.module(), PROMPT, NEW)
     out = generate(folder, PROMPT, NEW, stop_at_eos=False, keep_logits=True)
     assert len(set(ref_toks)) >= 3  # the comparison is not over a constant sequence
@@ -111,12 +54,12 @@ def test_greedy_tokens_equal_full_converted_model(family, folders, decoded):
     assert _max_err(out.logits, ref_logits) <= 1e-4
 
 
-def test_mala_greedy_tokens_equal_full_converted_model(folders, tmp_path):
+def test_mala_greedy_tokens_equal_full_converted_model(lm_folders, tmp_path):
     """MALA's state adds v = Σ v_j and the count n; GQA Llama, 64 tokens, same check as for linear."""
-    converted, report = export_decode(folders["llama"], tmp_path / "dec", attention="mala")
+    converted, report = export_decode(lm_folders["llama"], tmp_path / "dec", attention="mala")
     assert [s["name"] for s in report["decode"]["state"][:4]] == ["state.0.S", "state.0.z", "state.0.v", "state.0.n"]
     assert report["decode"]["state"][2]["shape"] == ["batch", 2, 1, 16]
-    reference, _ = api.convert(folders["llama"], None, attention="mala", verify=False)
+    reference, _ = api.convert(lm_folders["llama"], None, attention="mala", verify=False)
     ref_toks, ref_logits = _reference_tokens(reference.ep.module(), PROMPT, NEW)
     out = generate(tmp_path / "dec", PROMPT, NEW, stop_at_eos=False, keep_logits=True)
     assert len(set(ref_toks)) >= 3
@@ -145,7 +88,7 @@ def test_state_shapes_do_not_depend_on_position(decoded):
     assert shapes == {tuple((1, *w) for w in want)}
 
 
-def test_transferred_hedgehog_params_carry_over(folders, tmp_path):
+def test_transferred_hedgehog_params_carry_over(lm_folders, tmp_path):
     """Non-initial per-site parameters (as `softswap transfer` fits them) reach the step graph: GQA Llama with a
     Hedgehog map (per-query-head φ_k, so the state keeps all 4 heads) equals the converted model with the same
     parameters; with the initial parameters the tokens differ."""
@@ -158,22 +101,22 @@ def test_transferred_hedgehog_params_carry_over(folders, tmp_path):
                            "fmap_k": init_hedgehog(4, 16) + 0.5 * torch.randn(4, 16, 16, generator=g)}
               for i in range(2)}
     opts = {"feature_map": "hedgehog"}
-    converted, report = export_decode(folders["llama"], tmp_path / "dec", options=opts, params=params)
+    converted, report = export_decode(lm_folders["llama"], tmp_path / "dec", options=opts, params=params)
     assert report["decode"]["state"][0]["shape"] == ["batch", 4, 32, 16]
-    ref = AttentionRewritePass(get_variant("linear"), opts, params=params).run(load_model(folders["llama"])).model
+    ref = AttentionRewritePass(get_variant("linear"), opts, params=params).run(load_model(lm_folders["llama"])).model
     ref_toks, ref_logits = _reference_tokens(ref.ep.module(), PROMPT, 16)
     out = generate(tmp_path / "dec", PROMPT, 16, stop_at_eos=False, keep_logits=True)
     assert out.tokens == ref_toks and _max_err(out.logits, ref_logits) <= 1e-4
     init_toks, _ = _reference_tokens(
-        AttentionRewritePass(get_variant("linear"), opts).run(load_model(folders["llama"])).model.ep.module(),
+        AttentionRewritePass(get_variant("linear"), opts).run(load_model(lm_folders["llama"])).model.ep.module(),
         PROMPT, 16)
     assert init_toks != ref_toks  # the parameters matter, so equality above is evidence they carried over
 
 
-def test_one_token_prompt_is_a_step_from_zero_state(folders, decoded):
+def test_one_token_prompt_is_a_step_from_zero_state(lm_folders, decoded):
     """The prefill graph takes N >= 2; a one-token prompt runs the step from the zero state at position 0."""
     folder, _ = decoded["gpt2"]
-    converted, _ = api.convert(folders["gpt2"], None, attention="linear", verify=False)
+    converted, _ = api.convert(lm_folders["gpt2"], None, attention="linear", verify=False)
     ref_toks, ref_logits = _reference_tokens_from([5], converted.ep.module(), 12)
     out = generate(folder, [5], 12, stop_at_eos=False, keep_logits=True)
     assert out.tokens == ref_toks and _max_err(out.logits, ref_logits) <= 1e-4
@@ -211,12 +154,12 @@ def _bert_folder(root: Path) -> Path:
     return root / "bert"
 
 
-def test_convert_decode_refusals(folders, tmp_path, capsys):
+def test_convert_decode_refusals(lm_folders, tmp_path, capsys):
     from transformers import GPT2Model
     cases = [
         ([str(_bert_folder(tmp_path)), "--attention", "linear"], "bert"),  # encoder: unsupported family
-        ([str(folders["gpt2"]), "--attention", "sigmoid"], "no decode form"),
-        ([str(folders["gpt2"]), "--attention", "linear", "--head", "svm"], "--head"),
+        ([str(lm_folders["gpt2"]), "--attention", "sigmoid"], "no decode form"),
+        ([str(lm_folders["gpt2"]), "--attention", "linear", "--head", "svm"], "--head"),
     ]
     base = tmp_path / "gpt2_base"
     GPT2Model(_lm("gpt2").config).save_pretrained(base)
@@ -246,6 +189,31 @@ def test_tvm_compiled_step_generates_the_same_tokens(decoded, tmp_path, capsys):
     assert main(["generate", str(folder), "--prompt-ids", "5,17,42", "--max-new-tokens", "16", "--ignore-eos",
                  "--step-library", str(lib), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"tokens": want.tokens}
+
+
+def test_tvm_compiled_prefill_matches_onnxruntime(decoded, tmp_path):
+    """`softswap compile` of prefill.onnx (GPT-2, the chunked causal form by default, batch and length symbolic):
+    one artefact gives onnxruntime's logits and every layer's state at three (batch, length) pairs, lengths not
+    multiples of the chunk, 1e-4."""
+    pytest.importorskip("tvm")
+    import onnxruntime as ort
+    from targets import Runner
+
+    folder, _ = decoded["gpt2"]
+    lib = tmp_path / "prefill.so"
+    assert main(["compile", str(folder / "prefill.onnx"), "--target", "host", "-o", str(lib)]) == 0
+    runner = Runner(lib)
+    sess = ort.InferenceSession(str(folder / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    for b, n in ((1, 7), (3, 45), (2, 100)):
+        rng = np.random.default_rng(n)
+        feeds = {"input_ids": rng.integers(0, 100, (b, n)).astype(np.int64),
+                 "positions": np.tile(np.arange(n, dtype=np.int64), (b, 1))}
+        want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        got = runner.run(feeds)
+        assert sorted(got) == sorted(want) and any(k.startswith("next_state.") for k in want)
+        for name, w in want.items():
+            assert got[name].shape == w.shape, name
+            assert _max_err([got[name]], [torch.from_numpy(w)]) <= 1e-4, (name, b, n)
 
 
 def test_tvm_add_of_length1_matmul(tmp_path):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_decode_export import NEW, _lm, _max_err, _reference_tokens, _reference_tokens_from  # noqa: E402
+from decode_models import NEW, _max_err, _reference_tokens, _reference_tokens_from, lm_folders  # noqa: E402,F401
 
 from passes.attention import get_variant  # noqa: E402
 from passes.decode import DecodeSession, export_decode, generate  # noqa: E402
@@ -72,16 +72,6 @@ def test_layer_prompt_and_steps_equal_full_hybrid(name, window, prompt):
     other = site.variant.fn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), scale=site.spec.scale,
                             causal=True, key_padding=None, params=None, **plain)
     assert (other - full).abs().max() > 1e-3
-
-
-@pytest.fixture(scope="module")
-def lm_folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybrid")
-    out = {}
-    for family in ("gpt2", "llama"):
-        _lm(family).save_pretrained(root / family)
-        out[family] = root / family
-    return out
 
 
 @pytest.fixture(scope="module")

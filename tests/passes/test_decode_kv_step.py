@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_decode_export import _lm  # noqa: E402
+from decode_models import _lm  # noqa: E402
 
 from passes.decode.kv_cache import export_kv_step  # noqa: E402
 

@@ -75,7 +75,7 @@ def _linear_block_onnx(path):
 
 
 #: (zoo family, attention variant) built without ``--shape``: softmax attention of BERT / Llama / a ViT block, and
-#: causal linear rewrites (cumsum prefix form over the run-time length).
+#: causal linear rewrites (the chunked form by default since session 8: a cumsum over the run-time chunk count).
 SYMBOLIC_ZOO = [("hf_bert_sdpa", None), ("hf_llama_sdpa", None), ("timm_vit_block", None),
                 ("sdpa_causal", "linear"), ("hf_gpt2_sdpa", "linear")]
 

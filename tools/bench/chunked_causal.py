@@ -1,5 +1,6 @@
-"""Causal linear-attention prefill exported to ONNX, in onnxruntime: the chunked form (what ``auto`` exports for
-self-attention since issue #16) vs the cumsum prefix form, against torch's causal SDPA (softmax) at the same N.
+"""Causal linear-attention prefill exported to ONNX, in onnxruntime: the chunked form (the ``chunked`` row is
+exported with the default ``causal_form=auto``, which is the chunked form in every export since session 8) vs the
+cumsum prefix form, against torch's causal SDPA (softmax) at the same N.
 
 Each form is one dynamic-length export of self-attention (q, k, v of one length, as in a model layer, so the
 exporter sees one length symbol). Every cell runs in a fresh process: it times the call (best of ``--repeats``
@@ -9,10 +10,14 @@ MiB" is the peak RSS during the calls minus the RSS just before the first call (
 what the prefill itself allocates. The cells alternate form by form at each N, so load on a shared host shifts all
 of them alike.
 
+``--cores`` instead compares the causal core alone (φ(q), φ(k), [v, 1] in, prefix products out) as the default
+export builds it (chunks gathered from the padded row grid, all chunks at once) with an ONNX ``Loop`` over chunks
+carrying the F×E state (:mod:`chunk_loop_onnx`), both C = 64, after checking they agree at N = 1000.
+
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench/chunked_causal.py [--lengths 1024,4096,16384] [--heads 8]
-        [--dim 64] [--prefix-max 4096] [--repeats 3] [--out tools/bench/results/chunked_causal.json]
+        [--dim 64] [--prefix-max 4096] [--repeats 3] [--out tools/bench/results/chunked_causal.json] [--cores]
 """
 from __future__ import annotations
 
@@ -52,7 +57,9 @@ path, n, h, d, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.a
 so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1
 sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 rng = np.random.default_rng(0)
-feeds = {i.name: rng.standard_normal((1, h, n, d), dtype=np.float32) for i in sess.get_inputs()}
+# static dims as declared; the dynamic ones: the length (axis 2) = n, the batch = 1
+feeds = {i.name: rng.standard_normal([x if isinstance(x, int) else (n if a == 2 else 1) for a, x in
+                                      enumerate(i.shape)], dtype=np.float32) for i in sess.get_inputs()}
 t, c = [], []
 with Peak() as p:
     for _ in range(reps + 1):
@@ -87,7 +94,8 @@ def _export(form: str, heads: int, dim: int, path: Path) -> None:
             # three inputs distinct symbols even under one Dim until these checks unify them
             torch._check(k.shape[2] == q.shape[2])
             torch._check(v.shape[2] == q.shape[2])
-            return linear_attention(q, k, v, scale=dim ** -0.5, causal=True, causal_form=form)
+            return linear_attention(q, k, v, scale=dim ** -0.5, causal=True,
+                                    causal_form="auto" if form == "chunked" else form)
 
     n = torch.export.Dim("N", min=2, max=1 << 17)
     dyn = {"q": {2: n}, "k": {2: n}, "v": {2: n}}
@@ -97,6 +105,75 @@ def _export(form: str, heads: int, dim: int, path: Path) -> None:
         onx = torch.onnx.export(SelfAttention(), tuple(torch.randn(1, heads, 100, dim) for _ in range(3)),
                                 dynamic_shapes=dyn, dynamo=True, opset_version=18, verbose=False)
     onx.save(str(path))
+
+
+def _export_core(heads: int, dim: int, chunk: int, path: Path) -> None:
+    """The causal core alone (φ(q), φ(k), [v, 1] → Σ-prefix products), default form, one dynamic length."""
+    import torch
+    from passes.attention.linear_core import causal_apply
+
+    class Core(torch.nn.Module):
+        def forward(self, fq, fk, v):
+            torch._check(fk.shape[2] == fq.shape[2])
+            torch._check(v.shape[2] == fq.shape[2])
+            return causal_apply(fq, fk, v, chunk=chunk)
+
+    n = torch.export.Dim("N", min=2, max=1 << 17)
+    args = (torch.rand(1, heads, 100, dim), torch.rand(1, heads, 100, dim), torch.randn(1, heads, 100, dim + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        onx = torch.onnx.export(Core(), args, dynamic_shapes={"fq": {2: n}, "fk": {2: n}, "v": {2: n}},
+                                dynamo=True, opset_version=18, verbose=False)
+    onx.save(str(path))
+
+
+def _check_cores(gather: Path, loop: Path, heads: int, dim: int) -> float:
+    """Largest difference of the two cores' outputs at N = 1000 (not a chunk multiple), relative to max |out|."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    feeds = {"fq": rng.random((1, heads, 1000, dim), dtype=np.float32),
+             "fk": rng.random((1, heads, 1000, dim), dtype=np.float32),
+             "v": rng.standard_normal((1, heads, 1000, dim + 1), dtype=np.float32)}
+    outs = []
+    for path in (gather, loop):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {i.name: feeds[n] for i, n in zip(sess.get_inputs(), ("fq", "fk", "v"))})[0])
+    return float(np.abs(outs[0] - outs[1]).max() / np.abs(outs[1]).max())
+
+
+def _cores(a) -> None:
+    """--cores: the causal core as the gather-chunked export (the default) vs an ONNX Loop over chunks, same
+    chunk (64), in onnxruntime, one thread, each cell in a fresh process."""
+    from chunk_loop_onnx import loop_core_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"gather": Path(tmp) / "gather.onnx", "loop": Path(tmp) / "loop.onnx"}
+        _export_core(a.heads, a.dim, 64, paths["gather"])
+        paths["loop"].write_bytes(loop_core_model(a.heads, a.dim, a.dim + 1, 64).SerializeToString())
+        diff = _check_cores(paths["gather"], paths["loop"], a.heads, a.dim)
+        if diff > 1e-4:
+            raise SystemExit(f"the Loop core differs from the gather core by {diff:.2e}")
+        for n in (int(x) for x in a.lengths.split(",")):
+            for form in ("gather", "loop"):
+                ms, cpu_ms, mib = _child(_ORT_CHILD, paths[form], n, a.heads, a.dim, a.repeats)
+                rows.append({"core": form, "n": n, "ms": ms, "cpu_ms": cpu_ms, "extra_mib": mib})
+                print(f"{form} N={n}: {ms:.1f} ms, {mib:.0f} MiB", file=sys.stderr)
+    cpu = describe()
+    print(f"causal core, onnxruntime 1 thread, B=1 H={a.heads} F={a.dim} E={a.dim + 1} C=64 — {cpu}; best of "
+          f"{a.repeats}; cores agree to {diff:.1e}")
+    print(f"{'core':8} {'N':>6} {'wall ms':>9} {'CPU ms':>9} {'extra MiB':>10}")
+    for r in rows:
+        print(f"{r['core']:8} {r['n']:>6} {r['ms']:>9.1f} {r['cpu_ms']:>9.1f} {r['extra_mib']:>10.0f}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": cpu, "python": platform.python_version(), "heads": a.heads, "dim": a.dim,
+                               "chunk": 64, "threads": 1, "repeats": a.repeats, "agree": diff, "rows": rows},
+                              indent=1))
+    print(f"wrote {out}")
 
 
 def _child(script: str, *args) -> tuple[float, float, float]:
@@ -114,8 +191,16 @@ def main() -> None:
     parser.add_argument("--prefix-max", type=int, default=4096, help="skip the prefix form above this N "
                         "(it holds B·H·N·d·(d+1) floats: 8.5 GiB at N = 16384)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell after one warm-up")
-    parser.add_argument("--out", default="tools/bench/results/chunked_causal.json")
+    parser.add_argument("--out", default=None, help="JSON path (default tools/bench/results/chunked_causal.json, "
+                        "with --cores chunked_causal_cores.json)")
+    parser.add_argument("--cores", action="store_true", help="compare the causal core as exported (gathered "
+                        "chunks) with an ONNX Loop over chunks instead (tools/bench/chunk_loop_onnx.py)")
     a = parser.parse_args()
+    if a.out is None:
+        a.out = f"tools/bench/results/chunked_causal{'_cores' if a.cores else ''}.json"
+    if a.cores:
+        _cores(a)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
