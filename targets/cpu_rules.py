@@ -193,9 +193,7 @@ class MatmulRule(CPUScheduleRule):
         j_o, j_i = sch.split(sp[-1], factors=[None, nj_tile])
         k = sch.fuse(*rd) if len(rd) > 1 else rd[0]
         batch = list(sp[:-2])
-        nk = None if any(e is None for e in exts[nspatial:]) else 1
-        for e in exts[nspatial:]:
-            nk = nk * e if nk is not None else None
+        nk = _static_product(exts[nspatial:])
         # packing reorders loops so A is re-read once per column panel: only when A (per batch) stays cached
         pack = b_read is not None and ni is not None and nk is not None and ni > ni_tile and nk >= PACK_MIN_K \
             and ni * nk * 4 <= PACK_MAX_A_BYTES
@@ -360,6 +358,16 @@ SYMBOLIC_PACK_ROWS = 128
 SYMBOLIC_ACC_SCOPE = "global"
 
 
+def _static_product(extents) -> int | None:
+    """Product of loop extents (e.g. the reduction length K), or None when any of them is a run-time extent."""
+    out = 1
+    for e in extents:
+        if e is None:
+            return None
+        out *= e
+    return out
+
+
 def _acc_scope(symbolic: bool) -> str:
     """Scope of a register-tile accumulator: :data:`SYMBOLIC_ACC_SCOPE` in a function with a run-time extent,
     else ``local`` (static builds keep the schedule they were measured with)."""
@@ -450,9 +458,7 @@ def _apply_symbolic(func, lanes: int):
         sch.reverse_compute_inline(epi.block_rv)
     loops = sch.get_loops(block_rv)
     sp, rd = loops[:nspatial], loops[nspatial:]
-    nk = 1
-    for e in exts[nspatial:]:
-        nk = nk * e if (nk is not None and e is not None) else None
+    nk = _static_product(exts[nspatial:])
     b_read = _column_operand(sch.get(block_rv), nspatial) if pad_j == 1 and nj is not None else None
     pack = b_read is not None and nk is not None and nk >= PACK_MIN_K and (ni is None or ni > ti) \
         and (ni if ni is not None else SYMBOLIC_PACK_ROWS) * nk * 4 <= PACK_MAX_A_BYTES
@@ -581,9 +587,7 @@ def _ksplit_wanted(exts: list, nspatial: int) -> bool:
     if any(e is None for e in red):
         # a run-time reduction length (φ(K)ᵀV of a dynamic-length build): the last chunk is guarded
         return len(red) == 1 and ni * nj <= KSPLIT_MAX_OUTPUT
-    nk = 1
-    for e in red:
-        nk *= e
+    nk = _static_product(red)
     return nk >= KSPLIT_MIN_K and nk % KSPLIT_CHUNK == 0 and ni * nj <= KSPLIT_MAX_OUTPUT
 
 
