@@ -34,6 +34,7 @@ Soft-NMS through onnxruntime's own ``NonMaxSuppression`` (:mod:`passes.detect.on
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,9 @@ MATRIX_MAX_BOXES = 2048
 STEPS = 4
 #: Static box count from which :func:`use_isolate` takes isolated boxes out of the loop (linear).
 ISOLATE_MIN_BOXES = 100
+#: Coordinate magnitude up to which the unguarded IoU (:func:`_iou` with ``guard=False``) is exact: areas and their
+#: sums stay finite in float64 (2·(2⁵⁰¹ + 1)² < 2¹⁰²⁴).
+FINITE_BOUND = 2.0 ** 500
 
 
 class _Builder:
@@ -108,11 +112,17 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: tuple[str, ...]) -> list[o
     return keep[::-1]
 
 
-def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str | None) -> str:
+def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str | None, guard: bool = True) -> str:
     """IoU of boxes ``r`` against boxes ``c`` (coordinate and ``area`` tensors that broadcast, float64); a union
     ≤ 0 gives 0. The same ops in the same order as :mod:`passes.detect.soft_nms`, so both pick the same boxes.
-    ``offset`` None: an offset of 0, not added (x + 0 is x, or +0 for −0, which no later operation tells apart)."""
-    zero, one = b.const(0.0, np.float64), b.const(1.0, np.float64)
+    ``offset`` None: an offset of 0, not added (x + 0 is x, or +0 for −0, which no later operation tells apart).
+
+    ``guard`` False (the caller guarantees finite coordinates with |c| ≤ 2⁵⁰⁰, :data:`FINITE_BOUND`): inter /
+    max(union, 2⁻¹⁰⁷⁴) instead of two ``Where``s, the same numbers up to the sign of a zero: no overflow, so every
+    value is finite; a positive intersection needs both boxes upright in x and y, and rounding is monotone, so
+    each area is ≥ inter and union = (area + area) − inter > 0 is unchanged by the max; union ≤ 0 has inter = ±0,
+    and ±0 / 2⁻¹⁰⁷⁴ is ±0 (every later use of an IoU — o·o, o > N_t, 1 − o when o > N_t — ignores the sign)."""
+    zero = b.const(0.0, np.float64)
 
     def extent(lo: str, hi: str) -> str:
         width = b.op("Sub", [b.op("Min", [c[hi], r[hi]]), b.op("Max", [c[lo], r[lo]])])
@@ -120,8 +130,11 @@ def _iou(b: _Builder, r: dict[str, str], c: dict[str, str], offset: str | None) 
 
     inter = b.op("Mul", [extent("x1", "x2"), extent("y1", "y2")])
     union = b.op("Sub", [b.op("Add", [c["area"], r["area"]]), inter])
+    if not guard:
+        return b.op("Div", [inter, b.op("Max", [union, b.const(np.nextafter(0.0, 1.0), np.float64)])])
     positive = b.op("Greater", [union, zero])
-    return b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union, one])]), zero])
+    return b.op("Where", [positive, b.op("Div", [inter, b.op("Where", [positive, union,
+                                                                        b.const(1.0, np.float64)])]), zero])
 
 
 def _area(b: _Builder, d: dict[str, str], offset: str | None) -> str:
@@ -133,15 +146,22 @@ def _area(b: _Builder, d: dict[str, str], offset: str | None) -> str:
     return b.op("Mul", [side("x1", "x2"), side("y1", "y2")])
 
 
-def _weights(b: _Builder, cfg: SoftNMSConfig, iou: str, iou_t: str) -> tuple[str | None, str | None]:
-    """(score multiplier, discard mask) for an IoU tensor: None where the method has none."""
+def _weights(b: _Builder, cfg: SoftNMSConfig, iou: str, iou_t: str, exponent: bool = False
+             ) -> tuple[str | None, str | None]:
+    """(score multiplier, discard mask) for an IoU tensor: None where the method has none. ``exponent``
+    (Gaussian): the multiplier's exponent −o²/d instead (the caller applies ``Exp``)."""
     weights = discard = None
     if cfg.method == "linear":
         one = b.const(1.0, np.float64)
         weights = b.op("Where", [b.op("Greater", [iou, iou_t]), b.op("Sub", [one, iou]), one])
-    elif cfg.method == "gaussian":
-        denom = b.const(cfg.gaussian_denominator, np.float64)
-        weights = b.op("Exp", [b.op("Neg", [b.op("Div", [b.op("Mul", [iou, iou]), denom])])])
+    elif cfg.method == "gaussian":  # exp(−(o·o)/d): −(x/d) is x/(−d) bit for bit, and x·(−1/d) when 1/d is exact
+        d = float(cfg.gaussian_denominator)
+        mantissa, _ = np.frexp(d)
+        square = b.op("Mul", [iou, iou])
+        weights = b.op("Mul", [square, b.const(-1.0 / d, np.float64)]) if mantissa == 0.5 else \
+            b.op("Div", [square, b.const(-d, np.float64)])
+        if not exponent:
+            weights = b.op("Exp", [weights])
     if cfg.discards_above_threshold:
         discard = b.op("Greater", [iou, iou_t])
     return weights, discard
@@ -230,7 +250,7 @@ def _loop_body_multi(cfg: SoftNMSConfig, outer: dict[str, str], matrix: bool, wi
 def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
                    prefix: str = "", matrix: bool | None = True, window: int | None = None,
                    native: bool = True, top: int = 0, steps: int | None = None,
-                   isolate: bool | None = None) -> onnx.GraphProto:
+                   isolate: bool | None = None, top_form: str = "auto") -> onnx.GraphProto:
     """The Soft-NMS graph: inputs :data:`INPUT_NAMES`, outputs :data:`OUTPUT_NAMES` (module docstring). Only
     ``cfg.method``, ``sigma``, ``sigma_convention`` and ``iou_offset`` are baked in; the thresholds and the cap are
     graph inputs. Value names are prefixed with ``prefix`` (inputs and outputs excepted).
@@ -254,26 +274,63 @@ def soft_nms_graph(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: i
 
     ``top`` > 0 (not with ``native`` hard): run Soft-NMS on the ``top`` highest-scoring boxes of every group first
     and keep that result where a run-time bound proves the other boxes irrelevant (:mod:`passes.detect.onnx_top`);
-    the full graph otherwise."""
-    window = WINDOW if window is None else int(window)
+    the full graph otherwise. ``top_form``: how the window gets its factors: ``matrix`` (a (G, K+1, K+1) matrix),
+    ``rows`` (IoU rows in the loop), ``run-time`` (an ``If``: the matrix for a single group, rows for more), or
+    ``auto``: ``run-time`` for Gaussian, ``matrix`` otherwise (linear's isolated boxes need the matrix)."""
+    forms = {"matrix": True, "rows": False, "run-time": None}
+    if top_form not in forms and top_form != "auto":
+        raise ValueError(f"soft-nms: top_form={top_form!r}: must be one of auto, {', '.join(forms)}")
+    top_matrix = forms.get(top_form, None if cfg.method == "gaussian" else True)
+    return _graph(cfg, center_point_box, score_dtype, prefix,
+                  GraphForm(matrix, WINDOW if window is None else int(window), native, top,
+                            STEPS if steps is None else int(steps), bool(isolate), top_matrix=top_matrix))
+
+
+@dataclass(frozen=True)
+class GraphForm:
+    """How :func:`soft_nms_graph` builds the graph (its keyword arguments, defaults resolved); the recursive
+    builders pass one of these on, changed with :func:`dataclasses.replace`. Set only for the top window's graph
+    (:mod:`passes.detect.onnx_top`, whose result is taken only after a check of the coordinates): ``finite`` (the
+    coordinates are finite with |c| ≤ :data:`FINITE_BOUND`: the IoU needs no union guard), ``exp_rows`` (Gaussian
+    matrix: ``Exp`` on the picked rows in the loop), ``max_matrix_groups`` (``matrix`` None: the matrix when there
+    are at most this many groups, else IoU rows). ``top_matrix``: the window's ``matrix`` (None: run-time)."""
+
+    matrix: bool | None = True
+    window: int = WINDOW
+    native: bool = True
+    top: int = 0
+    steps: int = STEPS
+    isolate: bool = False
+    finite: bool = False
+    exp_rows: bool = False
+    max_matrix_groups: int = 0
+    top_matrix: bool | None = True
+
+
+def _graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str, form: GraphForm
+           ) -> onnx.GraphProto:
+    """:func:`soft_nms_graph` with its options in ``form``."""
+    window = form.window
     if window < 0:
         raise ValueError(f"soft-nms: window={window!r}: must be >= 0")
     from .onnx_native import applies, native_hard_graph
-    if top > 0 and not (native and applies(cfg.method, center_point_box, cfg.iou_offset, score_dtype)):
+    native = form.native and applies(cfg.method, center_point_box, cfg.iou_offset, score_dtype)
+    if form.top > 0 and not native:
         from .onnx_top import top_window_graph
-        return top_window_graph(soft_nms_graph(cfg, center_point_box, score_dtype, f"{prefix}win/", True, 0, native,
-                                               steps=steps, isolate=isolate),
-                                soft_nms_graph(cfg, center_point_box, score_dtype, prefix, matrix, window, native,
-                                               steps=steps, isolate=isolate),
-                                top, prefix)
-    if native and applies(cfg.method, center_point_box, cfg.iou_offset, score_dtype):
-        return native_hard_graph(soft_nms_graph(cfg, center_point_box, score_dtype, prefix, matrix, window,
-                                                native=False, steps=steps, isolate=isolate), prefix)
+        return top_window_graph(_graph(cfg, center_point_box, score_dtype, f"{prefix}win/",
+                                       replace(form, matrix=form.top_matrix, window=0, top=0, finite=True,
+                                               max_matrix_groups=1, exp_rows=True)),
+                                _graph(cfg, center_point_box, score_dtype, prefix, replace(form, top=0)),
+                                form.top, prefix)
+    if native:
+        return native_hard_graph(_graph(cfg, center_point_box, score_dtype, prefix, replace(form, native=False, top=0)),
+                                 prefix)
     if window == 0:
         from .onnx_one_pick import one_pick_graph
-        return one_pick_graph(cfg, center_point_box, score_dtype, prefix, matrix, MATRIX_ALWAYS_BOXES,
-                              steps=STEPS if steps is None else int(steps),
-                              isolate=bool(isolate))
+        return one_pick_graph(cfg, center_point_box, score_dtype, prefix, form.matrix, MATRIX_ALWAYS_BOXES,
+                              steps=form.steps, isolate=form.isolate, finite=form.finite,
+                              exp_rows=form.exp_rows, max_matrix_groups=form.max_matrix_groups)
+    matrix = form.matrix
     matrix = bool(matrix)  # the multi-select step has no run-time choice: None means IoU rows
     pad = max(1, window)  # never-live zero boxes appended to every image (TopK needs >= window columns)
     b = _Builder(prefix)
@@ -444,18 +501,19 @@ def use_top(method: str, n_boxes: int | None, n_classes: int | None, max_det: in
     (1000 × 4, N_t 0.3, batch 8: 29×), K = 112 every time."""
     if method == "hard" or not all(isinstance(v, int) for v in (n_boxes, n_classes, max_det)):
         return 0
-    k = 2 * max_det if method == "gaussian" else max_det + (max_det + 1) // 2
-    classes = 1 if method == "gaussian" else WINDOW_MAX_CLASSES
+    k = (12 * max_det + 4) // 5 if method == "gaussian" else max_det + (max_det + 1) // 2
+    classes = WINDOW_MAX_CLASSES
     return k if 0 < k <= MATRIX_ALWAYS_BOXES and n_boxes >= 4 * k and n_classes <= classes else 0
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,
                    matrix: bool | None = True, window: int | None = None, native: bool = True, top: int = 0,
-                   steps: int | None = None, isolate: bool | None = None) -> onnx.ModelProto:
+                   steps: int | None = None, isolate: bool | None = None, top_form: str = "auto"
+                   ) -> onnx.ModelProto:
     """A standalone model of :func:`soft_nms_graph` (opset :data:`OPSET`), checked by ``onnx.checker``."""
     model = helper.make_model(soft_nms_graph(cfg, center_point_box, score_dtype, matrix=matrix, window=window,
                                              native=native, top=top, steps=steps,
-                                             isolate=isolate),
+                                             isolate=isolate, top_form=top_form),
                               opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)

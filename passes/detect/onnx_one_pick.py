@@ -58,7 +58,7 @@ def _factor(b, cfg: SoftNMSConfig, iou: str, k: dict[str, str]) -> str:
     """The factor for an IoU tensor (module docstring, by ``k["mode"]``): ``nan``: the method's weight, NaN where
     the pick discards the box; ``zero``: the same with 0 for NaN; ``min`` (hard): +∞, −∞ where discarded."""
     from .onnx_nms import _weights
-    weights, discard = _weights(b, cfg, iou, k["iou"])
+    weights, discard = _weights(b, cfg, iou, k["iou"], exponent=k.get("exp_rows", False))
     if k["mode"] == "min":
         return b.op("Where", [discard, k["neg_inf"], k["pos_inf"]])
     factor = weights if weights is not None else k["one"]
@@ -82,11 +82,14 @@ def _body(cfg: SoftNMSConfig, k: dict[str, str], matrix: bool, steps: int = 1) -
         bests.append(b.op("GatherElements", [s, idx], axis=2))
         if matrix:
             factor = b.op("GatherND", [k["factor"], idx], batch_dims=1)                 # (B, C, N')
+            if k.get("exp_rows"):  # the matrix holds the Gaussian exponents (−∞: the factor 0)
+                factor = b.op("Exp", [factor])
         else:
             keys = ("x1", "y1", "x2", "y2", "area")
             pick = b.op("Split", [b.op("GatherND", [k["packed"], idx], batch_dims=1)], n_out=5, axis=2,
                         num_outputs=5)                                                  # 5 × (B, C, 1)
-            iou = _iou(b, dict(zip(keys, pick)), {c: k[f"{c}_cols"] for c in keys}, k["offset"])  # (B, C, N')
+            iou = _iou(b, dict(zip(keys, pick)), {c: k[f"{c}_cols"] for c in keys}, k["offset"],
+                       guard=not k["finite"])                                           # (B, C, N')
             factor = b.op("ScatterElements", [_factor(b, cfg, iou, k), idx, k["kill_column"]], axis=2)  # pick leaves
         if k["mode"] == "min":  # hard: scores never change; discarded boxes (and the pick) become −∞
             s = b.op("Min", [s, factor])
@@ -132,18 +135,33 @@ def _choice(prefix: str, tag: str, condition, then_graph: onnx.GraphProto, else_
 
 def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, prefix: str,
                    matrix: bool | None, max_matrix_boxes: int = 256, mode: str | None = None, steps: int = 1,
-                   isolate: bool = False) -> onnx.GraphProto:
+                   isolate: bool = False, finite: bool = False, exp_rows: bool = False,
+                   max_matrix_groups: int = 0) -> onnx.GraphProto:
     """The graph (inputs ``INPUT_NAMES``, outputs ``OUTPUT_NAMES`` of :mod:`passes.detect.onnx_nms`).
-    ``matrix`` None: chosen at run time, the matrix when N ≤ ``max_matrix_boxes`` (an ``If``). ``mode`` (module
-    docstring) None: ``min`` for hard; for linear / Gaussian an ``If`` takes ``zero`` when min_score > 0 and every
-    score is < +∞ (the usual case), else ``nan``."""
+    ``matrix`` None: chosen at run time, the matrix when N ≤ ``max_matrix_boxes`` (an ``If``), or, with
+    ``max_matrix_groups`` > 0, when there are at most that many groups B·C (the top window's Gaussian choice).
+    ``mode`` (module docstring) None: ``min`` for hard; for linear / Gaussian an ``If`` takes ``zero`` when
+    min_score > 0 and every score is < +∞ (the usual case), else ``nan``. ``finite``: the caller guarantees finite
+    coordinates with |c| ≤ :data:`passes.detect.onnx_nms.FINITE_BOUND` (the top window checks it before taking the
+    result): the IoU (matrix or rows) drops its union guard (``_iou`` with ``guard=False``) and, in zero mode, the
+    matrix's diagonal is cleared by arithmetic instead of a ``Where`` (f − f·I; the entries are finite there, so the
+    same numbers). ``exp_rows`` (Gaussian, matrix form, zero mode): the matrix holds the exponents −o²/d (the pick
+    itself: −10³⁰⁸ with ``finite``, else −∞; a discard: −∞) and each pick's row goes through ``Exp`` in the loop
+    (both give exactly 0): one more op per pick, but ``Exp`` (~3 ns per float64 in onnxruntime, as much as the rest
+    of the matrix) runs on the picked rows only, not on all (N + 1)² pairs: for the top window, ~100 of 241 rows."""
     from .onnx_nms import INPUT_NAMES, OUTPUT_NAMES, _Builder, _area, _iou, _live_nodes
     if matrix is None:
         def small(b: _Builder) -> str:
-            n = b.op("Slice", [b.op("Shape", [INPUT_NAMES[1]]), b.const([2], np.int64), b.const([3], np.int64)])
+            shape = b.op("Shape", [INPUT_NAMES[1]])
+            if max_matrix_groups:  # groups B·C (the top window: (G, 1, K) scores)
+                groups = b.op("Mul", [b.op("Slice", [shape, b.const([0], np.int64), b.const([1], np.int64)]),
+                                      b.op("Slice", [shape, b.const([1], np.int64), b.const([2], np.int64)])])
+                return b.op("LessOrEqual", [groups, b.const([max_matrix_groups], np.int64)])
+            n = b.op("Slice", [shape, b.const([2], np.int64), b.const([3], np.int64)])
             return b.op("LessOrEqual", [n, b.const([max_matrix_boxes], np.int64)])
         return _choice(prefix, "form", small, *(one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{t}/",
-                                                                m, max_matrix_boxes, mode, steps, isolate)
+                                                                m, max_matrix_boxes, mode, steps, isolate, finite,
+                                                                exp_rows, max_matrix_groups)
                                                  for t, m in (("matrix", True), ("rows", False))))
     if mode is None and cfg.method == "hard":
         mode = "min"
@@ -155,13 +173,15 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
             return b.op("And", [b.op("Greater", [INPUT_NAMES[4], b.const(0.0, np.float32)]),
                                 b.op("Less", [top, b.const(np.inf, native or np.float64)])])
         return _choice(prefix, "kill", fast, *(one_pick_graph(cfg, center_point_box, score_dtype, f"{prefix}{m}/",
-                                                               matrix, max_matrix_boxes, m, steps, isolate)
+                                                               matrix, max_matrix_boxes, m, steps, isolate, finite,
+                                                               exp_rows, max_matrix_groups)
                                                  for m in ("zero", "nan")))
     b = _Builder(prefix)
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
     f64 = lambda v: b.const(v, np.float64)  # noqa: E731
     boxes, scores, max_in, iou_in, score_in = INPUT_NAMES
     k = {"one": f64(1.0), "nan": f64(np.nan), "neg_inf": f64(-np.inf), "pos_inf": f64(np.inf), "mode": mode,
+         "finite": finite,
          "offset": f64(float(cfg.iou_offset)) if cfg.iou_offset else None,  # 0: not added
          "iou": b.op("Cast", [iou_in], to=TensorProto.DOUBLE)}
     dead = f64(0.0) if mode == "zero" else k["neg_inf"]  # the score of a box that is not live
@@ -190,15 +210,26 @@ def one_pick_graph(cfg: SoftNMSConfig, center_point_box: int, score_dtype: int, 
     box = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
     box["area"] = _area(b, box, k["offset"])                                            # (B, N', 1)
     isolate = isolate and matrix and mode == "zero"
+    if exp_rows and matrix and mode == "zero" and cfg.method == "gaussian":
+        k["exp_rows"] = True
+        k["kill"] = k["neg_inf"]  # the exponent of the factor 0
+        isolate = False
     if matrix:  # [b, p, j]: the factor picking p applies to j; NaN on the diagonal (the pick leaves)
         rows = b.op("Split", [b.op("Transpose", [b.op("Concat", list(box.values()), axis=2)], perm=[0, 2, 1])],
                     n_out=5, axis=1, num_outputs=5)                                     # 5 × (B, 1, N')
-        factor = _factor(b, cfg, _iou(b, box, dict(zip(box, rows)), k["offset"]), k)
+        factor = _factor(b, cfg, _iou(b, box, dict(zip(box, rows)), k["offset"], guard=not finite), k)
         n1 = b.op("Add", [n, i64([1])])
-        eye = b.op("Cast", [b.op("EyeLike", [b.op("ConstantOfShape", [b.op("Concat", [n1, n1], axis=0)])])],
-                   to=TensorProto.BOOL)
-        k["factor"] = b.op("Where", [eye, k["kill"], factor])
+        unit = b.op("EyeLike", [b.op("ConstantOfShape", [b.op("Concat", [n1, n1], axis=0)])], dtype=TensorProto.DOUBLE)
+        if finite and mode == "zero":  # factors are finite here (0 for a discard): f − f·1 = 0 on the diagonal,
+            # f − f·0 = f off it; exponents (≤ 0, −∞ for a discard): f − 10³⁰⁸·1 ≈ −10³⁰⁸ (exp: 0) on it, f − 0 off
+            k["factor"] = b.op("Sub", [factor, b.op("Mul", [b.const(1e308, np.float64), unit])
+                                       if k.get("exp_rows") else b.op("Mul", [factor, unit])])
+            eye = None
+        else:
+            eye = b.op("Cast", [unit], to=TensorProto.BOOL)
+            k["factor"] = b.op("Where", [eye, k["kill"], factor])
         if isolate:  # boxes no other box changes (factor exactly 1 off the diagonal; symmetric), (B, 1, N')
+            eye = eye or b.op("Cast", [unit], to=TensorProto.BOOL)
             isolated = b.op("Equal", [b.op("ReduceMin", [b.op("Where", [eye, k["one"], factor]), i64([1])],
                                            keepdims=1), k["one"]])
     else:  # columns (B, 1, N') and packed (B, N', 5) to gather the pick's row

@@ -31,7 +31,7 @@ def top_window_graph(window_graph: onnx.GraphProto, full_graph: onnx.GraphProto,
                      ) -> onnx.GraphProto:
     """``full_graph`` behind an ``If`` whose other branch runs ``window_graph`` (the same method, built with its own
     value prefix) on the ``top`` highest-scoring boxes of every group (module docstring)."""
-    from .onnx_nms import INPUT_NAMES, OUTPUT_NAMES, _Builder
+    from .onnx_nms import FINITE_BOUND, INPUT_NAMES, OUTPUT_NAMES, _Builder
     b = _Builder(f"{prefix}top/")
     boxes, scores, max_in, _, score_in = INPUT_NAMES
     i64 = lambda v: b.const(v, np.int64)  # noqa: E731
@@ -80,7 +80,11 @@ def top_window_graph(window_graph: onnx.GraphProto, full_graph: onnx.GraphProto,
     live_outside = b.op("GreaterOrEqual", [bound_flat, b.op("Cast", [score_in], to=TensorProto.DOUBLE)])
     settled = b.op("And", [b.op("Equal", [count, cap]), b.op("Greater", [lowest, bound_flat])])
     bad = b.op("Cast", [b.op("And", [live_outside, b.op("Not", [settled])])], to=TensorProto.FLOAT)
-    ok = b.op("Equal", [b.op("ReduceSum", [bad], keepdims=0), b.const(0.0, np.float32)])
+    # the window graph is built for finite coordinates with |c| <= FINITE_BOUND (an unguarded IoU; NaN fails too)
+    wild = b.op("ReduceSum", [b.op("Cast", [b.op("Not", [b.op("LessOrEqual", [
+        b.op("Abs", [b.op("Cast", [win_boxes], to=TensorProto.DOUBLE)]), b.const(FINITE_BOUND, np.float64)])])],
+        to=TensorProto.FLOAT)], keepdims=0)
+    ok = b.op("Equal", [b.op("Add", [b.op("ReduceSum", [bad], keepdims=0), wild]), b.const(0.0, np.float32)])
     then_graph = helper.make_graph(
         [helper.make_node("Identity", [mapped], [f"{prefix}top/then/indices"]),
          helper.make_node("Identity", [kept], [f"{prefix}top/then/scores"])], "soft_nms_top", [],

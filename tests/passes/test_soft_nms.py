@@ -965,11 +965,12 @@ def test_convert_uses_multi_select_or_isolation_on_many_static_boxes(tmp_path, c
 # the top-box window (passes.detect.onnx_top): Soft-NMS on the K best boxes of each group when provably enough
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def top_session(method, convention, layout, top):
+def top_session(method, convention, layout, top, top_form="auto", score_dtype=TensorProto.FLOAT):
     """The graph with the window's ``If`` condition (True: the window's result was taken) as a last output (linear:
     isolated boxes outside the loop, as the pass builds it)."""
     model = soft_nms_model(SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention), layout,
-                           matrix=False, window=0, native=False, top=top, isolate=method == "linear")
+                           score_dtype, matrix=False, window=0, native=False, top=top, isolate=method == "linear",
+                           top_form=top_form)
     branch = next(n for n in model.graph.node if n.op_type == "If" and n.name.endswith("top"))
     model.graph.output.append(helper.make_tensor_value_info(branch.input[0], TensorProto.BOOL, None))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -978,9 +979,12 @@ def top_session(method, convention, layout, top):
 @pytest.mark.parametrize("method,convention", [("linear", "bodla"), ("gaussian", "bodla"), ("gaussian", "tf"),
                                                ("hard", "bodla")])
 @pytest.mark.parametrize("layout", [0, 1])
-def test_top_window_equals_reference_on_both_branches(method, convention, layout):
+@pytest.mark.parametrize("top_form", ["auto", "matrix", "rows", "run-time"])
+def test_top_window_equals_reference_on_both_branches(method, convention, layout, top_form):
     """Window of 12 boxes, caps 3..20, thresholds −1..0.3, distinct and tied scores, 0..39 boxes: every result equals
-    the reference, and both the window's result and the fallback are taken on some inputs."""
+    the reference, and both the window's result and the fallback are taken on some inputs. Every form of the
+    window: its weight matrix (Gaussian: exponents, ``Exp`` per picked row), IoU rows, the run-time choice (2 images
+    × 2 classes: rows; one group: the matrix, in the test below)."""
     rng = np.random.default_rng(7)
     taken = set()
     for seed in range(24):
@@ -992,7 +996,7 @@ def test_top_window_equals_reference_on_both_branches(method, convention, layout
         for nt, thr, cap in ((0.3, 0.001, 5), (0.5, 0.0, 3), (0.3, 0.3, 20), (0.0, -1.0, 8)):
             cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(nt)), min_score=float(np.float32(thr)),
                        max_det=cap, iou_offset=0, sigma_convention=convention)
-            sel, sc, took = top_session(method, convention, layout, 12).run(None, {
+            sel, sc, took = top_session(method, convention, layout, 12, top_form).run(None, {
                 "boxes": to_layout(boxes, layout, rng).astype(np.float32), "scores": scores.astype(np.float32),
                 "max_output_boxes_per_class": np.array([cap], np.int64),
                 "iou_threshold": np.array([nt], np.float32), "score_threshold": np.array([thr], np.float32)})
@@ -1003,33 +1007,82 @@ def test_top_window_equals_reference_on_both_branches(method, convention, layout
     assert taken == {True, False}
 
 
+@pytest.mark.parametrize("method,convention", [("linear", "bodla"), ("gaussian", "bodla"), ("gaussian", "tf")])
+@pytest.mark.parametrize("top_form", ["auto", "matrix", "rows"])
+def test_top_window_unguarded_iou_is_exact_and_checked(method, convention, top_form):
+    """The window's IoU has no union guard (finite coordinates with |c| <= 2^500 are checked before its result is
+    taken). float64 boxes with coordinates up to 2^499, zero-area boxes, exact duplicates, one group (the run-time
+    choice takes the matrix) and 2 × 2 groups: the window's result is taken and equals the graph without a window
+    bit for bit (and the reference); a coordinate of 2^501, +inf or NaN makes it fall back to that graph."""
+    rng = np.random.default_rng(11)
+    full = ort.InferenceSession(soft_nms_model(SoftNMSConfig(method=method, sigma=0.5, sigma_convention=convention),
+                                               0, TensorProto.DOUBLE, matrix=True, window=0, native=False,
+                                               isolate=method == "linear").SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    windowed = top_session(method, convention, 0, 12, top_form, TensorProto.DOUBLE)
+    for images, classes in ((1, 1), (2, 2)):
+        for trial in range(6):
+            n = 40
+            scale = 2.0 ** float(rng.choice([-30, 0, 200, 499 - 10]))
+            xy = rng.uniform(0, 600, (images, n, 2))
+            wh = rng.uniform(0, 120, (images, n, 2)) * (rng.random((images, n, 1)) > 0.15)  # zero areas
+            boxes = np.concatenate([xy, xy + wh], 2) * scale
+            boxes = np.minimum(boxes, 2.0 ** 499)
+            boxes[:, 1] = boxes[:, 0]                                                         # a duplicate
+            scores = rng.random((images, classes, n))
+            feeds = {"boxes": boxes[..., [1, 0, 3, 2]].copy(), "scores": scores,
+                     "max_output_boxes_per_class": np.array([4], np.int64),
+                     "iou_threshold": np.array([0.3], np.float32), "score_threshold": np.array([0.001], np.float32)}
+            sel, sc, took = windowed.run(None, feeds)
+            want_sel, want_sc = full.run(None, feeds)
+            assert took and np.array_equal(sel, want_sel) and np.array_equal(sc, want_sc)
+            cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(0.3)),
+                       min_score=float(np.float32(0.001)), max_det=4, iou_offset=0, sigma_convention=convention)
+            rows, kept = ref_onnx(cfg, boxes, scores)
+            assert [tuple(r) for r in sel.tolist()] == rows
+            np.testing.assert_allclose(sc, kept, rtol=1e-12, atol=0)
+            best = int(np.argmax(scores[0, 0]))
+            for wild in (2.0 ** 501, np.inf, np.nan):
+                bad = {**feeds, "boxes": feeds["boxes"].copy()}
+                bad["boxes"][0, best, 3] = wild                                   # inside the window
+                sel, sc, took = windowed.run(None, bad)
+                want_sel, want_sc = full.run(None, bad)
+                assert not took and np.array_equal(sel, want_sel) and np.array_equal(sc, want_sc, equal_nan=True)
+
+
+def test_top_window_form_must_be_known():
+    with pytest.raises(ValueError, match="top_form"):
+        soft_nms_model(SoftNMSConfig(method="gaussian"), top=12, top_form="dense")
+
+
 def test_top_window_choice():
     from passes.detect.onnx_nms import use_top
     assert use_top("linear", 1000, 1, 100) == use_top("linear", 1000, 4, 100) == 150  # linear: 1.5 max_det
-    assert use_top("gaussian", 1000, 1, 100) == 200                                    # Gaussian: 2 max_det
-    assert use_top("gaussian", 1000, 4, 100) == 0                # Gaussian: one class
-    assert use_top("linear", 400, 3, 40) == 60 and use_top("gaussian", 400, 1, 40) == 80
+    assert use_top("gaussian", 1000, 1, 100) == use_top("gaussian", 1000, 4, 100) == 240  # Gaussian: 2.4 max_det
+    assert use_top("linear", 400, 3, 40) == 60 and use_top("gaussian", 400, 1, 40) == 96
     assert use_top("hard", 1000, 1, 100) == 0                    # onnxruntime's NMS behind its check instead
     assert use_top("linear", 590, 1, 100) == use_top("gaussian", 700, 1, 100) == 0    # N < 4K
     assert use_top("linear", 1000, 20, 100) == 0                                       # many classes
     assert use_top("linear", 10000, 1, 200) == use_top("linear", None, 1, 100) == use_top("linear", 1000, 1, None) == 0
 
 
-def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_convert_uses_the_top_window_on_many_static_boxes(tmp_path, capsys, monkeypatch, method):
     import json
     import sys
     monkeypatch.setattr(sys.modules[__name__], "N_BOXES", 400)
     src, out = tmp_path / "det.onnx", tmp_path / "soft.onnx"
     detector(src, 1)
-    assert main(["convert", str(src), "-o", str(out), "--soft-nms", "linear", "--option", "max_det=40",
+    assert main(["convert", str(src), "-o", str(out), "--soft-nms", method, "--option", "max_det=40",
                  "--json"]) == 0
     site = json.loads(capsys.readouterr().out)["passes"][0]["sites"][0]
-    assert site["top"] == 60 and site["isolate"] and not site["native_nms"]
+    assert (site["top"], site["isolate"]) == ((60, True) if method == "linear" else (96, False))  # 3 classes
+    assert not site["native_nms"]
     feeds = {"x": np.random.default_rng(5).normal(size=(BATCH, 400, FEATURES)).astype(np.float32)}
     rewritten = onnx.load(out)
     names = [o.name for o in rewritten.graph.output]
     got = dict(zip(names, ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)))
-    cfg = dict(method="linear", sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
+    cfg = dict(method=method, sigma=0.5, iou_threshold=float(np.float32(0.4)), min_score=float(np.float32(0.05)),
                max_det=40, iou_offset=0, sigma_convention="bodla")
     rows, kept = ref_onnx(cfg, xyxy_from(got["boxes"].astype(np.float64), 1), got["scores"].astype(np.float64))
     assert len(rows) > BATCH * CLASSES
