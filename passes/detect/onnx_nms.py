@@ -488,22 +488,21 @@ def use_isolate(method: str, n_boxes: int | None) -> bool:
 
 def use_top(method: str, n_boxes: int | None, n_classes: int | None, max_det: int | None) -> int:
     """The window of :mod:`passes.detect.onnx_top` the pass uses (0: none), from static counts (None: unknown):
-    K = 2·max_det (Gaussian) or ⌈1.5·max_det⌉ (linear) when N ≥ 4·K, K ≤ :data:`MATRIX_ALWAYS_BOXES` and at most
-    :data:`WINDOW_MAX_CLASSES` classes
-    (Gaussian: one class); not for hard (onnxruntime's NonMaxSuppression handles it,
-    :mod:`passes.detect.onnx_native`). Measured on 1000 random boxes, 100 picks (docs/soft_nms.md): linear and
-    Gaussian 1.5–2.6× faster with K = 200; with 20 classes a window per group costs more than the shared matrix;
-    Gaussian (which decays every overlapping box) falls back when any group's 100th pick drops below the 201st input
-    score, which with 4 classes × 8 images happened and cost 1.5× the plain loop. Linear with isolated boxes
-    outside the loop (session 8): the window's N² matrix is most of the time, and linear rarely decays the top
-    boxes, so K = 1.5·max_det: 1000 × 1 and 1000 × 4 boxes at N_t 0.3 and 0.5, batch 1 and 8, took the window with
-    K = 144 or 200 every time (≈ 8–10× against 12–18× onnxruntime's NMS with K = 200); K = 128 fell back once
-    (1000 × 4, N_t 0.3, batch 8: 29×), K = 112 every time."""
+    K = ⌈2.4·max_det⌉ (Gaussian) or ⌈1.5·max_det⌉ (linear) when N ≥ 4·K, K ≤ :data:`MATRIX_ALWAYS_BOXES` and at
+    most :data:`WINDOW_MAX_CLASSES` classes; not for hard (onnxruntime's NonMaxSuppression handles it,
+    :mod:`passes.detect.onnx_native`). Measured on 1000 random boxes, 100 picks (docs/soft_nms.md): with 20 classes
+    a window per group costs more than the shared matrix. Gaussian (which decays every overlapping box): a group's
+    100th pick had input-score rank 154–220 (median 185), so K = 200 fell back for ~12% of the groups (nearly
+    always with 4 classes × 8 images, 1.5× the plain loop) and K = 240 for none; with the window's IoU rows for more
+    than one group (session 9) 1000 × 4 boxes take 8–13× onnxruntime's NMS against 30–46× without a window.
+    Linear with isolated boxes outside the loop (session 8): the window's N² matrix is most of the time, and linear
+    rarely decays the top boxes, so K = 1.5·max_det: 1000 × 1 and 1000 × 4 boxes at N_t 0.3 and 0.5, batch 1 and 8,
+    took the window with K = 144 or 200 every time (≈ 8–10× against 12–18× onnxruntime's NMS with K = 200); K = 128
+    fell back once (1000 × 4, N_t 0.3, batch 8: 29×), K = 112 every time."""
     if method == "hard" or not all(isinstance(v, int) for v in (n_boxes, n_classes, max_det)):
         return 0
     k = (12 * max_det + 4) // 5 if method == "gaussian" else max_det + (max_det + 1) // 2
-    classes = WINDOW_MAX_CLASSES
-    return k if 0 < k <= MATRIX_ALWAYS_BOXES and n_boxes >= 4 * k and n_classes <= classes else 0
+    return k if 0 < k <= MATRIX_ALWAYS_BOXES and n_boxes >= 4 * k and n_classes <= WINDOW_MAX_CLASSES else 0
 
 
 def soft_nms_model(cfg: SoftNMSConfig, center_point_box: int = 0, score_dtype: int = TensorProto.FLOAT,

@@ -10,6 +10,11 @@ lowest: selected scores never increase) is > b. Why: a box outside the window ha
 score ≤ b (factors are in [0, 1]) below every pick, so in the sequential loop it is never the pick before the cap is
 reached, and a box that is never picked changes no other box's score; the window's picks are therefore the same
 boxes in the same order with the same float64 products. Otherwise (an ``If``) the full graph runs.
+
+The window graph is built for finite coordinates (:class:`passes.detect.onnx_nms.GraphForm` ``finite``: an IoU
+without its union guard, exact for |c| ≤ :data:`passes.detect.onnx_nms.FINITE_BOUND`), so the condition also
+requires every window coordinate within that bound (NaN fails it); Gaussian windows take the weight matrix for a
+single group and IoU rows for more (an ``If`` on B·C; the matrix holds exponents, ``Exp`` per picked row).
 """
 from __future__ import annotations
 
