@@ -40,7 +40,7 @@ from . import _env  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import tvm
 from tvm.script import tirx as T
 
-from .softmax_kernels import exp_nonpos, row_softmax_macros
+from .softmax_kernels import _hreduce, exp_nonpos, row_softmax_macros
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,12 @@ def _geometry(s, query_block: int | None = None, tiles: tuple | None = None) -> 
         MI, NJ, MI3, NJ3 = tiles
     step = MI * MI3 // math.gcd(MI, MI3)  # query blocks hold whole row tiles of both products
     bq = query_block or QUERY_BLOCK
+    bk = max(KEY_BLOCK // (NJ * V), 1) * NJ * V  # whole score tiles: block starts are tile starts of the packed Kt
     if isinstance(s, SymbolicAttention):  # lengths known at run time: full-size blocks
         return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": max(step, bq) // step * step,
-                "BK": KEY_BLOCK}
+                "BK": bk}
     bq = max(step, min(bq, -(-s.n // step) * step)) // step * step
-    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": bq, "BK": min(KEY_BLOCK, s.m)}
+    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": bq, "BK": min(bk, s.m)}
 
 
 def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
@@ -266,15 +267,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         minus_inf = T.float32(float("-inf"))
 
         @T.macro
-        def tile(Q, K, MASK, S, Kp, acc, task, k0, jb):
-            if padded:
-                for k in range(D):
-                    for l in range(TJ):
-                        Kp[jb, k, l] = K[task // NQB, k, T.min(k0 + jb * TJ + l, M - 1)]
-            else:
-                for k in range(D):
-                    for l in T.vectorized(TJ):
-                        Kp[jb, k, l] = K[task // NQB, k, k0 + jb * TJ + l]
+        def tile(Q, Kp, MASK, S, mx, acc, task, k0, jb):
             for ib in range(rows(task) // MI):
                 for i in T.unroll(MI):
                     for jj in T.unroll(NJ):
@@ -285,7 +278,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                         for jj in T.unroll(NJ):
                             for l in T.vectorized(V):
                                 acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
-                                                           Kp[jb, k, jj * V + l],
+                                                           Kp[task // NQB, k0 // TJ + jb, k, jj * V + l],
                                                            acc[i, jj * V + l])
                 for i in T.unroll(MI):
                     for jj in T.unroll(NJ):
@@ -299,6 +292,9 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                             else:
                                 S[ib * MI + i, jb * TJ + jj * V + l] = finish(
                                     MASK, task, ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+                    for jj in T.unroll(NJ):  # the rows' running block max, lane-wise (reduced per row later)
+                        for l in T.vectorized(V):
+                            mx[ib * MI + i, l] = T.max(mx[ib * MI + i, l], S[ib * MI + i, jb * TJ + jj * V + l])
 
         return tile
 
@@ -310,11 +306,11 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         LT = L - NFT * TJ  # tail keys (scalar loop)
 
         @T.macro
-        def scores(Q, K, MASK, S, Kp, acc, task, k0):
+        def scores(Q, K, Kp, MASK, S, mx, acc, task, k0):
             # S[:, 0:L] = scale * Q[rows] @ Kt[:, k0:k0+L] + mask, key-tile-major; each D x TJ panel of Kt is first
             # packed contiguous (Kt rows are M floats apart: at a power-of-two M the panel's lines share L1 sets)
             for jb in range(NFT):
-                tile_full(Q, K, MASK, S, Kp, acc, task, k0, jb)
+                tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb)
             for i in range(BQ):
                 for j in range(LT):
                     S[i, NFT * TJ + j] = T.float32(0.0)
@@ -326,12 +322,12 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         return scores
 
     @T.macro
-    def scores_last(Q, K, MASK, S, Kp, acc, task, k0):
+    def scores_last(Q, K, Kp, MASK, S, mx, acc, task, k0):
         # symbolic: the last block's M - k0 keys (1..BK) as whole tiles, the partial one padded with -inf
         for jb in range(KL // TJ):
-            tile_full(Q, K, MASK, S, Kp, acc, task, k0, jb)
+            tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb)
         if KL % TJ > 0:
-            tile_padded(Q, K, MASK, S, Kp, acc, task, k0, KL // TJ)
+            tile_padded(Q, Kp, MASK, S, mx, acc, task, k0, KL // TJ)
 
     scores_full = score_macro(BK)
     if sym:
@@ -361,14 +357,20 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
 
     def block_macro(L, scores, macros):
         """One key block of ``L`` keys (P·V reads exactly these; ``scores``/``macros`` may pad the row)."""
-        rowmax, expstore = macros[0], macros[1]
+        expstore = macros[1]
+        LT = 0 if sym else L - L // TJ * TJ  # keys past the block's last whole score tile (static: scalar scores)
 
         @T.macro
-        def block(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, k0):
-            scores(Q, K, MASK, S, Kp, acc, task, k0)
+        def block(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0):
+            for i in range(BQ):
+                for l in T.vectorized(V):
+                    mx[i, l] = floor
+            scores(Q, K, Kp, MASK, S, mx, acc, task, k0)
             for i in range(rows(task)):
                 # online softmax: new max, exps against it (stored, summed), rescale the running sum and output
-                rowmax(S, sacc, i, 0)
+                sacc[SS, 0] = _hreduce(mx[i, T.ramp(0, 1, V)], V, T.max)
+                for j in T.unroll(LT):
+                    sacc[SS, 0] = T.max(sacc[SS, 0], S[i, L - LT + j])
                 sacc[SS, 2] = T.max(st[i, 0], sacc[SS, 0])
                 expstore(S, S, sacc, i, 0, sacc[SS, 2])
                 sacc[SS, 3] = exp_nonpos(st[i, 0] - sacc[SS, 2])
@@ -391,11 +393,36 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         block_tail = block_macro(KT, scores_tail, tail) if KT else block_full
         has_tail = KT > 0
 
+    if sym:
+        NTF = M // TJ  # whole score tiles of keys
+        NTP = T.max((M + TJ - 1) // TJ, 1)  # packed tiles (the last one padded with key M - 1)
+    else:
+        NTF = M // TJ
+        NTP = max(NTF, 1)  # keys past the last whole tile are read from Kt by the scalar score loop
+
     @T.macro
     def body(Q, K, Vb, MASK, O):
+        # Kt packed once into D x TJ panels, one per score tile (contiguous: the unpacked panel's rows are M floats
+        # apart and share L1 sets at a power-of-two M), shared by every query block of the head
+        Kp = T.alloc_buffer((BH, NTP, D, TJ), _F32)
+        if sym:
+            for t in T.parallel(BH * NTP):
+                if t % NTP < NTF:
+                    for k in range(D):
+                        for l in T.vectorized(TJ):
+                            Kp[t // NTP, t % NTP, k, l] = K[t // NTP, k, t % NTP * TJ + l]
+                else:
+                    for k in range(D):
+                        for l in range(TJ):
+                            Kp[t // NTP, t % NTP, k, l] = K[t // NTP, k, T.min(t % NTP * TJ + l, M - 1)]
+        elif NTF > 0:
+            for t in T.parallel(BH * NTF):
+                for k in range(D):
+                    for l in T.vectorized(TJ):
+                        Kp[t // NTF, t % NTF, k, l] = K[t // NTF, k, t % NTF * TJ + l]
         for task in T.parallel(NT):
             S = T.alloc_buffer((BQ, SP), _F32)  # probabilities of one key block
-            Kp = T.alloc_buffer((max(BK // TJ, 1), D, TJ), _F32)  # packed Kt panels of one key block
+            mx = T.alloc_buffer((BQ, V), _F32)  # per row: lane-wise max of the block's scores
             OA = T.alloc_buffer((BQ, DV), _F32)  # unnormalized output rows
             st = T.alloc_buffer((BQ, 2), _F32)  # per row: running max, running sum
             acc = T.alloc_buffer((max(MI, MI3), max(TJ, TC)), _F32, scope="local")
@@ -406,9 +433,9 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                 for c in T.vectorized(DV):
                     OA[i, c] = T.float32(0.0)
             for kb in range(NKB):
-                block_full(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, kb * BK)
+                block_full(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, kb * BK)
             if has_tail:
-                block_tail(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, NKB * BK)
+                block_tail(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, NKB * BK)
             for i in range(BQ):
                 if (task % NQB) * BQ + i < N:
                     if st[i, 1] > T.float32(0.0):
