@@ -232,9 +232,10 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
     step = MI * MI3 // math.gcd(MI, MI3)
 
     def rows(task):
-        """Rows a task walks: BQ, or (run-time shapes) its rows before N rounded up to whole register tiles."""
+        """Rows a task walks: its rows before N rounded up to whole register tiles (BQ but in the last block)."""
         if not sym:
-            return BQ
+            last = -(-(N - (NQB - 1) * BQ) // step) * step
+            return BQ if last == BQ else T.Select(task % NQB == NQB - 1, last, BQ)
         return T.min(BQ, (N - (task % NQB) * BQ + step - 1) // step * step)
 
     def qrow(task, i):
@@ -267,8 +268,9 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         minus_inf = T.float32(float("-inf"))
 
         @T.macro
-        def tile(Q, Kp, MASK, S, mx, acc, task, k0, jb):
-            for ib in range(rows(task) // MI):
+        def tile(Q, Kp, MASK, S, mx, acc, task, k0, jb, r0, nr):
+            # rows r0 .. r0 + nr of the task, S / mx rows 0 .. nr
+            for ib in range(nr // MI):
                 for i in T.unroll(MI):
                     for jj in T.unroll(NJ):
                         for l in T.vectorized(V):
@@ -277,7 +279,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                     for i in T.unroll(MI):
                         for jj in T.unroll(NJ):
                             for l in T.vectorized(V):
-                                acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
+                                acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, r0 + ib * MI + i), k],
                                                            Kp[task // NQB, k0 // TJ + jb, k, jj * V + l],
                                                            acc[i, jj * V + l])
                 for i in T.unroll(MI):
@@ -286,12 +288,12 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                             if padded:
                                 S[ib * MI + i, jb * TJ + jj * V + l] = T.Select(
                                     k0 + jb * TJ + jj * V + l < M,
-                                    finish(MASK, task, ib * MI + i, T.min(k0 + jb * TJ + jj * V + l, M - 1),
+                                    finish(MASK, task, r0 + ib * MI + i, T.min(k0 + jb * TJ + jj * V + l, M - 1),
                                            acc[i, jj * V + l]),
                                     minus_inf)
                             else:
                                 S[ib * MI + i, jb * TJ + jj * V + l] = finish(
-                                    MASK, task, ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+                                    MASK, task, r0 + ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
                     for jj in T.unroll(NJ):  # the rows' running block max, lane-wise (reduced per row later)
                         for l in T.vectorized(V):
                             mx[ib * MI + i, l] = T.max(mx[ib * MI + i, l], S[ib * MI + i, jb * TJ + jj * V + l])
@@ -306,28 +308,28 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         LT = L - NFT * TJ  # tail keys (scalar loop)
 
         @T.macro
-        def scores(Q, K, Kp, MASK, S, mx, acc, task, k0):
+        def scores(Q, K, Kp, MASK, S, mx, acc, task, k0, r0, nr):
             # S[:, 0:L] = scale * Q[rows] @ Kt[:, k0:k0+L] + mask, key-tile-major; each D x TJ panel of Kt is first
             # packed contiguous (Kt rows are M floats apart: at a power-of-two M the panel's lines share L1 sets)
             for jb in range(NFT):
-                tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb)
-            for i in range(BQ):
+                tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb, r0, nr)
+            for i in range(nr):
                 for j in range(LT):
                     S[i, NFT * TJ + j] = T.float32(0.0)
                     for k in range(D):
-                        S[i, NFT * TJ + j] = S[i, NFT * TJ + j] + Q[task // NQB, qrow(task, i), k] * \
+                        S[i, NFT * TJ + j] = S[i, NFT * TJ + j] + Q[task // NQB, qrow(task, r0 + i), k] * \
                             K[task // NQB, k, k0 + NFT * TJ + j]
-                    S[i, NFT * TJ + j] = finish(MASK, task, i, k0 + NFT * TJ + j, S[i, NFT * TJ + j])
+                    S[i, NFT * TJ + j] = finish(MASK, task, r0 + i, k0 + NFT * TJ + j, S[i, NFT * TJ + j])
 
         return scores
 
     @T.macro
-    def scores_last(Q, K, Kp, MASK, S, mx, acc, task, k0):
+    def scores_last(Q, K, Kp, MASK, S, mx, acc, task, k0, r0, nr):
         # symbolic: the last block's M - k0 keys (1..BK) as whole tiles, the partial one padded with -inf
         for jb in range(KL // TJ):
-            tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb)
+            tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb, r0, nr)
         if KL % TJ > 0:
-            tile_padded(Q, Kp, MASK, S, mx, acc, task, k0, KL // TJ)
+            tile_padded(Q, Kp, MASK, S, mx, acc, task, k0, KL // TJ, r0, nr)
 
     scores_full = score_macro(BK)
     if sym:
@@ -336,13 +338,14 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         scores_tail = score_macro(KT) if KT else scores_full
 
     @T.macro
-    def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV):
-        # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI3-row register tile
-        for ib in range(rows(task) // MI3):
+    def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV, r0, nr):
+        # OA[r0 + rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], rows 0 .. nr per MI3-row
+        # register tile
+        for ib in range(nr // MI3):
             for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
-                        acc[i, jj * V3 + l] = OA[ib * MI3 + i, c0 + jj * V3 + l]
+                        acc[i, jj * V3 + l] = OA[r0 + ib * MI3 + i, c0 + jj * V3 + l]
             for kk in range(KL):
                 for i in T.unroll(MI3):
                     for jj in T.unroll(NJV):
@@ -353,7 +356,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
             for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
-                        OA[ib * MI3 + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
+                        OA[r0 + ib * MI3 + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
 
     def block_macro(L, scores, macros):
         """One key block of ``L`` keys (P·V reads exactly these; ``scores``/``macros`` may pad the row)."""
@@ -361,27 +364,33 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         LT = 0 if sym else L - L // TJ * TJ  # keys past the block's last whole score tile (static: scalar scores)
 
         @T.macro
-        def block(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0):
-            for i in range(BQ):
+        def part(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0, r0, nr):
+            # rows r0 .. r0 + nr of the task (S / mx rows 0 .. nr): scores, online softmax, P·V
+            for i in range(nr):
                 for l in T.vectorized(V):
                     mx[i, l] = floor
-            scores(Q, K, Kp, MASK, S, mx, acc, task, k0)
-            for i in range(rows(task)):
+            scores(Q, K, Kp, MASK, S, mx, acc, task, k0, r0, nr)
+            for i in range(nr):
                 # online softmax: new max, exps against it (stored, summed), rescale the running sum and output
                 sacc[SS, 0] = _hreduce(mx[i, T.ramp(0, 1, V)], V, T.max)
                 for j in T.unroll(LT):
                     sacc[SS, 0] = T.max(sacc[SS, 0], S[i, L - LT + j])
-                sacc[SS, 2] = T.max(st[i, 0], sacc[SS, 0])
+                sacc[SS, 2] = T.max(st[r0 + i, 0], sacc[SS, 0])
                 expstore(S, S, sacc, i, 0, sacc[SS, 2])
-                sacc[SS, 3] = exp_nonpos(st[i, 0] - sacc[SS, 2])
-                st[i, 1] = st[i, 1] * sacc[SS, 3] + sacc[SS, 1]
-                st[i, 0] = sacc[SS, 2]
+                sacc[SS, 3] = exp_nonpos(st[r0 + i, 0] - sacc[SS, 2])
+                st[r0 + i, 1] = st[r0 + i, 1] * sacc[SS, 3] + sacc[SS, 1]
+                st[r0 + i, 0] = sacc[SS, 2]
                 for c in T.vectorized(DV):
-                    OA[i, c] = OA[i, c] * sacc[SS, 3]
+                    OA[r0 + i, c] = OA[r0 + i, c] * sacc[SS, 3]
             for cb in range(NCT):
-                pv_tile(Vb, S, OA, acc, task, k0, L, cb * TC, NJ3)
+                pv_tile(Vb, S, OA, acc, task, k0, L, cb * TC, NJ3, r0, nr)
             if CT > 0:
-                pv_tile(Vb, S, OA, acc, task, k0, L, NCT * TC, CT // V3)
+                pv_tile(Vb, S, OA, acc, task, k0, L, NCT * TC, CT // V3, r0, nr)
+
+        @T.macro
+        def block(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0):
+            for sb in range(rows(task) // step):  # strips of register-tile rows: their scores stay in L1
+                part(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0, sb * step, step)
 
         return block
 
@@ -421,8 +430,8 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                     for l in T.vectorized(TJ):
                         Kp[t // NTF, t % NTF, k, l] = K[t // NTF, k, t % NTF * TJ + l]
         for task in T.parallel(NT):
-            S = T.alloc_buffer((BQ, SP), _F32)  # probabilities of one key block
-            mx = T.alloc_buffer((BQ, V), _F32)  # per row: lane-wise max of the block's scores
+            S = T.alloc_buffer((step, SP), _F32)  # probabilities of one key block
+            mx = T.alloc_buffer((step, V), _F32)  # per row: lane-wise max of the block's scores
             OA = T.alloc_buffer((BQ, DV), _F32)  # unnormalized output rows
             st = T.alloc_buffer((BQ, 2), _F32)  # per row: running max, running sum
             acc = T.alloc_buffer((max(MI, MI3), max(TJ, TC)), _F32, scope="local")
