@@ -4,22 +4,26 @@ Layout (float32, static shapes): ``Q (BH, N, D)``, ``Kt (BH, D, M)`` (keys alrea
 right operand), ``V (BH, M, DV)``, an optional additive mask read through static strides (broadcast dims stride 0,
 so a ``(1, 1, N, M)`` causal mask or a ``(B, 1, 1, M)`` padding mask is never expanded), output ``O (BH, N, DV)``.
 
-Structure (flash attention with an online softmax): the parallel tasks are (head, block of :data:`QUERY_BLOCK`
-query rows) pairs.  A task walks the keys in blocks of :data:`KEY_BLOCK` (the last one shorter) and per block
+Structure (flash attention with an online softmax): first ``Kt`` is packed once per call into contiguous
+``D x TJ`` panels, one per score tile of ``TJ = NJ·V`` keys (``Kt`` rows are ``M`` floats apart: at a power-of-two
+``M`` an unpacked panel's lines share L1 sets), shared by every query block of the head.  The parallel tasks are
+(head, block of :data:`QUERY_BLOCK` query rows) pairs (the last block walks only its rows, rounded up to whole
+register tiles).  A task walks the keys in blocks of :data:`KEY_BLOCK` (rounded down to whole score tiles; the last
+block shorter) and per block, strip by strip of ``lcm(MI, MI3)`` rows (the register tiles' rows, 6 by default), so
+that the strip's scores stay in L1 between the three steps:
 
-1. packs the block's ``Kt`` panels (``D x NJ·V``) contiguous (``Kt`` rows are ``M`` floats apart: at a power-of-two
-   ``M`` an unpacked panel's lines share L1 sets), then computes the ``BQ x BK`` score block into a per-task scratch
-   (L1/L2): register tiles of ``MI`` rows x ``NJ`` vectors of keys, fma outer products over ``D`` (a broadcast
-   ``Q`` element times a ``Kt`` vector), panel-major so a panel serves every row tile; scale and mask are applied as
-   the tile is stored (keys past the last full tile: a scalar loop);
-2. per row: the block max (the three-pass row macros of :mod:`targets.softmax_kernels`), the new running max,
-   ``exp(x - max)`` with the same polynomial stored and summed, the running sum and output row rescaled by
+1. the strip's scores into a per-task scratch: register tiles of ``MI`` rows x ``NJ`` vectors of keys,
+   fma outer products over ``D`` (a broadcast ``Q`` element times a packed ``Kt`` vector); scale and mask are
+   applied as the tile is stored, and the rows' block max is kept lane-wise in the same epilogue (no max pass over
+   the scores; keys past the last whole tile: a scalar loop);
+2. per row: the block max (one horizontal reduction), the new running max, ``exp(x - max)`` with the polynomial of
+   :mod:`targets.softmax_kernels` stored and summed (its exp pass), the running sum and output row rescaled by
    ``exp(old max - new max)``;
-3. accumulates ``P·V`` into the task's output rows in register tiles (``MI`` rows x the value width) over the
+3. accumulates ``P·V`` into the strip's output rows in register tiles (``MI`` rows x the value width) over the
    block's rows of ``V``;
 
 and finally writes ``O = acc / sum``.  No score or probability tensor ever reaches memory (the unfused graph writes
-and reads ``BH·N·M`` floats three times).  Any ``N``, ``M``: rows past ``N`` in the last query block recompute row
+and reads ``BH·N·M`` floats three times); the packed ``Kt`` is a workspace of about the size of ``Kt``.  Any ``N``, ``M``: rows past ``N`` in the last query block recompute row
 ``N - 1`` and are never stored.
 
 Numerics as the unfused path: ``exp(x - max) = 0`` where ``x - max < -87`` (``-inf`` / ``finfo.min`` masked logits
@@ -45,11 +49,11 @@ from .softmax_kernels import _hreduce, exp_nonpos, row_softmax_macros
 log = logging.getLogger(__name__)
 
 _F32 = "float32"
-#: Keys per block: a task's score block (QUERY_BLOCK x KEY_BLOCK floats) and the block's V rows (64 KiB at d = 64)
-#: stay in L2.
+#: Keys per block (rounded down to whole score tiles): a strip's scores (6 x KEY_BLOCK floats) stay in L1, the
+#: block's packed Kt panels and V rows (64 KiB each at d = 64) in L2; one online-softmax rescale per block.
 KEY_BLOCK = 256
-#: Query rows per task (rounded to the 6-row register tile): more rows amortize the K/V reads, fewer give more
-#: tasks to the threads.
+#: Query rows per task (rounded to the 6-row register tile): more rows keep a block's K/V panels in L2 for longer,
+#: fewer give more tasks to the threads.
 QUERY_BLOCK = 48
 
 
