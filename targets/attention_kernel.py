@@ -23,8 +23,9 @@ that the strip's scores stay in L1 between the three steps:
    block's rows of ``V``;
 
 and finally writes ``O = acc / sum``.  No score or probability tensor ever reaches memory (the unfused graph writes
-and reads ``BH·N·M`` floats three times); the packed ``Kt`` is a workspace of about the size of ``Kt``.  Any ``N``, ``M``: rows past ``N`` in the last query block recompute row
-``N - 1`` and are never stored.
+and reads ``BH·N·M`` floats three times); the packed ``Kt`` is a workspace of about the size of ``Kt``.  Any
+``N``, ``M``: rows past ``N`` in the last query block (up to its last register tile) recompute row ``N - 1`` and are
+never stored.
 
 Numerics as the unfused path: ``exp(x - max) = 0`` where ``x - max < -87`` (``-inf`` / ``finfo.min`` masked logits
 never give NaN); a fully masked row (every exp flushed, sum 0) gives the uniform distribution, i.e. the mean of V,
