@@ -4,23 +4,28 @@ Layout (float32, static shapes): ``Q (BH, N, D)``, ``Kt (BH, D, M)`` (keys alrea
 right operand), ``V (BH, M, DV)``, an optional additive mask read through static strides (broadcast dims stride 0,
 so a ``(1, 1, N, M)`` causal mask or a ``(B, 1, 1, M)`` padding mask is never expanded), output ``O (BH, N, DV)``.
 
-Structure (flash attention with an online softmax): the parallel tasks are (head, block of :data:`QUERY_BLOCK`
-query rows) pairs.  A task walks the keys in blocks of :data:`KEY_BLOCK` (the last one shorter) and per block
+Structure (flash attention with an online softmax): first ``Kt`` is packed once per call into contiguous
+``D x TJ`` panels, one per score tile of ``TJ = NJ·V`` keys (``Kt`` rows are ``M`` floats apart: at a power-of-two
+``M`` an unpacked panel's lines share L1 sets), shared by every query block of the head.  The parallel tasks are
+(head, block of :data:`QUERY_BLOCK` query rows) pairs (the last block walks only its rows, rounded up to whole
+register tiles).  A task walks the keys in blocks of :data:`KEY_BLOCK` (rounded down to whole score tiles; the last
+block shorter) and per block, strip by strip of ``lcm(MI, MI3)`` rows (the register tiles' rows, 6 by default), so
+that the strip's scores stay in L1 between the three steps:
 
-1. packs the block's ``Kt`` panels (``D x NJ·V``) contiguous (``Kt`` rows are ``M`` floats apart: at a power-of-two
-   ``M`` an unpacked panel's lines share L1 sets), then computes the ``BQ x BK`` score block into a per-task scratch
-   (L1/L2): register tiles of ``MI`` rows x ``NJ`` vectors of keys, fma outer products over ``D`` (a broadcast
-   ``Q`` element times a ``Kt`` vector), panel-major so a panel serves every row tile; scale and mask are applied as
-   the tile is stored (keys past the last full tile: a scalar loop);
-2. per row: the block max (the three-pass row macros of :mod:`targets.softmax_kernels`), the new running max,
-   ``exp(x - max)`` with the same polynomial stored and summed, the running sum and output row rescaled by
+1. the strip's scores into a per-task scratch: register tiles of ``MI`` rows x ``NJ`` vectors of keys,
+   fma outer products over ``D`` (a broadcast ``Q`` element times a packed ``Kt`` vector); scale and mask are
+   applied as the tile is stored, and the rows' block max is kept lane-wise in the same epilogue (no max pass over
+   the scores; keys past the last whole tile: a scalar loop);
+2. per row: the block max (one horizontal reduction), the new running max, ``exp(x - max)`` with the polynomial of
+   :mod:`targets.softmax_kernels` stored and summed (its exp pass), the running sum and output row rescaled by
    ``exp(old max - new max)``;
-3. accumulates ``P·V`` into the task's output rows in register tiles (``MI`` rows x the value width) over the
+3. accumulates ``P·V`` into the strip's output rows in register tiles (``MI`` rows x the value width) over the
    block's rows of ``V``;
 
 and finally writes ``O = acc / sum``.  No score or probability tensor ever reaches memory (the unfused graph writes
-and reads ``BH·N·M`` floats three times).  Any ``N``, ``M``: rows past ``N`` in the last query block recompute row
-``N - 1`` and are never stored.
+and reads ``BH·N·M`` floats three times); the packed ``Kt`` is a workspace of about the size of ``Kt``.  Any
+``N``, ``M``: rows past ``N`` in the last query block (up to its last register tile) recompute row ``N - 1`` and are
+never stored.
 
 Numerics as the unfused path: ``exp(x - max) = 0`` where ``x - max < -87`` (``-inf`` / ``finfo.min`` masked logits
 never give NaN); a fully masked row (every exp flushed, sum 0) gives the uniform distribution, i.e. the mean of V,
@@ -40,16 +45,16 @@ from . import _env  # noqa: F401  (sets TVM_NUM_THREADS before tvm is imported)
 import tvm
 from tvm.script import tirx as T
 
-from .softmax_kernels import exp_nonpos, row_softmax_macros
+from .softmax_kernels import _hreduce, exp_nonpos, row_softmax_macros
 
 log = logging.getLogger(__name__)
 
 _F32 = "float32"
-#: Keys per block: a task's score block (QUERY_BLOCK x KEY_BLOCK floats) and the block's V rows (64 KiB at d = 64)
-#: stay in L2.
+#: Keys per block (rounded down to whole score tiles): a strip's scores (6 x KEY_BLOCK floats) stay in L1, the
+#: block's packed Kt panels and V rows (64 KiB each at d = 64) in L2; one online-softmax rescale per block.
 KEY_BLOCK = 256
-#: Query rows per task (rounded to the 6-row register tile): more rows amortize the K/V reads, fewer give more
-#: tasks to the threads.
+#: Query rows per task (rounded to the 6-row register tile): more rows keep a block's K/V panels in L2 for longer,
+#: fewer give more tasks to the threads.
 QUERY_BLOCK = 48
 
 
@@ -152,11 +157,12 @@ def _geometry(s, query_block: int | None = None, tiles: tuple | None = None) -> 
         MI, NJ, MI3, NJ3 = tiles
     step = MI * MI3 // math.gcd(MI, MI3)  # query blocks hold whole row tiles of both products
     bq = query_block or QUERY_BLOCK
+    bk = max(KEY_BLOCK // (NJ * V), 1) * NJ * V  # whole score tiles: block starts are tile starts of the packed Kt
     if isinstance(s, SymbolicAttention):  # lengths known at run time: full-size blocks
         return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": max(step, bq) // step * step,
-                "BK": KEY_BLOCK}
+                "BK": bk}
     bq = max(step, min(bq, -(-s.n // step) * step)) // step * step
-    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": bq, "BK": min(KEY_BLOCK, s.m)}
+    return {"V": V, "MI": MI, "NJ": NJ, "V3": V3, "NJ3": NJ3, "MI3": MI3, "BQ": bq, "BK": min(bk, s.m)}
 
 
 def make_attention_kernel(s: AttentionShape, query_block: int | None = None,
@@ -231,9 +237,10 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
     step = MI * MI3 // math.gcd(MI, MI3)
 
     def rows(task):
-        """Rows a task walks: BQ, or (run-time shapes) its rows before N rounded up to whole register tiles."""
+        """Rows a task walks: its rows before N rounded up to whole register tiles (BQ but in the last block)."""
         if not sym:
-            return BQ
+            last = -(-(N - (NQB - 1) * BQ) // step) * step
+            return BQ if last == BQ else T.Select(task % NQB == NQB - 1, last, BQ)
         return T.min(BQ, (N - (task % NQB) * BQ + step - 1) // step * step)
 
     def qrow(task, i):
@@ -266,16 +273,9 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         minus_inf = T.float32(float("-inf"))
 
         @T.macro
-        def tile(Q, K, MASK, S, Kp, acc, task, k0, jb):
-            if padded:
-                for k in range(D):
-                    for l in range(TJ):
-                        Kp[jb, k, l] = K[task // NQB, k, T.min(k0 + jb * TJ + l, M - 1)]
-            else:
-                for k in range(D):
-                    for l in T.vectorized(TJ):
-                        Kp[jb, k, l] = K[task // NQB, k, k0 + jb * TJ + l]
-            for ib in range(rows(task) // MI):
+        def tile(Q, Kp, MASK, S, mx, acc, task, k0, jb, r0, nr):
+            # rows r0 .. r0 + nr of the task, S / mx rows 0 .. nr
+            for ib in range(nr // MI):
                 for i in T.unroll(MI):
                     for jj in T.unroll(NJ):
                         for l in T.vectorized(V):
@@ -284,8 +284,8 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                     for i in T.unroll(MI):
                         for jj in T.unroll(NJ):
                             for l in T.vectorized(V):
-                                acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, ib * MI + i), k],
-                                                           Kp[jb, k, jj * V + l],
+                                acc[i, jj * V + l] = T.fma(Q[task // NQB, qrow(task, r0 + ib * MI + i), k],
+                                                           Kp[task // NQB, k0 // TJ + jb, k, jj * V + l],
                                                            acc[i, jj * V + l])
                 for i in T.unroll(MI):
                     for jj in T.unroll(NJ):
@@ -293,12 +293,15 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                             if padded:
                                 S[ib * MI + i, jb * TJ + jj * V + l] = T.Select(
                                     k0 + jb * TJ + jj * V + l < M,
-                                    finish(MASK, task, ib * MI + i, T.min(k0 + jb * TJ + jj * V + l, M - 1),
+                                    finish(MASK, task, r0 + ib * MI + i, T.min(k0 + jb * TJ + jj * V + l, M - 1),
                                            acc[i, jj * V + l]),
                                     minus_inf)
                             else:
                                 S[ib * MI + i, jb * TJ + jj * V + l] = finish(
-                                    MASK, task, ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+                                    MASK, task, r0 + ib * MI + i, k0 + jb * TJ + jj * V + l, acc[i, jj * V + l])
+                    for jj in T.unroll(NJ):  # the rows' running block max, lane-wise (reduced per row later)
+                        for l in T.vectorized(V):
+                            mx[ib * MI + i, l] = T.max(mx[ib * MI + i, l], S[ib * MI + i, jb * TJ + jj * V + l])
 
         return tile
 
@@ -310,28 +313,28 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         LT = L - NFT * TJ  # tail keys (scalar loop)
 
         @T.macro
-        def scores(Q, K, MASK, S, Kp, acc, task, k0):
+        def scores(Q, K, Kp, MASK, S, mx, acc, task, k0, r0, nr):
             # S[:, 0:L] = scale * Q[rows] @ Kt[:, k0:k0+L] + mask, key-tile-major; each D x TJ panel of Kt is first
             # packed contiguous (Kt rows are M floats apart: at a power-of-two M the panel's lines share L1 sets)
             for jb in range(NFT):
-                tile_full(Q, K, MASK, S, Kp, acc, task, k0, jb)
-            for i in range(BQ):
+                tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb, r0, nr)
+            for i in range(nr):
                 for j in range(LT):
                     S[i, NFT * TJ + j] = T.float32(0.0)
                     for k in range(D):
-                        S[i, NFT * TJ + j] = S[i, NFT * TJ + j] + Q[task // NQB, qrow(task, i), k] * \
+                        S[i, NFT * TJ + j] = S[i, NFT * TJ + j] + Q[task // NQB, qrow(task, r0 + i), k] * \
                             K[task // NQB, k, k0 + NFT * TJ + j]
-                    S[i, NFT * TJ + j] = finish(MASK, task, i, k0 + NFT * TJ + j, S[i, NFT * TJ + j])
+                    S[i, NFT * TJ + j] = finish(MASK, task, r0 + i, k0 + NFT * TJ + j, S[i, NFT * TJ + j])
 
         return scores
 
     @T.macro
-    def scores_last(Q, K, MASK, S, Kp, acc, task, k0):
+    def scores_last(Q, K, Kp, MASK, S, mx, acc, task, k0, r0, nr):
         # symbolic: the last block's M - k0 keys (1..BK) as whole tiles, the partial one padded with -inf
         for jb in range(KL // TJ):
-            tile_full(Q, K, MASK, S, Kp, acc, task, k0, jb)
+            tile_full(Q, Kp, MASK, S, mx, acc, task, k0, jb, r0, nr)
         if KL % TJ > 0:
-            tile_padded(Q, K, MASK, S, Kp, acc, task, k0, KL // TJ)
+            tile_padded(Q, Kp, MASK, S, mx, acc, task, k0, KL // TJ, r0, nr)
 
     scores_full = score_macro(BK)
     if sym:
@@ -340,13 +343,14 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         scores_tail = score_macro(KT) if KT else scores_full
 
     @T.macro
-    def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV):
-        # OA[rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], per MI3-row register tile
-        for ib in range(rows(task) // MI3):
+    def pv_tile(Vb, S, OA, acc, task, k0, KL, c0, NJV, r0, nr):
+        # OA[r0 + rows, c0 : c0 + NJV*V3] += P[rows, 0:KL] @ V[bh, k0 : k0 + KL, c0 : ...], rows 0 .. nr per MI3-row
+        # register tile
+        for ib in range(nr // MI3):
             for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
-                        acc[i, jj * V3 + l] = OA[ib * MI3 + i, c0 + jj * V3 + l]
+                        acc[i, jj * V3 + l] = OA[r0 + ib * MI3 + i, c0 + jj * V3 + l]
             for kk in range(KL):
                 for i in T.unroll(MI3):
                     for jj in T.unroll(NJV):
@@ -357,29 +361,41 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
             for i in T.unroll(MI3):
                 for jj in T.unroll(NJV):
                     for l in T.vectorized(V3):
-                        OA[ib * MI3 + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
+                        OA[r0 + ib * MI3 + i, c0 + jj * V3 + l] = acc[i, jj * V3 + l]
 
     def block_macro(L, scores, macros):
         """One key block of ``L`` keys (P·V reads exactly these; ``scores``/``macros`` may pad the row)."""
-        rowmax, expstore = macros[0], macros[1]
+        expstore = macros[1]
+        LT = 0 if sym else L - L // TJ * TJ  # keys past the block's last whole score tile (static: scalar scores)
 
         @T.macro
-        def block(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, k0):
-            scores(Q, K, MASK, S, Kp, acc, task, k0)
-            for i in range(rows(task)):
+        def part(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0, r0, nr):
+            # rows r0 .. r0 + nr of the task (S / mx rows 0 .. nr): scores, online softmax, P·V
+            for i in range(nr):
+                for l in T.vectorized(V):
+                    mx[i, l] = floor
+            scores(Q, K, Kp, MASK, S, mx, acc, task, k0, r0, nr)
+            for i in range(nr):
                 # online softmax: new max, exps against it (stored, summed), rescale the running sum and output
-                rowmax(S, sacc, i, 0)
-                sacc[SS, 2] = T.max(st[i, 0], sacc[SS, 0])
+                sacc[SS, 0] = _hreduce(mx[i, T.ramp(0, 1, V)], V, T.max)
+                for j in T.unroll(LT):
+                    sacc[SS, 0] = T.max(sacc[SS, 0], S[i, L - LT + j])
+                sacc[SS, 2] = T.max(st[r0 + i, 0], sacc[SS, 0])
                 expstore(S, S, sacc, i, 0, sacc[SS, 2])
-                sacc[SS, 3] = exp_nonpos(st[i, 0] - sacc[SS, 2])
-                st[i, 1] = st[i, 1] * sacc[SS, 3] + sacc[SS, 1]
-                st[i, 0] = sacc[SS, 2]
+                sacc[SS, 3] = exp_nonpos(st[r0 + i, 0] - sacc[SS, 2])
+                st[r0 + i, 1] = st[r0 + i, 1] * sacc[SS, 3] + sacc[SS, 1]
+                st[r0 + i, 0] = sacc[SS, 2]
                 for c in T.vectorized(DV):
-                    OA[i, c] = OA[i, c] * sacc[SS, 3]
+                    OA[r0 + i, c] = OA[r0 + i, c] * sacc[SS, 3]
             for cb in range(NCT):
-                pv_tile(Vb, S, OA, acc, task, k0, L, cb * TC, NJ3)
+                pv_tile(Vb, S, OA, acc, task, k0, L, cb * TC, NJ3, r0, nr)
             if CT > 0:
-                pv_tile(Vb, S, OA, acc, task, k0, L, NCT * TC, CT // V3)
+                pv_tile(Vb, S, OA, acc, task, k0, L, NCT * TC, CT // V3, r0, nr)
+
+        @T.macro
+        def block(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0):
+            for sb in range(rows(task) // step):  # strips of register-tile rows: their scores stay in L1
+                part(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, k0, sb * step, step)
 
         return block
 
@@ -391,11 +407,36 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         block_tail = block_macro(KT, scores_tail, tail) if KT else block_full
         has_tail = KT > 0
 
+    if sym:
+        NTF = M // TJ  # whole score tiles of keys
+        NTP = T.max((M + TJ - 1) // TJ, 1)  # packed tiles (the last one padded with key M - 1)
+    else:
+        NTF = M // TJ
+        NTP = max(NTF, 1)  # keys past the last whole tile are read from Kt by the scalar score loop
+
     @T.macro
     def body(Q, K, Vb, MASK, O):
+        # Kt packed once into D x TJ panels, one per score tile (contiguous: the unpacked panel's rows are M floats
+        # apart and share L1 sets at a power-of-two M), shared by every query block of the head
+        Kp = T.alloc_buffer((BH, NTP, D, TJ), _F32)
+        if sym:
+            for t in T.parallel(BH * NTP):
+                if t % NTP < NTF:
+                    for k in range(D):
+                        for l in T.vectorized(TJ):
+                            Kp[t // NTP, t % NTP, k, l] = K[t // NTP, k, t % NTP * TJ + l]
+                else:
+                    for k in range(D):
+                        for l in range(TJ):
+                            Kp[t // NTP, t % NTP, k, l] = K[t // NTP, k, T.min(t % NTP * TJ + l, M - 1)]
+        elif NTF > 0:
+            for t in T.parallel(BH * NTF):
+                for k in range(D):
+                    for l in T.vectorized(TJ):
+                        Kp[t // NTF, t % NTF, k, l] = K[t // NTF, k, t % NTF * TJ + l]
         for task in T.parallel(NT):
-            S = T.alloc_buffer((BQ, SP), _F32)  # probabilities of one key block
-            Kp = T.alloc_buffer((max(BK // TJ, 1), D, TJ), _F32)  # packed Kt panels of one key block
+            S = T.alloc_buffer((step, SP), _F32)  # probabilities of one key block
+            mx = T.alloc_buffer((step, V), _F32)  # per row: lane-wise max of the block's scores
             OA = T.alloc_buffer((BQ, DV), _F32)  # unnormalized output rows
             st = T.alloc_buffer((BQ, 2), _F32)  # per row: running max, running sum
             acc = T.alloc_buffer((max(MI, MI3), max(TJ, TC)), _F32, scope="local")
@@ -406,9 +447,9 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                 for c in T.vectorized(DV):
                     OA[i, c] = T.float32(0.0)
             for kb in range(NKB):
-                block_full(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, kb * BK)
+                block_full(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, kb * BK)
             if has_tail:
-                block_tail(Q, K, Vb, MASK, S, Kp, OA, st, acc, sacc, task, NKB * BK)
+                block_tail(Q, K, Kp, Vb, MASK, S, mx, OA, st, acc, sacc, task, NKB * BK)
             for i in range(BQ):
                 if (task % NQB) * BQ + i < N:
                     if st[i, 1] > T.float32(0.0):

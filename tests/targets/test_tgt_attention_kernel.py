@@ -59,6 +59,9 @@ CASES = {
     "causal_inf_odd": (2, 77, 77, 32, 24, 1.0, "causal_inf"),  # N not a multiple of the 6-row tile or the block
     "causal_finfo_min": (2, 50, 300, 16, 8, 0.25, "causal_min"),
     "single": (1, 1, 1, 64, 64, 0.125, None),
+    # 4 query blocks (the last one 6 rows: trimmed), 3 key blocks (the last 188 keys: 2 packed tiles + 60 scalar
+    # keys), the causal mask read per 6-row strip
+    "causal_blocks_strips": (2, 150, 700, 64, 64, 0.125, "causal_inf"),
     "fully_masked_rows": (2, 30, 40, 64, 64, 0.125, "rows"),
 }
 
