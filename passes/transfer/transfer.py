@@ -17,6 +17,7 @@ Memory is bounded by ``sites_per_capture`` (the captures of at most that many si
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -376,6 +377,12 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
     return loaded, calib, fitted, report
 
 
+def _export_to(model: mio.LoadedModel, out_path: Path) -> None:
+    """Write ``model`` to ``out_path`` (.onnx or .pt2, :func:`rewrite.api.export`)."""
+    from rewrite.api import export
+    export(model, out_path)
+
+
 def site_seed(seed: int, site_index: int) -> int:
     """The torch seed of one site's fit: a pure function of (seed, site index), so it does not depend on which
     rank fits the site or in which order."""
@@ -518,19 +525,31 @@ def transfer(model: Any, out: str | os.PathLike[str] | None = None, *, attention
         report["stage2"] = {"steps": 0, "note": why_not}
         report["lines"].append(f"stage 2 off: {why_not}")
     clock.add("stage2", time.perf_counter() - t_stage2)
-    if measure_model:
-        with clock("model_fidelity"):
-            # the original's held-out outputs once, for both comparisons; with ranks the helper sends the untrained
-            # swap's outputs (it skips the original's run: rank 0 waits less for it)
-            reference = _outputs(loaded, calib.held_out)
-            after = _fidelity_of(reference, _outputs(new_model, calib.held_out))
-            helped = shard is not None and shard.helper != shard.rank
-            untrained = shard.receive_from_helper() if helped else untrained_outputs()
-            report["model_fidelity"] = {"before": _fidelity_of(reference, untrained), "after": after}
+    # with ranks, rank 0 exports while the helper still rewrites and runs the untrained swap (longer than rank 0's
+    # two held-out passes), into a hidden folder that moves to the output path only once the helper's outputs came:
+    # a lost helper still leaves nothing written
+    helped = measure_model and shard is not None and shard.helper != shard.rank
+    early = helped and out_path is not None
+    staged: Any = contextlib.nullcontext(None)
+    if early:
+        from rewrite.atomic import atomic_folder
+        staged = atomic_folder(out_path)
+    with staged as stage:
+        if early:
+            with clock("export"):
+                _export_to(new_model, stage / out_path.name)
+        if measure_model:
+            with clock("model_fidelity"):
+                # the original's held-out outputs once, for both comparisons; with ranks the helper sends the
+                # untrained swap's outputs (it skips the original's run: rank 0 waits less for it)
+                reference = _outputs(loaded, calib.held_out)
+                after = _fidelity_of(reference, _outputs(new_model, calib.held_out))
+                untrained = shard.receive_from_helper() if helped else untrained_outputs()
+                report["model_fidelity"] = {"before": _fidelity_of(reference, untrained), "after": after}
     if out_path is not None:
-        from rewrite.api import export
-        with clock("export"):
-            export(new_model, out_path)
+        if not early:
+            with clock("export"):
+                _export_to(new_model, out_path)
         report["output"] = str(out_path)
     report["phases"] = clock.as_dict()
     report["seconds"] = round(time.time() - t0, 2)

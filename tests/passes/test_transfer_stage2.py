@@ -126,15 +126,50 @@ def test_stage2_reports_timing_per_part(setup) -> None:
     assert sum(timing.values()) <= report["seconds"] + 0.02  # parts of stage 2's own wall time (rounded to 10 ms)
 
 
-def test_runner_builds_once_and_matches_a_direct_module_call(setup) -> None:
-    """rewrite.verify.runner: one module for many batches, outputs equal to calling the program's module directly."""
+def test_runner_builds_once_and_matches_a_direct_module_call(setup, monkeypatch) -> None:
+    """rewrite.verify.runner and stage 2's teacher: one module (``ep.module()``) for many batches (counted), outputs
+    equal to calling the program's module directly."""
+    from passes.transfer.stage2 import _teacher
     from rewrite.verify import runner
     original, _, _, feeds = setup
+    module = original.ep.module()  # the reference, built before counting
+    builds = []
+    build = original.ep.module
+
+    def counting(*args, **kwargs):
+        builds.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(original.ep, "module", counting)
     call = runner(original)
-    module = original.ep.module()
+    wants = []
     for batch in feeds[:3]:
         args, kwargs = torch.utils._pytree.tree_unflatten(
             [torch.from_numpy(batch[n]) for n in original.input_names], original.ep.call_spec.in_spec)
         with torch.no_grad():
             want = module(*args, **kwargs)
-        np.testing.assert_array_equal(call(batch)["last_hidden_state"], want[0].numpy())
+        wants.append(want[0].numpy())
+        np.testing.assert_array_equal(call(batch)["last_hidden_state"], wants[-1])
+    assert len(builds) == 1  # three batches, one build
+    refs = _teacher(original, [feeds[0], None, feeds[1], feeds[2]])
+    assert len(builds) == 2 and refs[1] is None  # the teacher: four entries, one build
+    for ref, want in zip([refs[0], refs[2], refs[3]], wants):
+        np.testing.assert_array_equal(ref.numpy(), want)
+
+
+def test_merged_weight_is_the_three_op_formula_bit_for_bit() -> None:
+    """stage2._merged (one addmm for power-of-two scales) equals w + s * (b @ a) exactly, values and gradients, so
+    the default recipe's losses and merged weights are unchanged by the fused form."""
+    from passes.transfer.stage2 import _merged
+    gen = torch.Generator().manual_seed(7)
+    for scale in (2.0, 0.5, 4.0, 0.75):
+        w = torch.randn(48, 40, generator=gen)
+        a0, b0 = torch.randn(8, 40, generator=gen) / 6, torch.randn(48, 8, generator=gen) / 3
+        g = torch.randn(48, 40, generator=gen)
+        a1, b1 = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        a2, b2 = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        fused, plain = _merged(w, a1, b1, scale), w + scale * (b2 @ a2)
+        assert torch.equal(fused, plain), scale
+        (fused * g).sum().backward()
+        (plain * g).sum().backward()
+        assert torch.equal(a1.grad, a2.grad) and torch.equal(b1.grad, b2.grad), scale

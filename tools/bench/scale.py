@@ -116,8 +116,11 @@ def ranks(args: argparse.Namespace, minilm: str, folder: Path) -> dict[str, Any]
                                        ("steps", "loss_first", "loss_last", "data_parallel_ranks", "timing")},
                             "peak_rss_mb": round(peak / 2 ** 20, 1), "steps": rep_json["steps"],
                             "phases_rank0_s": phases, "load_avg_1min": round(os.getloadavg()[0], 2)})
+            outside = wall - sum(phases.values())  # process start, imports and, with --nproc, the launcher
+            rows[n][-1]["outside_phases_s"] = round(outside, 2)
             print(f"  ranks={n} rep {rep}: wall {wall:.1f}s, fit {rep_json['fit_seconds']:.1f}s; rank 0 phases "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
+                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + f"; outside phases {outside:.1f}",
+                  flush=True)
             timing = rep_json.get("stage2", {}).get("timing") or {}
             if timing:  # where rank 0's stage-2 seconds went (reduce includes waiting for the slower rank)
                 print("    stage 2 on rank 0, s: " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()), flush=True)
