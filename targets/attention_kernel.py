@@ -88,6 +88,7 @@ class AttentionShape:
     lanes: int
     scale: float = 1.0
     mask: MaskLayout | None = None
+    out_lead: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,7 @@ class SymbolicAttention:
     lanes: int
     scale: float = 1.0
     mask: SymbolicMask | None = None
+    out_lead: tuple | None = None
 
 
 def value_lanes(dv: int, lanes: int) -> int | None:
@@ -136,6 +138,8 @@ def supported(s: AttentionShape) -> str | None:
     biggest = max(s.bh * s.n * max(s.d, s.dv), s.bh * s.m * max(s.d, s.dv), s.mask.size if s.mask else 0)
     if biggest >= 1 << 31:
         return "operands beyond int32 indexing"
+    if s.out_lead is not None and math.prod(s.out_lead) != s.bh:
+        return f"output leading dims {s.out_lead} do not multiply to {s.bh} heads"
     return None
 
 
@@ -415,7 +419,8 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
         NTP = max(NTF, 1)  # keys past the last whole tile are read from Kt by the scalar score loop
 
     @T.macro
-    def body(Q, K, Vb, MASK, O):
+    def body(Q, K, Vb, MASK, OUT):
+        O = T.decl_buffer((BH, N, DV), _F32, data=OUT.data)  # the output in the caller's shape, seen as (BH, N, DV)
         # Kt packed once into D x TJ panels, one per score tile (contiguous: the unpacked panel's rows are M floats
         # apart and share L1 sets at a power-of-two M), shared by every query block of the head
         Kp = T.alloc_buffer((BH, NTP, D, TJ), _F32)
@@ -466,6 +471,11 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
                             O[task // NQB, (task % NQB) * BQ + i, c] = OA[i, c] * inv_m
 
     attrs = {"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True}
+    if sym:
+        oshape = (BH, N, DV) if s.out_lead is None else \
+            (tvm.tirx.Var("out_lead", "int64"),) + tuple(s.out_lead) + (N, DV)
+    else:
+        oshape = (BH, N, DV) if s.out_lead is None else tuple(s.out_lead) + (N, DV)
     if sym and mask:
         mshape = (tvm.tirx.Var("mask_groups", "int64"), N if mask.row_full else 1, M if mask.col_full else 1)
 
@@ -476,7 +486,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
             K = T.match_buffer(kt, (BH, D, M), _F32)
             Vb = T.match_buffer(v, (BH, M, DV), _F32)
             MASK = T.match_buffer(mk, mshape, _F32)
-            O = T.match_buffer(o, (BH, N, DV), _F32)
+            O = T.match_buffer(o, oshape, _F32)
             with T.sblock("root"):
                 body(Q, K, Vb, MASK, O)
 
@@ -488,7 +498,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
             Q = T.match_buffer(q, (BH, N, D), _F32)
             K = T.match_buffer(kt, (BH, D, M), _F32)
             Vb = T.match_buffer(v, (BH, M, DV), _F32)
-            O = T.match_buffer(o, (BH, N, DV), _F32)
+            O = T.match_buffer(o, oshape, _F32)
             with T.sblock("root"):
                 body(Q, K, Vb, None, O)
 
@@ -496,7 +506,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
     elif mask:
         @T.prim_func(s_tir=True)
         def kernel_mask(Q: T.Buffer((BH, N, D), _F32), K: T.Buffer((BH, D, M), _F32), Vb: T.Buffer((BH, M, DV), _F32),
-                        MASK: T.Buffer((mask.size,), _F32), O: T.Buffer((BH, N, DV), _F32)):
+                        MASK: T.Buffer((mask.size,), _F32), O: T.Buffer(oshape, _F32)):
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
             with T.sblock("root"):
                 body(Q, K, Vb, MASK, O)
@@ -505,7 +515,7 @@ def _build(s, query_block: int | None, tiles: tuple | None) -> tvm.tirx.PrimFunc
     else:
         @T.prim_func(s_tir=True)
         def kernel(Q: T.Buffer((BH, N, D), _F32), K: T.Buffer((BH, D, M), _F32), Vb: T.Buffer((BH, M, DV), _F32),
-                   O: T.Buffer((BH, N, DV), _F32)):
+                   O: T.Buffer(oshape, _F32)):
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
             with T.sblock("root"):
                 body(Q, K, Vb, None, O)

@@ -24,6 +24,7 @@ blocks it fused and, at debug level, why a candidate was skipped.
 from __future__ import annotations
 
 import logging
+import math
 
 from . import _env  # noqa: F401
 import tvm
@@ -241,7 +242,24 @@ class _AttentionRouter(relax.PyExprMutator):
             val = self._value(self._peel(x))
         if not _op(val, "relax.matmul"):
             return None
-        return val.args[0], val.args[1], vv, mask, scale, score
+        a, ca = self._unscaled(val.args[0])
+        b, cb = self._unscaled(val.args[1])
+        return a, b, vv, mask, scale * ca * cb, score
+
+    def _unscaled(self, expr):
+        """``(X, c)`` when ``expr`` is (through :meth:`_peel`) a single-use ``X * c`` / ``c * X`` with ``c`` a finite
+        scalar float32 constant that does not change ``X``'s shape (the SDPA exporters' ``sqrt(scale)`` on Q and K):
+        the scale moves into the kernel's score epilogue, ``(q·c1)·(k·c2) = (q·k)·(c1·c2)`` up to rounding (a few
+        ulp of the scores), and the operand's multiply disappears from the graph; else ``(expr, 1.0)``."""
+        val = self._value(self._peel(expr))
+        if not _op(val, "relax.multiply"):
+            return expr, 1.0
+        for x, c in ((val.args[0], val.args[1]), (val.args[1], val.args[0])):
+            k = self._scalar(c)
+            dx, dv = _dims(x), _dims(val)
+            if k is not None and math.isfinite(k) and dx is not None and dv is not None and _same_dims(dx, dv):
+                return x, k
+        return expr, 1.0
 
     def visit_call_(self, call):  # noqa: D401
         if not _op(call, "relax.matmul"):
@@ -267,13 +285,16 @@ class _AttentionRouter(relax.PyExprMutator):
                 log.debug("attention chain not fused: mask shape %s does not broadcast to %s", ms, score)
                 return super().visit_call_(call)
         bh = dim_product(score[:-2])
-        shape = AttentionShape(bh, n, mm, d, dv, self.lanes, float(scale), layout)
+        # the kernel writes the caller's output shape (a reshape of the function's output would be a copy)
+        out_lead = tuple(so[:-2]) if len(so) >= 3 and so[-2:] == [n, dv] and len(so) != 3 else None
+        shape = AttentionShape(bh, n, mm, d, dv, self.lanes, float(scale), layout, out_lead)
         why = supported(shape)
         if why:
             log.debug("attention chain not fused: %s", why)
             return super().visit_call_(call)
         if shape not in self.kernels:
-            name = f"attention_fused_{bh}x{n}x{mm}x{d}x{dv}" + ("_mask" if layout else "")
+            name = f"attention_fused_{bh}x{n}x{mm}x{d}x{dv}" + ("_mask" if layout else "") + \
+                ("_out" + "x".join(map(str, out_lead)) if out_lead else "")
             f = make_attention_kernel(shape).with_attr("global_symbol", name)
             self.kernels[shape] = self.builder_.add_func(f, name)
         args = [self.builder_.emit(relax.op.reshape(self.visit_expr(a), (bh, n, d))),
@@ -281,9 +302,11 @@ class _AttentionRouter(relax.PyExprMutator):
                 self.builder_.emit(relax.op.reshape(self.visit_expr(vv), (bh, mm, dv)))]
         if layout is not None:
             args.append(self.builder_.emit(relax.op.reshape(self.visit_expr(mask), (layout.size,))))
+        self.routed += 1
+        if out_lead is not None:
+            return relax.call_tir(self.kernels[shape], args, relax.TensorType(so, "float32"))
         out = self.builder_.emit(relax.call_tir(self.kernels[shape], args,
                                                 relax.TensorType((bh, n, dv), "float32")))
-        self.routed += 1
         return relax.op.reshape(out, so)
 
     def _route_symbolic(self, call, m):
@@ -307,7 +330,10 @@ class _AttentionRouter(relax.PyExprMutator):
             if smask is None:
                 log.debug("symbolic attention chain not fused: mask shape %s vs scores %s", mdims, score)
                 return super().visit_call_(call)
-        shape = SymbolicAttention(d, dv, self.lanes, float(scale), smask)
+        # the kernel writes the caller's output shape when all its leading dims but the first are static
+        out_lead = tuple(do[1:-2]) if len(do) > 3 and all(isinstance(x, int) for x in do[1:-2]) and \
+            _same_dims(do[-2:], [n, dv]) else None
+        shape = SymbolicAttention(d, dv, self.lanes, float(scale), smask, out_lead)
         if value_lanes(dv, self.lanes) is None:
             log.debug("symbolic attention chain not fused: value width %d is not a multiple of 4", dv)
             return super().visit_call_(call)
@@ -323,8 +349,10 @@ class _AttentionRouter(relax.PyExprMutator):
             full = [1] * (len(score) - len(mdims)) + list(mdims)
             args.append(self.builder_.emit(relax.op.reshape(self.visit_expr(mask),
                                                             (dim_product(full[:-2]), full[-2], full[-1]))))
-        out = self.builder_.emit(relax.call_tir(self.kernels[shape], args, relax.TensorType((bh, n, dv), "float32")))
         self.routed += 1
+        if out_lead is not None:
+            return relax.call_tir(self.kernels[shape], args, relax.TensorType(do, "float32"))
+        out = self.builder_.emit(relax.call_tir(self.kernels[shape], args, relax.TensorType((bh, n, dv), "float32")))
         return relax.op.reshape(out, do)
 
     def run(self) -> tvm.IRModule:
