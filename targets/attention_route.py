@@ -12,10 +12,16 @@ scale and mask layout) when the head dims ``D``/``DV`` and every leading dim but
 mask provably broadcasts ((B, 1, 1, M) / (B, 1, N, M) / (1, 1, N, M) ...).  Single-use ``reshape``s that keep
 the last two dims and identity ``broadcast_to``s around the matmuls (the torch frontend's batched-matmul wrapping)
 are stepped through.
-What feeds ``A`` and ``B`` (head split, ``permute_dims`` of K, ``sqrt(scale)`` multiplies) stays in the graph:
-those are O(N·D) elementwise ops the default rules schedule.
+Around the kernel, the graph keeps no copy where the pattern proves it needless: single-use multiplies of ``A`` or
+``B`` by a finite scalar constant (the SDPA exporters' ``sqrt(scale)`` on Q and K) are folded into the kernel's
+scale (scores equal up to rounding, a few ulp); a ``B`` that is a single-use ``permute_dims`` swapping the last two
+axes of ``K`` is replaced by ``K`` itself, which the kernel reads as key rows and transposes while it packs Kᵀ;
+the kernel writes the caller's output shape (all leading dims, or all but a run-time first one), so no reshape
+copy follows it.  The operands' reshapes to ``(BH, N, D)`` / ``(BH, M, D)`` / ``(BH, M, DV)`` become views
+(``RewriteDataflowReshape``).  Anything else feeding ``A`` and ``B`` (head split, other elementwise ops) stays in
+the graph for the default rules.
 
-The chain becomes ``reshape -> call_tir(targets.attention_kernel) -> reshape``; the dead matmuls/softmax are
+The chain becomes ``reshape (views) -> call_tir(targets.attention_kernel)``; the dead matmuls/softmax are
 removed.  Anything else (a run-time head dim, a bool ``where`` mask, a value width not a multiple of 4, a different
 op order) keeps the unfused path (the routed softmax kernel between two scheduled matmuls); the pass logs how many
 blocks it fused and, at debug level, why a candidate was skipped.
@@ -24,6 +30,7 @@ blocks it fused and, at debug level, why a candidate was skipped.
 from __future__ import annotations
 
 import logging
+import math
 
 from . import _env  # noqa: F401
 import tvm
@@ -241,7 +248,42 @@ class _AttentionRouter(relax.PyExprMutator):
             val = self._value(self._peel(x))
         if not _op(val, "relax.matmul"):
             return None
-        return val.args[0], val.args[1], vv, mask, scale, score
+        a, ca = self._unscaled(val.args[0])
+        b, cb = self._unscaled(val.args[1])
+        keys = self._untransposed(b)
+        ck = 1.0
+        if keys is not None:
+            keys, ck = self._unscaled(keys)
+        return a, b, vv, mask, scale * ca * cb * ck, score, keys
+
+    def _untransposed(self, expr):
+        """``K`` (…, M, D) when ``expr`` (…, D, M) is (through :meth:`_peel`) a single-use ``permute_dims`` of ``K``
+        that swaps only the last two axes (how every importer spells Kᵀ): the kernel then reads K's rows and
+        transposes while it packs Kᵀ, and the graph's transpose copy disappears; else None."""
+        val = self._value(self._peel(expr))
+        if not _op(val, "relax.permute_dims") or val.attrs.axes is None:
+            return None
+        axes = [int(x) for x in val.attrs.axes]
+        rank = len(axes)
+        if rank < 3 or axes != list(range(rank - 2)) + [rank - 1, rank - 2]:
+            return None
+        src = self._peel(val.args[0])
+        return src if _dims(src) is not None and len(_dims(src)) >= 2 else None
+
+    def _unscaled(self, expr):
+        """``(X, c)`` when ``expr`` is (through :meth:`_peel`) a single-use ``X * c`` / ``c * X`` with ``c`` a finite
+        scalar float32 constant that does not change ``X``'s shape (the SDPA exporters' ``sqrt(scale)`` on Q and K):
+        the scale moves into the kernel's score epilogue, ``(q·c1)·(k·c2) = (q·k)·(c1·c2)`` up to rounding (a few
+        ulp of the scores), and the operand's multiply disappears from the graph; else ``(expr, 1.0)``."""
+        val = self._value(self._peel(expr))
+        if not _op(val, "relax.multiply"):
+            return expr, 1.0
+        for x, c in ((val.args[0], val.args[1]), (val.args[1], val.args[0])):
+            k = self._scalar(c)
+            dx, dv = _dims(x), _dims(val)
+            if k is not None and math.isfinite(k) and dx is not None and dv is not None and _same_dims(dx, dv):
+                return x, k
+        return expr, 1.0
 
     def visit_call_(self, call):  # noqa: D401
         if not _op(call, "relax.matmul"):
@@ -249,7 +291,7 @@ class _AttentionRouter(relax.PyExprMutator):
         m = self._match(call)
         if m is None:
             return super().visit_call_(call)
-        a, b, vv, mask, scale, score = m
+        a, b, vv, mask, scale, score, keys = m
         sa, sb, sv, so = _shape(a), _shape(b), _shape(vv), _shape(call)
         if None in (sa, sb, sv, so) or not all(isinstance(x, int) for x in score) or \
                 (mask is not None and _shape(mask) is None):
@@ -267,29 +309,34 @@ class _AttentionRouter(relax.PyExprMutator):
                 log.debug("attention chain not fused: mask shape %s does not broadcast to %s", ms, score)
                 return super().visit_call_(call)
         bh = dim_product(score[:-2])
-        shape = AttentionShape(bh, n, mm, d, dv, self.lanes, float(scale), layout)
+        # the kernel writes the caller's output shape (a reshape of the function's output would be a copy)
+        out_lead = tuple(so[:-2]) if len(so) >= 3 and so[-2:] == [n, dv] and len(so) != 3 else None
+        shape = AttentionShape(bh, n, mm, d, dv, self.lanes, float(scale), layout, out_lead, keys is not None)
         why = supported(shape)
         if why:
             log.debug("attention chain not fused: %s", why)
             return super().visit_call_(call)
         if shape not in self.kernels:
-            name = f"attention_fused_{bh}x{n}x{mm}x{d}x{dv}" + ("_mask" if layout else "")
+            name = f"attention_fused_{bh}x{n}x{mm}x{d}x{dv}" + ("_mask" if layout else "") + \
+                ("_out" + "x".join(map(str, out_lead)) if out_lead else "") + ("_krows" if keys is not None else "")
             f = make_attention_kernel(shape).with_attr("global_symbol", name)
             self.kernels[shape] = self.builder_.add_func(f, name)
         args = [self.builder_.emit(relax.op.reshape(self.visit_expr(a), (bh, n, d))),
-                self.builder_.emit(relax.op.reshape(self.visit_expr(b), (bh, d, mm))),
+                self._keys_arg(b, keys, bh, d, mm),
                 self.builder_.emit(relax.op.reshape(self.visit_expr(vv), (bh, mm, dv)))]
         if layout is not None:
             args.append(self.builder_.emit(relax.op.reshape(self.visit_expr(mask), (layout.size,))))
+        self.routed += 1
+        if out_lead is not None:
+            return relax.call_tir(self.kernels[shape], args, relax.TensorType(so, "float32"))
         out = self.builder_.emit(relax.call_tir(self.kernels[shape], args,
                                                 relax.TensorType((bh, n, dv), "float32")))
-        self.routed += 1
         return relax.op.reshape(out, so)
 
     def _route_symbolic(self, call, m):
         """The chain ``m`` with run-time dims: the run-time-shaped kernel (one per head dims, scale and mask layout)
         when the head dims are static and every leading dim but the first is static, else the unfused path."""
-        a, b, vv, mask, scale, score = m
+        a, b, vv, mask, scale, score, keys = m
         chain = _chain_dims(a, b, vv, call, score)
         if isinstance(chain, str):
             log.debug("symbolic attention chain not fused: %s", chain)
@@ -307,7 +354,10 @@ class _AttentionRouter(relax.PyExprMutator):
             if smask is None:
                 log.debug("symbolic attention chain not fused: mask shape %s vs scores %s", mdims, score)
                 return super().visit_call_(call)
-        shape = SymbolicAttention(d, dv, self.lanes, float(scale), smask)
+        # the kernel writes the caller's output shape when all its leading dims but the first are static
+        out_lead = tuple(do[1:-2]) if len(do) > 3 and all(isinstance(x, int) for x in do[1:-2]) and \
+            _same_dims(do[-2:], [n, dv]) else None
+        shape = SymbolicAttention(d, dv, self.lanes, float(scale), smask, out_lead, keys is not None)
         if value_lanes(dv, self.lanes) is None:
             log.debug("symbolic attention chain not fused: value width %d is not a multiple of 4", dv)
             return super().visit_call_(call)
@@ -317,15 +367,24 @@ class _AttentionRouter(relax.PyExprMutator):
             self.kernels[shape] = self.builder_.add_func(f, name)
         bh = dim_product(lead)
         args = [self.builder_.emit(relax.op.reshape(self.visit_expr(a), (bh, n, d))),
-                self.builder_.emit(relax.op.reshape(self.visit_expr(b), (bh, d, mm))),
+                self._keys_arg(b, keys, bh, d, mm),
                 self.builder_.emit(relax.op.reshape(self.visit_expr(vv), (bh, mm, dv)))]
         if smask is not None:
             full = [1] * (len(score) - len(mdims)) + list(mdims)
             args.append(self.builder_.emit(relax.op.reshape(self.visit_expr(mask),
                                                             (dim_product(full[:-2]), full[-2], full[-1]))))
-        out = self.builder_.emit(relax.call_tir(self.kernels[shape], args, relax.TensorType((bh, n, dv), "float32")))
         self.routed += 1
+        if out_lead is not None:
+            return relax.call_tir(self.kernels[shape], args, relax.TensorType(do, "float32"))
+        out = self.builder_.emit(relax.call_tir(self.kernels[shape], args, relax.TensorType((bh, n, dv), "float32")))
         return relax.op.reshape(out, do)
+
+    def _keys_arg(self, b, keys, bh, d, mm):
+        """The kernel's key operand: ``K`` as (BH, M, D) rows when the chain's Kᵀ is a transpose of ``keys``, else
+        the chain's Kᵀ as (BH, D, M)."""
+        if keys is not None:
+            return self.builder_.emit(relax.op.reshape(self.visit_expr(keys), (bh, mm, d)))
+        return self.builder_.emit(relax.op.reshape(self.visit_expr(b), (bh, d, mm)))
 
     def run(self) -> tvm.IRModule:
         def read(func: relax.Function) -> None:
