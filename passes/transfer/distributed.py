@@ -250,9 +250,8 @@ def report_rank_error(shard_rank: int | None, message: str, lost: bool = False) 
 
 # ------------------------------------------------------------------------------------------------------------
 def launch(child_argv: Sequence[str], nproc: int, verbose: bool = False) -> int:
-    """Run the ``softswap`` command ``<child_argv>`` as ``nproc`` local ranks through :mod:`torch.distributed.run`
-    (``--standalone``, no restarts; on Linux each rank is a fork of this process, :data:`_FORK`, else
-    ``python -m rewrite.cli``). Returns 0 when every rank succeeded.
+    """Run ``python -m rewrite.cli <child_argv>`` as ``nproc`` local ranks through :mod:`torch.distributed.run`
+    (``--standalone``, no restarts). Returns 0 when every rank succeeded.
 
     Raises :class:`RankFailedError` naming the first failed rank (its one-line softswap error when it had one, else
     its exit status or signal); the launcher kills the other ranks, so rank 0 never writes the output.
@@ -282,11 +281,7 @@ def launch(child_argv: Sequence[str], nproc: int, verbose: bool = False) -> int:
                                                   f"--rdzv-id={uuid.uuid4()}", "--monitor-interval=0.1",
                                                   "-m", "rewrite.cli", *child_argv])
             config, cmd, cmd_args = config_from_args(targs)
-            if _FORK:  # the ranks start as forks of this process: no second Python start and import of softswap
-                config.start_method = "fork"
-                elastic_launch(config, _rank_main)(list(child_argv))
-            else:
-                elastic_launch(config, cmd)(*cmd_args)
+            elastic_launch(config, cmd)(*cmd_args)
             return 0
         except ChildFailedError as exc:
             raise RankFailedError(_failure_line(exc, Path(errors))) from None
@@ -297,27 +292,6 @@ def launch(child_argv: Sequence[str], nproc: int, verbose: bool = False) -> int:
                 os.environ[ENV_ERROR_DIR] = previous
             for lg, lvl in zip(quiet, levels):
                 lg.setLevel(lvl)
-
-
-#: Start the ranks by ``fork`` where the platform has it (Linux): each rank inherits this process's imports (torch,
-#: onnx, softswap: ~2.3 s of a fresh process's start on a quiet core) instead of re-importing them after the
-#: parent did, which was the serial launcher cost of ``--nproc``. Else ``python -m rewrite.cli`` per rank.
-_FORK = hasattr(os, "fork") and sys.platform.startswith("linux")
-
-
-def _rank_main(argv: list[str]) -> None:
-    """One rank's entry in a forked child: the ``softswap`` command on ``argv`` (the launcher set ``RANK`` etc. in
-    the environment). A nonzero status becomes the process's exit status (as ``python -m rewrite.cli`` would)."""
-    import signal
-    # the launcher's agent turns SIGTERM/SIGINT/SIGHUP/SIGQUIT into exceptions in this (its own) process; a forked
-    # rank must die of them as a fresh process would (the agent stops the others with SIGTERM when one fails)
-    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
-    from rewrite.cli import main
-    status = main(argv)
-    if status:
-        raise SystemExit(status)
 
 
 def _failure_line(exc: Any, errors: Path) -> str:

@@ -138,39 +138,3 @@ def test_bad_nproc(model_and_data: tuple[Path, Path], tmp_path: Path, capsys: py
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and word in err[0], err
         assert not (tmp_path / "o.onnx").exists()
-
-
-def test_rank_error_is_one_line(model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
-    """A softswap error inside the (forked) ranks: one line naming a rank, status 2, nothing written — and no
-    second line from a rank the launcher stopped with SIGTERM (forked ranks must not inherit the agent's handlers)."""
-    from passes.transfer import distributed
-    model, _ = model_and_data
-    proc = _run(model, tmp_path / "missing.npz", tmp_path, "e", ["--nproc", "2"])
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(err) == 1 and err[0].startswith("softswap: error: rank ") and "missing.npz" in err[0], err
-    assert "Signal" not in proc.stderr
-    assert not (tmp_path / "e.onnx").exists() and not (tmp_path / "e.json").exists()
-    assert distributed._FORK == sys.platform.startswith("linux")
-
-
-def test_forked_rank_dies_of_sigterm(capsys: pytest.CaptureFixture[str]) -> None:
-    """The launcher's agent raises on SIGTERM in its own process; a rank forked from it resets that, so the agent's
-    SIGTERM (stopping the other ranks after one failed) kills it instead of surfacing as a second error."""
-    import signal
-
-    from passes.transfer.distributed import _rank_main
-
-    def agent_handler(signum: int, frame: object) -> None:
-        raise RuntimeError("agent handler")
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        for s in saved:
-            signal.signal(s, agent_handler)
-        _rank_main(["transfer", "--help"])  # status 0: returns
-        assert all(signal.getsignal(s) == signal.SIG_DFL for s in saved)
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-    assert "--nproc" in capsys.readouterr().out
