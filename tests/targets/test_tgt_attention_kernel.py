@@ -103,15 +103,22 @@ def test_fused_kernel_matches_float64_reference(case, target, rng):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * max(1.0, np.abs(want).max()))
 
 
-def _sdpa_onnx(n: int, masked: bool):
+def _sdpa_block():
+    """An nn.Module that is one ``scaled_dot_product_attention(q, k, v, attn_mask=m)`` (the exporters' SDPA)."""
     import torch
     import torch.nn.functional as F
-
-    from rewrite.io import quiet_stdout
 
     class Block(torch.nn.Module):
         def forward(self, q, k, v, m=None):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    return Block()
+
+
+def _sdpa_onnx(n: int, masked: bool):
+    import torch
+
+    from rewrite.io import quiet_stdout
 
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(1, 4, n, 32, generator=g) for _ in range(3)]
@@ -122,7 +129,7 @@ def _sdpa_onnx(n: int, masked: bool):
         args.append(mask)
     names = ["q", "k", "v", "m"][: len(args)]
     with quiet_stdout():
-        proto = torch.onnx.export(Block().eval(), tuple(args), dynamo=True, input_names=names, verbose=False)
+        proto = torch.onnx.export(_sdpa_block().eval(), tuple(args), dynamo=True, input_names=names, verbose=False)
     return proto.model_proto, {nm: a.numpy() for nm, a in zip(names, args)}
 
 
@@ -383,13 +390,8 @@ def _sdpa_export(n: int, masked: bool, dynamo: bool):
 
     import onnx
     import torch
-    import torch.nn.functional as F
 
     from rewrite.io import quiet_stdout
-
-    class Block(torch.nn.Module):
-        def forward(self, q, k, v, m=None):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
 
     g = torch.Generator().manual_seed(2)
     args = [torch.randn(1, 4, n, 32, generator=g) for _ in range(3)]
@@ -398,11 +400,11 @@ def _sdpa_export(n: int, masked: bool, dynamo: bool):
     names = ["q", "k", "v", "m"][: len(args)]
     with quiet_stdout():
         if dynamo:
-            proto = torch.onnx.export(Block().eval(), tuple(args), dynamo=True, input_names=names,
+            proto = torch.onnx.export(_sdpa_block().eval(), tuple(args), dynamo=True, input_names=names,
                                       verbose=False).model_proto
         else:
             buf = io.BytesIO()
-            torch.onnx.export(Block().eval(), tuple(args), buf, dynamo=False, input_names=names, output_names=["o"])
+            torch.onnx.export(_sdpa_block().eval(), tuple(args), buf, dynamo=False, input_names=names, output_names=["o"])
             proto = onnx.load_from_string(buf.getvalue())
     return proto, {nm: a.numpy() for nm, a in zip(names, args)}
 
