@@ -83,6 +83,9 @@ class Shard:
     assignment: dict[int, list[str]] = field(default_factory=dict)
     #: every rank (not only rank 0) receives all params in :meth:`gather` (set when stage 2 runs data-parallel)
     gather_to_all: bool = False
+    #: how the capture went (set by the transfer): ``split`` over the ranks (:mod:`.capture_split`; ``batches_run``
+    #: by this rank of ``batches``) or not (``why``)
+    capture: dict[str, Any] = field(default_factory=dict)
     _done: int = 0
 
     @property
@@ -174,7 +177,7 @@ class Shard:
     def describe(self) -> dict[str, Any]:
         """JSON-able: world size, backend, which rank fitted which sites."""
         return {"world_size": self.world, "backend": self.backend,
-                "assignment": {str(r): names for r, names in self.assignment.items()}}
+                "assignment": {str(r): names for r, names in self.assignment.items()}, "capture": self.capture}
 
     def close(self) -> None:
         if self.group is not None:
@@ -250,8 +253,9 @@ def report_rank_error(shard_rank: int | None, message: str, lost: bool = False) 
 
 # ------------------------------------------------------------------------------------------------------------
 def launch(child_argv: Sequence[str], nproc: int, verbose: bool = False) -> int:
-    """Run ``python -m rewrite.cli <child_argv>`` as ``nproc`` local ranks through :mod:`torch.distributed.run`
-    (``--standalone``, no restarts). Returns 0 when every rank succeeded.
+    """Run the ``softswap`` command ``<child_argv>`` as ``nproc`` local ranks through :mod:`torch.distributed.run`
+    (``--standalone``, no restarts; on Linux each rank is a fork of this process, :data:`_FORK`, else
+    ``python -m rewrite.cli``). Returns 0 when every rank succeeded.
 
     Raises :class:`RankFailedError` naming the first failed rank (its one-line softswap error when it had one, else
     its exit status or signal); the launcher kills the other ranks, so rank 0 never writes the output.
@@ -281,7 +285,11 @@ def launch(child_argv: Sequence[str], nproc: int, verbose: bool = False) -> int:
                                                   f"--rdzv-id={uuid.uuid4()}", "--monitor-interval=0.1",
                                                   "-m", "rewrite.cli", *child_argv])
             config, cmd, cmd_args = config_from_args(targs)
-            elastic_launch(config, cmd)(*cmd_args)
+            if _FORK:  # the ranks start as forks of this process: no second Python start and import of softswap
+                config.start_method = "fork"
+                elastic_launch(config, _rank_main)(list(child_argv))
+            else:
+                elastic_launch(config, cmd)(*cmd_args)
             return 0
         except ChildFailedError as exc:
             raise RankFailedError(_failure_line(exc, Path(errors))) from None
@@ -294,15 +302,35 @@ def launch(child_argv: Sequence[str], nproc: int, verbose: bool = False) -> int:
                 lg.setLevel(lvl)
 
 
+#: Start the ranks by ``fork`` where the platform has it (Linux): each rank inherits this process's imports (torch,
+#: onnx, softswap: ~2.3 s of a fresh process's start on a quiet core) instead of re-importing them after the
+#: parent did, which was the serial launcher cost of ``--nproc``. Else ``python -m rewrite.cli`` per rank.
+_FORK = hasattr(os, "fork") and sys.platform.startswith("linux")
+
+
+def _rank_main(argv: list[str]) -> None:
+    """One rank's entry in a forked child: the ``softswap`` command on ``argv`` (the launcher set ``RANK`` etc. in
+    the environment). A nonzero status becomes the process's exit status (as ``python -m rewrite.cli`` would)."""
+    import signal
+    # the launcher's agent turns SIGTERM/SIGINT/SIGHUP/SIGQUIT into exceptions in this (its own) process; a forked
+    # rank must die of them as a fresh process would (the agent stops the others with SIGTERM when one fails)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    from rewrite.cli import main
+    status = main(argv)
+    if status:
+        raise SystemExit(status)
+
+
 def _failure_line(exc: Any, errors: Path) -> str:
     """One line for a ChildFailedError naming the rank that caused it: a rank's softswap error (``.err``) first;
     else a rank that exited on its own (status > 0) without merely losing a peer (``.lost``); else one killed by a
     signal; else one that lost a peer."""
     failures = dict(getattr(exc, "failures", {}) or {})
-    for rank in sorted(failures):
-        file = errors / f"rank{rank}.err"
-        if file.exists():
-            return f"rank {rank}: {file.read_text().strip()}"
+    # every rank's own error counts, also one the launcher did not list (forked ranks are reported one at a time)
+    for file in sorted(errors.glob("rank*.err"), key=lambda f: int(f.stem[4:]) if f.stem[4:].isdigit() else 1 << 30):
+        return f"rank {file.stem[4:]}: {file.read_text().strip()}"
     if not failures:
         return "distributed transfer failed (no rank reported why); nothing was written"
 
@@ -313,6 +341,9 @@ def _failure_line(exc: Any, errors: Path) -> str:
 
     rank = min(failures, key=blame)
     f = failures[rank]
+    lost = errors / f"rank{rank}.lost"
+    if lost.exists():  # no rank that really failed was seen (it outlived the linger): say what this one saw
+        return lost.read_text().strip()  # "rank <r>: lost contact with another rank while ..."
     how = f"killed by signal {f.signal_name()}" if f.exitcode is not None and f.exitcode < 0 \
         else f"exited with status {f.exitcode}"
     return (f"rank {rank} {how} before the transfer finished; nothing was written (checkpoint shards, if any, "
@@ -348,6 +379,13 @@ def child_argv(args: Any, parser: Any, drop: Sequence[str] = ("nproc",)) -> list
     return out
 
 
+#: Seconds a rank that merely lost a peer waits before it exits under :func:`launch`. The launcher stops the
+#: other ranks as soon as it sees one fail and names the rank it saw; forked ranks are reported one at a time, so
+#: a rank exiting right after its peer died could be the one seen first and blamed. Lingering lets the launcher
+#: see the rank that really failed (and SIGTERM this one); only failed runs wait.
+LOST_PEER_LINGER_S = 10.0
+
+
 def main_rank(run: Any, backend: str = "auto") -> Any:
     """Run ``run(shard)`` as a rank of the launched group (``shard`` None when not launched), closing the group
     afterwards. A softswap error in a rank started by :func:`launch` is handed to the launcher (one line there)."""
@@ -355,8 +393,12 @@ def main_rank(run: Any, backend: str = "auto") -> Any:
     try:
         return run(shard)
     except SoftswapError as exc:
+        lost = isinstance(exc, PeerLostError)
         if shard is not None and shard.world > 1 and report_rank_error(shard.rank, str(exc).splitlines()[0],
-                                                                        lost=isinstance(exc, PeerLostError)):
+                                                                        lost=lost):
+            if lost:  # let the launcher see the rank that really failed first; it stops this one (SIGTERM)
+                import time
+                time.sleep(LOST_PEER_LINGER_S)
             sys.exit(2)
         raise
     except Exception as exc:  # noqa: BLE001 - a bug in one rank: one line at the launcher, not one per rank

@@ -91,8 +91,13 @@ def _capture(loaded: mio.LoadedModel, runnable: Any, sites: Sequence[Any], batch
     if loaded.kind == "fx":
         leaves = [torch.from_numpy(np.array(batch[n])) for n in loaded.input_names]
         args, kwargs = torch.utils._pytree.tree_unflatten(leaves, loaded.ep.call_spec.in_spec)
-        return capture_fx(runnable, sites, args, kwargs)
-    return capture_onnx(runnable, sites, batch, source=loaded.source)
+        values = capture_fx(runnable, sites, args, kwargs)
+    else:
+        values = capture_onnx(runnable, sites, batch, source=loaded.source)
+    # contiguous: a value has the same layout (and the fits the same bits) whether this process captured it or
+    # another rank sent it (.capture_split)
+    return {name: [v.contiguous() if isinstance(v, torch.Tensor) else v for v in vals]
+            for name, vals in values.items()}
 
 
 def _outputs(model: mio.LoadedModel, batches: Sequence[Batch]) -> list[dict[str, np.ndarray]]:
@@ -297,20 +302,40 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
     site_rows: dict[str, dict[str, Any]] = {}
     fitted: dict[str, dict[str, torch.Tensor]] = {}
     deadline_all = t0 + 60.0 * minutes if minutes is not None else None
-    group = sites_per_capture or len(chosen)
+    group = max(1, sites_per_capture or len(chosen))
     index_of = {s.name: i for i, s in enumerate(sites)}
+    # with ranks (gloo: CPU tensors; all of a rank's sites captured at once) each rank runs its share of the
+    # batches and the ranks swap site values (.capture_split); else every rank runs every batch for its own sites
+    split = shard is not None and shard.world > 1 and sites_per_capture is None and shard.backend == "gloo"
     with store, _progress(progress) as bar:
+        captured = None
+        if split:
+            from .capture_split import capture_split
+            owners = {name: r for r, names in shard.assignment.items() for name in names}
+            captured = ({s.name: store.samples() for s in chosen}, {s.name: store.samples() for s in chosen})
+            with clock("capture"):
+                ran = sum(capture_split(batches, lambda b: _capture(loaded, runnable, all_chosen, b), owners, shard,
+                                        lambda name, values, _into=into: _into[name].append(values))
+                          for batches, into in zip((calib.train, calib.held_out), captured))
+            shard.capture = {"split": True, "batches_run": ran,
+                             "batches": len(calib.train) + len(calib.held_out)}
+        elif shard is not None and shard.world > 1:
+            shard.capture = {"split": False, "why": "--sites-per-capture is set" if sites_per_capture is not None
+                             else f"{shard.backend} ranks (the split exchanges CPU tensors over gloo)"}
         for start in range(0, len(chosen), group):
             part = chosen[start:start + group]
-            train: dict[str, Any] = {s.name: store.samples() for s in part}
-            held: dict[str, Any] = {s.name: store.samples() for s in part}
-            with clock("capture"):
-                for batch in calib.train:
-                    for name, tensors in _capture(loaded, runnable, part, batch).items():
-                        train[name].append(tensors)
-                for batch in calib.held_out:
-                    for name, tensors in _capture(loaded, runnable, part, batch).items():
-                        held[name].append(tensors)
+            if captured is not None:
+                train, held = captured
+            else:
+                train = {s.name: store.samples() for s in part}
+                held = {s.name: store.samples() for s in part}
+                with clock("capture"):
+                    for batch in calib.train:
+                        for name, tensors in _capture(loaded, runnable, part, batch).items():
+                            train[name].append(tensors)
+                    for batch in calib.held_out:
+                        for name, tensors in _capture(loaded, runnable, part, batch).items():
+                            held[name].append(tensors)
             fit_start = time.perf_counter()
             for pos, site in enumerate(part):
                 remaining = len(chosen) - (start + pos)

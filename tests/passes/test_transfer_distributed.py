@@ -108,6 +108,8 @@ def test_two_ranks_equal_one_rank(model_and_data: tuple[Path, Path], one_rank: P
     assert "gather" in r2["phases"] and "gather" not in r1["phases"]
     assert r2["distributed"]["world_size"] == 2
     assert sorted(sum(r2["distributed"]["assignment"].values(), [])) == ["attn0", "attn1"]
+    capture = r2["distributed"]["capture"]  # each rank ran part of the batches (.capture_split), same params above
+    assert capture["split"] and 0 < capture["batches_run"] < capture["batches"], capture
 
 
 def test_killed_rank_then_resume_with_one(model_and_data: tuple[Path, Path], one_rank: Path, tmp_path: Path) -> None:
@@ -138,3 +140,92 @@ def test_bad_nproc(model_and_data: tuple[Path, Path], tmp_path: Path, capsys: py
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and word in err[0], err
         assert not (tmp_path / "o.onnx").exists()
+
+
+def test_rank_error_is_one_line(model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
+    """A softswap error inside the (forked) ranks: one line naming a rank, status 2, nothing written — and no
+    second line from a rank the launcher stopped with SIGTERM (forked ranks must not inherit the agent's handlers)."""
+    from passes.transfer import distributed
+    model, _ = model_and_data
+    proc = _run(model, tmp_path / "missing.npz", tmp_path, "e", ["--nproc", "2"])
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith("softswap: error: rank ") and "missing.npz" in err[0], err
+    assert "Signal" not in proc.stderr
+    assert not (tmp_path / "e.onnx").exists() and not (tmp_path / "e.json").exists()
+    assert distributed._FORK == sys.platform.startswith("linux")
+
+
+def test_forked_rank_dies_of_sigterm(capsys: pytest.CaptureFixture[str]) -> None:
+    """The launcher's agent raises on SIGTERM in its own process; a rank forked from it resets that, so the agent's
+    SIGTERM (stopping the other ranks after one failed) kills it instead of surfacing as a second error."""
+    import signal
+
+    from passes.transfer.distributed import _rank_main
+
+    def agent_handler(signum: int, frame: object) -> None:
+        raise RuntimeError("agent handler")
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for s in saved:
+            signal.signal(s, agent_handler)
+        _rank_main(["transfer", "--help"])  # status 0: returns
+        assert all(signal.getsignal(s) == signal.SIG_DFL for s in saved)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert "--nproc" in capsys.readouterr().out
+
+
+class _Failure:
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
+
+    def signal_name(self) -> str:
+        return "SIGTERM"
+
+
+class _Failed:
+    def __init__(self, failures: dict[int, _Failure]) -> None:
+        self.failures = failures
+
+
+def test_failure_line_prefers_the_rank_that_really_failed(tmp_path: Path) -> None:
+    """Forked ranks are reported one at a time: the launcher may list only a rank that merely lost its peer. A
+    rank's own error file wins even when the launcher did not list that rank; a rank listed as exited on its own
+    (status > 0, no .lost) wins over one that lost a peer; a lone lost rank says what it saw."""
+    from passes.transfer.distributed import _failure_line
+    (tmp_path / "rank0.lost").write_text("rank 0: lost contact with another rank during stage 2 (x); nothing was written")
+    line = _failure_line(_Failed({0: _Failure(2)}), tmp_path)
+    assert line.startswith("rank 0: lost contact with another rank during stage 2"), line
+    assert "rank 1 exited with status 3" in _failure_line(_Failed({0: _Failure(2), 1: _Failure(3)}), tmp_path)
+    (tmp_path / "rank1.err").write_text("bad.npz: not a calibration file")
+    assert _failure_line(_Failed({0: _Failure(2)}), tmp_path) == "rank 1: bad.npz: not a calibration file"
+
+
+def test_a_rank_that_lost_its_peer_lingers_before_exiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the launcher a rank that only lost a peer writes ``.lost`` and waits LOST_PEER_LINGER_S before it
+    exits (status 2), so the launcher sees the rank that died first; any other error exits at once."""
+    from passes.transfer import distributed
+    from passes.transfer.distributed import ENV_ERROR_DIR, PeerLostError, Shard
+    slept: list[float] = []
+    monkeypatch.setattr(distributed, "shard_from_env", lambda backend="auto": Shard(rank=0, world=2))
+    monkeypatch.setattr("time.sleep", slept.append)
+    monkeypatch.setenv(ENV_ERROR_DIR, str(tmp_path))
+
+    def lose(shard: Shard) -> None:
+        raise PeerLostError("rank 0: lost contact with another rank while gathering the fitted params (x)")
+
+    with pytest.raises(SystemExit) as exc:
+        distributed.main_rank(lose)
+    assert exc.value.code == 2 and slept == [distributed.LOST_PEER_LINGER_S] and slept[0] >= 5
+    assert (tmp_path / "rank0.lost").read_text().startswith("rank 0: lost contact")
+
+    def bad(shard: Shard) -> None:
+        raise distributed.OptionError("--max-memory: bad")
+
+    slept.clear()
+    with pytest.raises(SystemExit) as exc:
+        distributed.main_rank(bad)
+    assert exc.value.code == 2 and slept == [] and (tmp_path / "rank0.err").read_text() == "--max-memory: bad"
