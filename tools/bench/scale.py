@@ -65,8 +65,15 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _watch(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float, int, int | None]:
-    """Run ``cmd``; (result, wall seconds, peak RSS of the process tree, RSS at the child's first printed line)."""
+#: Sampling rate of the process-tree RSS watcher in the ranks measurement. At 40 Hz the watcher (psutil walks /proc
+#: for the tree, then reads each process) took ~4-5 % of a core: free in the 1-rank run (the second core idles) but
+#: taken from one of the ranks in the 2-rank run, whose partner then waited for it (gather, stage-2 reduce).
+RANKS_WATCH_HZ = 2.0
+
+
+def _watch(cmd: list[str], hz: float = 40.0) -> tuple[subprocess.CompletedProcess[str], float, int, int | None]:
+    """Run ``cmd``; (result, wall seconds, peak RSS of the process tree sampled ``hz`` times a second, RSS at the
+    child's first printed line)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=_env(), cwd=ROOT)
@@ -78,7 +85,7 @@ def _watch(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float, int
                 peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
-            time.sleep(0.025)  # 40 Hz: the watcher itself must not load the 2 cores it measures
+            time.sleep(1.0 / hz)  # the watcher itself must not load the 2 cores it measures
         wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)
         res = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
@@ -108,7 +115,7 @@ def ranks(args: argparse.Namespace, minilm: str, folder: Path) -> dict[str, Any]
             cmd = [sys.executable, "-m", "rewrite.cli", "transfer", minilm, "-o", str(folder / f"o{n}.pt2"),
                    "--attention", "linear", *[str(x) for kv in knobs for x in kv],
                    "--no-progress", "--report", str(report)] + (["--nproc", n] if n != "1" else [])
-            _, wall, peak, _ = _watch(cmd)
+            _, wall, peak, _ = _watch(cmd, hz=RANKS_WATCH_HZ)
             rep_json = json.loads(report.read_text())
             phases = rep_json.get("phases", {})
             rows[n].append({"wall_s": round(wall, 2), "fit_s": rep_json["fit_seconds"],
