@@ -2,6 +2,8 @@
 its Hugging Face wrapper attached (as a model folder would be)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from rewrite.io import LoadedModel, export_module
@@ -27,3 +29,18 @@ def tiny_bert(sharpen: float = 4.0) -> LoadedModel:
                            output_names=hf.output_names)
     loaded.extra["hf"] = hf
     return loaded
+
+
+def tiny_bert_onnx_with_calibration(folder: Path, rows: int = 20, tokens: int = 12, seed: int = 5
+                                    ) -> tuple[Path, Path]:
+    """``folder/tiny.onnx`` (the tiny BERT exported to ONNX) and ``folder/cal.npz`` (``rows`` × ``tokens`` of its
+    Hugging Face inputs, seeded): the model file and calibration data of the distributed-transfer tests."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from rewrite.io import fx_to_onnx, load_model
+    fx = tiny_bert()
+    ir.save(load_model(fx_to_onnx(fx)).onnx, folder / "tiny.onnx")
+    feeds = {k: v.numpy() for k, v in fx.extra["hf"].make_inputs(rows, tokens, seed=seed).items()}
+    np.savez(folder / "cal.npz", **feeds)
+    return folder / "tiny.onnx", folder / "cal.npz"

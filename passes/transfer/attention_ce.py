@@ -35,8 +35,19 @@ def row_weights(module: SiteModule, sample: list[torch.Tensor]) -> torch.Tensor 
     return keep[:, None, :, None].float()
 
 
-def attention_ce(module: SiteModule, sample: list[torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the student's attention map against the softmax map, averaged over real query rows."""
+def ce_normaliser(module: SiteModule, sample: list[torch.Tensor]) -> float:
+    """What :func:`attention_ce` divides by on ``sample``: its real query rows (all B·H·N rows without key padding)."""
+    rows = row_weights(module, sample)
+    if rows is None:
+        q = module.canonical(*sample[:-1])[0]
+        return float(q.shape[0] * q.shape[1] * q.shape[2])
+    return max(float(rows.sum()) * module.canonical(*sample[:-1])[0].shape[1], 1.0)
+
+
+def attention_ce(module: SiteModule, sample: list[torch.Tensor], normaliser: float | None = None) -> torch.Tensor:
+    """Cross-entropy of the student's attention map against the softmax map, averaged over real query rows.
+    ``normaliser``: divide the sum by this instead (a slice of a sample, normalised by the whole sample's
+    :func:`ce_normaliser`: intra-site data parallelism)."""
     q, k, _, kwargs = module.canonical(*sample[:-1])
     t = k.shape[-2]
     eye = torch.eye(t, dtype=q.dtype, device=q.device).expand(q.shape[0], q.shape[1], t, t)
@@ -54,6 +65,6 @@ def attention_ce(module: SiteModule, sample: list[torch.Tensor]) -> torch.Tensor
     ce = -(teacher * torch.log(student.clamp_min(LOG_FLOOR))).sum(-1)  # (B, H, N)
     rows = row_weights(module, sample)
     if rows is None:
-        return ce.mean()
+        return ce.mean() if normaliser is None else ce.sum() / normaliser
     w = rows[..., 0].expand_as(ce)
-    return (ce * w).sum() / w.sum().clamp_min(1.0)
+    return (ce * w).sum() / (w.sum().clamp_min(1.0) if normaliser is None else normaliser)

@@ -104,19 +104,21 @@ def _collective(rank: int, call: Callable[[], Any]) -> Any:
                             f"({first_line(exc)[:200]}); nothing was written") from None
 
 
-def capture_split(batches: Sequence[Any], capture: Callable[[Any], Values], owners: Mapping[str, int],
+def capture_split(batches: Sequence[Any], capture: Callable[[Any], Values],
+                  owners: Mapping[str, int | Sequence[int]],
                   shard: Any, keep: Callable[[str, list[Any]], None]) -> int:
     """Capture ``batches`` split over ``shard``'s ranks; returns how many batches this rank ran.
 
-    ``capture(batch)`` returns the values of every site in ``owners`` (site name -> owning rank; every rank passes
-    the same mapping) on one batch; ``keep(site, values)`` receives this rank's sites' values, batch by batch in
+    ``capture(batch)`` returns the values of every site in ``owners`` (site name -> the rank, or ranks, that fit
+    it; every rank passes the same mapping) on one batch; ``keep(site, values)`` receives this rank's sites' values, batch by batch in
     order. Every rank must call this with the same batches. A peer that dies mid-exchange raises
     :class:`passes.transfer.distributed.PeerLostError`.
     """
     import torch.distributed as dist
     world, me, group = shard.world, shard.rank, shard.group
-    mine = [s for s, r in owners.items() if r == me]
-    to_rank = {r: [s for s, o in owners.items() if o == r] for r in range(world)}
+    ranks_of = {s: {r} if isinstance(r, int) else set(r) for s, r in owners.items()}
+    mine = [s for s, rs in ranks_of.items() if me in rs]
+    to_rank = {r: [s for s, rs in ranks_of.items() if r in rs] for r in range(world)}
     ran = 0
     previous: _Round | None = None
     for start in [*range(0, len(batches), world), None]:

@@ -2,7 +2,9 @@
 
 Sites are fitted independently (:mod:`.fit`: teacher forcing on each site's own captured values), so the work is
 split **by site**: rank ``r`` of ``N`` owns a disjoint group of sites, balanced by learnable-parameter count
-(:func:`partition`), captures only those sites' values on the calibration data and fits them. Every per-site fit
+(:func:`partition`), captures only those sites' values on the calibration data (running its share of the batches
+and exchanging values with the other ranks, :mod:`.capture_split`) and fits them; with more ranks than sites a
+group of ranks fits each site together, data-parallel by rows (:mod:`.site_dp`). Every per-site fit
 is a pure function of (seed, site index, step) — the batch order and the torch seed are derived from them, not from
 the rank — so N ranks give the same parameters as 1 (bit-for-bit on CPU with one thread per rank).
 
@@ -86,6 +88,10 @@ class Shard:
     #: how the capture went (set by the transfer): ``split`` over the ranks (:mod:`.capture_split`; ``batches_run``
     #: by this rank of ``batches``) or not (``why``)
     capture: dict[str, Any] = field(default_factory=dict)
+    #: the ranks that fit each site (one each, or a group when there are more ranks than sites: :mod:`.site_dp`)
+    site_ranks: dict[str, list[int]] = field(default_factory=dict)
+    #: this rank's place in the groups of the sites it fits with other ranks
+    splits: dict[str, Any] = field(default_factory=dict)
     _done: int = 0
 
     @property
@@ -94,12 +100,40 @@ class Shard:
         return self.rank == 0
 
     def select(self, sites: Sequence[Any], sizes: Sequence[int]) -> list[Any]:
-        """This rank's sites among ``sites`` (each with parameter count ``sizes[i]``), in their original order."""
-        groups = partition(sizes, self.world)
-        self.assignment = {r: [sites[i].name for i in g] for r, g in enumerate(groups)}
-        mine = [sites[i] for i in groups[self.rank]]
-        log.info("rank %d/%d fits %s", self.rank, self.world, [s.name for s in mine])
+        """This rank's sites among ``sites`` (each with parameter count ``sizes[i]``), in their original order.
+
+        With more ranks than sites every site gets a group of ranks that fit it together, data-parallel by rows
+        (:mod:`.site_dp`; :meth:`split_for` gives this rank's place); every rank must call this (the groups are
+        torch process groups, created collectively)."""
+        from .site_dp import SiteSplit, site_groups
+        groups = site_groups([s.name for s in sites], self.world)
+        if groups:
+            self.site_ranks = groups
+            self.assignment = {r: [n for n, rs in groups.items() if r in rs] for r in range(self.world)}
+            for name, ranks in groups.items():  # collective: same order on every rank
+                group = self._new_group(ranks) if len(ranks) > 1 else None
+                if self.rank in ranks and group is not None:
+                    self.splits[name] = SiteSplit(member=ranks.index(self.rank), members=len(ranks), group=group,
+                                                  rank=self.rank)
+        else:
+            parts = partition(sizes, self.world)
+            self.assignment = {r: [sites[i].name for i in g] for r, g in enumerate(parts)}
+            self.site_ranks = {n: [r] for r, names in self.assignment.items() for n in names}
+        mine = [s for s in sites if s.name in self.assignment[self.rank]]
+        log.info("rank %d/%d fits %s%s", self.rank, self.world, [s.name for s in mine],
+                 " (data-parallel with the other ranks of its site's group)" if self.splits else "")
         return mine
+
+    def _new_group(self, ranks: list[int]) -> Any:
+        import torch.distributed as dist
+        try:
+            return dist.new_group(ranks=ranks, backend=self.backend)
+        except RuntimeError as exc:
+            self._lost(exc, "forming a site's group of ranks")
+
+    def split_for(self, site: str) -> Any:
+        """This rank's :class:`.site_dp.SiteSplit` for ``site`` when a group of ranks fits it together, else None."""
+        return self.splits.get(site)
 
     def checkpoint_path(self, path: str | os.PathLike[str]) -> Path:
         """Where this rank writes its checkpoint: its own shard (a single process writes ``path`` itself)."""
@@ -177,7 +211,8 @@ class Shard:
     def describe(self) -> dict[str, Any]:
         """JSON-able: world size, backend, which rank fitted which sites."""
         return {"world_size": self.world, "backend": self.backend,
-                "assignment": {str(r): names for r, names in self.assignment.items()}, "capture": self.capture}
+                "assignment": {str(r): names for r, names in self.assignment.items()}, "capture": self.capture,
+                "data_parallel_sites": {n: rs for n, rs in self.site_ranks.items() if len(rs) > 1}}
 
     def close(self) -> None:
         if self.group is not None:

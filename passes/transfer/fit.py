@@ -15,6 +15,7 @@ epoch — so N steps + resume N steps equals 2N steps in one run (optimizer stat
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -63,15 +64,26 @@ class SiteState:
                    seconds=float(d.get("seconds", 0.0)), losses=list(d.get("losses", [])))
 
 
-def site_loss(module: SiteModule, sample: Sample, config: FitConfig) -> torch.Tensor:
+def site_loss(module: SiteModule, sample: Sample, config: FitConfig, rows: slice | None = None) -> torch.Tensor:
     """λ_mse · mean squared error of the module's output against the captured softmax output, plus
-    λ_ce · the attention-map cross-entropy (:func:`.attention_ce.attention_ce`) when ``config.lambda_ce`` > 0."""
-    out = module(*sample[:-1])
-    target = sample[-1]
-    loss = config.lambda_mse * torch.mean((out.float() - target.float()) ** 2)
+    λ_ce · the attention-map cross-entropy (:func:`.attention_ce.attention_ce`) when ``config.lambda_ce`` > 0.
+
+    ``rows``: only those rows of the sample's leading axis (:mod:`.site_dp`), with both terms still normalised by
+    the **whole** sample's counts, so the losses (and gradients) of a partition of the rows add up to the whole's."""
+    if rows is None:
+        out = module(*sample[:-1])
+        loss = config.lambda_mse * torch.mean((out.float() - sample[-1].float()) ** 2)
+    else:
+        from .site_dp import take_rows
+        part = take_rows(sample, rows)
+        out = module(*part[:-1])
+        loss = config.lambda_mse * (((out.float() - part[-1].float()) ** 2).sum() / max(sample[-1].numel(), 1))
     if config.lambda_ce:
-        from .attention_ce import attention_ce
-        loss = loss + config.lambda_ce * attention_ce(module, sample)
+        from .attention_ce import attention_ce, ce_normaliser
+        if rows is None:
+            loss = loss + config.lambda_ce * attention_ce(module, sample)
+        else:
+            loss = loss + config.lambda_ce * attention_ce(module, part, normaliser=ce_normaliser(module, sample))
     return loss
 
 
@@ -96,32 +108,46 @@ def _optimizer(module: SiteModule, config: FitConfig) -> torch.optim.Optimizer:
 def fit_site(module: SiteModule, train: Sequence[Sample], state: SiteState, *, total_steps: int | None,
              deadline: float | None, seed: int, site_index: int, config: FitConfig,
              on_step: Callable[[int, float], None] | None = None,
-             on_save: Callable[[SiteState], None] | None = None, save_every_s: float = 30.0) -> SiteState:
+             on_save: Callable[[SiteState], None] | None = None, save_every_s: float = 30.0,
+             split: Any = None) -> SiteState:
     """Train ``module.params`` on ``train`` from ``state`` until ``total_steps`` or the ``deadline`` (time.time()).
 
     ``module`` must already hold ``state.params``. Returns the updated state (params copied out of the module).
     ``on_step(step, loss)`` is called after every step; ``on_save(state)`` at most every ``save_every_s``.
+    ``split``: a :class:`.site_dp.SiteSplit` when a group of ranks fits this site together (each takes its rows
+    of every step's sample, gradients summed over the group; the deadline and a non-finite loss are agreed on, so
+    all members take the same steps); None = this process alone.
     """
     if not len(module.params) or not train:
         return state
     opt = _optimizer(module, config)
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
+    params = list(module.params.values())
     module.train()
     started = time.time()
     last_save = started
     step = state.step
-    while (total_steps is None or step < total_steps) and (deadline is None or time.time() < deadline or step == state.step):
+    stop = False  # with a group: the members agreed that one of them is past its deadline
+
+    def alone_in_time() -> bool:  # alone: the local clock (the first step always runs); a group agrees per step
+        return split is not None or deadline is None or time.time() < deadline or step == state.step
+
+    while not stop and (total_steps is None or step < total_steps) and alone_in_time():
         sample = train[batch_order(len(train), step, seed, site_index)]
         opt.zero_grad(set_to_none=True)
-        loss = site_loss(module, sample, config)
-        if not torch.isfinite(loss):
+        if split is None:
+            loss = site_loss(module, sample, config)
+            value = float(loss.detach())
+            if math.isfinite(value):
+                loss.backward()
+        else:
+            value, stop = _group_gradient(module, sample, config, split, params, deadline)
+        if not math.isfinite(value):
             log.warning("site %d: non-finite loss at step %d; stopping this site", site_index, step)
             break
-        loss.backward()
         opt.step()
         step += 1
-        value = float(loss.detach())
         if step % 10 == 0 or step == 1:
             state.losses.append(round(value, 6))
         if on_step is not None:
@@ -134,6 +160,22 @@ def fit_site(module: SiteModule, train: Sequence[Sample], state: SiteState, *, t
     _sync(state, module, opt, step, started)
     module.eval()
     return state
+
+
+def _group_gradient(module: SiteModule, sample: Sample, config: FitConfig, split: Any,
+                    params: list[torch.Tensor], deadline: float | None) -> tuple[float, bool]:
+    """One step's gradient for a member of a site's group of ranks (:mod:`.site_dp`): this member's rows' loss
+    (normalised by the whole sample) backpropagated, then gradients, loss and deadline flags summed over the group.
+    Returns (the whole sample's loss, whether any member is past its deadline)."""
+    from .site_dp import WHOLE
+    rows = split.rows(sample)
+    local = 0.0
+    if rows is not None:
+        loss = site_loss(module, sample, config, rows=None if rows is WHOLE else rows)
+        local = float(loss.detach())
+        if math.isfinite(local):
+            loss.backward()
+    return split.reduce(params, local, deadline is not None and time.time() >= deadline)
 
 
 def _sync(state: SiteState, module: SiteModule, opt: torch.optim.Optimizer, step: int, started: float) -> None:

@@ -311,7 +311,7 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
         captured = None
         if split:
             from .capture_split import capture_split
-            owners = {name: r for r, names in shard.assignment.items() for name in names}
+            owners = shard.site_ranks
             captured = ({s.name: store.samples() for s in chosen}, {s.name: store.samples() for s in chosen})
             with clock("capture"):
                 ran = sum(capture_split(batches, lambda b: _capture(loaded, runnable, all_chosen, b), owners, shard,
@@ -363,7 +363,8 @@ def _fit_params(model: Any, *, attention: str, options: Mapping[str, Any] | None
                     ckpt.save()
 
                 state = fit_site(module, train[site.name], state, total_steps=steps, deadline=deadline, seed=seed,
-                                 site_index=index_of[site.name], config=config, on_step=on_step, on_save=on_save)
+                                 site_index=index_of[site.name], config=config, on_step=on_step, on_save=on_save,
+                                 split=shard.split_for(site.name) if shard is not None else None)
                 ckpt.sites[site.name] = state
                 ckpt.save()
                 after = _evaluate(module, held[site.name])

@@ -25,7 +25,7 @@ from passes.transfer.distributed import ENV_EXIT_RANK, partition  # noqa: E402
 from passes.transfer.transfer import _read_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transfer_models import tiny_bert  # noqa: E402
+from transfer_models import tiny_bert_onnx_with_calibration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--attention", "mala", "--batch-size", "4", "--steps", "12", "--seed", "3", "--no-progress"]
@@ -33,15 +33,7 @@ ARGS = ["--attention", "mala", "--batch-size", "4", "--steps", "12", "--seed", "
 
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    import onnx_ir as ir
-
-    from rewrite.io import fx_to_onnx, load_model
-    folder = tmp_path_factory.mktemp("dist")
-    fx = tiny_bert()
-    ir.save(load_model(fx_to_onnx(fx)).onnx, folder / "tiny.onnx")
-    feeds = {k: v.numpy() for k, v in fx.extra["hf"].make_inputs(20, 12, seed=5).items()}
-    np.savez(folder / "cal.npz", **feeds)
-    return folder / "tiny.onnx", folder / "cal.npz"
+    return tiny_bert_onnx_with_calibration(tmp_path_factory.mktemp("dist"))
 
 
 def _softswap(args: list[str], env: dict[str, str] | None = None, timeout: float = 600
