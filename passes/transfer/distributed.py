@@ -6,7 +6,8 @@ split **by site**: rank ``r`` of ``N`` owns a disjoint group of sites, balanced 
 and exchanging values with the other ranks, :mod:`.capture_split`) and fits them; with more ranks than sites a
 group of ranks fits each site together, data-parallel by rows (:mod:`.site_dp`). Every per-site fit
 is a pure function of (seed, site index, step) — the batch order and the torch seed are derived from them, not from
-the rank — so N ranks give the same parameters as 1 (bit-for-bit on CPU with one thread per rank).
+the rank — so N ranks give the same parameters as 1 (bit-for-bit on CPU with one thread per rank and one rank per
+site; a site fitted by a group of ranks takes the same steps up to float summation order).
 
 Rank 0 gathers every rank's parameters and report rows (``gather_object``; gloo on CPU, nccl when asked for on GPU
 hosts), then rewrites the model, measures the fitted model's fidelity and writes the output and the report, while
