@@ -14,7 +14,7 @@ rounds of the other ranks' sites beyond its own samples, which go through the ca
 or disk, :mod:`.capture_store`). Measured on MiniLM, 2 ranks, 2 cores: capture 6.4 → 4.2–4.5 s (of which ~1 s is
 the ~180 MB each rank sends over loopback gloo).
 
-Message per (sender, receiver, round): one int64 (header bytes), the header (a pickled list naming each site's
+Message per (sender, receiver, round): one int64 (header bytes), the header (a JSON list naming each site's
 values: dtype and shape; a non-tensor value travels inside it), then every tensor on its own (received straight into
 its own buffer, no unpacking copy). Every captured tensor is contiguous (:func:`passes.transfer.transfer._capture`
 makes them so on every rank), so a value has the same layout whichever rank recorded it and the fits see the same
@@ -22,8 +22,8 @@ bits at any world size.
 """
 from __future__ import annotations
 
+import json
 import logging
-import pickle
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -41,21 +41,26 @@ def batch_owner(index: int, world: int) -> int:
 
 
 def _header(values: Values, sites: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(pickled header, the tensors to send after it, in order) for ``sites``' values on one batch: the header
-    names each value's dtype and shape (a non-tensor value travels inside it)."""
-    header: list[tuple[str, list[tuple[Any, ...]]]] = []
+    """(JSON header as bytes, the tensors to send after it, in order) for ``sites``' values on one batch: the header
+    names each value's dtype and shape; a non-tensor value (a number, None) travels inside it. JSON, not pickle:
+    what a peer sends is data, never code."""
+    header: list[list[Any]] = []
     tensors: list[torch.Tensor] = []
     for name in sites:
-        items: list[tuple[Any, ...]] = []
+        items: list[list[Any]] = []
         for v in values[name]:
             if isinstance(v, torch.Tensor):
-                items.append(("t", str(v.dtype).removeprefix("torch."), tuple(v.shape)))
+                items.append(["t", str(v.dtype).removeprefix("torch."), list(v.shape)])
                 if v.numel():
                     tensors.append(v.detach().contiguous())
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                items.append(["v", v])
             else:
-                items.append(("v", v))
-        header.append((name, items))
-    head = torch.frombuffer(bytearray(pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+                from .transfer import TransferError
+                raise TransferError(f"site {name}: captured value of type {type(v).__name__} cannot be sent to "
+                                    "another rank; rerun with --sites-per-capture (every rank captures its own sites)")
+        header.append([name, items])
+    head = torch.frombuffer(bytearray(json.dumps(header).encode()), dtype=torch.uint8)
     return head, tensors
 
 
@@ -77,7 +82,7 @@ def _receive(peer: int, group: Any) -> Values:
     head = torch.empty(int(size[0]), dtype=torch.uint8)
     dist.recv(head, peer, group=group)
     out: Values = {}
-    for name, items in pickle.loads(head.numpy().tobytes()):
+    for name, items in json.loads(head.numpy().tobytes()):
         vals: list[Any] = []
         for item in items:
             if item[0] == "v":
@@ -110,8 +115,8 @@ def capture_split(batches: Sequence[Any], capture: Callable[[Any], Values],
     """Capture ``batches`` split over ``shard``'s ranks; returns how many batches this rank ran.
 
     ``capture(batch)`` returns the values of every site in ``owners`` (site name -> the rank, or ranks, that fit
-    it; every rank passes the same mapping) on one batch; ``keep(site, values)`` receives this rank's sites' values, batch by batch in
-    order. Every rank must call this with the same batches. A peer that dies mid-exchange raises
+    it; every rank passes the same mapping) on one batch; ``keep(site, values)`` receives this rank's sites'
+    values, batch by batch in order. Every rank must call this with the same batches. A peer that dies mid-exchange raises
     :class:`passes.transfer.distributed.PeerLostError`.
     """
     import torch.distributed as dist

@@ -121,3 +121,14 @@ def test_a_rank_dying_mid_exchange_is_a_lost_peer(tmp_path: Path) -> None:
     results = _run(2, tmp_path, die_after=1)
     assert "lost" in results[0], results[0]
     assert results[0]["lost"].startswith("rank 0: lost contact with another rank while exchanging captured values")
+
+
+def test_a_value_json_cannot_carry_is_a_clear_error() -> None:
+    """The header is JSON (a peer sends data, never code): a captured value that is neither a tensor nor a plain
+    number/None/string is refused with the site's name, before anything is sent."""
+    from passes.transfer.capture_split import _header
+    from passes.transfer.transfer import TransferError
+    head, tensors = _header({"attn0": [torch.ones(2, 3), 0.5, None]}, ["attn0"])
+    assert len(tensors) == 1 and bytes(head.numpy()).startswith(b'[["attn0"')
+    with pytest.raises(TransferError, match="site attn0: captured value of type object"):
+        _header({"attn0": [torch.ones(2), object()]}, ["attn0"])
