@@ -126,9 +126,11 @@ class Shard:
         return mine
 
     def _new_group(self, ranks: list[int]) -> Any:
+        """A gloo process group of ``ranks`` (the site fits, and so their gradients, are on CPU also when the
+        transfer's group is nccl)."""
         import torch.distributed as dist
         try:
-            return dist.new_group(ranks=ranks, backend=self.backend)
+            return dist.new_group(ranks=ranks, backend="gloo")
         except RuntimeError as exc:
             self._lost(exc, "forming a site's group of ranks")
 
