@@ -221,3 +221,52 @@ def test_a_rank_that_lost_its_peer_lingers_before_exiting(tmp_path: Path, monkey
     with pytest.raises(SystemExit) as exc:
         distributed.main_rank(bad)
     assert exc.value.code == 2 and slept == [] and (tmp_path / "rank0.err").read_text() == "--max-memory: bad"
+
+
+def test_launched_env_reads_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's RANK/WORLD_SIZE win; SLURM's SLURM_PROCID/SLURM_NTASKS count only with MASTER_ADDR set (srun
+    alone does not say where rank 0 listens); neither: not launched."""
+    from passes.transfer.distributed import launched_env
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_env() is None
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launched_env() is None
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    assert launched_env() == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_env() == {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+
+
+def test_own_slurm_style_launch_equals_one_rank(model_and_data: tuple[Path, Path], one_rank: Path,
+                                                 tmp_path: Path) -> None:
+    """The entry point under a user's own launcher: two plain ``softswap transfer`` processes with SLURM's
+    variables (as ``srun`` sets them) and MASTER_ADDR/MASTER_PORT, no ``--nproc``. Rank 0 writes the output and a
+    report with the one-process params and rows; rank 1 writes nothing and prints nothing."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model, data = model_and_data
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SLURM_NTASKS": "2"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "rewrite.cli", "transfer", str(model), "-o", str(tmp_path / "s.onnx"), "--data",
+           str(data), *ARGS, "--checkpoint", str(tmp_path / "s.pt"), "--report", str(tmp_path / "s.json")]
+    procs = [subprocess.Popen(cmd, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert outs[1][0].strip() == ""  # only rank 0 prints the report
+    r1 = json.loads((one_rank / "r1.json").read_text())
+    rs = json.loads((tmp_path / "s.json").read_text())
+    assert _rows(rs) == _rows(r1) and rs["distributed"]["world_size"] == 2
+    p1, ps = load_checkpoint_params(one_rank / "r1.pt"), load_checkpoint_params(tmp_path / "s.pt")
+    for site in p1:
+        for k in p1[site]:
+            torch.testing.assert_close(ps[site][k], p1[site][k], rtol=0, atol=1e-6)
+    assert (tmp_path / "s.onnx").exists() and not list(tmp_path.glob("s.pt.rank*"))
