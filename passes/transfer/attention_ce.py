@@ -37,11 +37,9 @@ def row_weights(module: SiteModule, sample: list[torch.Tensor]) -> torch.Tensor 
 
 def ce_normaliser(module: SiteModule, sample: list[torch.Tensor]) -> float:
     """What :func:`attention_ce` divides by on ``sample``: its real query rows (all B·H·N rows without key padding)."""
+    b, h, n = module.canonical(*sample[:-1])[0].shape[:3]
     rows = row_weights(module, sample)
-    if rows is None:
-        q = module.canonical(*sample[:-1])[0]
-        return float(q.shape[0] * q.shape[1] * q.shape[2])
-    return max(float(rows.sum()) * module.canonical(*sample[:-1])[0].shape[1], 1.0)
+    return float(b * h * n) if rows is None else max(float(rows.sum()) * h, 1.0)
 
 
 def attention_ce(module: SiteModule, sample: list[torch.Tensor], normaliser: float | None = None) -> torch.Tensor:

@@ -102,11 +102,8 @@ def _collective(rank: int, call: Callable[[], Any]) -> Any:
     try:
         return call()
     except RuntimeError as exc:
-        from rewrite.errors import first_line
-
-        from .distributed import PeerLostError
-        raise PeerLostError(f"rank {rank}: lost contact with another rank while exchanging captured values "
-                            f"({first_line(exc)[:200]}); nothing was written") from None
+        from .distributed import peer_lost
+        raise peer_lost(rank, "exchanging captured values", exc) from None
 
 
 def capture_split(batches: Sequence[Any], capture: Callable[[Any], Values],

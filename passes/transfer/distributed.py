@@ -58,6 +58,14 @@ class PeerLostError(RankFailedError):
     """This rank lost contact with another rank inside a collective (the other rank died or hung)."""
 
 
+def peer_lost(rank: int, doing: str, exc: BaseException) -> PeerLostError:
+    """The error of rank ``rank`` whose collective failed with ``exc`` (gloo/nccl: a peer closed its connection or
+    the timeout passed) while ``doing`` something: one line, ``rank <r>: lost contact with another rank while ...``."""
+    from rewrite.errors import first_line
+    return PeerLostError(f"rank {rank}: lost contact with another rank while {doing} ({first_line(exc)[:200]}); "
+                         "nothing was written")
+
+
 # ------------------------------------------------------------------------------------------------------------
 def partition(sizes: Sequence[int], world: int) -> list[list[int]]:
     """Split items with costs ``sizes`` into ``world`` groups of near-equal total cost (longest-processing-time
@@ -165,9 +173,7 @@ class Shard:
                 else:
                     dist.gather_object(parts[0], received, dst=0, group=self.group)
             except RuntimeError as exc:  # gloo/nccl: a peer closed its connection or the timeout passed
-                from rewrite.errors import first_line
-                raise PeerLostError(f"rank {self.rank}: lost contact with another rank while gathering the fitted "
-                                    f"params ({first_line(exc)[:200]}); nothing was written") from None
+                self._lost(exc, "gathering the fitted params")
             if self.rank != 0 and not everyone:
                 return {}, {}
             parts = received  # type: ignore[assignment]
@@ -207,9 +213,7 @@ class Shard:
         return box[0]
 
     def _lost(self, exc: BaseException, doing: str) -> None:
-        from rewrite.errors import first_line
-        raise PeerLostError(f"rank {self.rank}: lost contact with another rank while {doing} "
-                            f"({first_line(exc)[:200]}); nothing was written") from None
+        raise peer_lost(self.rank, doing, exc) from None
 
     def describe(self) -> dict[str, Any]:
         """JSON-able: world size, backend, which rank fitted which sites."""

@@ -74,20 +74,13 @@ class SiteSplit:
     def reduce(self, params: Sequence[torch.Tensor], loss: float, late: bool) -> tuple[float, bool]:
         """Sum every ``param.grad`` (None = zero) and ``loss`` over the group and agree on ``late`` (any member past
         its deadline) in one ``all_reduce``; returns (the whole sample's loss, any member late)."""
-        import torch.distributed as dist
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-                         + [torch.tensor([float(loss), 1.0 if late else 0.0])])
-        try:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        except RuntimeError as exc:  # gloo/nccl: a peer closed its connection or the timeout passed
-            from rewrite.errors import first_line
+        from .stage2_dp import sum_grads
+        return sum_grads(params, loss, late, self.group, self._collective)
 
-            from .distributed import PeerLostError
-            raise PeerLostError(f"rank {self.rank}: lost contact with another rank of a site's group during its fit "
-                                f"({first_line(exc)[:200]}); nothing was written") from None
-        at = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[at:at + n].view_as(p).to(p.dtype).clone()
-            at += n
-        return float(flat[-2]), bool(flat[-1].item() > 0)
+    def _collective(self, call: Any) -> None:
+        """Run one collective; a peer that died or hung becomes :class:`.distributed.PeerLostError`."""
+        try:
+            call()
+        except RuntimeError as exc:
+            from .distributed import peer_lost
+            raise peer_lost(self.rank, "fitting a site with its group of ranks", exc) from None

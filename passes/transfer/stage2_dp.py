@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,24 @@ def _weight(batch: Batch, rows: int) -> float:
     """The loss normaliser of ``stage2._loss`` for ``batch``: its attention-mask sum when it has a mask, else rows."""
     mask = batch.get("attention_mask")
     return float(np.asarray(mask).sum()) if mask is not None else float(rows)
+
+
+def sum_grads(params: Sequence[torch.Tensor], loss: float, late: bool, group: Any,
+              collective: Callable[[Callable[[], Any]], Any]) -> tuple[float, bool]:
+    """One ``all_reduce`` (SUM) over ``group`` of every ``param.grad`` (None counts as zero), ``loss`` and the
+    ``late`` flag; the grads are replaced by the sums. Returns (summed loss, any rank late). ``collective(call)``
+    runs the call, turning a lost peer into the caller's error. Used by stage 2 (:class:`RowSplit`) and by a
+    site's group of ranks in stage 1 (:mod:`.site_dp`)."""
+    import torch.distributed as dist
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                     + [torch.tensor([float(loss), 1.0 if late else 0.0], dtype=params[0].dtype)])
+    collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))
+    at = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[at:at + n].view_as(p).clone()
+        at += n
+    return float(flat[-2]), bool(flat[-1].item() > 0)
 
 
 @dataclass
@@ -78,24 +96,12 @@ class RowSplit:
         check would make every step wait twice for the slower rank."""
         if self.world == 1:
             return float(loss), late
-        import torch.distributed as dist
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                         + [torch.tensor([float(loss), 1.0 if late else 0.0], dtype=params[0].dtype)])
-        self._collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group))
-        at = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[at:at + n].view_as(p).clone()
-            at += n
-        return float(flat[-2]), bool(flat[-1].item() > 0)
+        return sum_grads(params, loss, late, self.group, self._collective)
 
     def _collective(self, call: Any) -> None:
         """Run one collective; a peer that died or hung becomes :class:`.distributed.PeerLostError`."""
         try:
             call()
-        except RuntimeError as exc:  # gloo/nccl: a peer closed its connection or the timeout passed
-            from rewrite.errors import first_line
-
-            from .distributed import PeerLostError
-            raise PeerLostError(f"rank {self.rank}: lost contact with another rank during stage 2 "
-                                f"({first_line(exc)[:200]}); nothing was written") from None
+        except RuntimeError as exc:
+            from .distributed import peer_lost
+            raise peer_lost(self.rank, "running stage 2", exc) from None
