@@ -275,8 +275,12 @@ def shard_from_env(backend: str = "auto", timeout_s: float = 1800.0) -> Shard | 
         torch.cuda.set_device(local)
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    dist.init_process_group(chosen, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(chosen, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:  # gloo/the store: a rank that never joined (timeout) or died while connecting
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise peer_lost(rank, f"joining the process group at {where}", exc) from None
     return Shard(rank=rank, world=world, group=dist.group.WORLD, backend=chosen)
 
 
@@ -431,13 +435,16 @@ LOST_PEER_LINGER_S = 10.0
 def main_rank(run: Any, backend: str = "auto") -> Any:
     """Run ``run(shard)`` as a rank of the launched group (``shard`` None when not launched), closing the group
     afterwards. A softswap error in a rank started by :func:`launch` is handed to the launcher (one line there)."""
-    shard = shard_from_env(backend)
+    shard = None
     try:
+        shard = shard_from_env(backend)
         return run(shard)
     except SoftswapError as exc:
         lost = isinstance(exc, PeerLostError)
-        if shard is not None and shard.world > 1 and report_rank_error(shard.rank, str(exc).splitlines()[0],
-                                                                        lost=lost):
+        ids = launched_env()  # the rank also when joining the group failed (shard still None)
+        rank = shard.rank if shard is not None else (int(ids["RANK"]) if lost and ids else None)
+        if rank is not None and (shard is None or shard.world > 1) and report_rank_error(
+                rank, str(exc).splitlines()[0], lost=lost):
             if lost:  # let the launcher see the rank that really failed first; it stops this one (SIGTERM)
                 import time
                 time.sleep(LOST_PEER_LINGER_S)

@@ -223,6 +223,40 @@ def test_a_rank_that_lost_its_peer_lingers_before_exiting(tmp_path: Path, monkey
     assert exc.value.code == 2 and slept == [] and (tmp_path / "rank0.err").read_text() == "--max-memory: bad"
 
 
+def test_a_rank_whose_peer_never_joins_is_a_lost_peer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 of 2 started alone (the other node never came up): joining the group times out as a PeerLostError
+    naming the rank and where it waited, not torch's DistStoreError; under the launcher it is reported as a lost
+    peer (``.lost``, linger, status 2), so the launcher names the rank that never arrived."""
+    import socket
+
+    from passes.transfer import distributed
+    from passes.transfer.distributed import ENV_ERROR_DIR, PeerLostError
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PeerLostError) as exc:
+        distributed.shard_from_env("gloo", timeout_s=2)
+    assert str(exc.value).startswith(f"rank 0: lost contact with another rank while joining the process group at "
+                                     f"127.0.0.1:{port} ("), str(exc.value)
+    assert "1/2" in str(exc.value)  # torch's own count of who joined is kept in the line
+    assert not torch.distributed.is_initialized()
+
+    slept: list[float] = []
+    monkeypatch.setattr(distributed, "shard_from_env",
+                        lambda backend="auto": (_ for _ in ()).throw(exc.value))  # the same failure, instantly
+    monkeypatch.setattr("time.sleep", slept.append)
+    monkeypatch.setenv(ENV_ERROR_DIR, str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        distributed.main_rank(lambda shard: pytest.fail("run() must not be reached"))
+    assert stop.value.code == 2 and slept == [distributed.LOST_PEER_LINGER_S]
+    assert (tmp_path / "rank0.lost").read_text() == str(exc.value)
+
+
 def test_launched_env_reads_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     """torchrun's RANK/WORLD_SIZE win; SLURM's SLURM_PROCID/SLURM_NTASKS count only with MASTER_ADDR set (srun
     alone does not say where rank 0 listens); neither: not launched."""
