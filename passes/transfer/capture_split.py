@@ -28,7 +28,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .distributed import collective
+
 log = logging.getLogger(__name__)
+#: What a rank was doing when it lost a peer here (its PeerLostError line).
+EXCHANGING = "exchanging captured values"
 
 Values = dict[str, list[Any]]  # site name -> its captured values on one batch
 
@@ -96,16 +100,6 @@ def _receive(peer: int, group: Any) -> Values:
     return out
 
 
-def _collective(rank: int, call: Callable[[], Any]) -> Any:
-    """``call()``; a gloo/nccl failure (a peer closed its connection, the timeout passed) becomes
-    :class:`passes.transfer.distributed.PeerLostError`."""
-    try:
-        return call()
-    except RuntimeError as exc:
-        from .distributed import peer_lost
-        raise peer_lost(rank, "exchanging captured values", exc) from None
-
-
 def capture_split(batches: Sequence[Any], capture: Callable[[Any], Values],
                   owners: Mapping[str, int | Sequence[int]],
                   shard: Any, keep: Callable[[str, list[Any]], None]) -> int:
@@ -136,15 +130,21 @@ def capture_split(batches: Sequence[Any], capture: Callable[[Any], Values],
                         head, tensors = _header(current.local, to_rank[peer])
                         outgoing += [(peer, t) for t in (torch.tensor([head.numel()]), head, *tensors)]
                 current.sent = [t for _, t in outgoing]  # alive until the sends complete
-                current.works = _collective(me, lambda: [dist.isend(t, peer, group=group)
-                                                         for peer, t in outgoing])
+                with collective(me, EXCHANGING):
+                    current.works = [dist.isend(t, peer, group=group) for peer, t in outgoing]
         if previous is not None:  # the round before: its messages arrived while this rank ran its batch
             for i in sorted(previous.index_of.values()):
                 owner = batch_owner(i, world)
-                values = previous.local if owner == me else _collective(me, lambda: _receive(owner, group))
+                if owner == me:
+                    values = previous.local
+                else:
+                    with collective(me, EXCHANGING):
+                        values = _receive(owner, group)
                 for name in mine:
                     keep(name, values[name])
-            _collective(me, lambda: [w.wait() for w in previous.works])
+            with collective(me, EXCHANGING):
+                for work in previous.works:
+                    work.wait()
         previous = current
     log.info("rank %d captured %d of %d batches (the others' came from their ranks)", me, ran, len(batches))
     return ran

@@ -35,9 +35,10 @@ import datetime
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from rewrite.errors import OptionError, SoftswapError
 
@@ -55,7 +56,11 @@ class RankFailedError(SoftswapError):
 
 
 class PeerLostError(RankFailedError):
-    """This rank lost contact with another rank inside a collective (the other rank died or hung)."""
+    """This rank (``.rank``) lost contact with another rank inside a collective (the other rank died or hung)."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 def peer_lost(rank: int, doing: str, exc: BaseException) -> PeerLostError:
@@ -63,7 +68,17 @@ def peer_lost(rank: int, doing: str, exc: BaseException) -> PeerLostError:
     the timeout passed) while ``doing`` something: one line, ``rank <r>: lost contact with another rank while ...``."""
     from rewrite.errors import first_line
     return PeerLostError(f"rank {rank}: lost contact with another rank while {doing} ({first_line(exc)[:200]}); "
-                         "nothing was written")
+                         "nothing was written", rank=rank)
+
+
+@contextmanager
+def collective(rank: int, doing: str) -> Iterator[None]:
+    """Run collectives of rank ``rank`` inside the block; a gloo/nccl failure (``RuntimeError``: a peer closed its
+    connection, the timeout passed) becomes :func:`peer_lost`'s error for ``doing``."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise peer_lost(rank, doing, exc) from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -275,12 +290,9 @@ def shard_from_env(backend: str = "auto", timeout_s: float = 1800.0) -> Shard | 
         torch.cuda.set_device(local)
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    try:
-        dist.init_process_group(chosen, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as exc:  # gloo/the store: a rank that never joined (timeout) or died while connecting
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        raise peer_lost(rank, f"joining the process group at {where}", exc) from None
+    # the store or gloo fails when a rank never joins (timeout) or dies while connecting
+    with collective(rank, f"joining the process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"):
+        dist.init_process_group(chosen, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     return Shard(rank=rank, world=world, group=dist.group.WORLD, backend=chosen)
 
 
@@ -441,8 +453,7 @@ def main_rank(run: Any, backend: str = "auto") -> Any:
         return run(shard)
     except SoftswapError as exc:
         lost = isinstance(exc, PeerLostError)
-        ids = launched_env()  # the rank also when joining the group failed (shard still None)
-        rank = shard.rank if shard is not None else (int(ids["RANK"]) if lost and ids else None)
+        rank = shard.rank if shard is not None else getattr(exc, "rank", None)  # None: joining failed
         if rank is not None and (shard is None or shard.world > 1) and report_rank_error(
                 rank, str(exc).splitlines()[0], lost=lost):
             if lost:  # let the launcher see the rank that really failed first; it stops this one (SIGTERM)

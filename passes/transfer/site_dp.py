@@ -75,12 +75,4 @@ class SiteSplit:
         """Sum every ``param.grad`` (None = zero) and ``loss`` over the group and agree on ``late`` (any member past
         its deadline) in one ``all_reduce``; returns (the whole sample's loss, any member late)."""
         from .stage2_dp import sum_grads
-        return sum_grads(params, loss, late, self.group, self._collective)
-
-    def _collective(self, call: Any) -> None:
-        """Run one collective; a peer that died or hung becomes :class:`.distributed.PeerLostError`."""
-        try:
-            call()
-        except RuntimeError as exc:
-            from .distributed import peer_lost
-            raise peer_lost(self.rank, "fitting a site with its group of ranks", exc) from None
+        return sum_grads(params, loss, late, self.group, self.rank, "fitting a site with its group of ranks")

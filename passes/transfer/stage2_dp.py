@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .distributed import collective
+
 log = logging.getLogger(__name__)
+#: What a rank was doing when it lost a peer here (its PeerLostError line).
+STAGE2 = "running stage 2"
 
 Batch = dict[str, np.ndarray]
 
@@ -35,16 +39,17 @@ def _weight(batch: Batch, rows: int) -> float:
     return float(np.asarray(mask).sum()) if mask is not None else float(rows)
 
 
-def sum_grads(params: Sequence[torch.Tensor], loss: float, late: bool, group: Any,
-              collective: Callable[[Callable[[], Any]], Any]) -> tuple[float, bool]:
+def sum_grads(params: Sequence[torch.Tensor], loss: float, late: bool, group: Any, rank: int,
+              doing: str) -> tuple[float, bool]:
     """One ``all_reduce`` (SUM) over ``group`` of every ``param.grad`` (None counts as zero), ``loss`` and the
-    ``late`` flag; the grads are replaced by the sums. Returns (summed loss, any rank late). ``collective(call)``
-    runs the call, turning a lost peer into the caller's error. Used by stage 2 (:class:`RowSplit`) and by a
-    site's group of ranks in stage 1 (:mod:`.site_dp`)."""
+    ``late`` flag; the grads are replaced by the sums. Returns (summed loss, any rank late). A lost peer raises
+    :class:`.distributed.PeerLostError` for rank ``rank`` ``doing`` this. Used by stage 2 (:class:`RowSplit`) and
+    by a site's group of ranks in stage 1 (:mod:`.site_dp`)."""
     import torch.distributed as dist
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
                      + [torch.tensor([float(loss), 1.0 if late else 0.0], dtype=params[0].dtype)])
-    collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))
+    with collective(rank, doing):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     at = 0
     for p in params:
         n = p.numel()
@@ -86,7 +91,8 @@ class RowSplit:
             return late
         import torch.distributed as dist
         flag = torch.tensor([1.0 if late else 0.0])
-        self._collective(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group))
+        with collective(self.rank, STAGE2):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item() > 0)
 
     def reduce(self, params: Sequence[torch.Tensor], loss: float, late: bool = False) -> tuple[float, bool]:
@@ -96,12 +102,4 @@ class RowSplit:
         check would make every step wait twice for the slower rank."""
         if self.world == 1:
             return float(loss), late
-        return sum_grads(params, loss, late, self.group, self._collective)
-
-    def _collective(self, call: Any) -> None:
-        """Run one collective; a peer that died or hung becomes :class:`.distributed.PeerLostError`."""
-        try:
-            call()
-        except RuntimeError as exc:
-            from .distributed import peer_lost
-            raise peer_lost(self.rank, "running stage 2", exc) from None
+        return sum_grads(params, loss, late, self.group, self.rank, STAGE2)
